@@ -1,0 +1,173 @@
+"""The HF transformers Janus layout (deepseek-community checkpoints) as a key table over ours.
+
+Our modules use the official key names, so "official" is the native layout. This file holds the
+one table between the two layouts and the two tensor transforms (SigLIP's fused qkv <-> q/k/v, and
+pos_embed (1, N, C) <-> (N, C)), plus the config.json translation. The known-unused official entries
+(attention-pool head, `codebook_used`) have no HF counterpart: conversion to HF keeps them in a side
+file HF ignores, so official -> hf -> official is bit-identical.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..config import (JanusConfig, AlignerConfig, GenHeadConfig, SigLIPConfig, VQConfig, _VIT_PRESETS,
+                      llama_from_hf, llama_to_hf, ConfigError)
+
+SIDE_FILE = "januskit-official-extras.safetensors"
+
+# (official regex, HF template) applied in order; the first match wins.
+_RULES: list[tuple[str, str]] = [
+    (r"vision_model\.vision_tower\.patch_embed\.proj\.(weight|bias)", r"model.vision_model.embeddings.patch_embedding.\1"),
+    (r"vision_model\.vision_tower\.blocks\.(\d+)\.norm1\.(\w+)", r"model.vision_model.encoder.layers.\1.layer_norm1.\2"),
+    (r"vision_model\.vision_tower\.blocks\.(\d+)\.norm2\.(\w+)", r"model.vision_model.encoder.layers.\1.layer_norm2.\2"),
+    (r"vision_model\.vision_tower\.blocks\.(\d+)\.attn\.proj\.(\w+)", r"model.vision_model.encoder.layers.\1.self_attn.projection_layer.\2"),
+    (r"vision_model\.vision_tower\.blocks\.(\d+)\.mlp\.(fc\d)\.(\w+)", r"model.vision_model.encoder.layers.\1.mlp.\2.\3"),
+    (r"vision_model\.vision_tower\.norm\.(\w+)", r"model.vision_model.post_layernorm.\1"),
+    (r"gen_head\.output_mlp_projector\.(\w+)", r"model.generation_head.proj_out.\1"),
+    (r"gen_head\.vision_head\.(\w+)", r"model.generation_head.vision_head.\1"),
+    (r"gen_embed\.weight", r"model.generation_embeddings.weight"),
+    (r"language_model\.lm_head\.weight", r"lm_head.weight"),
+    (r"language_model\.model\.(.+)", r"model.language_model.\1"),
+]
+_VQ_RULES: list[tuple[str, str]] = [
+    (r"encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down.\1.block."),
+    (r"encoder\.conv_blocks\.(\d+)\.", r"encoder.down.\1."),
+    (r"decoder\.conv_blocks\.(\d+)\.res\.", r"decoder.up.\1.block."),
+    (r"decoder\.conv_blocks\.(\d+)\.", r"decoder.up.\1."),
+    (r"mid\.0\.", "mid.block_1."), (r"mid\.1\.", "mid.attn_1."), (r"mid\.2\.", "mid.block_2."),
+]
+_QKV = re.compile(r"vision_model\.vision_tower\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)")
+_POS = "vision_model.vision_tower.pos_embed"
+_HF_POS = "model.vision_model.embeddings.position_embedding.weight"
+
+
+def is_unused_official(key: str) -> bool:
+    """The two known-unused entries of the official checkpoints (never executed by the reference)."""
+    return key.startswith("vision_model.vision_tower.attn_pool.") or key == "gen_vision_model.quantize.codebook_used"
+
+
+def _aligner_key(prefix: str, hf_prefix: str, key: str) -> str | None:
+    m = re.fullmatch(rf"{prefix}\.layers\.(\d+)\.(\w+)", key)
+    if not m:
+        return None
+    i = int(m.group(1))
+    return f"{hf_prefix}.fc1.{m.group(2)}" if i == 0 else f"{hf_prefix}.hidden_layers.{i // 2 - 1}.{m.group(2)}"
+
+
+def official_to_hf_key(key: str) -> str:
+    """HF name of one official key (not for qkv, pos_embed or the unused entries)."""
+    for prefix, hf in (("aligner", "model.aligner"), ("gen_aligner", "model.generation_aligner")):
+        k = _aligner_key(prefix, hf, key)
+        if k:
+            return k
+    if key.startswith("gen_vision_model."):
+        k = key[len("gen_vision_model."):]
+        for pat, rep in _VQ_RULES:
+            k = re.sub(rf"^{pat}" if pat.startswith(("encoder", "decoder")) else pat, rep, k, count=1)
+        return "model.vqmodel." + k
+    for pat, rep in _RULES:
+        if re.fullmatch(pat, key):
+            return re.sub(pat, rep, key)
+    raise KeyError(f"no HF name for official key {key!r}")
+
+
+Plan = dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]]
+
+
+def official_to_hf_plan(keys: list[str]) -> tuple[Plan, list[str]]:
+    """{hf_key: (official source keys, fn(*tensors) -> tensor)} and the unused keys for the side file."""
+    plan: Plan = {}
+    extras = []
+    for key in keys:
+        if is_unused_official(key):
+            extras.append(key)
+        elif key == _POS:
+            plan[_HF_POS] = ((key,), lambda t: t.reshape(t.shape[-2], t.shape[-1]))
+        elif m := _QKV.fullmatch(key):
+            base = f"model.vision_model.encoder.layers.{m.group(1)}.self_attn"
+            for i, n in enumerate("qkv"):
+                plan[f"{base}.{n}_proj.{m.group(2)}"] = ((key,), lambda t, i=i: t.chunk(3, dim=0)[i])
+        else:
+            plan[official_to_hf_key(key)] = ((key,), lambda t: t)
+    return plan, extras
+
+
+def hf_to_official_plan(hf_keys: list[str], official_keys: list[str]) -> Plan:
+    """{official_key: (hf source keys, fn)} for every official key except the unused entries."""
+    plan: Plan = {}
+    for key in official_keys:
+        if is_unused_official(key):
+            continue
+        if key == _POS:
+            plan[key] = ((_HF_POS,), lambda t: t.unsqueeze(0))
+        elif m := _QKV.fullmatch(key):
+            base = f"model.vision_model.encoder.layers.{m.group(1)}.self_attn"
+            plan[key] = (tuple(f"{base}.{n}_proj.{m.group(2)}" for n in "qkv"), lambda q, k, v: torch.cat([q, k, v], 0))
+        else:
+            plan[key] = ((official_to_hf_key(key),), lambda t: t)
+    present = set(hf_keys)
+    needed = {s for srcs, _ in plan.values() for s in srcs}
+    missing = sorted(needed - present)
+    unexpected = sorted(present - needed)
+    if missing or unexpected:
+        raise KeyError(f"HF checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json translation
+
+def janus_to_hf_config(c: JanusConfig, image_token_id: int, pad_token_id: int | None = None,
+                       bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
+    if c.aligner.depth != c.gen_aligner.depth and c.gen_aligner.depth != 2:
+        raise ConfigError("HF Janus layout needs aligner depths it can express (vision depth, vq num_hidden_layers)")
+    text = llama_to_hf(c.llm)
+    text.update(tie_word_embeddings=False, pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    return {
+        "model_type": "janus",
+        "architectures": ["JanusForConditionalGeneration"],
+        "image_token_id": image_token_id,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "text_config": text,
+        "vision_config": dict(hidden_size=c.vision.width, num_hidden_layers=c.vision.depth,
+                              num_attention_heads=c.vision.heads, image_size=c.vision.image_size,
+                              patch_size=c.vision.patch_size, mlp_ratio=c.vision.mlp_ratio,
+                              projection_dim=c.aligner.n_embed, depth=c.aligner.depth,
+                              num_image_tokens=c.vision.n_tokens, hidden_act="gelu", layer_norm_eps=1e-6,
+                              model_type="janus_vision_model"),
+        "vq_config": dict(embed_dim=c.vq.codebook_dim, num_embeddings=c.vq.codebook_size,
+                          base_channels=c.vq.ch, channel_multiplier=list(c.vq.ch_mult),
+                          num_res_blocks=c.vq.num_res_blocks, latent_channels=c.vq.z_channels,
+                          projection_dim=c.gen_head.image_token_embed, num_hidden_layers=c.gen_aligner.depth,
+                          image_token_embed_dim=c.gen_head.n_embed, num_patches=c.vq.grid,
+                          hidden_act="gelu", model_type="janus_vqgan"),
+    }
+
+
+def janus_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig:
+    try:
+        v, q, t = cfg["vision_config"], cfg["vq_config"], cfg["text_config"]
+    except KeyError as e:
+        raise ConfigError(f"{where}: HF Janus config lacks {e.args[0]!r}") from e
+    llm = llama_from_hf(t)
+    dims = dict(width=v.get("hidden_size", 1024), layers=v.get("num_hidden_layers", 24),
+                heads=v.get("num_attention_heads", 16), patch_size=v.get("patch_size", 16),
+                mlp_ratio=float(v.get("mlp_ratio", 4.0)))
+    name = next((n for n, p in _VIT_PRESETS.items() if p == dims), "januskit_vit")
+    vision = SigLIPConfig(image_size=v.get("image_size", 384), model_name=name, select_layer=-1, **dims)
+    vq = VQConfig(codebook_size=q.get("num_embeddings", 16384), codebook_dim=q.get("embed_dim", 8),
+                  ch=q.get("base_channels", 128), ch_mult=tuple(q.get("channel_multiplier", (1, 1, 2, 2, 4))),
+                  z_channels=q.get("latent_channels", 256), num_res_blocks=q.get("num_res_blocks", 2),
+                  image_size=v.get("image_size", 384))
+    return JanusConfig(
+        llm=llm, vision=vision, vq=vq,
+        aligner=AlignerConfig(input_dim=vision.width, n_embed=v.get("projection_dim", 2048), depth=v.get("depth", 2)),
+        gen_aligner=AlignerConfig(input_dim=vq.codebook_dim, n_embed=q.get("projection_dim", 2048),
+                                  depth=q.get("num_hidden_layers", 2)),
+        gen_head=GenHeadConfig(n_embed=q.get("image_token_embed_dim", 2048),
+                               image_token_embed=q.get("projection_dim", 2048), image_token_size=vq.codebook_size))

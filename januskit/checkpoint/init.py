@@ -1,0 +1,96 @@
+"""Random-weight checkpoints in the official layout (`januskit init`), for tests and benchmarks.
+
+Every tensor is random, norms and biases included, so a key mapped to the wrong place cannot hide
+behind a default value of 1 or 0. The folder carries a synthetic tokenizer.json with the real
+special-token strings (Janus-Pro or Janus-1.3B style) and the official processor configs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import JanusConfig, PRESET_NAMES, preset, preset_style
+from ..models.janus import JanusModel
+from ..processing.chat import Processor
+from ..processing.image import ImageTransform
+from ..processing.tokenizer import TextTokenizer, build_synthetic_tokenizer, real_special_ids
+from .io import materialize_buffers
+from .official import save_janus, unused_official_shapes
+
+ARCHS = ("janus",)
+
+
+@torch.no_grad()
+def randomize(model: JanusModel, seed: int) -> JanusModel:
+    """Fill every parameter, in state-dict order, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.normal_(0.0, 0.02, generator=g)
+        elif p.ndim == 1:  # norm scales: around 1
+            p.normal_(1.0, 0.1, generator=g)
+        elif p.ndim == 4:  # convs: variance-preserving
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def random_model(c: JanusConfig, seed: int, dtype: torch.dtype = torch.float32) -> JanusModel:
+    with torch.device("meta"):
+        model = JanusModel(c)
+    model.to_empty(device="cpu")
+    materialize_buffers(model)
+    randomize(model, seed)
+    return model.to(dtype).eval()
+
+
+def random_unused(c: JanusConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for k, s in unused_official_shapes(c).items():
+        out[k] = torch.zeros(s) if "codebook_used" in k else torch.randn(s, generator=g).mul_(0.02).to(dtype)
+    return out
+
+
+def synthetic_tokenizer(preset_name: str, c: JanusConfig) -> TextTokenizer:
+    style = preset_style(preset_name)
+    ids = real_special_ids(preset_name) if c.llm.vocab_size >= 102400 else None
+    return build_synthetic_tokenizer(c.llm.vocab_size, style=style, special_ids=ids)
+
+
+def processor_files(c: JanusConfig) -> dict[str, str]:
+    t = ImageTransform(size=c.vision.image_size)
+    pre = {"background_color": list(t.background), "do_normalize": True, "image_mean": list(t.mean),
+           "image_processor_type": "VLMImageProcessor", "image_size": t.size, "image_std": list(t.std),
+           "min_size": t.min_size, "processor_class": "VLChatProcessor", "rescale_factor": t.rescale}
+    proc = {"add_special_token": False, "ignore_id": -100, "image_tag": "<image_placeholder>", "mask_prompt": True,
+            "num_image_tokens": c.vision.n_tokens, "processor_class": "VLChatProcessor", "sft_format": "deepseek"}
+    return {"preprocessor_config.json": json.dumps(pre, indent=2) + "\n",
+            "processor_config.json": json.dumps(proc, indent=2) + "\n"}
+
+
+def init_checkpoint(dst: str | Path, *, arch: str = "janus", preset_name: str = "tiny-janus-pro", seed: int = 0,
+                    dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    """Write a random-weight checkpoint folder in the official layout; returns its path."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)} (JanusFlow arrives with its own step)")
+    if preset_name not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {preset_name!r}; valid presets: {', '.join(PRESET_NAMES)}")
+    c = preset(preset_name)
+    model = random_model(c, seed, dtype)
+    tok = synthetic_tokenizer(preset_name, c)
+    files = {"tokenizer.json": tok.to_json_str(), **processor_files(c)}
+    return save_janus(model, dst, unused=random_unused(c, seed, dtype), files=files, overwrite=overwrite)
+
+
+def preset_pipeline_parts(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[JanusModel, Processor]:
+    """An in-memory random model + synthetic processor for a preset name (januskit.load('tiny-janus'))."""
+    c = preset(preset_name)
+    tok = synthetic_tokenizer(preset_name, c)
+    return random_model(c, seed, dtype), Processor(tok, ImageTransform(size=c.vision.image_size), c.vision.n_tokens)
+
+

@@ -1,0 +1,218 @@
+"""Read and write checkpoint folders: safetensors (single or sharded) and `pytorch_model*.bin`.
+
+Tensors are read one at a time from memory-mapped files and assigned straight into a model built on
+the meta device, so loading never holds a second full copy. Loading is strict: missing, unexpected and
+wrong-shape keys are reported by name, except the entries a layout declares as known-unused.
+Writing goes to a temporary folder renamed into place, so a crash never leaves a half-written
+checkpoint where a complete one is expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and key."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in the order the index (if any) lists them."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        p = folder / name
+        if not p.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                index = json.loads(p.read_text())
+                shards = sorted(set(index["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{p}: not a valid weight index ({e!r})") from e
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{p}: lists shard(s) that do not exist: {missing}")
+            return [folder / s for s in shards]
+        return [p]
+    raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def iter_tensors(files: list[Path]) -> Iterator["Entry"]:
+    """Yield (key, load_fn, shape, file) for every tensor, without reading any tensor data yet."""
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                handle = safe_open(str(f), framework="pt")
+                keys = list(handle.keys())
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: unreadable safetensors file ({e}); is it truncated?") from e
+            for k in keys:
+                shape = tuple(handle.get_slice(k).get_shape())
+                yield k, (lambda h=handle, k=k, f=f: _get(h, k, f)), shape, f
+        else:
+            try:
+                sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # torch raises several types for a corrupt or unsafe pickle
+                raise CheckpointError(f"{f}: cannot load with weights_only=True ({e})") from e
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f}: expected a state dict, got {type(sd).__name__}")
+            for k, t in sd.items():
+                if not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{f}: entry {k!r} is a {type(t).__name__}, not a tensor")
+                yield k, (lambda t=t: t), tuple(t.shape), f
+
+
+def _get(handle, key: str, f: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from e
+
+
+Entry = tuple[str, Callable[[], torch.Tensor], tuple[int, ...], Path]
+
+
+def load_into(model: nn.Module, entries: Iterable[Entry], dtype: torch.dtype, skip: Callable[[str], bool],
+              where: str | Path) -> list[str]:
+    """Strictly fill a meta-built `model` from (key, load_fn, shape, file) entries. Returns the skipped keys.
+
+    `skip(key)` marks known-unused checkpoint entries; everything else must match a parameter or
+    persistent buffer by name and shape, and every one of those must be present."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    seen: set[str] = set()
+    unexpected, wrong, skipped = [], [], []
+    plan = []
+    for key, load, shape, f in entries:
+        if skip(key):
+            skipped.append(key)
+            continue
+        name = key
+        if name not in shapes:
+            unexpected.append(f"{key} ({f.name})")
+        elif shape != shapes[name]:
+            wrong.append(f"{key}: checkpoint {shape} vs model {shapes[name]} ({f.name})")
+        else:
+            seen.add(name)
+            plan.append((name, load))
+    missing = sorted(set(shapes) - seen)
+    if missing or unexpected or wrong:
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        if wrong:
+            lines.append(f"wrong shapes ({len(wrong)}): " + "; ".join(wrong[:20]))
+        raise CheckpointError(f"{where}: checkpoint does not match the model:\n  " + "\n  ".join(lines))
+    for name, load in plan:
+        t = load()
+        if t.is_floating_point():
+            t = t.to(dtype)
+        _assign(model, name, t)
+    return skipped
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    old = getattr(mod, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, attr, nn.Parameter(t, requires_grad=old.requires_grad))
+    else:
+        mod._buffers[attr] = t
+
+
+def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: rebuild them on `device`."""
+    for mod in model.modules():
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_meta:
+                if bname == "inv_freq":
+                    from ..models.llama import rope_inv_freq
+                    mod._buffers[bname] = rope_inv_freq(mod.config).to(device)
+                else:
+                    raise CheckpointError(f"buffer {bname!r} of {type(mod).__name__} was not loaded")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+MAX_SHARD_BYTES = 5 * 1024**3  # like transformers' default shard size for large models
+
+
+@contextmanager
+def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite and any(dst.iterdir()):
+        raise FileExistsError(f"{dst}: exists and is not empty (refusing to overwrite)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    write_shards(list(tensors), lambda k: tensors[k], folder, max_shard_bytes)
+
+
+def write_shards(keys: list[str], produce: Callable[[str], torch.Tensor], folder: Path,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write tensors made one at a time by `produce(key)`: model.safetensors when one shard holds
+    them all, else model-0000i-of-0000n.safetensors + model.safetensors.index.json. At most one
+    shard is held in memory."""
+    done: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+    buf: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        name = f".shard-{len(done):05d}.tmp"
+        save_file(buf, str(folder / name), metadata={"format": "pt"})
+        done.append((name, list(buf)))
+
+    for k in keys:
+        t = produce(k).detach().contiguous()
+        n = t.numel() * t.element_size()
+        if buf and size + n > max_shard_bytes:
+            flush()
+            buf, size = {}, 0
+        buf[k] = t
+        size += n
+        total += n
+    if not done:
+        save_file(buf, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    flush()
+    weight_map = {}
+    for i, (tmp, ks) in enumerate(done, 1):
+        final = f"model-{i:05d}-of-{len(done):05d}.safetensors"
+        os.replace(folder / tmp, folder / final)
+        weight_map.update({k: final for k in ks})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,0 +1,109 @@
+"""Checkpoint folders in the official Janus / Janus-Pro layout: load (strict), save, and the
+known-unused entries that real checkpoints carry (so our folders list exactly the same keys)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import JanusConfig, janus_from_official, read_config_json, detect_arch, ConfigError
+from ..models.janus import JanusModel
+from .hf import is_unused_official
+from .io import CheckpointError, atomic_folder, iter_tensors, load_into, materialize_buffers, save_tensors, weight_files
+
+CODEBOOK_USED_LEN = 65536  # LlamaGen's usage-statistics buffer, saved but never read at inference
+
+
+def unused_official_shapes(c: JanusConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the entries the reference saves but never executes (timm's attention-pool head)."""
+    w, h = c.vision.width, int(c.vision.width * c.vision.mlp_ratio)
+    p = "vision_model.vision_tower.attn_pool."
+    shapes = {p + "latent": (1, 1, w), p + "q.weight": (w, w), p + "q.bias": (w,), p + "kv.weight": (2 * w, w),
+              p + "kv.bias": (2 * w,), p + "proj.weight": (w, w), p + "proj.bias": (w,), p + "norm.weight": (w,),
+              p + "norm.bias": (w,), p + "mlp.fc1.weight": (h, w), p + "mlp.fc1.bias": (h,),
+              p + "mlp.fc2.weight": (w, h), p + "mlp.fc2.bias": (w,),
+              "gen_vision_model.quantize.codebook_used": (CODEBOOK_USED_LEN,)}
+    return shapes
+
+
+def official_key_order(c: JanusConfig) -> list[str]:
+    """Every key of an official checkpoint of config `c`, in the reference's state-dict order."""
+    with torch.device("meta"):
+        keys = list(JanusModel(c).state_dict().keys())
+    unused = list(unused_official_shapes(c))
+    pool = [k for k in unused if "attn_pool" in k]
+    i = keys.index("vision_model.vision_tower.norm.bias") + 1  # timm registers attn_pool after norm
+    keys[i:i] = pool
+    j = keys.index("gen_vision_model.quantize.embedding.weight")  # buffer registered before the embedding
+    keys.insert(j, "gen_vision_model.quantize.codebook_used")
+    return keys
+
+
+def read_janus_config(folder: Path) -> JanusConfig:
+    path = Path(folder) / "config.json"
+    raw = read_config_json(path)
+    arch = detect_arch(raw, str(path))
+    if arch != "janus":
+        raise ConfigError(f"{path}: architecture {arch!r} is not the official Janus layout")
+    return janus_from_official(raw, str(path))
+
+
+def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> JanusModel:
+    """Build on meta, then fill strictly from the folder's weights (mmap, one tensor at a time)."""
+    folder = Path(folder)
+    c = read_janus_config(folder)
+    with torch.device("meta"):
+        model = JanusModel(c)
+    extra_blocks = {f"vision_model.vision_tower.blocks.{i}." for i in range(c.vision.depth, c.vision.layers)}
+
+    def skip(key: str) -> bool:  # select_layer=-2 style configs drop the last blocks' weights
+        return is_unused_official(key) or any(key.startswith(p) for p in extra_blocks)
+
+    load_into(model, iter_tensors(weight_files(folder)), dtype, skip, folder)
+    materialize_buffers(model, device)
+    return model.to(device).eval()
+
+
+def official_state(model: JanusModel, unused: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors plus the known-unused entries (given, or zeros), in the official order."""
+    sd = model.state_dict()
+    shapes = unused_official_shapes(model.config)
+    unused = dict(unused or {})
+    dtype = next(iter(sd.values())).dtype
+    for k, s in shapes.items():
+        if k not in unused:
+            unused[k] = torch.zeros(s, dtype=torch.float32 if "codebook_used" in k else dtype)
+        elif tuple(unused[k].shape) != s:
+            raise CheckpointError(f"unused entry {k}: shape {tuple(unused[k].shape)} != {s}")
+    full = {**sd, **unused}
+    return {k: full[k] for k in official_key_order(model.config) if k in full}
+
+
+def save_janus(model: JanusModel, dst: str | Path, *, copy_from: str | Path | None = None,
+               unused: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None,
+               overwrite: bool = False) -> Path:
+    """Write config.json + safetensors in the official layout, atomically. Non-weight files of
+    `copy_from` (tokenizer, processor configs) are copied along; `files` adds text files by name."""
+    dst = Path(dst)
+    state = official_state(model, unused)
+    with atomic_folder(dst, overwrite=overwrite) as tmp:
+        if copy_from is not None:
+            copy_side_files(Path(copy_from), tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(model.config.to_official_dict(), indent=2) + "\n")
+        save_tensors(state, tmp)
+    return dst
+
+
+def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy everything that is not weights or config.json (tokenizer.json, processor configs, ...)."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != "config.json" and f.name not in skip and not _is_weight(f.name):
+            shutil.copy2(f, dst / f.name)
+
+
+def _is_weight(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin")) or name.endswith(".index.json")

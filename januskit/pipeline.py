@@ -1,0 +1,144 @@
+"""`JanusPipeline`: what `januskit.load` returns. A thin facade over the model, the processor and the
+samplers: chat (understanding), generate_images (text-to-image), and the VQ tokenizer both ways."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .models.janus import JanusModel
+from .processing.chat import SYSTEM_PROMPT, Message, Processor
+from .processing.image import to_gen_pixels, to_pil, to_uint8
+from .processing.tokenizer import StreamDecoder
+from .sampling.image_ar import generate_image_tokens, rows_per_chunk
+from .sampling.logits import row_generator
+from .sampling.text import generate_text
+
+Conversation = Sequence[Message]
+
+
+@dataclass
+class ImageResult:
+    images: list[Image.Image]
+    tokens: torch.LongTensor  # (n, tokens_per_image)
+    seed: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class JanusPipeline:
+    def __init__(self, model: JanusModel, processor: Processor, source: str | Path = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.source = str(source)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def arch(self) -> str:
+        return self.model.config.arch
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.llm.embed_tokens.weight.dtype
+
+    # -- understanding ------------------------------------------------------------------------
+    def _conversation(self, prompt: str | Conversation, images: Sequence) -> list[Message]:
+        if isinstance(prompt, str):
+            return self.processor.user_turn(prompt, images)
+        if images:
+            raise ValueError("pass images inside the messages when giving a conversation")
+        return list(prompt)
+
+    def chat(self, prompt: str | Conversation, images: Sequence = (), *, max_new_tokens: int = 512,
+             temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+             stream: bool = False, system_prompt: str = SYSTEM_PROMPT) -> str | Iterator[str]:
+        """Answer one prompt (with optional images) or one conversation. temperature 0 = greedy
+        (the reference's inference script); stream=True returns an iterator of text pieces."""
+        pieces = self._chat_stream([self._conversation(prompt, images)], max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                   system_prompt=system_prompt)
+        if stream:
+            return (p[0] for p in pieces if p[0])
+        return "".join(p[0] for p in pieces)
+
+    def chat_batch(self, prompts: Sequence[str | Conversation], images: Sequence[Sequence] | None = None, *,
+                   max_new_tokens: int = 512, temperature: float = 0.0, top_p: float | None = None,
+                   top_k: int | None = None, seed: int = 0, system_prompt: str = SYSTEM_PROMPT) -> list[str]:
+        """Answer several prompts in one left-padded batch; row i samples with its own generator."""
+        images = images if images is not None else [()] * len(prompts)
+        convs = [self._conversation(p, im) for p, im in zip(prompts, images, strict=True)]
+        out = [""] * len(convs)
+        for pieces in self._chat_stream(convs, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, top_k=top_k, seed=seed, system_prompt=system_prompt):
+            for i, p in enumerate(pieces):
+                out[i] += p
+        return out
+
+    def _chat_stream(self, convs: list[list[Message]], *, max_new_tokens: int, temperature: float,
+                     top_p: float | None, top_k: int | None, seed: int, system_prompt: str) -> Iterator[list[str]]:
+        proc = self.processor
+        batch = proc.batch([proc.encode_chat(c, system_prompt) for c in convs])
+        gens = [row_generator(seed, i) for i in range(len(convs))]
+        decoders = [StreamDecoder(proc.tokenizer) for _ in convs]
+        eos = proc.tokenizer.eos_id
+        for tok in generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
+                                 temperature=temperature, top_k=top_k, top_p=top_p, generators=gens):
+            yield [d.push(int(t)) if 0 <= int(t) != eos else "" for d, t in zip(decoders, tok)]
+        yield [d.flush() for d in decoders]
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate_images(self, prompt: str, n: int = 1, cfg: float = 5.0, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                        progress: Callable[[int, int], None] | None = None,
+                        memory_budget_gb: float = 4.0) -> ImageResult:
+        """n images for one prompt (reference algorithm, default CFG 5, temperature 1).
+        Images are made in chunks that fit `memory_budget_gb`; image i depends only on (seed, i)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        ids = self.processor.generation_prompt(prompt)
+        chunk = min(n, rows_per_chunk(self.model, len(ids), int(memory_budget_gb * 1024**3)))
+        n_tok = self.config.vq.n_tokens
+        tokens = []
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            cb = None if progress is None else (lambda i, t, s=start, m=m: progress(s * t + i * m, n * t))
+            tokens.append(generate_image_tokens(
+                self.model, [ids] * m, pad_id=self.processor.pad_id, cfg_weight=cfg, temperature=temperature,
+                top_k=top_k, top_p=top_p, generators=[row_generator(seed, start + j) for j in range(m)], progress=cb))
+        tokens = torch.cat(tokens)
+        return ImageResult(images=self.decode_image_tokens(tokens), tokens=tokens, seed=seed,
+                           info=dict(prompt_tokens=len(ids), tokens_per_image=n_tok, chunk=chunk))
+
+    # -- VQ tokenizer -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image_tokens(self, image: Image.Image | str | Path | bytes | Sequence) -> torch.LongTensor:
+        """Image(s) -> (n, tokens_per_image) VQ ids (short side resized, centre crop, [-1, 1])."""
+        imgs = list(image) if isinstance(image, (list, tuple)) else [image]
+        size = self.config.vq.image_size
+        x = torch.stack([to_gen_pixels(i, size) for i in imgs]).to(self.dtype)
+        return self.model.gen_vision_model.encode(x)
+
+    @torch.inference_mode()
+    def decode_image_pixels(self, tokens: torch.Tensor, batch: int = 4) -> torch.Tensor:
+        """(n, tokens_per_image) ids -> (n, 3, S, S) float pixels in about [-1, 1]."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        n_tok, size = self.config.vq.n_tokens, self.config.vq.codebook_size
+        if tokens.shape[1] != n_tok:
+            raise ValueError(f"image tokens: expected {n_tok} per image, got {tokens.shape[1]}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= size):
+            raise ValueError(f"image tokens: ids must be in [0, {size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        vq = self.model.gen_vision_model
+        return torch.cat([vq.decode(tokens[i:i + batch]).float() for i in range(0, tokens.shape[0], batch)])
+
+    def decode_image_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
+        return to_pil(self.decode_image_pixels(tokens))
+
+    def decode_image_uint8(self, tokens: torch.Tensor):
+        return to_uint8(self.decode_image_pixels(tokens))

@@ -1,0 +1,136 @@
+"""Conversations -> token ids, image slots, and left-padded batches (official `VLChatProcessor`).
+
+Format ("deepseek" template, roles taken verbatim): optional system prompt + "\\n\\n", then per
+message `role: content` followed by "\\n\\n" after user turns and the EOS string after assistant turns;
+an empty final assistant message renders as `role:`. Janus-1.3B / JanusFlow roles are "User" /
+"Assistant", Janus-Pro roles are the single tokens "<|User|>" / "<|Assistant|>".
+Each "<image_placeholder>" becomes <begin_of_image> + n x <image_placeholder> + <end_of_image>.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .image import ImageTransform
+from .tokenizer import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, TextTokenizer
+
+SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                 "content that the user provides, and assist the user with a variety of tasks using natural language.")
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    content: str  # may contain "<image_placeholder>" markers, one per image, in order
+    images: Sequence = field(default_factory=list)  # PIL images, paths, bytes or data URIs
+
+
+@dataclass
+class EncodedChat:
+    ids: list[int]
+    images: list[torch.Tensor]  # preprocessed (3, S, S) each
+
+
+@dataclass
+class ChatBatch:
+    input_ids: torch.Tensor  # (B, T) left-padded
+    valid: torch.Tensor  # (B, T) bool, False on padding
+    image_mask: torch.Tensor  # (B, T) bool, True on image-embedding slots
+    pixel_values: torch.Tensor | None  # (N, 3, S, S), images of all rows in order, or None
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.valid.all())
+
+
+class Processor:
+    def __init__(self, tokenizer: TextTokenizer, transform: ImageTransform, n_image_tokens: int,
+                 pro_format: bool | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.n_image_tokens = n_image_tokens
+        pro = tokenizer.is_pro_format if pro_format is None else pro_format
+        self.roles = ("<|User|>", "<|Assistant|>") if pro else ("User", "Assistant")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, image_size: int, n_image_tokens: int) -> "Processor":
+        folder = Path(folder)
+        tok = TextTokenizer.from_file(folder / "tokenizer.json")
+        pre = folder / "preprocessor_config.json"
+        cfg = {}
+        if pre.is_file():
+            try:
+                cfg = json.loads(pre.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{pre}: not valid JSON ({e})") from e
+        return cls(tok, ImageTransform.from_preprocessor_config(cfg, image_size), n_image_tokens)
+
+    # -- text ---------------------------------------------------------------------------------
+    def render(self, messages: Sequence[Message], system_prompt: str = SYSTEM_PROMPT) -> str:
+        """The prompt string; a trailing empty assistant turn is added if the last turn is the user's."""
+        msgs = list(messages)
+        if not msgs or msgs[-1].role != "assistant":
+            msgs.append(Message("assistant", ""))
+        out = system_prompt + "\n\n" if system_prompt else ""
+        for i, m in enumerate(msgs):
+            if m.role not in ("user", "assistant"):
+                raise ValueError(f"message {i}: role {m.role!r} is not 'user' or 'assistant'")
+            if (m.role == "user") != (i % 2 == 0):
+                raise ValueError(f"message {i}: turns must alternate user/assistant, starting with user")
+            role = self.roles[0] if m.role == "user" else self.roles[1]
+            content = m.content.strip()
+            if content:
+                out += f"{role}: {content}" + ("\n\n" if i % 2 == 0 else EOS_TOKEN)
+            else:
+                out += f"{role}:"
+        return out.strip()
+
+    def generation_prompt(self, prompt: str) -> list[int]:
+        """Text-to-image prompt ids: empty system prompt, user turn, `Assistant:`, <begin_of_image>."""
+        text = self.render([Message("user", prompt)], system_prompt="")
+        return self.tokenizer.encode(text) + [self.tokenizer.boi_id]
+
+    # -- understanding ------------------------------------------------------------------------
+    def encode_chat(self, messages: Sequence[Message], system_prompt: str = SYSTEM_PROMPT) -> EncodedChat:
+        images = [img for m in messages for img in m.images]
+        n_marks = sum(m.content.count(IMAGE_TOKEN) for m in messages)
+        if n_marks != len(images):
+            raise ValueError(f"the conversation has {n_marks} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)")
+        ids = self.tokenizer.encode(self.render(messages, system_prompt))
+        tok = self.tokenizer
+        out: list[int] = []
+        for t in ids:  # expand each placeholder to the image's slots
+            if t == tok.image_id:
+                out += [tok.boi_id] + [tok.image_id] * self.n_image_tokens + [tok.eoi_id]
+            else:
+                out.append(t)
+        return EncodedChat(out, [self.transform(img) for img in images])
+
+    def user_turn(self, prompt: str, images: Sequence = ()) -> list[Message]:
+        """One user message; images without markers in the text are placed before it, one per line."""
+        images = list(images)
+        if images and IMAGE_TOKEN not in prompt:
+            prompt = "".join(f"{IMAGE_TOKEN}\n" for _ in images) + prompt
+        return [Message("user", prompt, images)]
+
+    def batch(self, chats: Sequence[EncodedChat]) -> ChatBatch:
+        T = max(len(c.ids) for c in chats)
+        pad = self.pad_id
+        ids = torch.full((len(chats), T), pad, dtype=torch.long)
+        valid = torch.zeros((len(chats), T), dtype=torch.bool)
+        for i, c in enumerate(chats):
+            ids[i, T - len(c.ids):] = torch.tensor(c.ids)
+            valid[i, T - len(c.ids):] = True
+        image_mask = (ids == self.tokenizer.image_id) & valid
+        pix = [p for c in chats for p in c.images]
+        return ChatBatch(ids, valid, image_mask, torch.stack(pix) if pix else None)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_id if tok.has_token(PAD_TOKEN) else tok.eos_id

@@ -1,0 +1,122 @@
+"""Images in and out, exactly as the reference's `VLMImageProcessor` and its post-processing.
+
+In: RGB, long side to `size` with PIL bicubic (what torchvision's resize does on a PIL image), short
+side max(int(short / long * size), 14), centred on a square of the background colour
+(int(mean * 255) per channel = 127), then x / 255, (x - mean) / std.
+Out: clip((x + 1) / 2 * 255, 0, 255) truncated to uint8 (the reference assigns into a uint8 array).
+"""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+
+
+class ImageError(ValueError):
+    """An image that cannot be read; the message names the source."""
+
+
+def load_image(src: Image.Image | str | Path | bytes) -> Image.Image:
+    """PIL image, a path, raw bytes, or a `data:image/...;base64,` URI -> RGB PIL image."""
+    if isinstance(src, Image.Image):
+        return src.convert("RGB")
+    name = "<bytes>"
+    if isinstance(src, (str, Path)):
+        s = str(src)
+        if s.startswith("data:"):
+            name = "data URI"
+            try:
+                data = base64.b64decode(s.split(",", 1)[1], validate=True)
+            except (IndexError, ValueError) as e:
+                raise ImageError(f"image data URI: not valid base64 ({e})") from e
+        else:
+            name = s
+            p = Path(s)
+            if not p.is_file():
+                raise ImageError(f"image {s}: file not found")
+            data = p.read_bytes()
+    else:
+        data = bytes(src)
+    if len(data) == 0:
+        raise ImageError(f"image {name}: empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageError(f"image {name}: not a readable image ({e})") from e
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    size: int = 384
+    min_size: int = 14
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale: float = 1.0 / 255.0
+    normalize: bool = True  # the first Janus-1.3B upload had do_normalize false
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        return tuple(int(m * 255) for m in self.mean)  # (127, 127, 127)
+
+    def resize_pad(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        long = max(w, h)
+        nw = max(int(w / long * self.size), self.min_size)
+        nh = max(int(h / long * self.size), self.min_size)
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        canvas = Image.new("RGB", (self.size, self.size), self.background)
+        canvas.paste(img, ((self.size - nw) // 2, (self.size - nh) // 2))
+        return canvas
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """Square RGB image -> (3, size, size) float32, normalised."""
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy()) * self.rescale
+        if self.normalize:
+            mean = torch.tensor(self.mean).view(3, 1, 1)
+            std = torch.tensor(self.std).view(3, 1, 1)
+            x = (x - mean) / std
+        return x
+
+    def __call__(self, src: Image.Image | str | Path | bytes) -> torch.Tensor:
+        return self.to_tensor(self.resize_pad(load_image(src)))
+
+    @classmethod
+    def from_preprocessor_config(cls, cfg: dict, size: int) -> "ImageTransform":
+        return cls(size=int(cfg.get("image_size", size)), min_size=int(cfg.get("min_size", 14)),
+                   mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))), std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
+                   rescale=float(cfg.get("rescale_factor", 1 / 255)), normalize=bool(cfg.get("do_normalize", True)))
+
+
+def center_crop_square(img: Image.Image, size: int) -> Image.Image:
+    """Generation-side preprocessing (Janus-Pro report): short side to `size`, centre crop."""
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_gen_pixels(img: Image.Image | str | Path | bytes, size: int) -> torch.Tensor:
+    """Image -> (3, size, size) in [-1, 1], the VQ tokenizer's input."""
+    img = center_crop_square(load_image(img), size)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy()) / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) decoder output in [-1, 1] -> (B, H, W, 3) uint8, truncating like the reference."""
+    x = pixels.float().permute(0, 2, 3, 1).cpu().numpy()
+    return np.clip((x + 1) / 2 * 255, 0, 255).astype(np.uint8)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(a) for a in to_uint8(pixels)]

@@ -1,0 +1,52 @@
+"""Understanding: prefill the spliced prompt once, then decode one token per step from a static cache.
+
+Left-padded rows get RoPE positions counted from their first real token (cumsum of the mask, as
+transformers' generate does) and padding slots are masked out of attention. Rows that hit a stop
+token keep running (batch shapes stay fixed) but emit nothing more.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..models.janus import JanusModel
+from ..models.llama import KVCache
+from ..processing.chat import ChatBatch
+from .logits import sample
+
+
+@torch.inference_mode()
+def generate_text(model: JanusModel, batch: ChatBatch, *, max_new_tokens: int, stop_ids: Sequence[int],
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  generators: Sequence[torch.Generator] | torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield (B,) new token ids per step; a finished row yields -1. Stops when every row is done."""
+    llm, c = model.llm, model.config.llm
+    B, T = batch.input_ids.shape
+    if T >= c.max_seq_len:
+        raise ValueError(f"prompt is {T} tokens, longer than the model context of {c.max_seq_len} tokens")
+    max_new_tokens = min(max_new_tokens, c.max_seq_len - T)
+    dtype = llm.embed_tokens.weight.dtype
+    pixels = None if batch.pixel_values is None else batch.pixel_values.to(dtype)
+    h = model.splice(batch.input_ids, batch.image_mask, pixels)
+
+    valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool)
+    valid[:, :T] = batch.valid
+    key_valid = valid if batch.padded else None
+    positions = (batch.valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    cache = KVCache(c, B, T + max_new_tokens, dtype)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+
+    hidden = llm(h, positions, cache, 0, key_valid)[:, -1]
+    pos = positions[:, -1:]
+    for step in range(max_new_tokens):
+        tok = sample(model.text_logits(hidden).float(), temperature, top_k, top_p, generators)
+        tok = torch.where(done, -1, tok)
+        yield tok
+        done |= torch.isin(tok, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        pos = pos + 1
+        e = llm.embed_tokens(tok.clamp(min=0))[:, None]
+        hidden = llm(e, pos, cache, T + step, key_valid)[:, -1]
