@@ -109,8 +109,9 @@ class JanusConfig:
     gen_head: GenHeadConfig
     arch: str = "janus"
 
-    def to_official_dict(self) -> dict[str, Any]:
-        return _janus_to_official(self)
+    def to_official_dict(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """Official config.json; `dtype` is the weights' dtype name (torch_dtype)."""
+        return _janus_to_official(self, dtype)
 
 
 PRESET_NAMES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b", "tiny-janus", "tiny-janus-pro")
@@ -131,12 +132,12 @@ def _janus(llm: LlamaConfig, vision: SigLIPConfig | None = None, vq: VQConfig | 
 
 _LLM_1B = LlamaConfig(dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, intermediate_size=5632,
                       vocab_size=102400, max_seq_len=16384)
-_LLM_7B = LlamaConfig(dim=4096, n_layers=30, n_heads=32, intermediate_size=11008, vocab_size=102400,
+_LLM_7B = LlamaConfig(dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, intermediate_size=11008, vocab_size=102400,
                       max_seq_len=16384)
 # Tiny presets keep every architectural feature (MHA, SwiGLU, GELU MLPs, VQ attention at the last
 # level, GroupNorm(32)) at a size where a forward takes milliseconds on CPU: 128 px images give 64
 # understanding tokens (patch 16) and 64 VQ tokens (factor 16).
-_TINY_LLM = LlamaConfig(dim=64, n_layers=2, n_heads=4, intermediate_size=172, vocab_size=1024, max_seq_len=1024)
+_TINY_LLM = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=172, vocab_size=1024, max_seq_len=1024)
 _TINY_VISION = SigLIPConfig(image_size=128, patch_size=16, width=64, layers=2, heads=4, model_name="januskit_tiny_vit")
 _TINY_VQ = VQConfig(codebook_size=512, codebook_dim=8, ch=32, ch_mult=(1, 1, 2, 2, 2), z_channels=32, image_size=128)
 
@@ -190,16 +191,16 @@ def llama_from_hf(lc: dict[str, Any]) -> LlamaConfig:
     if lc.get("attention_bias") or lc.get("mlp_bias"):
         raise ConfigError("language_config: attention_bias / mlp_bias are not supported (no Janus model uses them)")
     return LlamaConfig(dim=v["hidden_size"], n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"],
-                       n_kv_heads=v["num_key_value_heads"], intermediate_size=v["intermediate_size"],
+                       n_kv_heads=v["num_key_value_heads"] or v["num_attention_heads"], intermediate_size=v["intermediate_size"],
                        vocab_size=v["vocab_size"], max_seq_len=v["max_position_embeddings"],
                        norm_eps=float(v["rms_norm_eps"]), rope_theta=float(v["rope_theta"]))
 
 
-def llama_to_hf(c: LlamaConfig) -> dict[str, Any]:
+def llama_to_hf(c: LlamaConfig, dtype: str = "bfloat16") -> dict[str, Any]:
     return dict(model_type="llama", hidden_size=c.dim, intermediate_size=c.intermediate_size,
                 num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
                 vocab_size=c.vocab_size, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-                rope_theta=c.rope_theta, hidden_act="silu", torch_dtype="bfloat16")
+                rope_theta=c.rope_theta, hidden_act="silu", torch_dtype=dtype)
 
 
 def janus_from_official(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig:
@@ -263,7 +264,7 @@ def _check_janus(c: JanusConfig, where: str) -> None:
             raise ConfigError(f"{where}: {name} = {got} does not match the {what} {want}")
 
 
-def _janus_to_official(c: JanusConfig) -> dict[str, Any]:
+def _janus_to_official(c: JanusConfig, dtype: str = "bfloat16") -> dict[str, Any]:
     vp: dict[str, Any] = dict(image_size=c.vision.image_size, model_name=c.vision.model_name,
                               select_feature="same", select_layer=c.vision.select_layer)
     if c.vision.model_name not in _VIT_PRESETS:
@@ -288,9 +289,9 @@ def _janus_to_official(c: JanusConfig) -> dict[str, Any]:
                                             image_token_size=c.gen_head.image_token_size,
                                             n_embed=c.gen_head.n_embed)),
         "gen_vision_config": dict(cls="VQ-16", model_type="gen_vision", params=gp),
-        "language_config": llama_to_hf(c.llm),
+        "language_config": llama_to_hf(c.llm, dtype),
         "model_type": "multi_modality",
-        "torch_dtype": "bfloat16",
+        "torch_dtype": dtype,
         "vision_config": dict(cls="CLIPVisionTower", model_type="vision", params=vp),
     }
 

@@ -66,10 +66,23 @@ class JanusPipeline:
             return (p[0] for p in pieces if p[0])
         return "".join(p[0] for p in pieces)
 
+    def chat_ids(self, prompt: str | Conversation, images: Sequence = (), *, max_new_tokens: int = 512,
+                 temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+                 system_prompt: str = SYSTEM_PROMPT) -> list[int]:
+        """Like chat(), but the generated token ids (the stop token excluded)."""
+        proc = self.processor
+        batch = proc.batch([proc.encode_chat(self._conversation(prompt, images), system_prompt)])
+        eos = proc.tokenizer.eos_id
+        steps = generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
+                              temperature=temperature, top_k=top_k, top_p=top_p, generators=[row_generator(seed, 0)])
+        return [int(t[0]) for t in steps if 0 <= int(t[0]) != eos]
+
     def chat_batch(self, prompts: Sequence[str | Conversation], images: Sequence[Sequence] | None = None, *,
                    max_new_tokens: int = 512, temperature: float = 0.0, top_p: float | None = None,
                    top_k: int | None = None, seed: int = 0, system_prompt: str = SYSTEM_PROMPT) -> list[str]:
         """Answer several prompts in one left-padded batch; row i samples with its own generator."""
+        if len(prompts) == 0:
+            return []
         images = images if images is not None else [()] * len(prompts)
         convs = [self._conversation(p, im) for p, im in zip(prompts, images, strict=True)]
         out = [""] * len(convs)
@@ -81,13 +94,19 @@ class JanusPipeline:
 
     def _chat_stream(self, convs: list[list[Message]], *, max_new_tokens: int, temperature: float,
                      top_p: float | None, top_k: int | None, seed: int, system_prompt: str) -> Iterator[list[str]]:
+        """Encode, batch and check everything now (so chat(stream=True) raises at the call), then
+        return the lazy stream of per-row text pieces."""
         proc = self.processor
         batch = proc.batch([proc.encode_chat(c, system_prompt) for c in convs])
         gens = [row_generator(seed, i) for i in range(len(convs))]
-        decoders = [StreamDecoder(proc.tokenizer) for _ in convs]
         eos = proc.tokenizer.eos_id
-        for tok in generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
-                                 temperature=temperature, top_k=top_k, top_p=top_p, generators=gens):
+        steps = generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
+                              temperature=temperature, top_k=top_k, top_p=top_p, generators=gens)
+        return self._pieces(steps, [StreamDecoder(proc.tokenizer) for _ in convs], eos)
+
+    @staticmethod
+    def _pieces(steps: Iterator[torch.Tensor], decoders: list[StreamDecoder], eos: int) -> Iterator[list[str]]:
+        for tok in steps:
             yield [d.push(int(t)) if 0 <= int(t) != eos else "" for d, t in zip(decoders, tok)]
         yield [d.flush() for d in decoders]
 
@@ -98,6 +117,8 @@ class JanusPipeline:
                         memory_budget_gb: float = 4.0) -> ImageResult:
         """n images for one prompt (reference algorithm, default CFG 5, temperature 1).
         Images are made in chunks that fit `memory_budget_gb`; image i depends only on (seed, i)."""
+        if not 0 <= memory_budget_gb < float("inf"):  # also catches NaN
+            raise ValueError(f"memory_budget_gb must be a finite number >= 0, got {memory_budget_gb!r}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         ids = self.processor.generation_prompt(prompt)
@@ -124,12 +145,16 @@ class JanusPipeline:
         return self.model.gen_vision_model.encode(x)
 
     @torch.inference_mode()
-    def decode_image_pixels(self, tokens: torch.Tensor, batch: int = 4) -> torch.Tensor:
-        """(n, tokens_per_image) ids -> (n, 3, S, S) float pixels in about [-1, 1]."""
+    def decode_image_pixels(self, tokens: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        """(n, tokens_per_image) ids -> (n, 3, S, S) float pixels in about [-1, 1]. One image per
+        decoder call by default: conv results vary with batch size in the last bits, and uint8
+        truncation would turn that into pixels that depend on the batch (decode is <1% of the time)."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         if tokens.ndim == 1:
             tokens = tokens[None]
         n_tok, size = self.config.vq.n_tokens, self.config.vq.codebook_size
+        if tokens.ndim != 2:
+            raise ValueError(f"image tokens: expected shape (n, {n_tok}), got {tuple(tokens.shape)}")
         if tokens.shape[1] != n_tok:
             raise ValueError(f"image tokens: expected {n_tok} per image, got {tokens.shape[1]}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= size):

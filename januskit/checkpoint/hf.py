@@ -3,11 +3,12 @@
 Our modules use the official key names, so "official" is the native layout. This file holds the
 one table between the two layouts and the two tensor transforms (SigLIP's fused qkv <-> q/k/v, and
 pos_embed (1, N, C) <-> (N, C)), plus the config.json translation. The known-unused official entries
-(attention-pool head, `codebook_used`) have no HF counterpart: conversion to HF keeps them in a side
-file HF ignores, so official -> hf -> official is bit-identical.
+(attention-pool head, `codebook_used`) have no HF counterpart: conversion to HF keeps them, and the
+official config.json text, in a side file HF ignores, so official -> hf -> official is bit-identical.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from ..config import (JanusConfig, AlignerConfig, GenHeadConfig, SigLIPConfig, VQConfig, _VIT_PRESETS,
                       llama_from_hf, llama_to_hf, ConfigError)
+from .io import CheckpointError
 
 SIDE_FILE = "januskit-official-extras.safetensors"
 
@@ -114,7 +116,8 @@ def hf_to_official_plan(hf_keys: list[str], official_keys: list[str]) -> Plan:
     missing = sorted(needed - present)
     unexpected = sorted(present - needed)
     if missing or unexpected:
-        raise KeyError(f"HF checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise CheckpointError(f"HF-layout checkpoint does not match its config: missing keys ({len(missing)}) "
+                              f"{missing[:10]}, unexpected keys ({len(unexpected)}) {unexpected[:10]}")
     return plan
 
 
@@ -122,23 +125,33 @@ def hf_to_official_plan(hf_keys: list[str], official_keys: list[str]) -> Plan:
 # config.json translation
 
 def janus_to_hf_config(c: JanusConfig, image_token_id: int, pad_token_id: int | None = None,
-                       bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
-    if c.aligner.depth != c.gen_aligner.depth and c.gen_aligner.depth != 2:
-        raise ConfigError("HF Janus layout needs aligner depths it can express (vision depth, vq num_hidden_layers)")
+                       bos_token_id: int | None = None, eos_token_id: int | None = None,
+                       dtype: str = "bfloat16") -> dict[str, Any]:
+    """HF `JanusConfig` dict for `c`. Raises ConfigError for what the HF classes cannot express: HF uses
+    one `projection_dim` for the generation aligner width and the head's hidden width, ties the VQ grid
+    to the SigLIP grid (`num_patches` = image_size // patch_size) and generates `num_image_tokens`
+    (a vision field) image tokens."""
+    if c.gen_head.image_token_embed != c.gen_aligner.n_embed:
+        raise ConfigError(f"HF Janus layout: gen_head image_token_embed {c.gen_head.image_token_embed} must equal "
+                          f"the gen_aligner width {c.gen_aligner.n_embed} (HF has one vq projection_dim)")
+    if c.vq.grid != c.vision.image_size // c.vision.patch_size:
+        raise ConfigError(f"HF Janus layout: the VQ grid {c.vq.grid} must equal the SigLIP grid "
+                          f"{c.vision.image_size // c.vision.patch_size} (HF derives one from the other)")
     text = llama_to_hf(c.llm)
+    text.pop("torch_dtype", None)
     text.update(tie_word_embeddings=False, pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     return {
         "model_type": "janus",
         "architectures": ["JanusForConditionalGeneration"],
         "image_token_id": image_token_id,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
+        "dtype": dtype,
         "text_config": text,
         "vision_config": dict(hidden_size=c.vision.width, num_hidden_layers=c.vision.depth,
                               num_attention_heads=c.vision.heads, image_size=c.vision.image_size,
                               patch_size=c.vision.patch_size, mlp_ratio=c.vision.mlp_ratio,
                               projection_dim=c.aligner.n_embed, depth=c.aligner.depth,
-                              num_image_tokens=c.vision.n_tokens, hidden_act="gelu", layer_norm_eps=1e-6,
+                              num_image_tokens=c.vq.n_tokens, hidden_act="gelu", layer_norm_eps=1e-6,
                               model_type="janus_vision_model"),
         "vq_config": dict(embed_dim=c.vq.codebook_dim, num_embeddings=c.vq.codebook_size,
                           base_channels=c.vq.ch, channel_multiplier=list(c.vq.ch_mult),
@@ -149,21 +162,54 @@ def janus_to_hf_config(c: JanusConfig, image_token_id: int, pad_token_id: int | 
     }
 
 
+def hf_generation_config(boi_token_id: int, pad_token_id: int | None, bos_token_id: int | None,
+                         eos_token_id: int | None) -> dict[str, Any]:
+    """generation_config.json for an HF-layout folder: HF's image-mode `generate` reads the
+    <begin_of_image> id from `generation_kwargs` to build the unconditional CFG rows."""
+    return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+            "generation_kwargs": {"boi_token_id": boi_token_id}}
+
+
+def _text_config(t: dict[str, Any], where: str) -> dict[str, Any]:
+    """transformers >= 5 saves RoPE as `rope_parameters` (no top-level rope_theta): fold it back."""
+    t = dict(t)
+    rp = t.get("rope_parameters")
+    if rp:
+        if rp.get("rope_type", "default") != "default":
+            raise ConfigError(f"{where}: text_config.rope_parameters.rope_type {rp['rope_type']!r} is not supported "
+                              "(no Janus model uses RoPE scaling)")
+        if "rope_theta" in rp:
+            t["rope_theta"] = rp["rope_theta"]
+    hd = t.get("head_dim")
+    if hd is not None and "hidden_size" in t and "num_attention_heads" in t \
+            and hd != t["hidden_size"] // t["num_attention_heads"]:
+        raise ConfigError(f"{where}: text_config.head_dim {hd} != hidden_size / num_attention_heads")
+    return t
+
+
 def janus_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig:
     try:
         v, q, t = cfg["vision_config"], cfg["vq_config"], cfg["text_config"]
     except KeyError as e:
         raise ConfigError(f"{where}: HF Janus config lacks {e.args[0]!r}") from e
-    llm = llama_from_hf(t)
+    for name, sub in (("vision_config", v), ("vq_config", q)):
+        if sub.get("hidden_act", "gelu") != "gelu":
+            raise ConfigError(f"{where}: {name}.hidden_act {sub['hidden_act']!r} is not supported (Janus uses exact 'gelu')")
+    if v.get("use_qk_norm"):
+        raise ConfigError(f"{where}: vision_config.use_qk_norm is not supported (no Janus model uses it)")
+    llm = llama_from_hf(_text_config(t, where))
     dims = dict(width=v.get("hidden_size", 1024), layers=v.get("num_hidden_layers", 24),
                 heads=v.get("num_attention_heads", 16), patch_size=v.get("patch_size", 16),
                 mlp_ratio=float(v.get("mlp_ratio", 4.0)))
     name = next((n for n, p in _VIT_PRESETS.items() if p == dims), "januskit_vit")
     vision = SigLIPConfig(image_size=v.get("image_size", 384), model_name=name, select_layer=-1, **dims)
+    ch_mult = tuple(q.get("channel_multiplier", (1, 1, 2, 2, 4)))
+    # HF overwrites vq num_patches with the SigLIP grid; the VQ image side is that grid times the VQ factor.
+    vq_size = (vision.image_size // vision.patch_size) * 2 ** (len(ch_mult) - 1)
     vq = VQConfig(codebook_size=q.get("num_embeddings", 16384), codebook_dim=q.get("embed_dim", 8),
-                  ch=q.get("base_channels", 128), ch_mult=tuple(q.get("channel_multiplier", (1, 1, 2, 2, 4))),
+                  ch=q.get("base_channels", 128), ch_mult=ch_mult,
                   z_channels=q.get("latent_channels", 256), num_res_blocks=q.get("num_res_blocks", 2),
-                  image_size=v.get("image_size", 384))
+                  image_size=vq_size)
     return JanusConfig(
         llm=llm, vision=vision, vq=vq,
         aligner=AlignerConfig(input_dim=vision.width, n_embed=v.get("projection_dim", 2048), depth=v.get("depth", 2)),
@@ -171,3 +217,12 @@ def janus_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> Jan
                                   depth=q.get("num_hidden_layers", 2)),
         gen_head=GenHeadConfig(n_embed=q.get("image_token_embed_dim", 2048),
                                image_token_embed=q.get("projection_dim", 2048), image_token_size=vq.codebook_size))
+
+
+def same_model(a: JanusConfig, b: JanusConfig) -> bool:
+    """True when two configs build the same executed model (ignoring the ViT preset name and
+    blocks that select_layer leaves unused), i.e. what survives a trip through the HF layout."""
+    def norm(c: JanusConfig) -> JanusConfig:
+        v = dataclasses.replace(c.vision, layers=c.vision.depth, select_layer=-1, model_name="")
+        return dataclasses.replace(c, vision=v)
+    return norm(a) == norm(b)

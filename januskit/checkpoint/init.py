@@ -25,17 +25,19 @@ ARCHS = ("janus",)
 
 @torch.no_grad()
 def randomize(model: JanusModel, seed: int) -> JanusModel:
-    """Fill every parameter, in state-dict order, from one seeded generator."""
+    """Fill every parameter, in state-dict order, from one seeded generator. Matrices get std
+    1/sqrt(fan_in) so activations keep their scale through the network and outputs depend on the
+    input (at a flat std of 0.02 the heads' biases decide everything and greedy output is constant)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             p.normal_(0.0, 0.02, generator=g)
         elif p.ndim == 1:  # norm scales: around 1
             p.normal_(1.0, 0.1, generator=g)
-        elif p.ndim == 4:  # convs: variance-preserving
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+        elif isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.Embedding) or p.ndim == 3:
+            p.normal_(0.0, 1.0, generator=g)  # embedding tables, position embeddings
         else:
-            p.normal_(0.0, 0.02, generator=g)
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
     return model
 
 

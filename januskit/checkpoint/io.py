@@ -138,15 +138,16 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu") -> None:
-    """Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: rebuild them on `device`."""
+    """Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: (re)build them on
+    `device`, whether they are still on meta or were left uninitialised by `to_empty`."""
+    from ..models.llama import rope_inv_freq
+
     for mod in model.modules():
         for bname, buf in list(mod._buffers.items()):
-            if buf is not None and buf.is_meta:
-                if bname == "inv_freq":
-                    from ..models.llama import rope_inv_freq
-                    mod._buffers[bname] = rope_inv_freq(mod.config).to(device)
-                else:
-                    raise CheckpointError(f"buffer {bname!r} of {type(mod).__name__} was not loaded")
+            if bname == "inv_freq":
+                mod._buffers[bname] = rope_inv_freq(mod.config).to(device)
+            elif buf is not None and buf.is_meta:
+                raise CheckpointError(f"buffer {bname!r} of {type(mod).__name__} was not loaded")
 
 
 # ---------------------------------------------------------------------------------------------

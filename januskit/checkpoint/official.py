@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,17 +62,42 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     def skip(key: str) -> bool:  # select_layer=-2 style configs drop the last blocks' weights
         return is_unused_official(key) or any(key.startswith(p) for p in extra_blocks)
 
-    load_into(model, iter_tensors(weight_files(folder)), dtype, skip, folder)
+    entries = list(iter_tensors(weight_files(folder)))  # lazy: nothing read yet
+    load_into(model, entries, dtype, skip, folder)
     materialize_buffers(model, device)
+    # The known-unused entries stay on disk; save_janus writes them back, so load -> save is lossless.
+    model.official_extras = {k: str(f) for k, _, _, f in entries if is_unused_official(k)}
     return model.to(device).eval()
 
 
+def read_official_extras(model: JanusModel) -> dict[str, torch.Tensor]:
+    """The unused entries of the files the model was loaded from (`model.official_extras`: key -> file,
+    set by the loaders). A file that is gone is reported and its entries are left out (zeros then)."""
+    by_file: dict[str, list[str]] = {}
+    for k, f in getattr(model, "official_extras", {}).items():
+        by_file.setdefault(f, []).append(k)
+    out = {}
+    for f, keys in by_file.items():
+        try:
+            found = {k: load() for k, load, _, _ in iter_tensors([Path(f)]) if k in keys}
+        except (CheckpointError, FileNotFoundError) as e:
+            warnings.warn(f"{f}: cannot re-read the unused official entries ({e}); writing zeros instead", stacklevel=3)
+            continue
+        out.update(found)
+    return out
+
+
 def official_state(model: JanusModel, unused: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors plus the known-unused entries (given, or zeros), in the official order."""
+    """The model's tensors plus the known-unused entries, in the official order. The unused entries
+    are `unused` when given, else those the model was loaded with (`model.official_extras`, set by
+    the loaders; the attention-pool head cast to the model dtype), else zeros."""
     sd = model.state_dict()
     shapes = unused_official_shapes(model.config)
-    unused = dict(unused or {})
     dtype = next(iter(sd.values())).dtype
+    if unused is None:
+        unused = {k: t if "codebook_used" in k or not t.is_floating_point() else t.to(dtype)
+                  for k, t in read_official_extras(model).items()}
+    unused = dict(unused)
     for k, s in shapes.items():
         if k not in unused:
             unused[k] = torch.zeros(s, dtype=torch.float32 if "codebook_used" in k else dtype)
@@ -93,7 +119,8 @@ def save_janus(model: JanusModel, dst: str | Path, *, copy_from: str | Path | No
             copy_side_files(Path(copy_from), tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(model.config.to_official_dict(), indent=2) + "\n")
+        dtype = str(next(iter(model.state_dict().values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(model.config.to_official_dict(dtype), indent=2) + "\n")
         save_tensors(state, tmp)
     return dst
 

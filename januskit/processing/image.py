@@ -32,18 +32,25 @@ def load_image(src: Image.Image | str | Path | bytes) -> Image.Image:
         s = str(src)
         if s.startswith("data:"):
             name = "data URI"
-            try:
-                data = base64.b64decode(s.split(",", 1)[1], validate=True)
-            except (IndexError, ValueError) as e:
+            header, sep, payload = s.partition(",")
+            if not sep or not header.endswith(";base64"):
+                raise ImageError(f"image data URI: expected 'data:image/...;base64,<data>', got {s[:40]!r}...")
+            try:  # line breaks and spaces inside the payload are common in pasted URIs
+                data = base64.b64decode("".join(payload.split()), validate=True)
+            except ValueError as e:
                 raise ImageError(f"image data URI: not valid base64 ({e})") from e
         else:
             name = s
             p = Path(s)
+            if p.is_dir():
+                raise ImageError(f"image {s}: is a directory, not an image file")
             if not p.is_file():
                 raise ImageError(f"image {s}: file not found")
             data = p.read_bytes()
-    else:
+    elif isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
+    else:
+        raise TypeError(f"image: expected a PIL image, a path, bytes or a data URI, got {type(src).__name__}")
     if len(data) == 0:
         raise ImageError(f"image {name}: empty (0 bytes)")
     try:
@@ -79,7 +86,10 @@ class ImageTransform:
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """Square RGB image -> (3, size, size) float32, normalised."""
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy()) * self.rescale
+        # Rescale in float64 and round once to float32, as the reference's rescale does; multiplying in
+        # float32 by float32(1/255) is off by one ulp for about half of the byte values.
+        a = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        x = torch.from_numpy((a.astype(np.float64) * self.rescale).astype(np.float32))
         if self.normalize:
             mean = torch.tensor(self.mean).view(3, 1, 1)
             std = torch.tensor(self.std).view(3, 1, 1)

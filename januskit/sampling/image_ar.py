@@ -8,13 +8,14 @@ gen embedding to both rows. Prompts of different lengths are left-padded and mas
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..models.janus import JanusModel
 from ..models.llama import KVCache
-from .logits import sample
+from .logits import check_filters, check_temperature, sample
 
 
 def cfg_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,6 +43,12 @@ def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *
     """One image per prompt (repeat a prompt for several images) -> (n, n_tokens) VQ ids."""
     llm, c = model.llm, model.config
     n, n_tokens = len(prompts), c.vq.n_tokens
+    if n == 0:
+        raise ValueError("generate_image_tokens needs at least one prompt")
+    check_temperature(temperature)
+    check_filters(top_k, top_p)
+    if not math.isfinite(float(cfg_weight)):
+        raise ValueError(f"cfg_weight must be a finite number, got {cfg_weight!r}")
     ids, valid = cfg_rows(prompts, pad_id)
     L = ids.shape[1]
     if L + n_tokens > c.llm.max_seq_len:

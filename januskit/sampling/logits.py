@@ -6,6 +6,8 @@ makes a row's result independent of what else is in the batch.
 """
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -25,11 +27,42 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def _as_int(v) -> int | None:
+    """v as an int if it is integer-typed (int, numpy integer, ...), else None."""
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def check_temperature(temperature: float) -> None:
+    """Raise unless temperature is a finite number >= 0 (0 = greedy)."""
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+
+
+def check_filters(top_k: int | None, top_p: float | None) -> None:
+    """Raise unless top_k is None or an int >= 0 and top_p is None or in [0, 1] (0, 1 and None = off)."""
+    if top_k is not None and (isinstance(top_k, bool) or _as_int(top_k) is None or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None:
+        try:
+            ok = 0.0 <= float(top_p) <= 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"top_p must be None or a number in [0, 1] (0 or 1 = off), got {top_p!r}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            generators: Sequence[torch.Generator | None] | torch.Generator | None = None) -> torch.Tensor:
     """(R, V) logits -> (R,) token ids. temperature == 0 means argmax."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
+    check_filters(top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
@@ -49,5 +82,8 @@ def row_generator(seed: int, index: int) -> torch.Generator:
     """Generator for item `index` of a request seeded `seed`: independent of batch size and chunking."""
     import numpy as np
 
-    state = np.random.SeedSequence(entropy=seed, spawn_key=(index,)).generate_state(1, np.uint64)[0]
+    for what, v in (("seed", seed), ("index", index)):
+        if isinstance(v, bool) or _as_int(v) is None or v < 0:
+            raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
+    state = np.random.SeedSequence(entropy=int(seed), spawn_key=(int(index),)).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))

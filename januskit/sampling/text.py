@@ -6,6 +6,7 @@ token keep running (batch shapes stay fixed) but emit nothing more.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -13,19 +14,41 @@ import torch
 from ..models.janus import JanusModel
 from ..models.llama import KVCache
 from ..processing.chat import ChatBatch
-from .logits import sample
+from .logits import check_filters, check_temperature, sample
 
 
-@torch.inference_mode()
 def generate_text(model: JanusModel, batch: ChatBatch, *, max_new_tokens: int, stop_ids: Sequence[int],
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   generators: Sequence[torch.Generator] | torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Yield (B,) new token ids per step; a finished row yields -1. Stops when every row is done."""
+    """Yield (B,) new token ids per step; a finished row yields -1. Stops when every row is done.
+    Bad arguments and a prompt that does not fit the context raise here, not at the first next()."""
+    c = model.config.llm
+    T = batch.input_ids.shape[1]
+    if T > c.max_seq_len:
+        raise ValueError(f"prompt is {T} tokens, longer than the model context of {c.max_seq_len} tokens")
+    if T == c.max_seq_len:
+        raise ValueError(f"prompt is {T} tokens, which fills the model context of {c.max_seq_len} tokens "
+                         "and leaves no room for an answer")
+    try:
+        n_new = operator.index(max_new_tokens)
+    except TypeError:
+        n_new = -1
+    if isinstance(max_new_tokens, bool) or n_new < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_temperature(temperature)
+    check_filters(top_k, top_p)
+    return _decode(model, batch, min(n_new, c.max_seq_len - T), list(stop_ids), temperature, top_k, top_p,
+                   generators)
+
+
+@torch.inference_mode()
+def _decode(model: JanusModel, batch: ChatBatch, max_new_tokens: int, stop_ids: list[int], temperature: float,
+            top_k: int | None, top_p: float | None,
+            generators: Sequence[torch.Generator] | torch.Generator | None) -> Iterator[torch.Tensor]:
     llm, c = model.llm, model.config.llm
     B, T = batch.input_ids.shape
-    if T >= c.max_seq_len:
-        raise ValueError(f"prompt is {T} tokens, longer than the model context of {c.max_seq_len} tokens")
-    max_new_tokens = min(max_new_tokens, c.max_seq_len - T)
+    if max_new_tokens == 0:
+        return
     dtype = llm.embed_tokens.weight.dtype
     pixels = None if batch.pixel_values is None else batch.pixel_values.to(dtype)
     h = model.splice(batch.input_ids, batch.image_mask, pixels)

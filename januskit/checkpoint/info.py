@@ -1,0 +1,74 @@
+"""`januskit info`: what a checkpoint folder (or preset) holds, read from its files without loading weights."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..config import PRESET_NAMES, JanusConfig, detect_arch, janus_from_official, preset, read_config_json
+from .hf import janus_from_hf_config
+from .io import iter_tensors, weight_files
+
+_PARTS = ("vision_model", "aligner", "gen_vision_model", "gen_aligner", "gen_head", "gen_embed", "language_model")
+
+
+def _summary(c: JanusConfig) -> dict[str, Any]:
+    match = [n for n in PRESET_NAMES if preset(n) == c]
+    return {
+        "preset": "/".join(match) if match else "custom",
+        "llm": f"{c.llm.n_layers} layers, dim {c.llm.dim}, {c.llm.n_heads} heads ({c.llm.kv_heads} kv), "
+               f"ffn {c.llm.intermediate_size}, vocab {c.llm.vocab_size}, context {c.llm.max_seq_len}",
+        "understanding_encoder": f"SigLIP {c.vision.model_name}: {c.vision.depth} blocks, width {c.vision.width}, "
+                                 f"{c.vision.image_size}px -> {c.vision.n_tokens} tokens",
+        "generation_tokenizer": f"VQ: {c.vq.codebook_size} codes x {c.vq.codebook_dim}, factor {c.vq.factor}, "
+                                f"{c.vq.image_size}px -> {c.vq.n_tokens} tokens",
+    }
+
+
+def describe(model: str | Path) -> dict[str, Any]:
+    p = Path(model)
+    if not p.is_dir():
+        if str(model) in PRESET_NAMES:
+            return {"source": f"preset:{model}", "layout": "preset (random weights)", "arch": "janus",
+                    **_summary(preset(str(model)))}
+        raise FileNotFoundError(f"{model}: no such checkpoint folder, and not a preset")
+    raw = read_config_json(p / "config.json")
+    arch = detect_arch(raw, str(p / "config.json"))
+    info: dict[str, Any] = {"source": str(p), "layout": "hf" if arch == "hf-janus" else "official", "arch": arch}
+    if arch == "janus":
+        info.update(_summary(janus_from_official(raw, str(p / "config.json"))))
+    elif arch == "hf-janus":
+        info.update(_summary(janus_from_hf_config(raw, str(p / "config.json"))))
+    files = weight_files(p)
+    info["weight_files"] = ", ".join(f"{f.name} ({f.stat().st_size / 1e6:.1f} MB)" for f in files)
+    counts: Counter[str] = Counter()
+    dtypes: Counter[str] = Counter()
+    n_tensors = 0
+    for key, load, shape, f in iter_tensors(files):
+        n = 1
+        for s in shape:
+            n *= s
+        part = key.split(".")[0] if arch != "hf-janus" else ".".join(key.split(".")[:2])
+        counts[part] += n
+        n_tensors += 1
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(f), framework="pt") as h:
+                dtypes[str(h.get_slice(key).get_dtype())] += 1
+    info["tensors"] = n_tensors
+    info["parameters_millions"] = {k: round(v / 1e6, 2) for k, v in sorted(counts.items())}
+    if dtypes:
+        info["dtypes"] = dict(dtypes)
+    tok = p / "tokenizer.json"
+    if tok.is_file():
+        from ..processing.tokenizer import TextTokenizer
+        t = TextTokenizer.from_file(tok)
+        names = {"bos": "bos_id", "eos": "eos_id", "pad": "pad_id", "image": "image_id", "boi": "boi_id", "eoi": "eoi_id"}
+        ids = {}
+        for k, attr in names.items():
+            try:
+                ids[k] = getattr(t, attr)
+            except KeyError:
+                ids[k] = None
+        info["tokenizer"] = {"format": "Janus-Pro (<|User|>)" if t.is_pro_format else "Janus-1.3B (User)", **ids}
+    return info

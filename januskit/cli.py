@@ -1,0 +1,177 @@
+"""`januskit` command line: argument parsing only; the work is done by library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="checkpoint folder (official or HF layout) or preset name; default: the bundled model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute dtype (bfloat16 halves memory; float32 is the most exact on CPU)")
+
+
+def _load(args: argparse.Namespace):
+    import januskit
+
+    model = args.model
+    if model is None:
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise SystemExit("januskit: no default model is bundled with this version yet; pass --model DIR "
+                             "(e.g. one written by `januskit init DIR`)")
+        model = DEFAULT_MODEL
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        return januskit.load(model, dtype=args.dtype)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    t0 = time.perf_counter()
+    kw = dict(images=args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.json:
+        ids = pipe.chat_ids(args.prompt, **kw)
+        text, n = pipe.processor.tokenizer.decode(ids), len(ids)
+        print(json.dumps(dict(model=pipe.source, prompt=args.prompt, images=args.image, answer=text,
+                              new_tokens=n, seconds=round(time.perf_counter() - t0, 3), seed=args.seed)))
+    else:
+        for piece in pipe.chat(args.prompt, stream=True, **kw):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    pipe = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tqdm(total=args.n * pipe.config.vq.n_tokens, unit="tok", desc="image tokens", disable=args.json,
+              file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        res = pipe.generate_images(args.prompt, n=args.n, cfg=args.cfg, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress,
+                                   memory_budget_gb=args.memory_budget_gb)
+    seconds = time.perf_counter() - t0
+    files = []
+    for i, img in enumerate(res.images):
+        f = out / f"{args.prefix}{args.seed}_{i:03d}.png"
+        img.save(f)
+        files.append(str(f))
+    if args.json:
+        print(json.dumps(dict(model=pipe.source, prompt=args.prompt, n=args.n, seed=args.seed, cfg=args.cfg,
+                              temperature=args.temperature, files=files, seconds=round(seconds, 3),
+                              tokens_per_image=res.tokens.shape[1],
+                              image_tokens_per_second=round(res.tokens.numel() / seconds, 2))))
+    else:
+        print("\n".join(files))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint.convert import convert
+
+    dst = convert(args.src, args.dst, args.to, overwrite=args.overwrite)
+    print(f"wrote {args.to} layout to {dst}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    import januskit
+    from .checkpoint.init import init_checkpoint
+
+    dst = init_checkpoint(args.dir, arch=args.arch, preset_name=args.preset, seed=args.seed,
+                          dtype=januskit.resolve_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote random-weight {args.preset} checkpoint (seed {args.seed}) to {dst}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint.info import describe
+
+    info = describe(args.model)
+    print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import januskit
+
+    ap = argparse.ArgumentParser(prog="januskit", description="Janus / Janus-Pro in plain PyTorch")
+    ap.add_argument("--version", action="version", version=f"januskit {januskit.__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="answer a prompt, optionally about images")
+    _model_arg(p)
+    p.add_argument("prompt")
+    p.add_argument("--image", "-i", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the reference's default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON summary instead of streaming text")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="text-to-image with classifier-free guidance")
+    _model_arg(p)
+    p.add_argument("prompt")
+    p.add_argument("-n", type=int, default=1, help="images to generate")
+    p.add_argument("--seed", "-s", type=int, default=0)
+    p.add_argument("--out", "-o", default="out", help="folder for the PNG files")
+    p.add_argument("--prefix", default="img_", help="file name prefix")
+    p.add_argument("--cfg", type=float, default=5.0, help="guidance weight (reference default 5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = argmax")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--memory-budget-gb", type=float, default=4.0, help="images are generated in chunks that fit this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert a checkpoint folder between layouts")
+    p.add_argument("--to", required=True, choices=["hf", "official"])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("init", help="write a random-weight checkpoint folder in the official layout")
+    p.add_argument("dir")
+    p.add_argument("--arch", default="janus", choices=["janus"])
+    p.add_argument("--preset", default="tiny-janus-pro", choices=list(januskit.PRESET_NAMES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("info", help="describe a checkpoint folder or preset")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"januskit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
