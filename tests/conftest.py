@@ -5,7 +5,6 @@ Everything is session-scoped and built once in a temporary folder (about 2 MB on
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,29 +17,8 @@ PRESET = "tiny-janus-pro"
 
 @dataclass(frozen=True)
 class TinyCheckpoint:
-    official: Path  # official layout, written by init_checkpoint and then sharpened
+    official: Path  # official layout, written by init_checkpoint (variance-preserving random weights)
     hf: Path  # official_to_hf(official)
-
-
-def sharpen(folder: Path, gain: float = 1.0) -> None:
-    """Rescale every matrix of `folder`'s model.safetensors to std gain / sqrt(fan_in), in place.
-
-    init_checkpoint draws matrices with std 0.02. At width 64 that makes the tiny network almost
-    constant: the gen head's bias dominates its logits and greedy decoding emits one token 64 times,
-    so "the same greedy tokens as HF" would prove nothing. With variance-preserving matrices the
-    hidden states depend on the input and the greedy tokens vary. Norms, biases, convolutions and the
-    unused entries keep their random init values; the tensor order, dtypes and metadata are kept."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    path = folder / "model.safetensors"
-    with safe_open(str(path), framework="pt") as h:
-        meta = h.metadata()
-        tensors = {k: h.get_tensor(k) for k in h.keys()}
-    for k, t in tensors.items():
-        if t.ndim == 2 and "attn_pool" not in k:
-            tensors[k] = t * (gain / math.sqrt(t.shape[1]) / t.std().clamp(min=1e-12))
-    save_file(tensors, str(path), metadata=meta)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +28,6 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
 
     root = tmp_path_factory.mktemp("tiny-janus-pro")
     official = init_checkpoint(root / "official", preset_name=PRESET, seed=0)
-    sharpen(official)
     hf = official_to_hf(official, root / "hf")
     return TinyCheckpoint(official=Path(official), hf=Path(hf))
 
@@ -84,3 +61,13 @@ def hf_loader(tiny_ckpt: TinyCheckpoint):
         return _HF_CACHE[attn]
 
     return load
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine spinning worker threads
+    make them orders of magnitude slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

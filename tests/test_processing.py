@@ -26,16 +26,6 @@ from januskit.processing.tokenizer import (
 N_IMG = 5  # image slots per image in the processor fixtures (small, so id lists stay readable)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine spinning worker threads
-    make them orders of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pro_tok():
     return build_synthetic_tokenizer(1024, style="pro")

@@ -11,16 +11,6 @@ from januskit.models.llama import KVCache, LlamaModel
 from januskit.sampling.logits import filter_logits, row_generator, sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine spinning worker threads
-    make them orders of magnitude slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gens(seed, n):
     return [row_generator(seed, i) for i in range(n)]
 
