@@ -30,24 +30,26 @@ def randomize(model: JanusModel, seed: int) -> JanusModel:
     input (at a flat std of 0.02 the heads' biases decide everything and greedy output is constant)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
+        x = torch.empty(p.shape)  # draw in float32 whatever p's dtype: same seed, same values up to rounding
         if name.endswith("bias"):
-            p.normal_(0.0, 0.02, generator=g)
+            x.normal_(0.0, 0.02, generator=g)
         elif p.ndim == 1:  # norm scales: around 1
-            p.normal_(1.0, 0.1, generator=g)
+            x.normal_(1.0, 0.1, generator=g)
         elif isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.Embedding) or p.ndim == 3:
-            p.normal_(0.0, 1.0, generator=g)  # embedding tables, position embeddings
+            x.normal_(0.0, 1.0, generator=g)  # embedding tables, position embeddings
         else:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            x.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+        p.copy_(x)
     return model
 
 
 def random_model(c: JanusConfig, seed: int, dtype: torch.dtype = torch.float32) -> JanusModel:
     with torch.device("meta"):
-        model = JanusModel(c)
-    model.to_empty(device="cpu")
+        model = JanusModel(c).to(dtype)
+    model.to_empty(device="cpu")  # allocate once, in the target dtype (a 7B model in bf16 is 15 GB)
     materialize_buffers(model)
     randomize(model, seed)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def random_unused(c: JanusConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
