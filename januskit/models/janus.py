@@ -53,6 +53,15 @@ class JanusModel(nn.Module):
                              f"images give {feats.shape[0]} embeddings")
         return h.masked_scatter(image_mask[..., None], feats)
 
+    def mixed_embeds(self, input_ids: torch.Tensor, und_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                     gen_mask: torch.Tensor, gen_ids: torch.Tensor) -> torch.Tensor:
+        """Training inputs: text embeddings, understanding features at `und_mask` slots, and VQ-token
+        embeddings (gen_embed -> gen_aligner) of `gen_ids` at `gen_mask` slots."""
+        h = self.splice(input_ids, und_mask, pixel_values)
+        if bool(gen_mask.any()):
+            h = h.masked_scatter(gen_mask[..., None], self.gen_embeds(gen_ids[gen_mask]).to(h.dtype))
+        return h
+
     def gen_embeds(self, ids: torch.Tensor) -> torch.Tensor:
         """VQ ids (...,) -> LLM input embeddings (..., dim): the separate learned table, then the MLP."""
         return self.gen_aligner(self.gen_embed(ids))

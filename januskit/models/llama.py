@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import LlamaConfig
@@ -76,6 +77,15 @@ def attention_mask(start: int, length: int, key_valid: torch.Tensor | None) -> t
     return mask[:, None]
 
 
+def packed_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) sample index per slot (-1 = padding) -> (B, 1, T, T) causal mask that never crosses
+    sample boundaries, so a packed row computes exactly what its samples compute alone."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same | torch.eye(T, dtype=torch.bool, device=doc_ids.device))[:, None]
+
+
 def _diag(length: int, end: int, device: torch.device) -> torch.Tensor:
     d = torch.zeros(length, end, dtype=torch.bool, device=device)
     d[torch.arange(length), torch.arange(end - length, end)] = True
@@ -140,6 +150,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.n_layers)])
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
+        self.gradient_checkpointing = False  # set from outside (training); recompute each layer in backward
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 key_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,6 +164,23 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, i, cache, start, mask)
         return self.norm(h)
+
+    def forward_packed(self, h: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
+                       capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training forward over packed rows (no cache): h (B, T, dim), positions restarting at 0 per
+        sample, doc_ids (B, T) with -1 on padding. Returns the final-normed hidden states and, when
+        `capture_layer` = k, the residual stream after layer k (1-based; for feature alignment)."""
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        mask = packed_mask(doc_ids)
+        captured = None
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, i, None, 0, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, i, None, 0, mask)
+            if capture_layer == i + 1:
+                captured = h
+        return self.norm(h), captured
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,39 @@
+"""The one batch type training consumes: packed rows of mixed understanding / text / generation samples.
+
+Labels are already shifted: `text_labels[b, t]` is the token the LM head must predict from the hidden
+state at slot t (likewise `image_labels` for the gen head); -100 means no loss at that slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # (B, T) long: text ids; any id at image slots (their embedding is replaced)
+    positions: torch.Tensor  # (B, T) long: RoPE positions, restarting at 0 for every packed sample
+    doc_ids: torch.Tensor  # (B, T) long: sample index within its row, -1 on padding
+    und_mask: torch.Tensor  # (B, T) bool: slots filled by understanding features (SigLIP -> aligner)
+    pixel_values: torch.Tensor | None  # (N, 3, S, S) understanding images, in slot order
+    gen_mask: torch.Tensor  # (B, T) bool: slots whose input is a VQ token (gen_embed -> gen_aligner)
+    gen_ids: torch.Tensor  # (B, T) long: VQ ids at gen_mask slots, 0 elsewhere
+    text_labels: torch.Tensor  # (B, T) long: LM-head targets, IGNORE where no text loss
+    image_labels: torch.Tensor  # (B, T) long: gen-head targets, IGNORE where no image loss
+    kinds: torch.Tensor | None = None  # (B, T) long: 0 understanding, 1 text, 2 generation, -1 pad (metrics)
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        return TrainBatch(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                             for f in fields(self)})
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.doc_ids >= 0).sum())
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Share of slots holding real tokens (not padding)."""
+        return self.n_tokens / self.doc_ids.numel()
