@@ -1,0 +1,557 @@
+"""Training data on disk: the sample format (docs/data-format.md), its validation, and two readers.
+
+JSONL manifests are read by line offset (random access, so an epoch is one global permutation);
+WebDataset-style tar shards are read sequentially (shards permuted per epoch, samples shuffled in a
+bounded buffer). Both readers are endless, seeded iterators for one (rank, world_size) whose
+position `state_dict()` / `load_state_dict()` save and restore exactly: a resumed run yields the
+samples an uninterrupted run would. A bad sample raises `DataError` naming file:line or
+shard:member; with on_error="skip" it is logged and counted instead (`source.skipped`).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..processing.chat import Message
+from ..processing.image import ImageError, load_image
+from ..processing.tokenizer import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+KINDS = ("understanding", "text", "generation")
+KIND_CODE = {k: i for i, k in enumerate(KINDS)}  # TrainBatch.kinds values
+_FIELDS = {  # known fields each kind may carry; other known fields are an error, unknown ones are ignored
+    "understanding": {"messages", "images", "system"},
+    "text": {"messages", "text", "system"},
+    "generation": {"caption", "image", "vq_ids"},
+}
+_KNOWN = set().union(*_FIELDS.values())
+_IMAGE_MEMBER = re.compile(r"^(\d+)\.(png|jpe?g|webp|bmp|gif|tiff?)$", re.IGNORECASE)
+_LOG_FIRST, _LOG_EVERY = 20, 1000  # skip logging: every one of the first 20, then every 1000th
+
+
+class DataError(ValueError):
+    """A bad sample. `where` is "file.jsonl:LINE" or "shard.tar:MEMBER"; `reason` is the skip counter key
+    (json, kind, field, path, image, vq_ids, length, shard, empty)."""
+
+    def __init__(self, where: str, message: str, reason: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where, self.reason = where, reason
+
+
+@dataclass
+class Sample:
+    """One validated sample as read from disk (images decoded, not yet tokenised)."""
+
+    kind: str
+    key: str  # where it came from, "file.jsonl:LINE" or "shard.tar:KEY"; names the sample in errors
+    epoch: int = 0  # the pass over the data that produced it (seeds per-sample randomness such as CFG drop)
+    messages: list[Message] | None = None  # understanding / text conversation (roles user, assistant)
+    system: str | None = None  # system prompt override; None = the default
+    text: str | None = None  # text document
+    caption: str | None = None  # generation prompt
+    images: list[Image.Image] = field(default_factory=list)  # RGB, in <image_placeholder> order
+    vq_ids: list[int] | None = None  # cached VQ ids of the generation image
+
+
+# ----------------------------------------------------------------------------------- record validation
+ImageFetch = Callable[[list[str] | None, str], list[Image.Image]]  # (refs or None, field name) -> images
+
+
+def parse_record(obj: Any, where: str, fetch: ImageFetch, expect_kind: str | None = None, epoch: int = 0) -> Sample:
+    """A decoded JSON object -> Sample, or DataError naming `where`. `fetch` loads the image references."""
+    if not isinstance(obj, dict):
+        raise DataError(where, f"expected a JSON object, got {type(obj).__name__}", "json")
+    if "kind" not in obj:
+        raise DataError(where, "missing field 'kind' (understanding, text or generation)", "field")
+    kind = obj["kind"]
+    if kind not in KINDS:
+        raise DataError(where, f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}", "kind")
+    if expect_kind is not None and kind != expect_kind:
+        raise DataError(where, f"kind {kind!r} in a source of {expect_kind!r} samples", "kind")
+    extra = sorted((_KNOWN - _FIELDS[kind]) & obj.keys())
+    if extra:  # e.g. "image" on an understanding sample: almost surely a typo for "images"
+        raise DataError(where, f"field(s) {', '.join(extra)} are not used by {kind} samples "
+                               f"(allowed: {', '.join(sorted(_FIELDS[kind]))})", "field")
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(where, "'system' must be a string", "field")
+    if kind == "understanding":
+        refs = _str_list(obj, "images", where)
+        msgs = _messages(obj, where, allow_images=True)
+        images = fetch(refs, "images")
+        n_marks = sum(m.content.count(IMAGE_TOKEN) for m in msgs)
+        if n_marks == 0 and images:  # no markers: images go first in the first user turn, one per line
+            msgs[0] = Message("user", "".join(f"{IMAGE_TOKEN}\n" for _ in images) + msgs[0].content)
+        elif n_marks != len(images):
+            raise DataError(where, f"{n_marks} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)", "field")
+        return Sample(kind, where, epoch, messages=msgs, system=system, images=images)
+    if kind == "text":
+        if ("text" in obj) == ("messages" in obj):
+            raise DataError(where, "a text sample needs exactly one of 'text' (document) or 'messages' (conversation)",
+                            "field")
+        if "messages" in obj:
+            return Sample(kind, where, epoch, messages=_messages(obj, where, allow_images=False), system=system)
+        return Sample(kind, where, epoch, text=_plain(obj, "text", where))
+    caption = _plain(obj, "caption", where)
+    vq = obj.get("vq_ids")
+    if vq is not None:
+        if not isinstance(vq, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vq):
+            raise DataError(where, "'vq_ids' must be a list of integers", "vq_ids")
+        return Sample(kind, where, epoch, caption=caption, vq_ids=vq)  # cached ids: the image is not needed
+    ref = obj.get("image")
+    if ref is not None and not isinstance(ref, str):
+        raise DataError(where, "'image' must be a string (a path relative to the dataset root)", "field")
+    images = fetch(None if ref is None else [ref], "image")
+    if len(images) != 1:
+        raise DataError(where, f"a generation sample needs one image (or 'vq_ids'), found {len(images)}", "field")
+    return Sample(kind, where, epoch, caption=caption, images=images)
+
+
+def _plain(obj: dict, name: str, where: str) -> str:
+    v = obj.get(name)
+    if v is None:
+        raise DataError(where, f"missing field {name!r}", "field")
+    if not isinstance(v, str) or not v.strip():
+        raise DataError(where, f"{name!r} must be a non-empty string", "field")
+    if IMAGE_TOKEN in v:
+        raise DataError(where, f"{name!r} contains {IMAGE_TOKEN}, which only understanding messages may use", "field")
+    return v
+
+
+def _str_list(obj: dict, name: str, where: str) -> list[str] | None:
+    v = obj.get(name)
+    if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        raise DataError(where, f"{name!r} must be a list of strings", "field")
+    return v
+
+
+def _messages(obj: dict, where: str, allow_images: bool) -> list[Message]:
+    raw = obj.get("messages")
+    if raw is None:
+        raise DataError(where, "missing field 'messages'", "field")
+    if not isinstance(raw, list) or not raw:
+        raise DataError(where, "'messages' must be a non-empty list", "field")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(where, f"message {i}: expected {{\"role\": ..., \"content\": \"...\"}}", "field")
+        role, content = m.get("role"), m["content"]
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            raise DataError(where, f"message {i}: role {role!r}, expected {want!r} (turns alternate, user first)",
+                            "field")
+        if not content.strip():
+            raise DataError(where, f"message {i}: empty content", "field")
+        if IMAGE_TOKEN in content and (role == "assistant" or not allow_images):
+            where_ok = "user turns of understanding samples" if allow_images else "understanding samples"
+            raise DataError(where, f"message {i}: {IMAGE_TOKEN} is only allowed in {where_ok}", "field")
+        out.append(Message(role, content))
+    if out[-1].role != "assistant":
+        raise DataError(where, "the last message must be the assistant's (only answers carry loss)", "field")
+    return out
+
+
+def _decode(data: bytes, where: str, name: str) -> Image.Image:
+    try:
+        return load_image(data)
+    except (ImageError, Image.DecompressionBombError, ValueError) as e:
+        msg = "empty file (0 bytes)" if not data else f"not a readable image ({e})"
+        raise DataError(where, f"image {name!r}: {msg}", "image") from e
+
+
+def resolve_image_path(root: Path, ref: str, where: str) -> Path:
+    """`ref` relative to the dataset root -> its path; DataError for absolute paths, '..' and symlinks out."""
+    if not ref:
+        raise DataError(where, "empty image path", "path")
+    if PurePosixPath(ref).is_absolute() or PureWindowsPath(ref).is_absolute() or PureWindowsPath(ref).drive:
+        raise DataError(where, f"image path {ref!r} is absolute; paths must be relative to the dataset root", "path")
+    if ".." in PurePosixPath(ref.replace("\\", "/")).parts:
+        raise DataError(where, f"image path {ref!r} contains '..'; paths must stay inside the dataset root", "path")
+    path = root / ref
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(where, f"image path {ref!r} leads outside the dataset root (symlink to "
+                               f"{path.resolve()})", "path")
+    return path
+
+
+def read_image_file(root: Path, ref: str, where: str) -> Image.Image:
+    path = resolve_image_path(root, ref, where)
+    if not path.is_file():
+        raise DataError(where, f"image {ref!r} not found (looked for {path})", "image")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(where, f"image {ref!r} cannot be read ({e})", "image") from e
+    return _decode(data, where, ref)
+
+
+# ------------------------------------------------------------------------------------------- readers
+class _Source:
+    """Shared by both readers: error policy, per-sample transform, epochs, counters, common state."""
+
+    def __init__(self, *, kind: str | None, seed: int, shuffle: bool, rank: int, world_size: int, on_error: str,
+                 transform: Callable[[Sample], Any] | None, epochs: int | None) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)} or None, got {kind!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.kind, self.seed, self.shuffle, self.rank, self.world_size = kind, seed, shuffle, rank, world_size
+        self.on_error, self.transform, self.epochs = on_error, transform, epochs
+        self.epoch = 0
+        self.skipped: Counter[str] = Counter()  # reason -> bad samples skipped so far (on_error="skip")
+        self._good = 0  # samples yielded in the current epoch (an epoch with none would loop forever)
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            item = self._advance()
+            try:
+                sample = self._parse(item)
+                out = self.transform(sample) if self.transform is not None else sample
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                self._skip(e)
+                continue
+            self._good += 1
+            return out
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def _skip(self, e: DataError) -> None:
+        self.skipped[e.reason] += 1
+        n = self.n_skipped
+        if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
+            log.warning("skipping bad sample (%d skipped so far: %s): %s", n, dict(self.skipped), e)
+
+    def _end_epoch(self) -> None:
+        if self._good == 0:
+            raise DataError(self._name(), f"epoch {self.epoch} of rank {self.rank}/{self.world_size} yielded no "
+                                          f"usable sample (skipped: {dict(self.skipped)})", "empty")
+        self.epoch += 1
+        self._good = 0
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+
+    def _common_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "good": self._good, "skipped": dict(self.skipped), "seed": self.seed,
+                "shuffle": self.shuffle, "rank": self.rank, "world_size": self.world_size,
+                "fingerprint": self._fingerprint()}
+
+    def _load_common(self, st: dict[str, Any]) -> None:
+        for k in ("seed", "shuffle", "rank", "world_size", "fingerprint"):
+            if st[k] != self._common_state()[k]:
+                raise ValueError(f"{self._name()}: cannot resume: {k} was {st[k]!r} in the checkpoint, "
+                                 f"now {self._common_state()[k]!r} (the order would differ)")
+        self.epoch, self._good, self.skipped = st["epoch"], st["good"], Counter(st["skipped"])
+
+    # subclass hooks
+    def _advance(self) -> Any: ...
+    def _parse(self, item: Any) -> Sample: ...
+    def _fingerprint(self) -> Any: ...
+    def _name(self) -> str: ...
+
+
+def _jsonl_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{p}: no *.jsonl manifest in this folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such manifest file or folder")
+    return out
+
+
+class ManifestSource(_Source):
+    """Samples from JSONL manifests. `paths`: manifest files and/or folders (every *.jsonl in a folder,
+    sorted). Image paths are relative to `root`, by default the folder holding each manifest.
+    An epoch is a seeded permutation of all lines; rank r takes every world_size-th from position r."""
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], *, root: str | Path | None = None,
+                 kind: str | None = None, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 on_error: str = "raise", transform: Callable[[Sample], Any] | None = None,
+                 epochs: int | None = None) -> None:
+        super().__init__(kind=kind, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, on_error=on_error,
+                         transform=transform, epochs=epochs)
+        self.files = _jsonl_files(paths)
+        self.roots = [Path(root) if root is not None else f.parent for f in self.files]
+        file_idx, offsets, lines = [], [], []
+        for i, f in enumerate(self.files):  # index non-blank lines by byte offset: random access, small memory
+            off = 0
+            with open(f, "rb") as fh:
+                for n, line in enumerate(fh, start=1):
+                    if line.strip():
+                        file_idx.append(i), offsets.append(off), lines.append(n)
+                    off += len(line)
+        self._file = np.asarray(file_idx, dtype=np.int32)
+        self._offset = np.asarray(offsets, dtype=np.int64)
+        self._line = np.asarray(lines, dtype=np.int64)
+        if len(self) < world_size:
+            raise ValueError(f"{self._name()}: {len(self)} samples cannot be split over {world_size} ranks")
+        self.pos = 0  # index into this rank's order for the current epoch
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Samples in the manifest(s), all ranks together."""
+        return len(self._offset)
+
+    def _name(self) -> str:
+        return str(self.files[0]) + (f" (+{len(self.files) - 1} more)" if len(self.files) > 1 else "")
+
+    def _fingerprint(self) -> Any:
+        return [len(self), [f.name for f in self.files]]
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch` (the same permutation on every rank, split by stride)."""
+        if self._order_epoch != epoch:
+            n = len(self)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch, self._order = epoch, perm[self.rank::self.world_size]
+        return self._order
+
+    def _advance(self) -> int:
+        if self.pos >= len(self.order(self.epoch)):
+            self._end_epoch()
+            self.pos = 0
+        i = int(self.order(self.epoch)[self.pos])
+        self.pos += 1
+        return i
+
+    def where(self, i: int) -> str:
+        return f"{self.files[self._file[i]]}:{self._line[i]}"
+
+    def _parse(self, i: int) -> Sample:
+        where, root = self.where(i), self.roots[self._file[i]]
+        with open(self.files[self._file[i]], "rb") as fh:
+            fh.seek(int(self._offset[i]))
+            raw = fh.readline()
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(where, f"not UTF-8 ({e})", "json") from e
+        except json.JSONDecodeError as e:
+            raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "json") from e
+
+        def fetch(refs: list[str] | None, name: str) -> list[Image.Image]:
+            if refs is None and name == "image":
+                raise DataError(where, "missing field 'image' (or 'vq_ids')", "field")
+            return [read_image_file(root, r, where) for r in refs or []]
+
+        return parse_record(obj, where, fetch, self.kind, self.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._common_state(), "pos": self.pos}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self._load_common(st)
+        self.pos = st["pos"]
+
+
+def _tar_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"{p}: no *.tar shard in this folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such shard file or folder")
+    return out
+
+
+_Group = tuple[str, dict[str, tuple[str, bytes | None]]]  # (key, {suffix: (member name, data or None)})
+
+
+def _tar_groups(path: Path) -> Iterator[_Group]:
+    """Consecutive members sharing a key ("dir/000012.json", "dir/000012.0.png" -> key "dir/000012")."""
+    key, members = None, {}
+    with tarfile.open(path, "r|*") as tf:  # stream mode: one sequential pass, works on pipes too
+        for m in tf:
+            if m.isdir():
+                continue
+            folder, _, base = m.name.rpartition("/")
+            stem, _, suffix = base.partition(".")
+            k = f"{folder}/{stem}" if folder else stem
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            f = tf.extractfile(m) if m.isfile() else None
+            members[suffix] = (m.name, f.read() if f is not None else None)
+    if key is not None:
+        yield key, members
+
+
+def _buffer_shuffle(items: Iterator, rng: np.random.Generator, size: int) -> Iterator:
+    """Seeded shuffle with a bounded buffer: replaying it with the same rng gives the same order."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list = []
+    for it in items:
+        if len(buf) < size:
+            buf.append(it)
+            continue
+        j = int(rng.integers(size))
+        yield buf[j]
+        buf[j] = it
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+class TarSource(_Source):
+    """Samples from WebDataset-style tar shards (`paths`: .tar files and/or folders of them). Each epoch
+    permutes the shards and rank r reads every world_size-th; within a shard, samples pass through a
+    seeded shuffle buffer. The position (shard, samples taken) is replayed on resume without decoding."""
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], *, kind: str | None = None, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 512, rank: int = 0, world_size: int = 1,
+                 on_error: str = "raise", transform: Callable[[Sample], Any] | None = None,
+                 epochs: int | None = None) -> None:
+        super().__init__(kind=kind, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, on_error=on_error,
+                         transform=transform, epochs=epochs)
+        self.shards = _tar_files(paths)
+        if len(self.shards) < world_size:  # shard-level split: each rank needs at least one shard
+            raise ValueError(f"{len(self.shards)} tar shard(s) cannot be split over {world_size} ranks; "
+                             f"write at least {world_size} shards (or use a JSONL manifest)")
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.shard_pos, self.taken = 0, 0  # index into this rank's shard list; samples taken from that shard
+        self._stream: Iterator[_Group] | None = None
+        self._order_epoch, self._order = -1, []
+
+    def _name(self) -> str:
+        return str(self.shards[0].parent)
+
+    def _fingerprint(self) -> Any:
+        return [[s.name for s in self.shards], self.shuffle_buffer]
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """This rank's shards for `epoch` (the same permutation on every rank, split by stride)."""
+        if self._order_epoch != epoch:
+            n = len(self.shards)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch, self._order = epoch, [int(i) for i in perm[self.rank::self.world_size]]
+        return self._order
+
+    def _open(self, shard: int, skip: int) -> Iterator[_Group]:
+        rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
+        return itertools.islice(_buffer_shuffle(_tar_groups(self.shards[shard]), rng, self.shuffle_buffer), skip, None)
+
+    def _advance(self) -> tuple[Path, _Group]:
+        while True:
+            order = self.shard_order(self.epoch)
+            if self._stream is None:
+                if self.shard_pos >= len(order):
+                    self._end_epoch()
+                    self.shard_pos = self.taken = 0
+                    continue
+                self._stream = self._open(order[self.shard_pos], self.taken)
+            shard = self.shards[order[self.shard_pos]]
+            try:
+                g = next(self._stream)
+            except StopIteration:
+                g = None
+            except (tarfile.TarError, OSError, EOFError) as e:  # a truncated or corrupt shard
+                err = DataError(str(shard), f"unreadable tar shard after {self.taken} sample(s) ({e})", "shard")
+                if self.on_error == "raise":
+                    raise err from e
+                self._skip(err)
+                g = None
+            if g is None:
+                self._stream, self.shard_pos, self.taken = None, self.shard_pos + 1, 0
+                continue
+            self.taken += 1
+            return shard, g
+
+    def _parse(self, item: tuple[Path, _Group]) -> Sample:
+        shard, (key, members) = item
+        where = f"{shard}:{key}"
+        if "json" not in members:
+            raise DataError(where, f"no {key}.json member (members: {', '.join(sorted(members))})", "field")
+        name, data = members["json"]
+        jwhere = f"{shard}:{name}"
+        try:
+            obj = json.loads((data or b"").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(jwhere, f"not UTF-8 ({e})", "json") from e
+        except json.JSONDecodeError as e:
+            raise DataError(jwhere, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", "json") from e
+
+        def member(suffix: str) -> Image.Image:
+            if suffix not in members:
+                raise DataError(where, f"image member {key}.{suffix} not found in the shard", "image")
+            mname, mdata = members[suffix]
+            if mdata is None:
+                raise DataError(f"{shard}:{mname}", "not a regular file", "image")
+            return _decode(mdata, f"{shard}:{mname}", mname)
+
+        def fetch(refs: list[str] | None, name: str) -> list[Image.Image]:
+            if refs is not None:  # given as member suffixes, e.g. ["0.png", "1.jpg"]
+                return [member(r) for r in refs]
+            idx = {int(m.group(1)): s for s in members if (m := _IMAGE_MEMBER.match(s))}
+            for i in range(len(idx)):
+                if i not in idx:
+                    raise DataError(where, f"image members are not numbered 0..{len(idx) - 1}: {key}.{i}.* missing",
+                                    "image")
+            return [member(idx[i]) for i in range(len(idx))]
+
+        return parse_record(obj, jwhere, fetch, self.kind, self.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._common_state(), "shard_pos": self.shard_pos, "taken": self.taken}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self._load_common(st)
+        self.shard_pos, self.taken, self._stream = st["shard_pos"], st["taken"], None
+
+
+def open_source(paths: str | Path | Sequence[str | Path], *, root: str | Path | None = None,
+                shuffle_buffer: int = 512, **kw: Any) -> ManifestSource | TarSource:
+    """A reader for `paths`: tar shards (*.tar, or a folder of them) or JSONL manifests (*.jsonl, or a
+    folder of them); `root` applies to manifests, `shuffle_buffer` to shards. A folder holding both
+    kinds is ambiguous and refused."""
+    ps = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    tar = jsonl = False
+    for p in map(Path, ps):
+        if p.is_dir():
+            t, j = any(p.glob("*.tar")), any(p.glob("*.jsonl"))
+            if t and j:
+                raise ValueError(f"{p}: holds both *.tar shards and *.jsonl manifests; pass the files you mean")
+            tar, jsonl = tar or t, jsonl or j
+        else:
+            tar, jsonl = tar or p.suffix == ".tar", jsonl or p.suffix != ".tar"
+    if tar and jsonl:
+        raise ValueError("mixing tar shards and JSONL manifests in one source is not supported; make two sources")
+    if tar:
+        if root is not None:
+            raise ValueError("root= applies to JSONL manifests; tar shards carry their images")
+        return TarSource(ps, shuffle_buffer=shuffle_buffer, **kw)
+    return ManifestSource(ps, root=root, **kw)

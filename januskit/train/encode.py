@@ -1,0 +1,239 @@
+"""A Sample -> the token sequence the model trains on, with what carries loss (official "deepseek" format).
+
+Understanding / text conversations are rendered exactly as `Processor.render` does at inference;
+only assistant answers are targets: the tokens the model would have to produce after the inference
+prompt "...Assistant:", i.e. the answer and its closing EOS. A text document is BOS + text + EOS,
+every token after BOS a target. Generation is `Processor.generation_prompt(caption)` (ends with
+<begin_of_image>), the VQ ids in gen slots, then <end_of_image>; only the VQ ids are targets.
+Classifier-free guidance: with probability `cfg_drop` the prompt becomes inference's unconditional
+row (BOS and <begin_of_image> kept, everything between -> pad). Per-sample randomness is a hash of
+(seed, epoch, sample key), so it does not depend on worker order and needs no state to resume.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..config import VQConfig
+from ..processing.chat import SYSTEM_PROMPT, Message, Processor
+from ..processing.image import to_gen_pixels
+from .batch import IGNORE
+from .data import DataError, Sample
+
+
+@dataclass
+class EncodedSample:
+    """One tokenised sample; per-token tensors have length L (labels are unshifted: see `labels`)."""
+
+    kind: str
+    key: str
+    ids: torch.Tensor  # (L,) long; image_id at understanding and generation slots
+    text_target: torch.Tensor  # (L,) bool: this token is predicted by the LM head (from the slot before)
+    und_mask: torch.Tensor  # (L,) bool: understanding-feature slots
+    gen_mask: torch.Tensor  # (L,) bool: VQ-token slots (each one is a gen-head target)
+    gen_ids: torch.Tensor | None  # (gen_mask.sum(),) long VQ ids; None until fill_vq_ids
+    pixel_values: torch.Tensor | None  # (n_images, 3, S, S) understanding images, in slot order
+    gen_pixels: torch.Tensor | None = None  # (3, S, S) in [-1, 1], waiting for the VQ encoder
+    cfg_dropped: bool = False
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shifted (text_labels, image_labels), each (L,): slot t's target is token t+1, IGNORE if none."""
+        if bool(self.gen_mask.any()) and self.gen_ids is None:
+            raise ValueError(f"{self.key}: VQ ids not computed yet; call fill_vq_ids() before packing")
+        L = len(self)
+        text = torch.full((L,), IGNORE, dtype=torch.long)
+        text[:-1] = torch.where(self.text_target[1:], self.ids[1:], IGNORE)
+        full = torch.zeros(L, dtype=torch.long)
+        if self.gen_ids is not None:
+            full[self.gen_mask] = self.gen_ids
+        image = torch.full((L,), IGNORE, dtype=torch.long)
+        image[:-1] = torch.where(self.gen_mask[1:], full[1:], IGNORE)
+        return text, image
+
+    def truncated(self, n: int, n_und_tokens: int) -> "EncodedSample":
+        """The first n tokens. A cut inside an understanding image moves to before its <begin_of_image>
+        (and drops the image); a generation sample cannot lose VQ tokens."""
+        if len(self) <= n:
+            return self
+        if bool(self.gen_mask[n:].any()):
+            raise DataError(self.key, f"{len(self)} tokens; a generation sample cannot be truncated to {n} "
+                                      f"(its image would be cut)", "length")
+        und = self.und_mask.tolist()
+        if n > 0 and und[n - 1]:  # cut inside an image's slots: back to its first slot...
+            while n > 0 and und[n - 1]:
+                n -= 1
+            n -= 1  # ...and before the <begin_of_image> that opened it
+        elif n > 0 and und[n]:  # cut right after a <begin_of_image>
+            n -= 1
+        keep = int(self.und_mask[:n].sum()) // n_und_tokens
+        pix = self.pixel_values[:keep] if self.pixel_values is not None and keep else None
+        return replace(self, ids=self.ids[:n], text_target=self.text_target[:n], und_mask=self.und_mask[:n],
+                       gen_mask=self.gen_mask[:n], pixel_values=pix)
+
+
+def _unit(*parts: object) -> float:
+    """A reproducible uniform number in [0, 1) from its arguments (Python's hash() is salted per process)."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def first_sentence(text: str) -> str:
+    for i, ch in enumerate(text):
+        if ch in ".!?" and (i + 1 == len(text) or text[i + 1].isspace()):
+            return text[:i + 1]
+    return text
+
+
+class SampleEncoder:
+    """Callable Sample -> EncodedSample; pass it as a reader's `transform` so encoding errors (too long,
+    bad cached ids) follow the reader's on_error policy and are counted like any bad sample."""
+
+    def __init__(self, processor: Processor, vq: VQConfig, *, seed: int = 0, cfg_drop: float = 0.1,
+                 short_caption_p: float = 0.0, max_len: int | None = None, too_long: str = "error",
+                 system_prompt: str = SYSTEM_PROMPT) -> None:
+        if not 0.0 <= cfg_drop <= 1.0 or not 0.0 <= short_caption_p <= 1.0:
+            raise ValueError("cfg_drop and short_caption_p are probabilities in [0, 1]")
+        if too_long not in ("error", "truncate"):
+            raise ValueError(f"too_long must be 'error' or 'truncate', got {too_long!r}")
+        self.proc, self.vq = processor, vq
+        self.seed, self.cfg_drop, self.short_caption_p = seed, cfg_drop, short_caption_p
+        self.max_len, self.too_long, self.system_prompt = max_len, too_long, system_prompt
+        tok = processor.tokenizer
+        self.bos, self.eos, self.pad = tok.bos_id, tok.eos_id, processor.pad_id
+        self.image_id, self.boi, self.eoi = tok.image_id, tok.boi_id, tok.eoi_id
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, processor: Processor, **kw) -> "SampleEncoder":
+        return cls(processor, model.config.vq, **kw)
+
+    def __call__(self, s: Sample) -> EncodedSample:
+        if s.kind == "generation":
+            out = self.generation(s)
+        elif s.messages is not None:
+            out = self.conversation(s)
+        else:
+            out = self.document(s)
+        if self.max_len is not None and len(out) > self.max_len:
+            if self.too_long == "error":
+                raise DataError(s.key, f"{len(out)} tokens, longer than the context ({self.max_len}); set "
+                                       f"too_long='truncate' or on_error='skip' to handle it", "length")
+            out = out.truncated(self.max_len, self.proc.n_image_tokens)
+        return out
+
+    # -- understanding and text ----------------------------------------------------------------
+    def conversation_ids(self, messages: Sequence[Message], system: str) -> tuple[list[int], list[bool]]:
+        """Token ids of the rendered conversation (images not yet expanded) and the answer-token flags.
+        Each assistant turn i: its targets are the tokens after the inference prompt render(messages[:i]).
+        Segments end at an EOS (a special token), so tokenising them one by one equals tokenising the whole."""
+        tok, proc = self.proc.tokenizer, self.proc
+        ids, target, done = [self.bos], [False], ""
+        for i in range(1, len(messages), 2):
+            prompt, full = proc.render(messages[:i], system), proc.render(messages[:i + 1], system)
+            if not (prompt.startswith(done) and full.startswith(prompt)):  # render must grow by appending
+                raise AssertionError("Processor.render is not prefix-stable; answer masking would be wrong")
+            p = tok.encode(prompt[len(done):], add_bos=False)
+            f = tok.encode(full[len(done):], add_bos=False)
+            k = next((j for j, (a, b) in enumerate(zip(p, f)) if a != b), min(len(p), len(f)))
+            ids += f
+            target += [False] * k + [True] * (len(f) - k)
+            done = full
+        return ids, target
+
+    def conversation(self, s: Sample) -> EncodedSample:
+        system = self.system_prompt if s.system is None else s.system
+        ids, target = self.conversation_ids(s.messages, system)
+        n = self.proc.n_image_tokens
+        out_ids, out_tgt, und = [], [], []
+        for t, g in zip(ids, target):  # expand each marker to <begin_of_image> + n slots + <end_of_image>
+            if t == self.image_id:
+                out_ids += [self.boi] + [self.image_id] * n + [self.eoi]
+                out_tgt += [False] * (n + 2)
+                und += [False] + [True] * n + [False]
+            else:
+                out_ids.append(t), out_tgt.append(g), und.append(False)
+        n_images = sum(und) // n if n else 0
+        if n_images != len(s.images):
+            raise DataError(s.key, f"{n_images} image slot(s) after tokenising but {len(s.images)} image(s)", "field")
+        pix = torch.stack([self.proc.transform(im) for im in s.images]) if s.images else None
+        L = len(out_ids)
+        return EncodedSample(s.kind, s.key, torch.tensor(out_ids), torch.tensor(out_tgt), torch.tensor(und),
+                             torch.zeros(L, dtype=torch.bool), None, pix)
+
+    def document(self, s: Sample) -> EncodedSample:
+        ids = self.proc.tokenizer.encode(s.text) + [self.eos]  # EOS ends the document, as in pretraining
+        L = len(ids)
+        target = torch.ones(L, dtype=torch.bool)
+        target[0] = False  # BOS is given, never predicted
+        no = torch.zeros(L, dtype=torch.bool)
+        return EncodedSample(s.kind, s.key, torch.tensor(ids), target, no, no.clone(), None, None)
+
+    # -- generation ------------------------------------------------------------------------------
+    def cfg_dropped(self, key: str, epoch: int) -> bool:
+        return self.cfg_drop > 0 and _unit(self.seed, "cfg", epoch, key) < self.cfg_drop
+
+    def generation_prompt(self, s: Sample) -> tuple[list[int], bool]:
+        caption = s.caption
+        if self.short_caption_p > 0 and _unit(self.seed, "short", s.epoch, s.key) < self.short_caption_p:
+            caption = first_sentence(caption)  # Janus: sometimes only the first sentence, for short prompts
+        ids = self.proc.generation_prompt(caption)
+        dropped = self.cfg_dropped(s.key, s.epoch)
+        if dropped:  # the unconditional row inference builds (sampling.image_ar.cfg_rows)
+            ids = [ids[0]] + [self.pad] * (len(ids) - 2) + [ids[-1]]
+        return ids, dropped
+
+    def generation(self, s: Sample) -> EncodedSample:
+        n = self.vq.n_tokens
+        prompt, dropped = self.generation_prompt(s)
+        gen_ids, pixels = None, None
+        if s.vq_ids is not None:
+            gen_ids = check_vq_ids(torch.tensor(s.vq_ids, dtype=torch.long), n, self.vq.codebook_size, s.key)
+        else:
+            pixels = to_gen_pixels(s.images[0], self.vq.image_size)  # short side resize, centre crop, [-1, 1]
+        P = len(prompt)
+        ids = torch.tensor(prompt + [self.image_id] * n + [self.eoi])
+        gen_mask = torch.zeros(P + n + 1, dtype=torch.bool)
+        gen_mask[P:P + n] = True
+        no = torch.zeros(P + n + 1, dtype=torch.bool)
+        return EncodedSample(s.kind, s.key, ids, no, no.clone(), gen_mask, gen_ids, None, pixels, dropped)
+
+
+def check_vq_ids(ids: torch.Tensor, n_tokens: int, codebook_size: int, where: str) -> torch.Tensor:
+    if ids.ndim != 1 or ids.shape[0] != n_tokens:
+        raise DataError(where, f"vq_ids: expected {n_tokens} ids per image, got {tuple(ids.shape)}", "vq_ids")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= codebook_size):
+        raise DataError(where, f"vq_ids: ids must be in [0, {codebook_size}), got [{int(ids.min())}, "
+                               f"{int(ids.max())}]", "vq_ids")
+    return ids
+
+
+def vq_tokenizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`tokenize_images` for the model's frozen VQ encoder: (N, 3, S, S) in [-1, 1] -> (N, n_tokens) ids."""
+    vq = model.gen_vision_model
+
+    @torch.no_grad()
+    def tokenize(pixels: torch.Tensor) -> torch.Tensor:
+        w = vq.quant_conv.weight
+        return vq.encode(pixels.to(w.device, w.dtype))
+
+    return tokenize
+
+
+def fill_vq_ids(samples: Sequence[EncodedSample], tokenize_images: Callable[[torch.Tensor], torch.Tensor] | None,
+                codebook_size: int | None = None) -> int:
+    """Compute the missing VQ ids of generation samples in one batched call; returns how many images."""
+    todo = [s for s in samples if s.gen_ids is None and bool(s.gen_mask.any())]
+    if not todo:
+        return 0
+    if tokenize_images is None:
+        raise ValueError(f"{todo[0].key}: generation sample without cached vq_ids and no tokenize_images given")
+    ids = torch.as_tensor(tokenize_images(torch.stack([s.gen_pixels for s in todo]))).to("cpu", torch.long)
+    for s, row in zip(todo, ids.reshape(len(todo), -1), strict=True):
+        s.gen_ids = check_vq_ids(row.clone(), int(s.gen_mask.sum()), codebook_size or 2**62, s.key)
+        s.gen_pixels = None
+    return len(todo)

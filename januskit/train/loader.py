@@ -1,0 +1,122 @@
+"""The data side in one iterator: mixer -> VQ ids -> packed TrainBatch, with one resumable state.
+
+`state_dict()` is the state after the last batch handed out, so a checkpoint taken after step s
+resumes at step s+1 exactly, even with prefetching (a background thread reads, decodes and
+tokenises the next steps; VQ encoding runs in the caller's thread, on the model's device).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..processing.chat import SYSTEM_PROMPT, Processor
+from ..processing.image import ImageTransform
+from .batch import TrainBatch
+from .data import KINDS, open_source
+from .encode import EncodedSample, SampleEncoder, fill_vq_ids, vq_tokenizer
+from .mixing import Mixer
+from .packing import pack
+
+
+class TrainData:
+    """Endless iterator of this rank's whole-step TrainBatch (`per_step`: the trainer splits the rows
+    into micro-batches)."""
+
+    per_step = True
+    def __init__(self, mixer: Mixer, context_len: int, *, pad_id: int,
+                 tokenize_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 codebook_size: int | None = None, prefetch: int = 0) -> None:
+        self.mixer, self.context_len, self.pad_id = mixer, context_len, pad_id
+        self.tokenize_images, self.codebook_size = tokenize_images, codebook_size
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="januskit-data") if prefetch > 0 else None
+        self._pending: list[Future] = []
+        self._state = copy.deepcopy(mixer.state_dict())
+        self.last: dict[str, Any] = {}  # stats of the last batch: samples per kind, rows, packing efficiency
+
+    def _produce(self) -> tuple[list[EncodedSample], dict[str, Any]]:
+        items = next(self.mixer)
+        return items, copy.deepcopy(self.mixer.state_dict())
+
+    def __iter__(self) -> "TrainData":
+        return self
+
+    def __next__(self) -> TrainBatch:
+        if self._pool is None:
+            items, state = self._produce()
+        else:
+            while len(self._pending) < self.prefetch + 1:
+                self._pending.append(self._pool.submit(self._produce))
+            items, state = self._pending.pop(0).result()
+        fill_vq_ids(items, self.tokenize_images, self.codebook_size)
+        batch = pack(items, self.context_len, pad_id=self.pad_id)
+        self._state = state
+        kinds = [s.kind for s in items]
+        self.last = {"samples": {k: kinds.count(k) for k in dict.fromkeys(kinds)}, "rows": batch.input_ids.shape[0],
+                     "packing_efficiency": batch.packing_efficiency,
+                     "cfg_dropped": sum(s.cfg_dropped for s in items)}
+        return batch
+
+    def _drain(self) -> None:
+        for f in self._pending:  # let in-flight reads finish before touching the sources
+            f.exception()
+        self._pending.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self._drain()
+        self.mixer.load_state_dict(st)
+        self._state = copy.deepcopy(st)
+
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Bad samples skipped so far, per source kind and reason (as of the last batch handed out)."""
+        return {k: dict(s.get("skipped", {})) for k, s in self._state["sources"].items()}
+
+    def close(self) -> None:
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def processor_for(source: str | Path, config: Any) -> Processor:
+    """The processor of a model source: a checkpoint folder (its tokenizer.json) or a preset name."""
+    if Path(source).is_dir():
+        return Processor.from_folder(source, config.vision.image_size, config.vision.n_tokens)
+    from ..checkpoint.init import synthetic_tokenizer  # presets carry a synthetic tokenizer
+
+    return Processor(synthetic_tokenizer(str(source), config), ImageTransform(size=config.vision.image_size),
+                     config.vision.n_tokens)
+
+
+def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: Any = None, cfg_drop: float = 0.1,
+          short_caption_p: float = 0.0, on_error: str = "raise", too_long: str = "error", shuffle: bool = True,
+          shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str = SYSTEM_PROMPT) -> TrainData:
+    """Data builder for `[data] builder = "januskit.train.loader:build"` (ctx: train.config.DataContext).
+    Each of understanding / text / generation is a path or list of paths (JSONL manifests, tar shards or
+    folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere."""
+    c = ctx.model_config
+    proc = processor_for(ctx.source, c)
+    enc = SampleEncoder(proc, c.vq, seed=ctx.seed, cfg_drop=cfg_drop, short_caption_p=short_caption_p,
+                        max_len=ctx.seq_len, too_long=too_long, system_prompt=system_prompt)
+    sources = {}
+    for k, (kind, spec) in enumerate(zip(KINDS, (understanding, text, generation))):
+        if spec is None:
+            continue
+        opts = dict(spec) if isinstance(spec, dict) else {"paths": spec}
+        paths = opts.pop("paths", None)
+        if paths is None:
+            raise ValueError(f"[data] {kind}: a table needs 'paths' (and optionally 'root')")
+        kw = dict(kind=kind, seed=ctx.seed * len(KINDS) + k, shuffle=shuffle, rank=ctx.rank, world_size=ctx.world,
+                  on_error=on_error, transform=enc)
+        sources[kind] = open_source(paths, **{"shuffle_buffer": shuffle_buffer, **kw, **opts})
+    mixer = Mixer(sources, ctx.ratio, ctx.batch_size, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world)
+    model = getattr(ctx, "model", None)
+    return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, codebook_size=c.vq.codebook_size,
+                     tokenize_images=vq_tokenizer(model) if model is not None else None)

@@ -1,0 +1,108 @@
+"""A step's encoded samples -> one TrainBatch of packed rows (sequence packing, Janus §2.2).
+
+First-fit decreasing: samples, longest first, go into the first row with room; a row is `context_len`
+slots. Positions restart at 0 for every sample and doc_ids number the samples within a row, so the
+packed attention mask (models.llama.packed_mask) makes each sample see only itself: a packed row
+computes exactly what its samples compute alone. Labels are shifted within each sample, so no
+sample ever predicts the next sample's first token.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .batch import IGNORE, TrainBatch
+from .data import KIND_CODE, DataError
+from .encode import EncodedSample
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of total length <= capacity (first-fit decreasing, stable)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([]), room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def pack(samples: Sequence[EncodedSample], context_len: int, *, pad_id: int = 0, too_long: str = "error",
+         n_und_tokens: int | None = None) -> TrainBatch:
+    """Packed TrainBatch of shape (rows, context_len). A sample longer than context_len raises DataError
+    naming it, or with too_long="truncate" is cut (needs n_und_tokens, the slots per understanding image)."""
+    if not samples:
+        raise ValueError("pack: no samples")
+    fitted = []
+    for s in samples:
+        if len(s) > context_len:
+            if too_long != "truncate":
+                raise DataError(s.key, f"{s.kind} sample of {len(s)} tokens does not fit the context "
+                                       f"({context_len}); truncate it or drop it upstream", "length")
+            if n_und_tokens is None:
+                raise ValueError("pack(too_long='truncate') needs n_und_tokens")
+            s = s.truncated(context_len, n_und_tokens)
+        fitted.append(s)
+    rows = first_fit([len(s) for s in fitted], context_len)
+    return _batch([[fitted[i] for i in row] for row in rows], context_len, pad_id)
+
+
+def unpacked(samples: Sequence[EncodedSample], *, pad_id: int = 0) -> TrainBatch:
+    """One row per sample (right-padded to the longest), in order: the reference packing must equal."""
+    return _batch([[s] for s in samples], max(len(s) for s in samples), pad_id)
+
+
+def _batch(rows: list[list[EncodedSample]], T: int, pad_id: int) -> TrainBatch:
+    B = len(rows)
+    long = dict(dtype=torch.long)
+    input_ids = torch.full((B, T), pad_id, **long)
+    positions = torch.zeros((B, T), **long)
+    doc_ids = torch.full((B, T), -1, **long)
+    kinds = torch.full((B, T), -1, **long)
+    und_mask = torch.zeros((B, T), dtype=torch.bool)
+    gen_mask = torch.zeros((B, T), dtype=torch.bool)
+    gen_ids = torch.zeros((B, T), **long)
+    text_labels = torch.full((B, T), IGNORE, **long)
+    image_labels = torch.full((B, T), IGNORE, **long)
+    pixels = []
+    for b, row in enumerate(rows):
+        t = 0
+        for d, s in enumerate(row):
+            L = len(s)
+            sl = slice(t, t + L)
+            input_ids[b, sl] = s.ids
+            positions[b, sl] = torch.arange(L)
+            doc_ids[b, sl] = d
+            kinds[b, sl] = KIND_CODE[s.kind]
+            und_mask[b, sl] = s.und_mask
+            gen_mask[b, sl] = s.gen_mask
+            text_labels[b, sl], image_labels[b, sl] = s.labels()  # raises if VQ ids are still missing
+            if s.gen_ids is not None:
+                gen_ids[b, sl][s.gen_mask] = s.gen_ids
+            if s.pixel_values is not None:
+                pixels.append(s.pixel_values)  # row-major slot order, as masked_scatter fills und_mask
+            t += L
+    return TrainBatch(input_ids=input_ids, positions=positions, doc_ids=doc_ids, und_mask=und_mask,
+                      pixel_values=torch.cat(pixels) if pixels else None, gen_mask=gen_mask, gen_ids=gen_ids,
+                      text_labels=text_labels, image_labels=image_labels, kinds=kinds)
+
+
+def split_rows(batch: TrainBatch, rows: int, n_und_tokens: int) -> list[TrainBatch]:
+    """Micro-batches of at most `rows` rows (gradient accumulation), each with its own images."""
+    per_row = (batch.und_mask.sum(1) // n_und_tokens).tolist()
+    out, img = [], 0
+    for r in range(0, batch.input_ids.shape[0], rows):
+        n = int(sum(per_row[r:r + rows]))
+        pix = batch.pixel_values[img:img + n] if n else None
+        img += n
+        sl = slice(r, r + rows)
+        out.append(TrainBatch(input_ids=batch.input_ids[sl], positions=batch.positions[sl], doc_ids=batch.doc_ids[sl],
+                              und_mask=batch.und_mask[sl], pixel_values=pix, gen_mask=batch.gen_mask[sl],
+                              gen_ids=batch.gen_ids[sl], text_labels=batch.text_labels[sl],
+                              image_labels=batch.image_labels[sl],
+                              kinds=None if batch.kinds is None else batch.kinds[sl]))
+    return out

@@ -1,0 +1,692 @@
+"""Training data: on-disk format and validation, answer-only masking, generation sequences and CFG drop,
+per-step ratio mixing, deterministic shuffling with exact resume, rank sharding, packing (packed forward
+equals each sample alone), VQ id caching. Tiny preset, CPU, built in tmp folders."""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from januskit.checkpoint.init import preset_pipeline_parts
+from januskit.pipeline import JanusPipeline
+from januskit.processing.chat import SYSTEM_PROMPT, Message
+from januskit.processing.image import to_gen_pixels
+from januskit.sampling.image_ar import cfg_rows
+from januskit.train.batch import IGNORE
+from januskit.train.data import DataError, ManifestSource, Sample, TarSource, open_source
+from januskit.train.encode import SampleEncoder, fill_vq_ids, vq_tokenizer
+from januskit.train.loader import TrainData
+from januskit.train.mixing import Mixer, allocate
+from januskit.train.packing import first_fit, pack, split_rows, unpacked
+from januskit.train.vq_cache import cache_vq_ids
+
+N_UND, N_TEXT, N_GEN = 12, 6, 10
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model, proc = preset_pipeline_parts("tiny-janus-pro", seed=0)
+    return model, proc
+
+
+@pytest.fixture(scope="module")
+def encoder(parts):
+    model, proc = parts
+    return SampleEncoder.for_model(model, proc, seed=0, cfg_drop=0.0)
+
+
+def noise_png(path: Path, w: int, h: int, seed: int) -> bytes:
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def records(n_und: int = N_UND, n_text: int = N_TEXT, n_gen: int = N_GEN) -> dict[str, list[dict]]:
+    """JSONL-form records per kind; every sample's text is unique (it identifies the sample)."""
+    und = []
+    for i in range(n_und):
+        if i % 3 == 0:  # two images, two turns
+            msgs = [{"role": "user", "content": f"<image_placeholder> and <image_placeholder>: compare {i}."},
+                    {"role": "assistant", "content": f"The first is redder, case {i}."},
+                    {"role": "user", "content": "Which is larger?"},
+                    {"role": "assistant", "content": "The second one."}]
+            images = [f"img/u{i}a.png", f"img/u{i}b.png"]
+        elif i % 3 == 1:  # no marker: the image goes first
+            msgs = [{"role": "user", "content": f"Describe the image in detail. ({i})"},
+                    {"role": "assistant", "content": f"A noisy square number {i}."}]
+            images = [f"img/u{i}a.png"]
+        else:
+            msgs = [{"role": "user", "content": f"<image_placeholder>\nWhat colour is sample {i}?"},
+                    {"role": "assistant", "content": f"It is mostly grey, {i}."}]
+            images = [f"img/u{i}a.png"]
+        und.append({"kind": "understanding", "messages": msgs, "images": images, "id": f"u{i}"})
+    text = []
+    for i in range(n_text):
+        if i % 2:
+            text.append({"kind": "text", "id": f"t{i}", "messages": [
+                {"role": "user", "content": f"What is {i} plus 30?"}, {"role": "assistant", "content": f"{i + 30}."}]})
+        else:
+            text.append({"kind": "text", "id": f"t{i}", "text": f"The horizon divides the image, document {i}."})
+    gen = [{"kind": "generation", "id": f"g{i}", "image": f"img/g{i}.png",
+            "caption": f"A red circle above a blue square, number {i}. Soft light."} for i in range(n_gen)]
+    return {"understanding": und, "text": text, "generation": gen}
+
+
+def write_jsonl(root: Path, recs: list[dict], name: str = "data.jsonl") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for r in recs:
+        for j, p in enumerate(r.get("images", []) + ([r["image"]] if "image" in r else [])):
+            if not (root / p).exists():
+                noise_png(root / p, 24 + 9 * j + 2 * len(p), 30 + 3 * len(p), seed=sum(map(ord, p)))
+    path = root / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def write_tars(src_root: Path, recs: list[dict], dst: Path, n_shards: int) -> list[Path]:
+    """The same samples as WebDataset shards: key.json (no image fields) + key.<i>.png members."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(n_shards):
+        path = dst / f"shard-{s:03d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(s, len(recs), n_shards):
+                r = dict(recs[i])
+                refs = r.pop("images", []) + ([r.pop("image")] if "image" in r else [])
+                add_member(tf, f"{i:06d}.json", json.dumps(r).encode())
+                for j, ref in enumerate(refs):
+                    add_member(tf, f"{i:06d}.{j}.png", (src_root / ref).read_bytes())
+        shards.append(path)
+    return shards
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """{"jsonl": {kind: manifest folder}, "tar": {kind: shard folder}}."""
+    base = tmp_path_factory.mktemp("data")
+    out: dict[str, dict[str, Path]] = {"jsonl": {}, "tar": {}}
+    for kind, recs in records().items():
+        root = base / "jsonl" / kind
+        write_jsonl(root, recs)
+        write_tars(root, recs, base / "tar" / kind, n_shards=4 if kind != "text" else 3)
+        out["jsonl"][kind], out["tar"][kind] = root, base / "tar" / kind
+    return out
+
+
+def ident(s) -> str:
+    """A sample's identity independent of file format: its unique text."""
+    if s.messages is not None:
+        return s.messages[0].content
+    return s.text if s.text is not None else s.caption
+
+
+def answers_of(msgs: list[Message]) -> list[str]:
+    return [m.content for m in msgs if m.role == "assistant"]
+
+
+# ------------------------------------------------------------------------------------------------- format
+
+
+def test_jsonl_and_tar_hold_the_same_samples(dataset):
+    for kind in ("understanding", "text", "generation"):
+        a = list(ManifestSource(dataset["jsonl"][kind], kind=kind, shuffle=False, epochs=1))
+        b = list(TarSource(dataset["tar"][kind], kind=kind, shuffle=False, epochs=1))
+        assert len(a) == len(b) == len(records()[kind])
+        by_id = {ident(s): s for s in b}
+        assert set(by_id) == {ident(s) for s in a}
+        for s in a:
+            t = by_id[ident(s)]
+            assert s.kind == t.kind == kind
+            assert [(m.role, m.content) for m in s.messages or []] == [(m.role, m.content) for m in t.messages or []]
+            assert (s.text, s.caption) == (t.text, t.caption)
+            assert len(s.images) == len(t.images)
+            for x, y in zip(s.images, t.images):
+                assert np.array_equal(np.asarray(x), np.asarray(y))
+        assert a[0].key.endswith("data.jsonl:1") and ".tar:" in b[0].key
+
+
+def test_open_source_picks_the_reader(dataset):
+    assert isinstance(open_source(dataset["jsonl"]["text"]), ManifestSource)
+    assert isinstance(open_source(dataset["tar"]["text"]), TarSource)
+
+
+# ------------------------------------------------------------------------------------------ token sequences
+
+
+def expected_targets(proc, msgs: list[Message], images, system=SYSTEM_PROMPT) -> tuple[list[int], set[int]]:
+    """Inference's view: the ids of the whole chat, and for each assistant turn the positions after the
+    prompt `...Assistant:` that inference would give the model (Processor.encode_chat on the prefix)."""
+    full = proc.encode_chat(msgs_with_images(msgs, images), system).ids
+    targets: set[int] = set()
+    for i in range(1, len(msgs), 2):
+        prompt = proc.encode_chat(msgs_with_images(msgs[:i], images), system).ids
+        upto = proc.encode_chat(msgs_with_images(msgs[:i + 1], images), system).ids
+        assert full[:len(upto)] == upto and upto[:len(prompt)] == prompt
+        targets |= set(range(len(prompt), len(upto)))
+    return full, targets
+
+
+def msgs_with_images(msgs: list[Message], images) -> list[Message]:
+    out, k = [], 0
+    for m in msgs:
+        n = m.content.count("<image_placeholder>")
+        out.append(Message(m.role, m.content, list(images[k:k + n])))
+        k += n
+    return out
+
+
+def test_understanding_loss_only_on_answers_token_by_token(dataset, encoder, parts):
+    _, proc = parts
+    tok = proc.tokenizer
+    src = ManifestSource(dataset["jsonl"]["understanding"], shuffle=False, epochs=1)
+    checked = 0
+    for s in src:
+        e = encoder(s)
+        ids, targets = expected_targets(proc, s.messages, s.images)
+        assert e.ids.tolist() == ids  # exactly what inference feeds the model
+        got = set(torch.nonzero(e.text_target).flatten().tolist())
+        assert got == targets
+        # the targets, turn by turn, decode to " answer<EOS>" and nothing else
+        spans = [list(g) for k, g in itertools.groupby(range(len(ids)), key=lambda t: t in got) if k]
+        assert len(spans) == len(answers_of(s.messages))
+        for span, ans in zip(spans, answers_of(s.messages)):
+            assert ids[span[-1]] == tok.eos_id
+            assert tok.decode([ids[t] for t in span], skip_special_tokens=False) == f" {ans}<｜end▁of▁sentence｜>"
+            assert tok.decode([ids[span[0] - 1]], skip_special_tokens=False) == ":"  # after "<|Assistant|>:"
+        # shifted labels: slot t predicts token t+1 exactly where t+1 is a target
+        text_labels, image_labels = e.labels()
+        for t in range(len(ids) - 1):
+            assert text_labels[t] == (ids[t + 1] if t + 1 in targets else IGNORE)
+        assert text_labels[-1] == IGNORE and bool((image_labels == IGNORE).all())
+        # image slots and pixels
+        n = proc.n_image_tokens
+        assert int(e.und_mask.sum()) == n * len(s.images) and not bool((e.und_mask & e.text_target).any())
+        assert bool((e.ids[e.und_mask] == tok.image_id).all())
+        assert torch.equal(e.pixel_values, torch.stack([proc.transform(im) for im in s.images]))
+        checked += 1
+    assert checked == N_UND
+
+
+def test_text_document_and_conversation_labels(dataset, encoder, parts):
+    _, proc = parts
+    tok = proc.tokenizer
+    for s in ManifestSource(dataset["jsonl"]["text"], shuffle=False, epochs=1):
+        e = encoder(s)
+        assert not bool(e.und_mask.any() or e.gen_mask.any()) and e.pixel_values is None
+        if s.text is not None:  # document: BOS + text + EOS, loss on every token after BOS
+            assert e.ids.tolist() == tok.encode(s.text) + [tok.eos_id]
+            assert e.text_target.tolist() == [False] + [True] * (len(e) - 1)
+            text_labels, _ = e.labels()
+            assert text_labels[:-1].tolist() == e.ids[1:].tolist()
+        else:  # conversation: default system prompt, answers only
+            ids, targets = expected_targets(proc, s.messages, [])
+            assert e.ids.tolist() == ids
+            assert set(torch.nonzero(e.text_target).flatten().tolist()) == targets
+            assert proc.tokenizer.decode(e.ids[e.text_target].tolist(), skip_special_tokens=False) == \
+                f" {answers_of(s.messages)[0]}<｜end▁of▁sentence｜>"
+
+
+def test_generation_sequence_labels_are_the_vq_ids(dataset, parts):
+    model, proc = parts
+    enc = SampleEncoder.for_model(model, proc, cfg_drop=0.0)
+    n = model.config.vq.n_tokens
+    s = next(ManifestSource(dataset["jsonl"]["generation"], shuffle=False))
+    e = enc(s)
+    assert e.gen_ids is None and e.gen_pixels is not None  # no cache: computed on the fly, batched
+    assert fill_vq_ids([e], vq_tokenizer(model), model.config.vq.codebook_size) == 1
+    want = model.gen_vision_model.encode(to_gen_pixels(s.images[0], model.config.vq.image_size)[None])[0]
+    assert torch.equal(e.gen_ids, want)
+    assert torch.equal(e.gen_ids, JanusPipeline(model, proc).encode_image_tokens(s.images[0])[0])
+    prompt = proc.generation_prompt(s.caption)
+    P = len(prompt)
+    assert e.ids[:P].tolist() == prompt and prompt[-1] == proc.tokenizer.boi_id
+    assert e.gen_mask.tolist() == [False] * P + [True] * n + [False]
+    assert int(e.ids[-1]) == proc.tokenizer.eoi_id and len(e) == P + n + 1
+    text_labels, image_labels = e.labels()
+    assert bool((text_labels == IGNORE).all())  # no text loss on generation samples
+    # token k is predicted from slot k-1; the first from the <begin_of_image> slot (P-1); EOI is not a target
+    assert image_labels[P - 1:P - 1 + n].tolist() == want.tolist()
+    mask = torch.ones(len(e), dtype=torch.bool)
+    mask[P - 1:P - 1 + n] = False
+    assert bool((image_labels[mask] == IGNORE).all())
+    # cached ids give the same sequence
+    cached = enc(Sample("generation", s.key, caption=s.caption, vq_ids=want.tolist()))
+    assert torch.equal(cached.ids, e.ids) and torch.equal(cached.labels()[1], image_labels)
+
+
+def test_cfg_drop_rate_is_seeded_and_rows_match_inference(parts):
+    model, proc = parts
+    n = model.config.vq.n_tokens
+    caption = "A red circle above a blue square."
+    prompt = proc.generation_prompt(caption)
+    uncond = cfg_rows([prompt], proc.pad_id)[0][1].tolist()  # what inference feeds the unconditional row
+    ids = list(range(n))
+
+    def decisions(seed: int) -> list[bool]:
+        enc = SampleEncoder.for_model(model, proc, seed=seed)  # default cfg_drop 0.1
+        out = []
+        for i in range(2000):
+            e = enc(Sample("generation", f"gen.jsonl:{i % 500}", epoch=i // 500, caption=caption, vq_ids=ids))
+            assert e.ids[:len(prompt)].tolist() == (uncond if e.cfg_dropped else prompt)
+            assert e.gen_ids.tolist() == ids  # the image targets never change
+            out.append(e.cfg_dropped)
+        return out
+
+    a = decisions(0)
+    assert 0.08 <= sum(a) / len(a) <= 0.12
+    assert decisions(0) == a  # deterministic
+    assert decisions(1) != a  # and seeded
+    assert uncond[0] == prompt[0] == proc.tokenizer.bos_id and uncond[-1] == proc.tokenizer.boi_id
+    assert set(uncond[1:-1]) == {proc.pad_id}
+
+
+# ------------------------------------------------------------------------------------------------ mixing
+
+
+class Counting:
+    """A minimal source: yields (kind, i) forever, with a resumable position."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.i = kind, 0
+
+    def __next__(self):
+        self.i += 1
+        return (self.kind, self.i - 1)
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, st):
+        self.i = st["i"]
+
+
+def counting_sources(kinds=("understanding", "text", "generation")):
+    return {k: Counting(k) for k in kinds}
+
+
+def test_mixer_exact_proportions_every_step():
+    m = Mixer(counting_sources(), (5, 1, 4), batch_size=10, seed=0)
+    for _ in range(50):
+        kinds = [k for k, _ in next(m)]
+        assert (kinds.count("understanding"), kinds.count("text"), kinds.count("generation")) == (5, 1, 4)
+    m = Mixer(counting_sources(), (5, 1, 4), batch_size=16, seed=0)
+    total = np.zeros(3)
+    for step in range(1, 201):
+        kinds = [k for k, _ in next(m)]
+        c = np.array([kinds.count(k) for k in ("understanding", "text", "generation")])
+        assert c.sum() == 16 and np.all(np.abs(c - 16 * np.array([0.5, 0.1, 0.4])) < 1)  # within 1, every step
+        total += c
+        assert np.all(np.abs(total - step * 16 * np.array([0.5, 0.1, 0.4])) <= 1)  # and no drift
+    # Janus-Pro Stage I 1:0:3, no text source at all
+    m = Mixer({"understanding": Counting("understanding"), "generation": Counting("generation")}, (1, 0, 3), 8)
+    for _ in range(5):
+        kinds = [k for k, _ in next(m)]
+        assert (kinds.count("understanding"), kinds.count("text"), kinds.count("generation")) == (2, 0, 6)
+    assert allocate(7, [1, 1, 1], [0, 0, 0], 0) in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+
+
+def test_mixer_order_is_seeded_split_over_ranks_and_resumable():
+    plans = [[k for k, _ in next(Mixer(counting_sources(), (5, 1, 4), 10, seed=s))] for s in (0, 0, 1)]
+    assert plans[0] == plans[1] and plans[0] != plans[2]
+    full = Mixer(counting_sources(), (2, 3, 5), 12, seed=3)
+    ranks = [Mixer(counting_sources(), (2, 3, 5), 12, seed=3, rank=r, world_size=3) for r in range(3)]
+    for _ in range(6):
+        plan = full.plan()
+        next(full)
+        got = [next(r) for r in ranks]
+        assert all(len(g) == 4 for g in got)
+        assert [k for g in got for k, _ in g] == plan  # ranks take contiguous slices of the global plan
+    a = Mixer(counting_sources(), (5, 1, 4), 16, seed=7)
+    seq = [next(a) for _ in range(8)]
+    b = Mixer(counting_sources(), (5, 1, 4), 16, seed=7)
+    for _ in range(3):
+        next(b)
+    st = json.loads(json.dumps(b.state_dict()))
+    c = Mixer(counting_sources(), (5, 1, 4), 16, seed=7)
+    c.load_state_dict(st)
+    assert [next(c) for _ in range(5)] == seq[3:]
+    with pytest.raises(ValueError, match="no 'text' source|no text source"):
+        Mixer({"understanding": Counting("understanding"), "generation": Counting("generation")}, (5, 1, 4), 10)
+
+
+# ------------------------------------------------------------------------------ shuffling, resume, sharding
+
+
+def make_source(dataset, fmt: str, kind: str, **kw):
+    if fmt == "tar":
+        return TarSource(dataset["tar"][kind], kind=kind, shuffle_buffer=4, **kw)
+    return ManifestSource(dataset["jsonl"][kind], kind=kind, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tar"])
+def test_shuffle_is_deterministic_and_resume_continues_exactly(dataset, fmt):
+    kind, n = "understanding", N_UND
+    seq = [ident(next(s)) for s in [make_source(dataset, fmt, kind, seed=1)] for _ in range(3 * n)]
+    assert seq == [ident(x) for x in itertools.islice(make_source(dataset, fmt, kind, seed=1), 3 * n)]
+    assert seq != [ident(x) for x in itertools.islice(make_source(dataset, fmt, kind, seed=2), 3 * n)]
+    for e in range(3):
+        assert len(set(seq[e * n:(e + 1) * n])) == n  # each epoch holds every sample once
+    assert seq[:n] != seq[n:2 * n]  # and epochs are reshuffled
+    for cut in (5, n, n + 7):  # mid-epoch, at the epoch boundary, in the second epoch
+        a = make_source(dataset, fmt, kind, seed=1)
+        for _ in range(cut):
+            next(a)
+        st = json.loads(json.dumps(a.state_dict()))  # checkpoints are JSON-serialisable
+        b = make_source(dataset, fmt, kind, seed=1)
+        b.load_state_dict(st)
+        assert [ident(next(b)) for _ in range(3 * n - cut)] == seq[cut:]
+    other = make_source(dataset, fmt, kind, seed=2)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(st)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tar"])
+def test_rank_sharding_is_disjoint_and_complete(dataset, fmt):
+    for kind, n in (("understanding", N_UND), ("generation", N_GEN)):
+        per_rank = [[ident(s) for s in make_source(dataset, fmt, kind, seed=4, rank=r, world_size=3, epochs=1)]
+                    for r in range(3)]
+        flat = [x for r in per_rank for x in r]
+        assert len(flat) == len(set(flat)) == n
+        assert all(per_rank)
+
+
+# -------------------------------------------------------------------------------------------------- packing
+
+
+def mixed_samples(dataset, parts) -> list:
+    model, proc = parts
+    enc = SampleEncoder.for_model(model, proc, cfg_drop=0.0)
+    out = []
+    for kind, k in (("understanding", 3), ("text", 3), ("generation", 2)):
+        out += list(itertools.islice(ManifestSource(dataset["jsonl"][kind], shuffle=False, transform=enc), k))
+    fill_vq_ids(out, vq_tokenizer(model))
+    out[-1] = enc(Sample("generation", "cached", caption="a cached one", vq_ids=out[-2].gen_ids.tolist()))
+    return out
+
+
+def test_packed_forward_equals_each_sample_alone(dataset, parts):
+    model, proc = parts
+    samples = mixed_samples(dataset, parts)
+    ctx = 400
+    batch = pack(samples, ctx, pad_id=proc.pad_id)
+    assert batch.input_ids.shape == (batch.input_ids.shape[0], ctx) and batch.input_ids.shape[0] < len(samples)
+    assert batch.pixel_values.shape[0] == sum(len(s.pixel_values) for s in samples if s.pixel_values is not None)
+    llm = model.language_model.model
+    with torch.no_grad():
+        h = llm.forward_packed(model.mixed_embeds(batch.input_ids, batch.und_mask, batch.pixel_values,
+                                                  batch.gen_mask, batch.gen_ids), batch.positions, batch.doc_ids)[0]
+        ref = unpacked(samples, pad_id=proc.pad_id)
+        h_ref = llm.forward_packed(model.mixed_embeds(ref.input_ids, ref.und_mask, ref.pixel_values, ref.gen_mask,
+                                                      ref.gen_ids), ref.positions, ref.doc_ids)[0]
+    found = 0
+    for i, s in enumerate(samples):
+        L = len(s)
+        with torch.no_grad():  # the sample alone: plain causal forward, no packing at all
+            one = unpacked([s])
+            alone = llm(model.mixed_embeds(one.input_ids, one.und_mask, one.pixel_values, one.gen_mask, one.gen_ids),
+                        one.positions)[0]
+        torch.testing.assert_close(h_ref[i, :L], alone, rtol=0, atol=1e-5)
+        text_labels, image_labels = s.labels()
+        for b in range(batch.input_ids.shape[0]):  # find the sample in the packed rows
+            for d in range(int(batch.doc_ids[b].max()) + 1):
+                slots = batch.doc_ids[b] == d
+                if int(slots.sum()) == L and torch.equal(batch.input_ids[b, slots], s.ids) and \
+                        torch.equal(batch.und_mask[b, slots], s.und_mask):
+                    torch.testing.assert_close(h[b, slots], alone, rtol=0, atol=1e-5)
+                    assert torch.equal(batch.positions[b, slots], torch.arange(L))
+                    assert torch.equal(batch.text_labels[b, slots], text_labels)
+                    assert torch.equal(batch.image_labels[b, slots], image_labels)
+                    found += 1
+                    break
+    assert found == len(samples)
+    assert bool((batch.text_labels[batch.doc_ids < 0] == IGNORE).all())
+    assert bool((batch.kinds[batch.doc_ids < 0] == -1).all())
+    # micro-batches keep each row's images
+    micro = split_rows(batch, 1, proc.n_image_tokens)
+    assert sum(m.input_ids.shape[0] for m in micro) == batch.input_ids.shape[0]
+    assert torch.equal(torch.cat([m.pixel_values for m in micro if m.pixel_values is not None]), batch.pixel_values)
+
+
+def test_packing_efficiency_first_fit_and_too_long(parts, encoder):
+    _, proc = parts
+    tok = proc.tokenizer
+    docs = []
+    for i, L in enumerate((60, 50, 40, 30, 20)):  # documents of exact lengths (BOS + filler + EOS)
+        e = encoder(Sample("text", f"doc{i}", text="x"))
+        e.ids = torch.tensor([tok.bos_id] + [e.ids[1].item()] * (L - 2) + [tok.eos_id])
+        e.text_target = torch.tensor([False] + [True] * (L - 1))
+        e.und_mask = e.gen_mask = torch.zeros(L, dtype=torch.bool)
+        docs.append(e)
+    assert first_fit([60, 50, 40, 30, 20], 100) == [[0, 2], [1, 3, 4]]
+    b = pack(docs, 100)
+    assert b.input_ids.shape == (2, 100) and b.packing_efficiency == 1.0
+    b = pack(docs, 128)
+    assert b.packing_efficiency == pytest.approx(200 / (2 * 128))
+    assert b.doc_ids[0].tolist()[:60] == [0] * 60 and b.positions[0, 60:100].tolist() == list(range(40))
+    with pytest.raises(DataError, match="doc0: text sample of 60 tokens does not fit the context \\(50\\)"):
+        pack(docs, 50)
+    assert pack(docs, 50, too_long="truncate", n_und_tokens=proc.n_image_tokens).input_ids.shape[1] == 50
+
+
+def test_too_long_understanding_error_or_truncate_before_image(dataset, parts):
+    model, proc = parts
+    s = next(ManifestSource(dataset["jsonl"]["understanding"], shuffle=False))  # two images, two turns
+    full = SampleEncoder.for_model(model, proc, cfg_drop=0.0)(s)
+    first_boi = full.ids.tolist().index(proc.tokenizer.boi_id)
+    second_boi = full.ids.tolist().index(proc.tokenizer.boi_id, first_boi + 1)
+    cut = second_boi + 10  # inside the second image
+    with pytest.raises(DataError, match=r"data\.jsonl:1: \d+ tokens, longer than the context"):
+        SampleEncoder.for_model(model, proc, max_len=cut)(s)
+    t = SampleEncoder.for_model(model, proc, max_len=cut, too_long="truncate")(s)
+    assert len(t) == second_boi and t.pixel_values.shape[0] == 1
+    assert int(t.und_mask.sum()) == proc.n_image_tokens
+    b = pack([t], cut)
+    with torch.no_grad():
+        model.mixed_embeds(b.input_ids, b.und_mask, b.pixel_values, b.gen_mask, b.gen_ids)  # counts still agree
+
+
+def test_loader_resume_gives_identical_batches(dataset, parts):
+    model, proc = parts
+
+    def build(prefetch: int) -> TrainData:
+        enc = SampleEncoder.for_model(model, proc, seed=5)
+        srcs = {k: ManifestSource(dataset["jsonl"][k], kind=k, seed=5, transform=enc)
+                for k in ("understanding", "text", "generation")}
+        return TrainData(Mixer(srcs, (5, 1, 4), 10, seed=5), 512, pad_id=proc.pad_id,
+                         tokenize_images=vq_tokenizer(model), codebook_size=model.config.vq.codebook_size,
+                         prefetch=prefetch)
+
+    a = build(prefetch=1)
+    batches, states = [], []
+    for _ in range(4):
+        batches.append(next(a))
+        states.append(a.state_dict())
+        assert a.last["samples"] == {"understanding": 5, "text": 1, "generation": 4}
+        assert 0 < a.last["packing_efficiency"] <= 1
+    a.close()
+    b = build(prefetch=0)
+    b.load_state_dict(json.loads(json.dumps(states[1])))
+    for want in batches[2:]:
+        got = next(b)
+        for f in ("input_ids", "positions", "doc_ids", "und_mask", "gen_mask", "gen_ids", "text_labels",
+                  "image_labels", "kinds", "pixel_values"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+# ------------------------------------------------------------------------------------------------ bad data
+
+
+BAD_LINES = [  # (line content, expected message fragment, skip reason); line numbers are 1-based
+    ('{"kind": "text", "text": "fine"}', None, None),
+    ('{"kind": "understanding", "messages": [{"role": "user", "content": "Hi"}, '
+     '{"role": "assistant", "content": "Yo"}], "images": ["../x.png"]}', "contains '..'", "path"),
+    ('{"kind": "generation", "caption": "c", "image": "/etc/passwd"}', "is absolute", "path"),
+    ('{"kind": "generation", "caption": "c", "image": "img/missing.png"}', "not found", "image"),
+    ('{"kind": "generation", "caption": "c", "image": "img/empty.png"}', "empty file (0 bytes)", "image"),
+    ('{"kind": "text", "text": ', "malformed JSON", "json"),
+    ('{"kind": "video", "text": "x"}', "unknown kind 'video'", "kind"),
+    ('{"kind": "generation", "image": "img/ok.png"}', "missing field 'caption'", "field"),
+    ('{"kind": "generation", "caption": "c", "image": "img/link.png"}', "leads outside the dataset root", "path"),
+    ('{"kind": "generation", "caption": "c", "image": "img/ok.png", "vq_ids": [1, 2, 3]}',
+     "expected 64 ids per image", "vq_ids"),
+    ('{"kind": "text", "messages": [{"role": "assistant", "content": "x"}]}', "expected 'user'", "field"),
+    ('{"kind": "understanding", "messages": [{"role": "user", "content": "<image_placeholder> hi"}, '
+     '{"role": "assistant", "content": "Yo"}], "images": []}', "1 <image_placeholder> marker(s) but 0", "field"),
+    ('{"kind": "generation", "caption": "fine too", "image": "img/ok.png"}', None, None),
+]
+
+
+@pytest.fixture
+def bad_root(tmp_path):
+    root = tmp_path / "bad"
+    noise_png(root / "img/ok.png", 20, 20, 0)
+    (root / "img/empty.png").write_bytes(b"")
+    noise_png(tmp_path / "outside.png", 20, 20, 1)
+    os.symlink(tmp_path / "outside.png", root / "img/link.png")
+    (root / "bad.jsonl").write_text("\n".join(line for line, _, _ in BAD_LINES) + "\n\n")  # trailing blank line
+    return root
+
+
+def test_bad_jsonl_errors_name_file_and_line(bad_root, parts):
+    model, proc = parts
+    enc = SampleEncoder.for_model(model, proc)
+    src = ManifestSource(bad_root, shuffle=False, epochs=1, transform=enc)
+    assert len(src) == len(BAD_LINES)  # blank lines are not samples
+    for n, (_, frag, _) in enumerate(BAD_LINES, start=1):
+        if frag is None:
+            assert next(src).key.endswith(f"bad.jsonl:{n}")
+            continue
+        with pytest.raises(DataError) as ei:
+            next(src)
+        assert f"bad.jsonl:{n}: " in str(ei.value) and frag in str(ei.value), str(ei.value)
+
+
+def test_bad_jsonl_skip_mode_counts_and_logs(bad_root, parts, caplog):
+    model, proc = parts
+    src = ManifestSource(bad_root, shuffle=False, epochs=1, on_error="skip",
+                         transform=SampleEncoder.for_model(model, proc))
+    with caplog.at_level("WARNING", logger="januskit.train.data"):
+        good = list(src)
+    assert [g.key.rsplit(":", 1)[1] for g in good] == ["1", str(len(BAD_LINES))]
+    want: dict[str, int] = {}
+    for _, _, reason in BAD_LINES:
+        if reason:
+            want[reason] = want.get(reason, 0) + 1
+    assert dict(src.skipped) == want and src.n_skipped == len(BAD_LINES) - 2
+    assert src.state_dict()["skipped"] == want
+    assert sum("skipping bad sample" in r.message for r in caplog.records) == src.n_skipped
+    assert "bad.jsonl:2" in caplog.records[0].message
+
+
+def test_bad_tar_errors_name_shard_and_member(tmp_path):
+    path = tmp_path / "bad.tar"
+    good_png = noise_png(tmp_path / "g.png", 20, 20, 0)
+    with tarfile.open(path, "w") as tf:
+        add_member(tf, "000000.json", b'{"kind": "generation", "caption": "ok"}')
+        add_member(tf, "000000.0.png", good_png)
+        add_member(tf, "000001.json", b'{"kind": "generation", "caption": ')
+        add_member(tf, "000002.json", b'{"kind": "generation", "caption": "zero"}')
+        add_member(tf, "000002.0.png", b"")
+        add_member(tf, "000003.0.png", good_png)  # no json
+        add_member(tf, "000004.json", b'{"kind": "understanding", "messages": [{"role": "user", "content": '
+                                      b'"<image_placeholder><image_placeholder>?"}, {"role": "assistant", '
+                                      b'"content": "a"}]}')
+        add_member(tf, "000004.0.png", good_png)
+        add_member(tf, "000004.2.png", good_png)  # 1 is missing
+    src = TarSource(path, shuffle=False, epochs=1)
+    assert src.__next__().caption == "ok"
+    expect = ["bad.tar:000001.json: malformed JSON", "bad.tar:000002.0.png: image '000002.0.png': empty file",
+              "bad.tar:000003: no 000003.json member", "bad.tar:000004: image members are not numbered"]
+    for frag in expect:
+        with pytest.raises(DataError) as ei:
+            next(src)
+        assert frag in str(ei.value), str(ei.value)
+    skip = TarSource(path, shuffle=False, epochs=1, on_error="skip")
+    assert [s.caption for s in skip] == ["ok"]
+    assert dict(skip.skipped) == {"json": 1, "image": 2, "field": 1}
+
+
+def test_all_bad_epoch_raises_instead_of_looping(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"kind": "video"}\n')
+    with pytest.raises(DataError, match="yielded no usable sample"):
+        next(ManifestSource(tmp_path, on_error="skip"))
+
+
+# ------------------------------------------------------------------------------------------------ VQ cache
+
+
+def test_cache_vq_ids_writes_a_manifest_with_ids(tmp_path, parts):
+    model, proc = parts
+    root = tmp_path / "gen"
+    recs = records(0, 0, 3)["generation"]
+    recs.append({"kind": "generation", "caption": "already cached", "vq_ids": list(range(64))})
+    write_jsonl(root, recs)
+    out = tmp_path / "cache" / "gen.vq.jsonl"
+    stats = cache_vq_ids(root, model, out, batch_size=2)
+    assert stats == {"lines": 4, "encoded": 3, "cached": 1}
+    cached = list(ManifestSource(out, root=root, shuffle=False, epochs=1))
+    fresh = list(ManifestSource(root, shuffle=False, epochs=1))
+    assert [s.caption for s in cached] == [r["caption"] for r in recs]
+    for c, f in zip(cached[:3], fresh[:3]):
+        want = model.gen_vision_model.encode(to_gen_pixels(f.images[0], model.config.vq.image_size)[None])[0]
+        assert c.vq_ids == want.tolist() and not c.images
+    assert cached[3].vq_ids == list(range(64))
+
+
+def test_trainer_builder_yields_whole_step_batches(dataset, parts):
+    from januskit.train.config import DataContext
+    from januskit.train.loader import build
+
+    model, proc = parts
+    ctx = DataContext(ratio=(5, 1, 4), batch_size=20, grad_accum=1, micro_batch_size=2, seq_len=512, seed=3, rank=1,
+                      world=2, model_config=model.config, source="tiny-janus-pro", model=model)
+    data = build(ctx, understanding=str(dataset["jsonl"]["understanding"]), text=[str(dataset["tar"]["text"])],
+                 generation={"paths": str(dataset["jsonl"]["generation"] / "data.jsonl")}, prefetch=0)
+    assert data.per_step
+    b = next(iter(data))
+    assert sum(data.last["samples"].values()) == 10  # this rank's half of the global batch
+    assert b.input_ids.shape[1] == 512 and b.text_labels.shape == b.input_ids.shape
+    assert int(b.kinds.max()) <= 2 and int((b.image_labels != IGNORE).sum()) == 64 * data.last["samples"]["generation"]
+    st = data.state_dict()
+    assert torch.load(io.BytesIO(_saved(st)), weights_only=True) == st  # the trainer loads it weights_only
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_janus_13b_role_format_masks_answers_too():
+    from januskit.processing.chat import Processor
+    from januskit.processing.image import ImageTransform
+    from januskit.processing.tokenizer import build_synthetic_tokenizer
+    from januskit.config import preset
+
+    proc = Processor(build_synthetic_tokenizer(1024, style="janus"), ImageTransform(size=128), 64)
+    assert proc.roles == ("User", "Assistant")
+    enc = SampleEncoder(proc, preset("tiny-janus").vq)
+    msgs = [Message("user", "What is 2 plus 2?"), Message("assistant", "4, of course."),
+            Message("user", "And 3 plus 3?"), Message("assistant", "(six) 6")]
+    e = enc(Sample("text", "conv", messages=msgs))
+    ids, targets = expected_targets(proc, msgs, [])
+    assert e.ids.tolist() == ids and set(torch.nonzero(e.text_target).flatten().tolist()) == targets
+    assert proc.tokenizer.decode(e.ids[e.text_target].tolist(), skip_special_tokens=False) == \
+        " 4, of course.<｜end▁of▁sentence｜> (six) 6<｜end▁of▁sentence｜>"
