@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per implementation")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (interleaved)")
+    ap.add_argument("--time-budget", type=float, default=540.0,
+                    help="seconds: skip the remaining repeats once the next round would end past this (0 = no limit; "
+                         "at least one timed run per implementation always happens)")
     ap.add_argument("--cfg", type=float, default=5.0, help="CFG weight")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
     ap.add_argument("--only", choices=("januskit", "transformers"), default=None, help="time one implementation")
@@ -189,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  warmup {name}: {m['total']:.2f}s")
         times: dict[str, list[dict]] = {n: [] for n in names}
         for r in range(args.repeats):
+            elapsed = time.perf_counter() - t_start
+            if r > 0 and args.time_budget > 0 and elapsed + round_s > args.time_budget:
+                print(f"  time budget: stopping after {r} of {args.repeats} repeats ({elapsed:.0f}s elapsed, "
+                      f"a round takes {round_s:.0f}s, --time-budget {args.time_budget:.0f}s)")
+                break
+            t_round = time.perf_counter()
             for name in names:
                 clock, fn = runners[name]
                 outs[name], m = clock.run(fn)
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(m)
                 print(f"  run {r + 1} {name}: total {m['total']:.2f}s, prefill {m['prefill']:.3f}s, "
                       f"decode {m['decode']:.2f}s ({m['median_step'] * 1e3:.1f} ms/step median)")
+            round_s = time.perf_counter() - t_round
 
         results = {}
         for name in names:
@@ -208,22 +218,30 @@ def main(argv: list[str] | None = None) -> int:
                 best_decode_s=best, median_decode_s=statistics.median(dec),
                 tokens_per_s_best=args.n_images * n_tok / best,
                 tokens_per_s_median=args.n_images * n_tok / statistics.median(dec),
+                tokens_per_s_median_step=args.n_images / statistics.median(m["median_step"] for m in times[name]),
                 weight_gb_per_s_best=bytes_per_run / best / 1e9)
 
         print()
         hdr = f"{'implementation':<14} {'dtype':<9} {'rows':>4} {'tokens':>7} {'best s':>8} {'median s':>9} " \
-              f"{'tok/s best':>10} {'tok/s med':>10} {'ms/step':>8} {'weights GB/s':>12}"
+              f"{'tok/s best':>10} {'tok/s med':>10} {'ms/step':>8} {'tok/s@step':>10} {'weights GB/s':>12}"
         print(hdr)
         print("-" * len(hdr))
         for name, r in results.items():
             print(f"{name:<14} {args.dtype:<9} {rows:>4} {args.n_images * n_tok:>7} {r['best_decode_s']:>8.2f} "
                   f"{r['median_decode_s']:>9.2f} {r['tokens_per_s_best']:>10.1f} {r['tokens_per_s_median']:>10.1f} "
-                  f"{statistics.median(r['median_step_ms']):>8.2f} {r['weight_gb_per_s_best']:>12.1f}")
+                  f"{statistics.median(r['median_step_ms']):>8.2f} {r['tokens_per_s_median_step']:>10.1f} "
+                  f"{r['weight_gb_per_s_best']:>12.1f}")
         ratio = None
         if len(results) == 2:
             ratio = results["januskit"]["tokens_per_s_best"] / results["transformers"]["tokens_per_s_best"]
             ratio_med = results["januskit"]["tokens_per_s_median"] / results["transformers"]["tokens_per_s_median"]
-            print(f"\nspeed ratio januskit / transformers (tokens/s): best {ratio:.3f}, median {ratio_med:.3f}")
+            ratio_step = results["januskit"]["tokens_per_s_median_step"] / results["transformers"]["tokens_per_s_median_step"]
+            print(f"\nspeed ratio januskit / transformers (tokens/s): best {ratio:.3f}, median {ratio_med:.3f}, "
+                  f"median step {ratio_step:.3f}")
+        spread = max(max(r["decode_s"]) / min(r["decode_s"]) for r in results.values())
+        if spread > 1.25:
+            print(f"warning: decode times vary {spread:.1f}x between repeats: the machine was throttled or busy "
+                  "(compare 'best' or the median-step figures, or rerun)")
 
         agree = None
         if len(outs) == 2:

@@ -106,6 +106,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .train.config import load_run_config
+    from .train.trainer import train
+
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING  # one log under torchrun
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    out = train(load_run_config(args.config, args.set), resume=args.resume)
+    print(f"trained model written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import januskit
 
@@ -160,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="run one training stage from a TOML config (see configs/)")
+    p.add_argument("config", help="run config, e.g. configs/tiny-smoke.toml")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override a config value, e.g. --set train.out=runs/x (repeatable)")
+    p.set_defaults(func=cmd_train)
     return ap
 
 

@@ -1,0 +1,157 @@
+"""Run configuration: four small dataclasses read from one TOML file (see configs/*.toml).
+
+    [model]  what to start from: a checkpoint folder (official layout) or a preset name
+    [stage]  a row of stages.STAGES, an optional `scale`, and optional absolute overrides of its fields
+    [train]  output folder, micro-batch, devices and parallelism, logging and checkpoint intervals
+    [data]   `builder = "module:function"`; every other key is passed to the builder as a keyword
+
+Unknown keys raise with the valid names, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import JanusConfig
+from .stages import Stage, get_stage
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    source: str  # checkpoint folder in the official layout, or a preset name (random weights, tests)
+    seed: int = 0  # weight seed when `source` is a preset
+
+
+@dataclass(kw_only=True)
+class StageSection:
+    name: str  # key of januskit.train.stages.STAGES, e.g. "janus-pro/1"
+    scale: float = 1.0  # multiplies steps, warm-up and batch size (Stage.scaled); 1 = the paper's run
+    overrides: dict[str, Any] = field(default_factory=dict)  # absolute values for Stage fields, after scaling
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    out: str  # output folder: final model (official layout), metrics.jsonl, loss.png, checkpoints/
+    micro_batch_size: int = 1  # packed rows per forward on each rank; accumulation fills the stage's batch
+    seq_len: int = 4096  # packed row length in slots (both papers train at 4096)
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu" or "cuda"
+    parallel: str = "auto"  # "auto" (ddp when launched with torchrun), "none", "ddp" or "fsdp"
+    autocast: str = "none"  # "none" (float32) or "bfloat16"; master weights and optimizer stay float32
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (memory for time)
+    threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 keeps torch's default
+    seed: int = 0  # torch / numpy / python RNG seed, offset by rank
+    log_every: int = 10  # steps between metrics lines (each costs a host sync)
+    save_every: int = 1000  # steps between checkpoints (the last step is always saved)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one commits
+    export_dtype: str = "bfloat16"  # dtype of the final model folder ("float32" keeps the exact weights)
+    plot: bool = True  # write loss.png at the end
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    builder: str = "januskit.train.synthetic:build"  # "module:function(ctx: DataContext, **options)"
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the builder
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelSection
+    stage: StageSection
+    train: TrainSection
+    data: DataSection = field(default_factory=DataSection)
+
+    def resolved_stage(self) -> Stage:
+        """The stage row, scaled, then overridden (overrides are absolute values)."""
+        s = get_stage(self.stage.name).scaled(self.stage.scale)
+        valid = {f.name for f in dataclasses.fields(Stage)} - {"name", "source"}
+        bad = set(self.stage.overrides) - valid
+        if bad:
+            raise ValueError(f"[stage]: unknown field(s) {sorted(bad)}; valid overrides: {', '.join(sorted(valid))}")
+        ov = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.stage.overrides.items()}
+        return dataclasses.replace(s, **ov) if ov else s
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML layout as a dict (overrides and options flattened back into their tables)."""
+        return {"model": dataclasses.asdict(self.model),
+                "stage": {"name": self.stage.name, "scale": self.stage.scale, **self.stage.overrides},
+                "train": dataclasses.asdict(self.train),
+                "data": {"builder": self.data.builder, **self.data.options}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
+        extra = set(d) - {"model", "stage", "train", "data"}
+        if extra:
+            raise ValueError(f"{where}: unknown table(s) {sorted(extra)}; valid: model, stage, train, data")
+        for t in ("model", "stage", "train"):
+            if t not in d:
+                raise ValueError(f"{where}: missing table [{t}]")
+        st = dict(d["stage"])
+        if "name" not in st:
+            raise ValueError(f"{where}: [stage] needs a name (one of the stages in januskit.train.stages)")
+        stage = StageSection(name=st.pop("name"), scale=float(st.pop("scale", 1.0)), overrides=st)
+        data = dict(d.get("data", {}))
+        builder = data.pop("builder", DataSection.builder)
+        return cls(model=_build(ModelSection, d["model"], f"{where} [model]"), stage=stage,
+                   train=_build(TrainSection, d["train"], f"{where} [train]"),
+                   data=DataSection(builder=builder, options=data))
+
+
+def _build(kind: type, table: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(kind)}
+    bad = set(table) - names
+    if bad:
+        raise ValueError(f"{where}: unknown key(s) {sorted(bad)}; valid keys: {', '.join(sorted(names))}")
+    try:
+        return kind(**table)
+    except TypeError as e:  # a missing required key
+        raise ValueError(f"{where}: {e}") from None
+
+
+def parse_set(assignments: list[str]) -> dict[str, Any]:
+    """["train.out=runs/x", "stage.lr=3e-4"] -> nested dict; values are TOML literals, else strings."""
+    out: dict[str, Any] = {}
+    for a in assignments:
+        key, sep, value = a.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set {a!r}: expected TABLE.KEY=VALUE, e.g. train.out=runs/x")
+        try:
+            v = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            v = value  # bare words: paths, names
+        table, _, k = key.strip().partition(".")
+        out.setdefault(table, {})[k] = v
+    return out
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    for table, kv in parse_set(overrides or []).items():
+        d.setdefault(table, {}).update(kv)
+    return RunConfig.from_dict(d, str(path))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataContext:
+    """What a data builder is told about the run (the rest comes from its own [data] options)."""
+
+    ratio: tuple[float, float, float]  # understanding : text : generation, from the stage
+    batch_size: int  # the stage's global batch per optimiser step (all ranks)
+    grad_accum: int  # items the trainer takes per step from a micro-batch source (per_step sources: 1)
+    micro_batch_size: int  # rows per micro-batch
+    seq_len: int  # slots per row
+    seed: int  # run seed (the builder should derive its own streams from it, not from rank)
+    rank: int  # this process's data shard
+    world: int  # number of shards
+    model_config: JanusConfig  # vocab, codebook and image-token counts
+    source: str  # model source (folder with tokenizer.json, or a preset name)
+    model: Any = None  # the JanusModel being trained (its frozen VQ encoder can tokenise images on its device)

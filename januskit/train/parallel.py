@@ -1,0 +1,229 @@
+"""Everything distributed, in one module: process-group init from torchrun's environment, rank
+helpers, seeding, DDP / FSDP2 wrapping, gradient-sync suppression, small collectives, full
+(rank-0) state dicts for checkpoints, and teardown. The rest of the trainer only calls these.
+
+Backends: gloo on CPU, nccl on CUDA. FSDP2 (`fully_shard` per decoder layer, then the root) works on
+CPU with gloo in torch 2.13 and is tested there against single-process training.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+MODES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # we created the process group, so teardown destroys it
+
+
+_info = DistInfo()
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), or run as
+    a single process when WORLD_SIZE is unset or 1. An already initialised group is reused."""
+    global _info
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    elif device == "cuda":
+        dev = torch.device(f"cuda:{local_rank}")
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    if dist.is_initialized():
+        _info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+    else:
+        _info = DistInfo(0, 1, 0, dev, False)
+    return _info
+
+
+def info() -> DistInfo:
+    return _info
+
+
+def rank() -> int:
+    return _info.rank
+
+
+def world() -> int:
+    return _info.world
+
+
+def is_main() -> bool:
+    """Only rank 0 writes files."""
+    return _info.rank == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch with `seed + rank`: ranks must differ wherever randomness is
+    per-sample (dropout-like noise), while weights come from the checkpoint and DDP broadcasts them."""
+    s = seed + _info.rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain Python values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                          "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                                    "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(_tuples(st["python"]))
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"parallel must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "ddp" if _info.world > 1 else "none"
+    if mode == "none" and _info.world > 1:
+        raise ValueError(f"parallel = 'none' but {_info.world} processes were launched; use ddp or fsdp")
+    return mode
+
+
+def wrap(module: nn.Module, mode: str, blocks: Sequence[nn.Module] = ()) -> nn.Module:
+    """Wrap the training module for data parallelism. Set requires_grad (apply_stage) first: both
+    wrappers record which parameters train. fsdp shards each of `blocks` (the decoder layers), then
+    the root, so one layer's weights are gathered at a time."""
+    mode = resolve_mode(mode)
+    module.to(_info.device)
+    if mode == "none":
+        return module
+    if mode == "ddp":
+        # Every trainable parameter is in every graph (losses.batch_losses runs idle branches on empty
+        # inputs), so no unused-parameter search; buffers are constants (RoPE), built identically.
+        ids = [_info.device.index] if _info.device.type == "cuda" else None
+        return DDP(module, device_ids=ids, find_unused_parameters=False, forward_sync_buffers=False)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(_info.device.type, (_info.world,))
+    for b in blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+@contextmanager
+def no_sync(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Suppress the gradient all-reduce / reduce-scatter (accumulation micro-steps but the last)."""
+    if not enabled:
+        yield
+    elif isinstance(module, DDP):
+        with module.no_sync():
+            yield
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity on one process); returns a tensor on t's device."""
+    if _info.world == 1:
+        return t
+    x = t.to(_info.device).clone()
+    dist.all_reduce(x)
+    return x.to(t.device)
+
+
+def all_reduce_max(n: int) -> int:
+    """Largest `n` over ranks (identity on one process)."""
+    if _info.world == 1:
+        return n
+    x = torch.tensor([n], device=_info.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP grad norm) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (used for per-rank RNG and data positions)."""
+    if _info.world == 1:
+        return [obj]
+    out: list[Any] = [None] * _info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _info.world > 1:
+        dist.barrier()
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full, unsharded CPU state dict in the model's own key space (no wrapper prefixes). Collective
+    under FSDP; on ranks > 0 it may be empty."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Full optimizer state keyed by parameter name (so it survives re-sharding). Collective under FSDP."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Every rank passes the full state; each keeps its own shard."""
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def teardown() -> None:
+    global _info
+    if _info.owns_group and dist.is_initialized():
+        dist.barrier()  # nobody leaves while another rank still writes through the group
+        dist.destroy_process_group()
+    _info = DistInfo()

@@ -1,0 +1,360 @@
+"""Training: `train_step` is one optimiser step, readable top to bottom; `train` is the loop around it
+(build, resume, step, log, checkpoint, export). Stage-specific choices live in stages.py, everything
+distributed in parallel.py.
+
+Output folder after a run:
+    config.json, model.safetensors, tokenizer.json, ...   the trained model, official layout (januskit.load)
+    run_config.json   resolved run config       metrics.jsonl   one line per logged step     loss.png
+    checkpoints/step-00001000/   model.safetensors (native keys, float32), optimizer.pt, trainer.pt
+                                 (scheduler, step, RNG states and data positions of every rank),
+                                 run_config.json, config.json (the model), DONE (manifest, written last)
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .. import resolve_dtype
+from ..checkpoint.init import processor_files, random_model, synthetic_tokenizer
+from ..checkpoint.io import atomic_folder, materialize_buffers
+from ..checkpoint.official import load_janus, save_janus
+from ..config import PRESET_NAMES, preset
+from ..models.janus import JanusModel
+from . import parallel
+from .batch import IGNORE, TrainBatch
+from .config import DataContext, ModelSection, RunConfig
+from .losses import KINDS, LossForward, label_counts
+from .packing import split_rows
+from .plot import plot_losses, read_metrics
+from .stages import Stage, apply_stage, lr_multiplier
+
+log = logging.getLogger("januskit.train")
+
+MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
+CKPT_RE = re.compile(r"^step-(\d{8})$")
+TIMING_KEYS = ("time_s", "tok_per_s")  # the only metrics that differ between identical runs
+
+
+class DataSource(Protocol):
+    """What the trainer needs from the data side: an endless iterator of TrainBatch for this rank
+    whose owner reports and restores its position. state_dict() must describe the position after the
+    last batch the iterator yielded, and hold only tensors and plain Python values (it is loaded with
+    weights_only=True). By default each item is one micro-batch and a step takes `grad_accum` of them;
+    a source with `per_step = True` yields this rank's whole step batch instead (any number of rows),
+    which the trainer splits into micro-batches of `micro_batch_size` rows."""
+
+    def __iter__(self) -> Iterator[TrainBatch]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    grad_accum: int  # items taken from the batch iterator per optimiser step on each rank
+    micro_rows: int | None  # split items into micro-batches of at most this many rows; None = as they come
+    n_und_tokens: int  # slots per understanding image (to split pixel_values along with the rows)
+    grad_clip: float  # max global grad norm
+    device: torch.device
+    autocast: torch.dtype | None = None  # bfloat16 autocast, or None for plain float32
+
+
+def train_step(model: torch.nn.Module, batches: Iterator[TrainBatch], optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: StepConfig) -> dict[str, Any]:
+    """One optimiser step with gradient accumulation. `model` is a LossForward, possibly wrapped by
+    DDP / FSDP. Returns raw metrics (tensors; reduce_metrics turns them into numbers)."""
+    # Fetch the whole step first: the loss divisor is the step's loss-token count over every
+    # micro-batch and rank, and the data position stays on a step boundary for checkpoints.
+    fetched = [next(batches) for _ in range(cfg.grad_accum)]
+    counts = torch.stack([label_counts(b) for b in fetched]).sum(0)  # (3,) loss tokens per kind
+    slots = torch.tensor([sum(b.n_tokens for b in fetched), sum(b.doc_ids.numel() for b in fetched)])
+    counts = parallel.all_reduce_sum(torch.cat([counts, slots]))  # one small collective per step
+    micro = [m for b in fetched for m in (split_rows(b, cfg.micro_rows, cfg.n_und_tokens) if cfg.micro_rows else [b])]
+    # Every rank runs the same number of forwards (FSDP gathers weights in each): pad with empty rows.
+    micro += [empty_batch()] * (parallel.all_reduce_max(len(micro)) - len(micro))
+    # DDP / FSDP average gradients over ranks; scaling by world / N makes the result the gradient of
+    # the global token mean, whatever the split into ranks and micro-batches.
+    scale = parallel.world() / max(1, int(counts[:3].sum()))
+    lr = optimizer.param_groups[0]["lr"]  # the LR this step uses
+    loss_sums = torch.zeros(3, device=cfg.device)
+    for i, batch in enumerate(micro):
+        batch = batch.to(cfg.device)
+        with parallel.no_sync(model, enabled=i < len(micro) - 1):  # sync only on the last micro-step
+            with torch.autocast(cfg.device.type, cfg.autocast or torch.bfloat16, enabled=cfg.autocast is not None):
+                total, by_kind, _ = model(batch)
+            (total * scale).backward()
+        loss_sums += by_kind
+        del total, by_kind, batch  # free this micro-batch before the next forward
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss_sums": loss_sums, "counts": counts, "grad_norm": grad_norm, "lr": lr}
+
+
+def empty_batch() -> TrainBatch:
+    """One padding slot and no labels: a forward that adds nothing to loss or gradients."""
+    z = torch.zeros(1, 1, dtype=torch.long)
+    f = torch.zeros(1, 1, dtype=torch.bool)
+    return TrainBatch(input_ids=z, positions=z, doc_ids=z - 1, und_mask=f, pixel_values=None, gen_mask=f,
+                      gen_ids=z, text_labels=z + IGNORE, image_labels=z + IGNORE, kinds=z - 1)
+
+
+def reduce_metrics(raw: dict[str, Any], step: int) -> dict[str, Any]:
+    """Numbers for one metrics line (collective: every rank calls it on the same steps)."""
+    sums = parallel.all_reduce_sum(raw["loss_sums"].detach().float()).cpu()
+    c = raw["counts"].cpu()
+    n = c[:3]
+    m: dict[str, Any] = {"step": step, "loss": float(sums.sum() / n.sum().clamp(min=1))}
+    for i, k in enumerate(KINDS):
+        m[f"loss_{k}"] = float(sums[i] / n[i]) if n[i] > 0 else None
+    m.update(lr=raw["lr"], grad_norm=float(parallel.local(raw["grad_norm"])), loss_tokens=int(n.sum()),
+             tokens=int(c[3]), packing=round(float(c[3] / c[4]), 6) if c[4] > 0 else None)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks of `train`
+
+def build_model(spec: ModelSection) -> JanusModel:
+    """float32 master weights from a checkpoint folder (official layout) or a preset's random init."""
+    p = Path(spec.source)
+    if p.is_dir():
+        return load_janus(p, torch.float32)
+    if spec.source in PRESET_NAMES:
+        return random_model(preset(spec.source), spec.seed)
+    raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder, and not a preset "
+                            f"({', '.join(PRESET_NAMES)})")
+
+
+def build_optimizer(model: JanusModel, stage: Stage) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices and embeddings only (norm scales
+    and biases are not decayed, the usual practice; the papers decay only in Janus Stage III)."""
+    train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in train if p.ndim >= 2], "weight_decay": stage.weight_decay},
+              {"params": [p for _, p in train if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"stage {stage.name}: no trainable parameters")
+    return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas)
+
+
+def accumulation(stage: Stage, micro_batch_size: int, world: int) -> int:
+    """Micro-batches per rank per step; the stage batch is rounded up to a multiple of micro x world."""
+    per = micro_batch_size * world
+    accum = max(1, math.ceil(stage.batch_size / per))
+    if accum * per != stage.batch_size:
+        log.warning("batch size %d is not a multiple of micro_batch_size x world = %d; using %d",
+                    stage.batch_size, per, accum * per)
+    return accum
+
+
+def build_data(cfg: RunConfig, stage: Stage, model: JanusModel, grad_accum: int) -> DataSource:
+    """Call the [data] builder ("module:function") with the run's DataContext and the table's options."""
+    mod, _, fn = cfg.data.builder.partition(":")
+    try:
+        builder = getattr(importlib.import_module(mod), fn) if fn else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"[data] builder {cfg.data.builder!r} cannot be imported ({e})") from None
+    if builder is None:
+        raise ValueError(f"[data] builder {cfg.data.builder!r}: expected 'module:function'")
+    ctx = DataContext(ratio=stage.ratio, batch_size=stage.batch_size, grad_accum=grad_accum,
+                      micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
+                      rank=parallel.rank(), world=parallel.world(), model_config=model.config,
+                      source=cfg.model.source, model=model)
+    return builder(ctx, **cfg.data.options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: step-N/ written to a temporary folder, DONE written last, then renamed into place.
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (named step-N with a readable DONE manifest), oldest first."""
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = CKPT_RE.match(d.name)
+            if m and d.is_dir() and _manifest_ok(d):
+                out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def _manifest_ok(d: Path) -> bool:
+    try:
+        man = json.loads((d / MARKER).read_text())
+        return all((d / f).is_file() and (d / f).stat().st_size == size for f, size in man["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def save_checkpoint(root: Path, step: int, model: JanusModel, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, data: DataSource, cfg: RunConfig) -> Path | None:
+    """Collective (state gathering); rank 0 writes. Returns the folder on rank 0."""
+    weights = parallel.model_state(model)
+    optim = parallel.optimizer_state(model, optimizer)
+    ranks = parallel.gather_objects({"rng": parallel.rng_state(), "data": data.state_dict()})
+    path = None
+    if parallel.is_main():
+        path = root / f"step-{step:08d}"
+        with atomic_folder(path, overwrite=True) as tmp:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save({"step": step, "world": parallel.world(), "scheduler": scheduler.state_dict(), "ranks": ranks},
+                       tmp / "trainer.pt")
+            (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(model.config.to_official_dict("float32"), indent=2) + "\n")
+            files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")  # commit marker
+        prune_checkpoints(root, cfg.train.keep_last)
+    parallel.barrier()
+    return path
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of crashed writes."""
+    done = list_checkpoints(root)
+    for _, d in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+    keep = {d for _, d in done}
+    for d in root.iterdir():
+        if d.is_dir() and d not in keep and (d.name.startswith(".step-") or CKPT_RE.match(d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_weights(model: JanusModel, ckpt: Path) -> None:
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+
+
+def restore_state(ckpt: Path, model: JanusModel, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, data: DataSource) -> int:
+    """Optimizer, scheduler, data position and RNG of this rank from a checkpoint; returns its step."""
+    st = torch.load(ckpt / "trainer.pt", weights_only=True)
+    if st["world"] != parallel.world():
+        raise ValueError(f"{ckpt}: saved by {st['world']} processes, resumed with {parallel.world()}; the per-rank "
+                         "data positions cannot be re-split (resume with the same number of processes)")
+    parallel.load_optimizer_state(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(st["scheduler"])
+    mine = st["ranks"][parallel.rank()]
+    data.load_state_dict(mine["data"])
+    parallel.set_rng_state(mine["rng"])
+    return int(st["step"])
+
+
+def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torch.dtype) -> None:
+    """Write the trained model into `out` in the official layout, with the source's tokenizer and
+    processor files, so januskit.load(out) works. Collective under FSDP (gathers the weights)."""
+    state = parallel.model_state(model)
+    if not parallel.is_main():
+        return
+    with torch.device("meta"):
+        m = JanusModel(model.config)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    m.load_state_dict(state, strict=True, assign=True)
+    materialize_buffers(m)
+    m.official_extras = getattr(model, "official_extras", {})  # unused official entries, re-read from the source
+    src = Path(source.source)
+    files = None
+    if not src.is_dir():  # a preset: its synthetic tokenizer and processor configs
+        files = {"tokenizer.json": synthetic_tokenizer(source.source, model.config).to_json_str(),
+                 **processor_files(model.config)}
+    tmp = out / ".export"
+    save_janus(m, tmp, copy_from=src if src.is_dir() else None, files=files, overwrite=True)
+    for f in out.glob("model*.safetensors*"):  # a previous export's shards
+        f.unlink()
+    # Move file by file, config.json last: a folder without it is not (yet) a loadable checkpoint.
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def _write_metrics(path: Path, lines: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = False) -> Path:
+    """Run (or, with resume=True, continue from the newest complete checkpoint) one stage. `data`
+    overrides [data] (a DataSource for this rank). Returns the output folder."""
+    info = parallel.init(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        stage = cfg.resolved_stage()
+        out = Path(cfg.train.out)
+        ckpt_root = out / "checkpoints"
+        done = list_checkpoints(ckpt_root)
+        if done and not resume:
+            raise FileExistsError(f"{out}: holds checkpoints up to step {done[-1][0]}; pass --resume "
+                                  "(resume=True) to continue, or choose another output folder")
+        ckpt = done[-1][1] if resume and done else None
+        parallel.seed_everything(cfg.train.seed)
+
+        model = build_model(cfg.model)
+        if ckpt is not None:
+            load_weights(model, ckpt)
+        apply_stage(model, stage)
+        model.llm.gradient_checkpointing = cfg.train.gradient_checkpointing
+        model.train()
+        wrapped = parallel.wrap(LossForward(model), cfg.train.parallel, blocks=list(model.llm.layers))
+        optimizer = build_optimizer(model, stage)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, stage))
+        accum = accumulation(stage, cfg.train.micro_batch_size, info.world)
+        data = data if data is not None else build_data(cfg, stage, model, accum)
+        accum = 1 if getattr(data, "per_step", False) else accum  # a per-step source yields whole steps
+        step = restore_state(ckpt, model, optimizer, scheduler, data) if ckpt is not None else 0
+        step_cfg = StepConfig(grad_accum=accum, micro_rows=cfg.train.micro_batch_size,
+                              n_und_tokens=model.config.vision.n_tokens, grad_clip=stage.grad_clip, device=info.device,
+                              autocast=None if cfg.train.autocast == "none" else resolve_dtype(cfg.train.autocast))
+
+        metrics_path = out / "metrics.jsonl"
+        history = [m for m in read_metrics(metrics_path) if m["step"] <= step] if ckpt is not None else []
+        if parallel.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            _write_metrics(metrics_path, history)  # drop lines logged after the checkpoint we resume from
+            log.info("stage %s: %d steps from step %d; %d ranks x %d data items per step, micro-batches of %d rows",
+                     stage.name, stage.steps, step, info.world, accum, cfg.train.micro_batch_size)
+
+        batches = iter(data)
+        bar = tqdm(total=stage.steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=not (parallel.is_main() and cfg.train.progress))
+        t0, tokens = time.perf_counter(), 0
+        while step < stage.steps:
+            raw = train_step(wrapped, batches, optimizer, scheduler, step_cfg)
+            step += 1
+            tokens += int(raw["counts"][3])
+            if step % cfg.train.log_every == 0 or step == stage.steps:
+                m = reduce_metrics(raw, step)
+                dt = time.perf_counter() - t0
+                m.update(time_s=round(dt, 3), tok_per_s=round(tokens / dt, 1) if dt > 0 else None)
+                if parallel.is_main():
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(m) + "\n")
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+            if step % cfg.train.save_every == 0 or step == stage.steps:
+                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, data, cfg)
+            bar.update(1)
+        bar.close()
+
+        export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype))
+        if parallel.is_main() and cfg.train.plot:
+            plot_losses(read_metrics(metrics_path), out / "loss.png", title=f"{stage.name} ({cfg.model.source})")
+        parallel.barrier()
+        return out
+    finally:
+        parallel.teardown()

@@ -1,0 +1,52 @@
+"""Worker for tests/test_train_distributed.py, launched by torchrun:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py --parallel ddp --out DIR
+
+Trains the tiny preset on SyntheticData (rank r takes micro-batches r, r+2, ...), so the global batch
+of every step is the same as in a single process with the same `batch_size`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import run_config  # noqa: E402
+
+from januskit.train.trainer import train  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parallel", required=True, choices=["none", "ddp", "fsdp"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--stage", default="janus-pro/3")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--autocast", default="none", choices=["none", "bfloat16"])
+    ap.add_argument("--crash-after", type=int, default=None, help="raise after this many steps (simulated kill)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = run_config(args.out, stage=args.stage, steps=args.steps, parallel=args.parallel, save_every=2,
+                     gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast)
+    if args.crash_after is not None:
+        import januskit.train.trainer as T
+
+        real, n = T.train_step, [0]
+
+        def crashing(*a, **k):
+            if n[0] == args.crash_after:
+                raise SystemExit(3)
+            n[0] += 1
+            return real(*a, **k)
+
+        T.train_step = crashing
+    train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
