@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import run_config  # noqa: E402
+from train_helpers import DIST_LORA, run_config  # noqa: E402
 
 from januskit.train.trainer import train  # noqa: E402
 
@@ -28,11 +28,13 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--autocast", default="none", choices=["none", "bfloat16"])
+    ap.add_argument("--lora", action="store_true", help="train LoRA adapters (train_helpers.DIST_LORA)")
     ap.add_argument("--crash-after", type=int, default=None, help="raise after this many steps (simulated kill)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = run_config(args.out, stage=args.stage, steps=args.steps, parallel=args.parallel, save_every=2,
-                     gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast)
+                     gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
+                     lora=DIST_LORA if args.lora else None)
     if args.crash_after is not None:
         import januskit.train.trainer as T
 

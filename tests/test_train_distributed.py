@@ -2,6 +2,10 @@
 the single-process weights with the same global batch, and an FSDP2 run killed mid-way resumes to the
 uninterrupted weights exactly.
 
+LoRA under FSDP2 (adapters built from the run seed on every rank, trainable adapters and frozen base
+weights in the same FSDP groups, adapter checkpoints and the merged export gathered from the shards)
+reaches the single-process LoRA run too.
+
 All runs: tiny preset, Stage III (everything but the VQ trains, so the vision path and the idle-branch
 logic are exercised), 4 steps of 4 rows, lr 1e-3, rank r taking synthetic micro-batches r, r+2, ...
 """
@@ -21,7 +25,7 @@ from januskit.checkpoint.init import random_model
 from januskit.config import preset
 from januskit.train.plot import read_metrics
 from januskit.train.trainer import list_checkpoints, train
-from train_helpers import PRESET, run_config
+from train_helpers import DIST_LORA, PRESET, run_config
 
 WORKER = Path(__file__).parent / "dist_train.py"
 STEPS, LR = 4, 1e-3
@@ -37,9 +41,12 @@ def free_port() -> int:
 def torchrun(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    for _ in range(3):  # the free port can be taken by someone else before torchrun binds it: try another
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(WORKER), *args]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        if "address already in use" not in (p.stdout + p.stderr).lower():
+            break
     if expect_ok and p.returncode != 0:
         raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
@@ -127,3 +134,17 @@ def test_fsdp2_resume_after_kill_is_exact(fsdp, tmp_path):
         assert torch.equal(a[k], b[k]), k
     strip = lambda ms: [{k: v for k, v in m.items() if k not in ("time_s", "tok_per_s")} for m in ms]  # noqa: E731
     assert strip(read_metrics(out / "metrics.jsonl")) == strip(read_metrics(fsdp / "metrics.jsonl"))
+
+
+def test_fsdp2_lora_matches_single_process(tmp_path):
+    pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[lora]')")
+    a = train(run_config(tmp_path / "single", stage="janus-pro/3", steps=STEPS, lr=LR, parallel="none",
+                         lora=DIST_LORA))
+    b = tmp_path / "fsdp"
+    torchrun("--parallel", "fsdp", "--gradient-checkpointing", "--lora", "--out", str(b), "--steps", str(STEPS))
+    assert_same_training(a, b)  # the merged exports and every metrics line
+    last = f"checkpoints/step-{STEPS:08d}/adapter_model.safetensors"
+    wa, wb = load_file(str(a / last)), load_file(str(b / last))
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= ATOL, k

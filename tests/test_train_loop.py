@@ -29,7 +29,7 @@ from januskit.train.plot import read_metrics
 from januskit.train.stages import ALWAYS_FROZEN, STAGES, apply_stage, get_stage, lr_multiplier
 from januskit.train.synthetic import SyntheticData
 from januskit.train.trainer import list_checkpoints, train
-from train_helpers import PRESET, run_config
+from train_helpers import PRESET, Repeat, pack_by_hand, run_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -57,39 +57,6 @@ def all_kinds_batch(c) -> TrainBatch:
         if {0, 1, 2} <= set(b.kinds.unique().tolist()):
             return b
     raise AssertionError("no synthetic batch with all three kinds")
-
-
-def pack_by_hand(samples: list[list[dict]], T: int) -> TrainBatch:
-    """Rows of samples -> TrainBatch. A sample is {"ids": [...], "und": [slot, ...] (image slots),
-    "pixels": tensor or None, "gen": {slot: vq id}, "text": {slot: label}, "image": {slot: label}, "kind": k}."""
-    B = len(samples)
-    z = lambda v: torch.full((B, T), v, dtype=torch.long)  # noqa: E731
-    ids, pos, doc, kinds, gen_ids, tl, il = z(0), z(0), z(-1), z(-1), z(0), z(IGNORE), z(IGNORE)
-    und = torch.zeros(B, T, dtype=torch.bool)
-    gen = torch.zeros(B, T, dtype=torch.bool)
-    pixels = []
-    for r, row in enumerate(samples):
-        t = 0
-        for d, s in enumerate(row):
-            n = len(s["ids"])
-            ids[r, t:t + n] = torch.tensor(s["ids"])
-            pos[r, t:t + n] = torch.arange(n)
-            doc[r, t:t + n] = d
-            kinds[r, t:t + n] = s["kind"]
-            for j in s.get("und", []):
-                und[r, t + j] = True
-            for j, v in s.get("gen", {}).items():
-                gen[r, t + j], gen_ids[r, t + j] = True, v
-            for j, v in s.get("text", {}).items():
-                tl[r, t + j] = v
-            for j, v in s.get("image", {}).items():
-                il[r, t + j] = v
-            if s.get("pixels") is not None:
-                pixels.append(s["pixels"])
-            t += n
-    return TrainBatch(input_ids=ids, positions=pos, doc_ids=doc, und_mask=und,
-                      pixel_values=torch.stack(pixels) if pixels else None, gen_mask=gen, gen_ids=gen_ids,
-                      text_labels=tl, image_labels=il, kinds=kinds)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -445,23 +412,6 @@ def test_cli_train_and_resume(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 # Overfitting: greedy decoding reproduces the training answers and images
-
-class Repeat:
-    """The same batch forever (nothing to resume)."""
-
-    def __init__(self, batch: TrainBatch) -> None:
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
 
 def test_tiny_model_overfits_and_greedy_decoding_reproduces_the_data(tmp_path):
     with warnings.catch_warnings():

@@ -4,6 +4,7 @@
     [stage]  a row of stages.STAGES, an optional `scale`, and optional absolute overrides of its fields
     [train]  output folder, micro-batch, devices and parallelism, logging and checkpoint intervals
     [data]   `builder = "module:function"`; every other key is passed to the builder as a keyword
+    [lora]   optional: LoRA adapters (januskit.train.lora, needs peft) instead of the stage's freezing
 
 Unknown keys raise with the valid names, so a typo never silently falls back to a default.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import JanusConfig
+from .lora import LoraSettings
 from .stages import Stage, get_stage
 
 
@@ -57,12 +59,21 @@ class DataSection:
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the builder
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoraSection(LoraSettings):
+    """[lora]: r, alpha, dropout, targets, include_aligners, include_gen_head (LoraSettings), plus:"""
+
+    enabled: bool = False  # train LoRA adapters only; the stage then gives LR, schedule and data ratios
+    merge_on_export: bool = True  # final folder: merged official layout (True) or adapter files only
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     model: ModelSection
     stage: StageSection
     train: TrainSection
     data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def resolved_stage(self) -> Stage:
         """The stage row, scaled, then overridden (overrides are absolute values)."""
@@ -79,13 +90,14 @@ class RunConfig:
         return {"model": dataclasses.asdict(self.model),
                 "stage": {"name": self.stage.name, "scale": self.stage.scale, **self.stage.overrides},
                 "train": dataclasses.asdict(self.train),
-                "data": {"builder": self.data.builder, **self.data.options}}
+                "data": {"builder": self.data.builder, **self.data.options},
+                "lora": dataclasses.asdict(self.lora)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
-        extra = set(d) - {"model", "stage", "train", "data"}
+        extra = set(d) - {"model", "stage", "train", "data", "lora"}
         if extra:
-            raise ValueError(f"{where}: unknown table(s) {sorted(extra)}; valid: model, stage, train, data")
+            raise ValueError(f"{where}: unknown table(s) {sorted(extra)}; valid: model, stage, train, data, lora")
         for t in ("model", "stage", "train"):
             if t not in d:
                 raise ValueError(f"{where}: missing table [{t}]")
@@ -97,7 +109,8 @@ class RunConfig:
         builder = data.pop("builder", DataSection.builder)
         return cls(model=_build(ModelSection, d["model"], f"{where} [model]"), stage=stage,
                    train=_build(TrainSection, d["train"], f"{where} [train]"),
-                   data=DataSection(builder=builder, options=data))
+                   data=DataSection(builder=builder, options=data),
+                   lora=_build(LoraSection, d.get("lora", {}), f"{where} [lora]"))
 
 
 def _build(kind: type, table: dict[str, Any], where: str) -> Any:
@@ -108,6 +121,8 @@ def _build(kind: type, table: dict[str, Any], where: str) -> Any:
     try:
         return kind(**table)
     except TypeError as e:  # a missing required key
+        raise ValueError(f"{where}: {e}") from None
+    except ValueError as e:  # a value a section's own checks reject
         raise ValueError(f"{where}: {e}") from None
 
 

@@ -8,6 +8,9 @@ Output folder after a run:
     checkpoints/step-00001000/   model.safetensors (native keys, float32), optimizer.pt, trainer.pt
                                  (scheduler, step, RNG states and data positions of every rank),
                                  run_config.json, config.json (the model), DONE (manifest, written last)
+With [lora] enabled (lora.py) checkpoints hold adapter_config.json + adapter_model.safetensors instead
+of model.safetensors (the frozen base is rebuilt from [model]), and the output folder is the merged
+model in the official layout, or only the adapter files when lora.merge_on_export is false.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ from ..config import PRESET_NAMES, preset
 from ..models.janus import JanusModel
 from . import parallel
 from .batch import IGNORE, TrainBatch
-from .config import DataContext, ModelSection, RunConfig
+from .config import DataContext, LoraSection, ModelSection, RunConfig
+from .lora import ADAPTER_WEIGHTS, apply_lora, has_lora, load_adapter, merged_state, save_adapter
 from .losses import KINDS, LossForward, label_counts
 from .packing import split_rows
 from .plot import plot_losses, read_metrics
@@ -141,6 +145,16 @@ def build_model(spec: ModelSection) -> JanusModel:
                             f"({', '.join(PRESET_NAMES)})")
 
 
+def set_trainable(model: JanusModel, stage: Stage, lora: LoraSection, seed: int) -> None:
+    """The stage's parts (apply_stage), or with [lora] enabled LoRA adapters on an otherwise frozen
+    model: the stage then only gives the optimiser numbers, the schedule and the data ratios. The
+    adapters' init comes from `seed` alone, so every rank builds the same ones."""
+    if lora.enabled:
+        apply_lora(model, lora, seed=seed)
+    else:
+        apply_stage(model, stage)
+
+
 def build_optimizer(model: JanusModel, stage: Stage) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; weight decay on matrices and embeddings only (norm scales
     and biases are not decayed, the usual practice; the papers decay only in Janus Stage III)."""
@@ -211,7 +225,10 @@ def save_checkpoint(root: Path, step: int, model: JanusModel, optimizer: torch.o
     if parallel.is_main():
         path = root / f"step-{step:08d}"
         with atomic_folder(path, overwrite=True) as tmp:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            if has_lora(model):  # the adapters are all that trains; the frozen base comes from [model]
+                save_adapter(model, tmp, weights, base=cfg.model.source)
+            else:
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
             torch.save(optim, tmp / "optimizer.pt")
             torch.save({"step": step, "world": parallel.world(), "scheduler": scheduler.state_dict(), "ranks": ranks},
                        tmp / "trainer.pt")
@@ -236,7 +253,14 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 
 def load_weights(model: JanusModel, ckpt: Path) -> None:
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    adapter = (ckpt / ADAPTER_WEIGHTS).is_file()
+    if adapter != has_lora(model):
+        raise ValueError(f"{ckpt}: written by a run {'with' if adapter else 'without'} [lora] enabled; resume it "
+                         "with the same [lora] setting")
+    if adapter:
+        load_adapter(model, ckpt)
+    else:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
 
 
 def restore_state(ckpt: Path, model: JanusModel, optimizer: torch.optim.Optimizer,
@@ -254,12 +278,19 @@ def restore_state(ckpt: Path, model: JanusModel, optimizer: torch.optim.Optimize
     return int(st["step"])
 
 
-def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torch.dtype) -> None:
+def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torch.dtype,
+                 adapter_only: bool = False) -> None:
     """Write the trained model into `out` in the official layout, with the source's tokenizer and
-    processor files, so januskit.load(out) works. Collective under FSDP (gathers the weights)."""
+    processor files, so januskit.load(out) works; LoRA adapters are merged in first, or with
+    `adapter_only` written alone (float32, PEFT's file layout). Collective under FSDP (gathers the weights)."""
     state = parallel.model_state(model)
     if not parallel.is_main():
         return
+    if has_lora(model):
+        if adapter_only:
+            save_adapter(model, out, state, base=source.source)
+            return
+        state = merged_state(model, state)
     with torch.device("meta"):
         m = JanusModel(model.config)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -305,9 +336,9 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
         parallel.seed_everything(cfg.train.seed)
 
         model = build_model(cfg.model)
+        set_trainable(model, stage, cfg.lora, cfg.train.seed)
         if ckpt is not None:
             load_weights(model, ckpt)
-        apply_stage(model, stage)
         model.llm.gradient_checkpointing = cfg.train.gradient_checkpointing
         model.train()
         wrapped = parallel.wrap(LossForward(model), cfg.train.parallel, blocks=list(model.llm.layers))
@@ -351,7 +382,8 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
             bar.update(1)
         bar.close()
 
-        export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype))
+        export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype),
+                     adapter_only=cfg.lora.enabled and not cfg.lora.merge_on_export)
         if parallel.is_main() and cfg.train.plot:
             plot_losses(read_metrics(metrics_path), out / "loss.png", title=f"{stage.name} ({cfg.model.source})")
         parallel.barrier()
