@@ -164,6 +164,9 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{dst}: exists and is not empty (refusing to overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder
     try:
         yield tmp
         if dst.exists():
