@@ -98,6 +98,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assemble(args: argparse.Namespace) -> int:
+    import januskit
+    from .checkpoint.assemble import assemble
+
+    dst = assemble(args.llm, args.siglip, args.vq, args.dir, preset_name=args.preset, seed=args.seed,
+                   dtype=januskit.resolve_dtype(args.dtype), overwrite=args.overwrite)
+    print(f"wrote Stage-I starting checkpoint ({args.preset}, fresh adaptors/heads seed {args.seed}) to {dst}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint.info import describe
 
@@ -169,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("assemble", help="build a Stage-I starting checkpoint from a pretrained LLM, SigLIP and VQ")
+    p.add_argument("dir", help="destination folder (official layout)")
+    p.add_argument("--llm", required=True, help="HF LlamaForCausalLM folder (DeepSeek-LLM base, with tokenizer.json)")
+    p.add_argument("--siglip", required=True, help="timm-layout SigLIP weights (.safetensors, .bin or .pt)")
+    p.add_argument("--vq", required=True, help="LlamaGen VQ-16 weights (.pt/.bin, may be wrapped in {'model': ...})")
+    p.add_argument("--preset", required=True, choices=list(januskit.PRESET_NAMES))
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh adaptors and image head")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("info", help="describe a checkpoint folder or preset")
     p.add_argument("model")

@@ -24,12 +24,16 @@ ARCHS = ("janus",)
 
 
 @torch.no_grad()
-def randomize(model: JanusModel, seed: int) -> JanusModel:
+def randomize(model: JanusModel, seed: int, prefixes: tuple[str, ...] | None = None) -> JanusModel:
     """Fill every parameter, in state-dict order, from one seeded generator. Matrices get std
     1/sqrt(fan_in) so activations keep their scale through the network and outputs depend on the
-    input (at a flat std of 0.02 the heads' biases decide everything and greedy output is constant)."""
+    input (at a flat std of 0.02 the heads' biases decide everything and greedy output is constant).
+    `prefixes` limits this to parameters whose names start with one of them (the others are left
+    untouched and draw nothing, so those parts' values depend only on the seed)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
         x = torch.empty(p.shape)  # draw in float32 whatever p's dtype: same seed, same values up to rounding
         if name.endswith("bias"):
             x.normal_(0.0, 0.02, generator=g)
