@@ -16,9 +16,14 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (official or HF layout) or preset name; default: the bundled model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute dtype (bfloat16 halves memory; float32 is the most exact on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads; default: torch's, or 1 for tiny models (narrow matrices gain nothing from "
+                        "threads, and on a busy machine idle-spinning workers slow them down many times)")
 
 
 def _load(args: argparse.Namespace):
+    import torch
+
     import januskit
 
     model = args.model
@@ -29,7 +34,12 @@ def _load(args: argparse.Namespace):
         model = DEFAULT_MODEL
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        return januskit.load(model, dtype=args.dtype)
+        pipe = januskit.load(model, dtype=args.dtype)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif pipe.config.llm.dim < 1024:
+        torch.set_num_threads(1)
+    return pipe
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
