@@ -7,13 +7,17 @@ and times text-to-image token generation with CFG (2 rows per image, cfg weight 
 selection on both, so the work is identical. SigLIP and the VQ model are tiny (they take no part in
 decoding); their image size sets the number of image tokens ((image_size / 16) ** 2: 384 -> 576).
 
-Timing: each run is one full generate call (prefill + decode). A forward hook on the LLM body of each
-implementation stamps the end of every LLM call, so the run splits into prefill (start -> end of the
-first LLM call, which includes cache setup) and decode (end of the prefill -> end of the run: 575 one-token
-LLM steps and 576 gen-head evaluations + CFG + argmax). tokens/s = image tokens / decode seconds.
+Timing: each run is one full generate call (prefill + decode), timed with time.perf_counter after
+warm-up runs. A forward hook on the LLM body of each implementation marks the end of every LLM call, so
+a run splits into prefill (up to the end of the first LLM call, including cache set-up) and decode (the
+rest: 575 one-token LLM steps and 576 gen-head evaluations + CFG + argmax). tokens/s = image tokens /
+decode seconds. By default the timed runs of the two implementations go step by step in turn (each in
+its own thread; the hook hands the turn over), so a slow phase of a throttled VM hits both alike;
+--sequential times whole runs one after the other instead.
 
     python bench/bench_image_decode.py                    # bf16, 4 layers, 1 image (2 CFG rows)
     python bench/bench_image_decode.py --dtype float32 --json out.json
+    python bench/bench_image_decode.py --n-images 4 --threads 1 --sequential
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,11 +90,18 @@ def weight_bytes(c: JanusConfig, dtype: torch.dtype) -> tuple[int, int]:
 
 
 class StepClock:
-    """Forward hook on an LLM body: stamps the end of every call (the first one is the prefill)."""
+    """Forward hook on an LLM body: stamps the end of every call (the first one is the prefill).
+    `on_step`, when set, runs inside the hook after the stamp (used to hand over turns)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.stamps: list[float] = []
-        self.handle = module.register_forward_hook(lambda *_: self.stamps.append(time.perf_counter()))
+        self.on_step = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_) -> None:
+        self.stamps.append(time.perf_counter())
+        if self.on_step is not None:
+            self.on_step()
 
     def run(self, fn):
         self.stamps.clear()
@@ -99,6 +111,68 @@ class StepClock:
         steps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
         return out, dict(total=t1 - t0, prefill=self.stamps[0] - t0, decode=t1 - self.stamps[0],
                          llm_calls=len(self.stamps), median_step=statistics.median(steps) if steps else float("nan"))
+
+
+def run_interleaved(runners: dict) -> dict:
+    """Run every implementation's generate at once, in its own thread, but one step at a time in turn:
+    each LLM-call hook passes the turn on and waits for it to come back. Only the turn holder computes,
+    so each is timed alone, and a slow phase of the machine hits all implementations alike.
+    Returns {name: (output, metrics)} with the same metrics as StepClock.run."""
+    names = list(runners)
+    cond = threading.Condition()
+    state = {"turn": names[0], "active": set(names)}
+    turns: dict[str, list[float]] = {n: [] for n in names}
+    began: dict[str, float] = {}
+    result: dict[str, tuple] = {}
+    threads = torch.get_num_threads()
+
+    def wait_turn(me: str) -> None:  # with cond held
+        while state["turn"] != me:
+            cond.wait()
+        began[me] = time.perf_counter()
+
+    def pass_turn(me: str) -> None:  # with cond held
+        live = [n for n in names if n in state["active"]]
+        if live:
+            state["turn"] = live[(live.index(me) + 1) % len(live)] if me in live else live[0]
+        cond.notify_all()
+
+    def on_step(me: str) -> None:
+        turns[me].append(time.perf_counter() - began[me])
+        with cond:
+            pass_turn(me)
+            wait_turn(me)
+
+    def worker(me: str) -> None:
+        torch.set_num_threads(threads)
+        clock, fn = runners[me]
+        clock.stamps.clear()
+        clock.on_step = lambda: on_step(me)
+        try:
+            with cond:
+                wait_turn(me)
+            out = fn()
+            turns[me].append(time.perf_counter() - began[me])
+            result[me] = out
+        finally:
+            clock.on_step = None
+            with cond:
+                state["active"].discard(me)
+                pass_turn(me)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in names]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    report = {}
+    for n in names:
+        if n not in result:
+            raise SystemExit(f"{n}: interleaved run failed")
+        t = turns[n]  # t[0]: prefill, then one turn per step (rest of the step up to the next LLM call)
+        report[n] = (result[n], dict(total=sum(t), prefill=t[0], decode=sum(t[1:]), llm_calls=len(runners[n][0].stamps),
+                                     median_step=statistics.median(t[1:-1]) if len(t) > 2 else float("nan")))
+    return report
 
 
 def make_runners(off: Path, hf_dir: Path, c: JanusConfig, dtype: torch.dtype, n_images: int, cfg: float):
@@ -148,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", type=float, default=540.0,
                     help="seconds: skip the remaining repeats once the next round would end past this (0 = no limit; "
                          "at least one timed run per implementation always happens)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time whole runs one after the other instead of interleaving the implementations step by "
+                         "step (the default interleaving is robust to slow phases of a throttled machine)")
     ap.add_argument("--cfg", type=float, default=5.0, help="CFG weight")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
     ap.add_argument("--only", choices=("januskit", "transformers"), default=None, help="time one implementation")
@@ -168,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
           f"vocab {c.llm.vocab_size}); gen head {c.gen_head.n_embed}->{c.gen_head.image_token_embed}->"
           f"{c.gen_head.image_token_size}; {n_tok} image tokens ({args.image_size}px); {args.n_images} image(s) = "
           f"{rows} CFG rows; dtype {args.dtype}; threads {torch.get_num_threads()}")
+    if not args.sequential and not args.only:
+        print("timed runs interleave januskit and transformers step by step (--sequential: whole runs in turn)")
     print(f"weights read per step: LLM layers {layer_b / 1e6:.1f} MB + gen head {head_b / 1e6:.1f} MB")
 
     tmp = None
@@ -198,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"a round takes {round_s:.0f}s, --time-budget {args.time_budget:.0f}s)")
                 break
             t_round = time.perf_counter()
+            inter = run_interleaved({n: runners[n] for n in names}) if not args.sequential and len(names) > 1 else None
             for name in names:
-                clock, fn = runners[name]
-                outs[name], m = clock.run(fn)
+                if inter is not None:
+                    outs[name], m = inter[name]
+                else:
+                    clock, fn = runners[name]
+                    outs[name], m = clock.run(fn)
                 if m["llm_calls"] != n_tok:
                     raise SystemExit(f"{name}: {m['llm_calls']} LLM calls, expected {n_tok} (prefill + {n_tok - 1} steps)")
                 times[name].append(m)
