@@ -175,7 +175,8 @@ def run_interleaved(runners: dict) -> dict:
     return report
 
 
-def make_runners(off: Path, hf_dir: Path, c: JanusConfig, dtype: torch.dtype, n_images: int, cfg: float):
+def make_runners(off: Path, hf_dir: Path, c: JanusConfig, dtype: torch.dtype, n_images: int, cfg: float,
+                 packed: bool = False):
     proc = Processor.from_folder(off, c.vision.image_size, c.vision.n_tokens)
     tok = proc.tokenizer
     ids = proc.generation_prompt(PROMPT)
@@ -193,6 +194,10 @@ def make_runners(off: Path, hf_dir: Path, c: JanusConfig, dtype: torch.dtype, n_
     for a, b in pairs:
         if a.dtype != b.dtype or not torch.equal(a, b):
             raise SystemExit("januskit and HF weights differ after loading: conversion or loading problem")
+    if packed:  # januskit's optional CPU path (januskit.models.cpu_pack), after the weight check above
+        from januskit.models.cpu_pack import pack_linears
+        if not sum(pack_linears(part, 2 * n_images) for part in (jk.language_model, jk.gen_aligner, jk.gen_head)):
+            raise SystemExit("--packed: oneDNN prepacking is not available in this torch build")
 
     gen_cfg = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                                do_sample=False, guidance_scale=cfg, num_return_sequences=1,
@@ -228,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=5.0, help="CFG weight")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
     ap.add_argument("--only", choices=("januskit", "transformers"), default=None, help="time one implementation")
+    ap.add_argument("--packed", action="store_true", help="januskit with oneDNN-prepacked weights (pack_for_cpu)")
     ap.add_argument("--ckpt-dir", type=Path, default=None,
                     help="write (or reuse) the random checkpoints here instead of a temporary folder")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         off, hf_dir = write_checkpoints(c, root, args.seed)
         print(f"checkpoints ready in {time.perf_counter() - t:.1f}s ({root})")
         t = time.perf_counter()
-        runners, prompt_len = make_runners(off, hf_dir, c, dtype, args.n_images, args.cfg)
+        runners, prompt_len = make_runners(off, hf_dir, c, dtype, args.n_images, args.cfg, args.packed)
         print(f"both models loaded in {time.perf_counter() - t:.1f}s; prompt {prompt_len} tokens")
         names = [args.only] if args.only else list(runners)
 

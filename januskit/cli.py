@@ -16,6 +16,8 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (official or HF layout) or preset name; default: the bundled model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute dtype (bfloat16 halves memory; float32 is the most exact on CPU)")
+    p.add_argument("--fast", action="store_true",
+                   help="prepack weights for oneDNN (CPU): about 2x faster decoding, last-bit differences in float32")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads; default: torch's, or 1 for tiny models (narrow matrices gain nothing from "
                         "threads, and on a busy machine idle-spinning workers slow them down many times)")
@@ -35,6 +37,8 @@ def _load(args: argparse.Namespace):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         pipe = januskit.load(model, dtype=args.dtype)
+    if args.fast:
+        pipe.pack_for_cpu()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif pipe.config.llm.dim < 1024:

@@ -46,6 +46,14 @@ class JanusPipeline:
     def dtype(self) -> torch.dtype:
         return self.model.llm.embed_tokens.weight.dtype
 
+    def pack_for_cpu(self, rows_hint: int = 2) -> int:
+        """Prepack the LLM, aligners and gen head for faster CPU inference (januskit.models.cpu_pack);
+        returns the number of layers packed (0 where the oneDNN ops are unavailable). Inference only."""
+        from .models.cpu_pack import pack_linears
+
+        m = self.model
+        return sum(pack_linears(part, rows_hint) for part in (m.language_model, m.aligner, m.gen_aligner, m.gen_head))
+
     # -- understanding ------------------------------------------------------------------------
     def _conversation(self, prompt: str | Conversation, images: Sequence) -> list[Message]:
         if isinstance(prompt, str):

@@ -113,6 +113,9 @@ def save_janus(model: JanusModel, dst: str | Path, *, copy_from: str | Path | No
     """Write config.json + safetensors in the official layout, atomically. Non-weight files of
     `copy_from` (tokenizer, processor configs) are copied along; `files` adds text files by name."""
     dst = Path(dst)
+    if any(getattr(m, "packed_for_cpu", False) for m in model.modules()):
+        raise ValueError("this model's Linear weights are prepacked for CPU inference (pack_for_cpu); "
+                         "save the model loaded without packing")
     state = official_state(model, unused)
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         if copy_from is not None:
