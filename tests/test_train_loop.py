@@ -29,7 +29,7 @@ from januskit.train.plot import read_metrics
 from januskit.train.stages import ALWAYS_FROZEN, STAGES, apply_stage, get_stage, lr_multiplier
 from januskit.train.synthetic import SyntheticData
 from januskit.train.trainer import list_checkpoints, train
-from train_helpers import PRESET, Repeat, pack_by_hand, run_config
+from train_helpers import PRESET, Repeat, crash_after, pack_by_hand, run_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -251,23 +251,11 @@ def test_output_folder_loads_and_equals_trained_weights(straight):
     assert isinstance(pipe.chat("hi", max_new_tokens=3), str)
 
 
-def _crash_after(monkeypatch, n_steps: int) -> None:
-    real, calls = trainer.train_step, [0]
-
-    def step(*a, **k):
-        if calls[0] == n_steps:
-            raise KeyboardInterrupt("simulated kill")
-        calls[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(trainer, "train_step", step)
-
-
 def test_resume_is_exact_and_ignores_uncommitted_checkpoints(straight, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = run_config(out, steps=STEPS)
     with monkeypatch.context() as m:
-        _crash_after(m, 3)  # steps 1-3 done, checkpoint at 2, killed during step 4
+        crash_after(m, 3)  # steps 1-3 done, checkpoint at 2, killed during step 4
         with pytest.raises(KeyboardInterrupt):
             train(cfg)
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]

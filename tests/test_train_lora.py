@@ -31,7 +31,7 @@ from januskit.train.losses import LossForward
 from januskit.train.stages import get_stage
 from januskit.train.synthetic import SyntheticData
 from januskit.train.trainer import StepConfig, build_optimizer, list_checkpoints, train, train_step
-from train_helpers import LORA, PRESET, Repeat, pack_by_hand, run_config
+from train_helpers import LORA, PRESET, Repeat, crash_after, pack_by_hand, run_config
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
                                 reason="peft is not installed (pip install -e '.[lora]')")
@@ -255,24 +255,12 @@ def test_trainer_lora_checkpoints_and_merged_export(straight):
     assert not torch.equal(exported[q], start[q])  # adapted and merged
 
 
-def _crash_after(monkeypatch, n_steps: int) -> None:
-    real, calls = trainer.train_step, [0]
-
-    def step(*a, **k):
-        if calls[0] == n_steps:
-            raise KeyboardInterrupt("simulated kill")
-        calls[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(trainer, "train_step", step)
-
-
 @needs_peft
 def test_lora_resume_is_exact(straight, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = lora_cfg(out)
     with monkeypatch.context() as m:
-        _crash_after(m, 3)  # checkpoint at step 2, killed during step 4
+        crash_after(m, 3)  # checkpoint at step 2, killed during step 4
         with pytest.raises(KeyboardInterrupt):
             train(cfg)
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2]

@@ -78,3 +78,18 @@ class Repeat:
 
     def load_state_dict(self, state):
         pass
+
+
+def crash_after(monkeypatch, n_steps: int) -> None:
+    """Make the trainer die (as if killed) when it starts step n_steps + 1."""
+    from januskit.train import trainer
+
+    real, calls = trainer.train_step, [0]
+
+    def step(*a, **k):
+        if calls[0] == n_steps:
+            raise KeyboardInterrupt("simulated kill")
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_step", step)
