@@ -78,11 +78,9 @@ class JanusPipeline:
                  temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
                  system_prompt: str = SYSTEM_PROMPT) -> list[int]:
         """Like chat(), but the generated token ids (the stop token excluded)."""
-        proc = self.processor
-        batch = proc.batch([proc.encode_chat(self._conversation(prompt, images), system_prompt)])
-        eos = proc.tokenizer.eos_id
-        steps = generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
-                              temperature=temperature, top_k=top_k, top_p=top_p, generators=[row_generator(seed, 0)])
+        steps, eos = self._steps([self._conversation(prompt, images)], max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                 system_prompt=system_prompt)
         return [int(t[0]) for t in steps if 0 <= int(t[0]) != eos]
 
     def chat_batch(self, prompts: Sequence[str | Conversation], images: Sequence[Sequence] | None = None, *,
@@ -100,17 +98,21 @@ class JanusPipeline:
                 out[i] += p
         return out
 
-    def _chat_stream(self, convs: list[list[Message]], *, max_new_tokens: int, temperature: float,
-                     top_p: float | None, top_k: int | None, seed: int, system_prompt: str) -> Iterator[list[str]]:
-        """Encode, batch and check everything now (so chat(stream=True) raises at the call), then
-        return the lazy stream of per-row text pieces."""
+    def _steps(self, convs: list[list[Message]], *, max_new_tokens: int, temperature: float, top_p: float | None,
+               top_k: int | None, seed: int, system_prompt: str) -> tuple[Iterator[torch.Tensor], int]:
+        """Encode, batch and check everything now (so chat(stream=True) raises at the call); return the
+        lazy per-step token stream (row i samples with generator (seed, i)) and the stop id."""
         proc = self.processor
         batch = proc.batch([proc.encode_chat(c, system_prompt) for c in convs])
         gens = [row_generator(seed, i) for i in range(len(convs))]
         eos = proc.tokenizer.eos_id
-        steps = generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
-                              temperature=temperature, top_k=top_k, top_p=top_p, generators=gens)
-        return self._pieces(steps, [StreamDecoder(proc.tokenizer) for _ in convs], eos)
+        return generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
+                             temperature=temperature, top_k=top_k, top_p=top_p, generators=gens), eos
+
+    def _chat_stream(self, convs: list[list[Message]], **kw) -> Iterator[list[str]]:
+        """Per-step lists of new text pieces, one per conversation."""
+        steps, eos = self._steps(convs, **kw)
+        return self._pieces(steps, [StreamDecoder(self.processor.tokenizer) for _ in convs], eos)
 
     @staticmethod
     def _pieces(steps: Iterator[torch.Tensor], decoders: list[StreamDecoder], eos: int) -> Iterator[list[str]]:

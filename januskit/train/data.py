@@ -270,20 +270,25 @@ class _Source:
     def _name(self) -> str: ...
 
 
-def _jsonl_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+def _files(paths: str | Path | Sequence[str | Path], suffix: str, what: str) -> list[Path]:
+    """Named files, plus every `*{suffix}` in named folders (sorted); anything missing is an error."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(p.glob("*.jsonl"))
+            found = sorted(p.glob(f"*{suffix}"))
             if not found:
-                raise FileNotFoundError(f"{p}: no *.jsonl manifest in this folder")
+                raise FileNotFoundError(f"{p}: no *{suffix} {what} in this folder")
             out += found
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such manifest file or folder")
+            raise FileNotFoundError(f"{p}: no such {what} file or folder")
     return out
+
+
+def _jsonl_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    return _files(paths, ".jsonl", "manifest")
 
 
 class ManifestSource(_Source):
@@ -372,19 +377,7 @@ class ManifestSource(_Source):
 
 
 def _tar_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(p.glob("*.tar"))
-            if not found:
-                raise FileNotFoundError(f"{p}: no *.tar shard in this folder")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such shard file or folder")
-    return out
+    return _files(paths, ".tar", "shard")
 
 
 _Group = tuple[str, dict[str, tuple[str, bytes | None]]]  # (key, {suffix: (member name, data or None)})
