@@ -31,8 +31,8 @@ def _load(args: argparse.Namespace):
     model = args.model
     if model is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
-            raise SystemExit("januskit: no default model is bundled with this version yet; pass --model DIR "
-                             "(e.g. one written by `januskit init DIR`)")
+            raise SystemExit(f"januskit: the bundled default model is missing ({DEFAULT_MODEL}); pass --model DIR, "
+                             f"or rebuild it with `januskit world build --out {DEFAULT_MODEL}`")
         model = DEFAULT_MODEL
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -144,6 +144,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_write(args: argparse.Namespace) -> int:
+    from .world.dataset import write_world
+
+    root = write_world(args.dir, seed=args.seed, scale=args.scale, overwrite=args.overwrite)
+    print(json.dumps(json.loads((root / "world.json").read_text())["counts"], indent=1))
+    print(f"wrote the miniature world (seed {args.seed}) to {root}")
+    return 0
+
+
+def cmd_world_build(args: argparse.Namespace) -> int:
+    import logging
+
+    from .world.recipe import Recipe, build
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    recipe = Recipe(seed=args.seed, threads=args.threads)
+    if args.smoke:
+        recipe = recipe.smoke()
+    out = build(args.out, args.work, recipe, evaluate_model=not args.no_eval)
+    print(f"miniature Janus-Pro written to {out}")
+    return 0
+
+
+def cmd_world_ablation(args: argparse.Namespace) -> int:
+    import logging
+
+    from .world.ablation import run_ablation
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    table = run_ablation(args.work, only=args.only, smoke=args.smoke, threads=args.threads, base=args.base)
+    print(table)
+    return 0
+
+
+def cmd_eval_world(args: argparse.Namespace) -> int:
+    from .eval.world import EvalSettings, evaluate, format_report
+
+    pipe = _load(args)
+    s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg=args.cfg, temperature=args.temperature,
+                     seed=args.seed, prompts_per_category=args.prompts_per_category,
+                     questions_per_type=args.questions_per_type)
+    rep = evaluate(pipe, args.world, s, save_dir=args.save_images, progress=not args.json)
+    if args.json:
+        print(json.dumps(rep.to_json() | {"model": str(pipe.source)}))
+    else:
+        print(format_report(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import januskit
 
@@ -216,6 +265,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override a config value, e.g. --set train.out=runs/x (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    world = sub.add_parser("world", help="the miniature world: dataset, default-model recipe, ablation")
+    wsub = world.add_subparsers(dest="world_command", required=True)
+    p = wsub.add_parser("write", help="write the world's train/val/test splits (training data format)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="size of the train split relative to the default")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_world_write)
+    p = wsub.add_parser("build", help="train the default model from scratch: world, SigLIP, VQ, LLM, 3 stages")
+    p.add_argument("--out", default="runs/world/default-model", help="final model folder")
+    p.add_argument("--work", default="runs/world", help="intermediate folders (a rerun continues from them)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for this size on a busy host)")
+    p.add_argument("--smoke", action="store_true", help="the whole chain with tiny budgets (a minute)")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.set_defaults(func=cmd_world_build)
+    p = wsub.add_parser("ablation", help="Janus Table 5 in miniature (decoupled vs shared encoder, task-only)")
+    p.add_argument("--work", default="runs/ablation")
+    p.add_argument("--only", action="append", default=None, help="run only these experiments (A, B, C, D)")
+    p.add_argument("--base", default=None, help="reuse a `world build` work folder (world, components, text LLM)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true")
+    p.set_defaults(func=cmd_world_ablation)
+
+    ev = sub.add_parser("eval", help="benchmarks")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    p = esub.add_parser("world", help="GenEval-style generation and QA/POPE understanding on the miniature world")
+    _model_arg(p)
+    p.add_argument("--world", default=None, help="a world folder (default: the default world's test split)")
+    p.add_argument("--json", action="store_true", help="print the full report (per-item records) as JSON")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts-per-category", type=int, default=None, help="evaluate a subset: first K per category")
+    p.add_argument("--questions-per-type", type=int, default=None, help="evaluate a subset: first K per type")
+    p.add_argument("--save-images", default=None, help="folder to save the generated images in")
+    p.set_defaults(func=cmd_eval_world)
     return ap
 
 

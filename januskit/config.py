@@ -114,7 +114,7 @@ class JanusConfig:
         return _janus_to_official(self, dtype)
 
 
-PRESET_NAMES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b", "tiny-janus", "tiny-janus-pro")
+PRESET_NAMES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b", "tiny-janus", "tiny-janus-pro", "mini-janus-pro")
 
 
 def _janus(llm: LlamaConfig, vision: SigLIPConfig | None = None, vq: VQConfig | None = None) -> JanusConfig:
@@ -140,6 +140,13 @@ _LLM_7B = LlamaConfig(dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, intermed
 _TINY_LLM = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=172, vocab_size=1024, max_seq_len=1024)
 _TINY_VISION = SigLIPConfig(image_size=128, patch_size=16, width=64, layers=2, heads=4, model_name="januskit_tiny_vit")
 _TINY_VQ = VQConfig(codebook_size=512, codebook_dim=8, ch=32, ch_mult=(1, 1, 2, 2, 2), z_channels=32, image_size=128)
+# The miniature world's model (januskit.world): 64 px images, 64 understanding tokens (patch 8) and
+# 64 VQ tokens (factor 8), a 4-layer LLM of width 256 and a 512-token world tokenizer.
+_MINI_LLM = LlamaConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, intermediate_size=688, vocab_size=512,
+                        max_seq_len=512)
+_MINI_VISION = SigLIPConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, model_name="januskit_mini_vit")
+_MINI_VQ = VQConfig(codebook_size=512, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 4), z_channels=64, num_res_blocks=1,
+                    image_size=64)
 
 
 def preset(name: str) -> JanusConfig:
@@ -150,6 +157,7 @@ def preset(name: str) -> JanusConfig:
         "janus-pro-7b": lambda: _janus(_LLM_7B),
         "tiny-janus": lambda: _janus(_TINY_LLM, _TINY_VISION, _TINY_VQ),
         "tiny-janus-pro": lambda: _janus(_TINY_LLM, _TINY_VISION, _TINY_VQ),
+        "mini-janus-pro": lambda: _janus(_MINI_LLM, _MINI_VISION, _MINI_VQ),
     }
     if name not in table:
         raise KeyError(f"unknown preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .models.janus import JanusModel
-from .processing.chat import SYSTEM_PROMPT, Message, Processor
+from .processing.chat import Message, Processor
 from .processing.image import to_gen_pixels, to_pil, to_uint8
 from .processing.tokenizer import StreamDecoder
 from .sampling.image_ar import generate_image_tokens, rows_per_chunk
@@ -64,7 +64,7 @@ class JanusPipeline:
 
     def chat(self, prompt: str | Conversation, images: Sequence = (), *, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
-             stream: bool = False, system_prompt: str = SYSTEM_PROMPT) -> str | Iterator[str]:
+             stream: bool = False, system_prompt: str | None = None) -> str | Iterator[str]:
         """Answer one prompt (with optional images) or one conversation. temperature 0 = greedy
         (the reference's inference script); stream=True returns an iterator of text pieces."""
         pieces = self._chat_stream([self._conversation(prompt, images)], max_new_tokens=max_new_tokens,
@@ -76,7 +76,7 @@ class JanusPipeline:
 
     def chat_ids(self, prompt: str | Conversation, images: Sequence = (), *, max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
-                 system_prompt: str = SYSTEM_PROMPT) -> list[int]:
+                 system_prompt: str | None = None) -> list[int]:
         """Like chat(), but the generated token ids (the stop token excluded)."""
         steps, eos = self._steps([self._conversation(prompt, images)], max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -85,7 +85,7 @@ class JanusPipeline:
 
     def chat_batch(self, prompts: Sequence[str | Conversation], images: Sequence[Sequence] | None = None, *,
                    max_new_tokens: int = 512, temperature: float = 0.0, top_p: float | None = None,
-                   top_k: int | None = None, seed: int = 0, system_prompt: str = SYSTEM_PROMPT) -> list[str]:
+                   top_k: int | None = None, seed: int = 0, system_prompt: str | None = None) -> list[str]:
         """Answer several prompts in one left-padded batch; row i samples with its own generator."""
         if len(prompts) == 0:
             return []

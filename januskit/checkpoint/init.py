@@ -70,13 +70,17 @@ def synthetic_tokenizer(preset_name: str, c: JanusConfig) -> TextTokenizer:
     return build_synthetic_tokenizer(c.llm.vocab_size, style=style, special_ids=ids)
 
 
-def processor_files(c: JanusConfig) -> dict[str, str]:
+def processor_files(c: JanusConfig, system_prompt: str | None = None) -> dict[str, str]:
+    """preprocessor_config.json and processor_config.json; `system_prompt` is written only when given
+    (the official files omit it: the processor's built-in prompt applies)."""
     t = ImageTransform(size=c.vision.image_size)
     pre = {"background_color": list(t.background), "do_normalize": True, "image_mean": list(t.mean),
            "image_processor_type": "VLMImageProcessor", "image_size": t.size, "image_std": list(t.std),
            "min_size": t.min_size, "processor_class": "VLChatProcessor", "rescale_factor": t.rescale}
     proc = {"add_special_token": False, "ignore_id": -100, "image_tag": "<image_placeholder>", "mask_prompt": True,
             "num_image_tokens": c.vision.n_tokens, "processor_class": "VLChatProcessor", "sft_format": "deepseek"}
+    if system_prompt is not None:
+        proc["system_prompt"] = system_prompt
     return {"preprocessor_config.json": json.dumps(pre, indent=2) + "\n",
             "processor_config.json": json.dumps(proc, indent=2) + "\n"}
 

@@ -128,10 +128,17 @@ def save_janus(model: JanusModel, dst: str | Path, *, copy_from: str | Path | No
     return dst
 
 
+# A training run's records in its output folder: they describe that run, not the model, so a folder
+# saved from it (the next stage's export, a conversion) must not inherit them.
+RUN_RECORDS = ("metrics.jsonl", "loss.png", "run_config.json", "RECIPE_DONE")
+
+
 def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy everything that is not weights or config.json (tokenizer.json, processor configs, ...)."""
+    """Copy everything that is not weights, config.json or a run record (tokenizer.json, processor
+    configs, ...)."""
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.name != "config.json" and f.name not in skip and not _is_weight(f.name):
+        if (f.is_file() and f.name != "config.json" and f.name not in skip + RUN_RECORDS
+                and not _is_weight(f.name)):
             shutil.copy2(f, dst / f.name)
 
 

@@ -180,7 +180,7 @@ class VQModel(nn.Module):
         return self.quant_conv(self.encoder(pixel_values))
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels in [-1, 1] -> (B, (S/16)^2) token ids."""
+        """(B, 3, S, S) pixels in [-1, 1] -> (B, (S / factor)^2) token ids (factor 16 for the real models)."""
         return self.quantize.nearest(self.encode_latent(pixel_values.to(self.quant_conv.weight.dtype)))
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,11 @@ class ChatBatch:
 
 class Processor:
     def __init__(self, tokenizer: TextTokenizer, transform: ImageTransform, n_image_tokens: int,
-                 pro_format: bool | None = None) -> None:
+                 pro_format: bool | None = None, system_prompt: str = SYSTEM_PROMPT) -> None:
         self.tokenizer = tokenizer
+        # Default system prompt of understanding chats: the official one unless the checkpoint's
+        # processor_config.json names another (the official VLChatProcessor takes the same key).
+        self.system_prompt = system_prompt
         self.transform = transform
         self.n_image_tokens = n_image_tokens
         pro = tokenizer.is_pro_format if pro_format is None else pro_format
@@ -68,11 +71,20 @@ class Processor:
                 cfg = json.loads(pre.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{pre}: not valid JSON ({e})") from e
-        return cls(tok, ImageTransform.from_preprocessor_config(cfg, image_size), n_image_tokens)
+        proc = folder / "processor_config.json"
+        try:
+            system = json.loads(proc.read_text()).get("system_prompt", SYSTEM_PROMPT) if proc.is_file() else SYSTEM_PROMPT
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{proc}: not valid JSON ({e})") from e
+        if not isinstance(system, str):
+            raise ValueError(f"{proc}: system_prompt must be a string, got {type(system).__name__}")
+        return cls(tok, ImageTransform.from_preprocessor_config(cfg, image_size), n_image_tokens, system_prompt=system)
 
     # -- text ---------------------------------------------------------------------------------
-    def render(self, messages: Sequence[Message], system_prompt: str = SYSTEM_PROMPT) -> str:
-        """The prompt string; a trailing empty assistant turn is added if the last turn is the user's."""
+    def render(self, messages: Sequence[Message], system_prompt: str | None = None) -> str:
+        """The prompt string; a trailing empty assistant turn is added if the last turn is the user's.
+        `system_prompt` None means the processor's own."""
+        system_prompt = self.system_prompt if system_prompt is None else system_prompt
         msgs = list(messages)
         if not msgs or msgs[-1].role != "assistant":
             msgs.append(Message("assistant", ""))
@@ -96,7 +108,7 @@ class Processor:
         return self.tokenizer.encode(text) + [self.tokenizer.boi_id]
 
     # -- understanding ------------------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[Message], system_prompt: str = SYSTEM_PROMPT) -> EncodedChat:
+    def encode_chat(self, messages: Sequence[Message], system_prompt: str | None = None) -> EncodedChat:
         images = [img for m in messages for img in m.images]
         n_marks = sum(m.content.count(IMAGE_TOKEN) for m in messages)
         if n_marks != len(images):

@@ -83,6 +83,13 @@ def _unit(*parts: object) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
+def stable_key(key: str) -> str:
+    """A sample's key without the folders of its file ("/data/x/gen.jsonl:12" -> "gen.jsonl:12"), so
+    per-sample random choices do not change when a dataset moves."""
+    file, sep, rest = key.rpartition(":")
+    return f"{file.replace(chr(92), '/').rsplit('/', 1)[-1]}:{rest}" if sep else key
+
+
 def first_sentence(text: str) -> str:
     for i, ch in enumerate(text):
         if ch in ".!?" and (i + 1 == len(text) or text[i + 1].isspace()):
@@ -175,11 +182,11 @@ class SampleEncoder:
 
     # -- generation ------------------------------------------------------------------------------
     def cfg_dropped(self, key: str, epoch: int) -> bool:
-        return self.cfg_drop > 0 and _unit(self.seed, "cfg", epoch, key) < self.cfg_drop
+        return self.cfg_drop > 0 and _unit(self.seed, "cfg", epoch, stable_key(key)) < self.cfg_drop
 
     def generation_prompt(self, s: Sample) -> tuple[list[int], bool]:
         caption = s.caption
-        if self.short_caption_p > 0 and _unit(self.seed, "short", s.epoch, s.key) < self.short_caption_p:
+        if self.short_caption_p > 0 and _unit(self.seed, "short", s.epoch, stable_key(s.key)) < self.short_caption_p:
             caption = first_sentence(caption)  # Janus: sometimes only the first sentence, for short prompts
         ids = self.proc.generation_prompt(caption)
         dropped = self.cfg_dropped(s.key, s.epoch)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..processing.chat import SYSTEM_PROMPT, Processor
+from ..processing.chat import Processor
 from ..processing.image import ImageTransform
 from .batch import TrainBatch
 from .data import KINDS, open_source
@@ -97,14 +97,15 @@ def processor_for(source: str | Path, config: Any) -> Processor:
 
 def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: Any = None, cfg_drop: float = 0.1,
           short_caption_p: float = 0.0, on_error: str = "raise", too_long: str = "error", shuffle: bool = True,
-          shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str = SYSTEM_PROMPT) -> TrainData:
+          shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str | None = None) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation is a path or list of paths (JSONL manifests, tar shards or
     folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere."""
     c = ctx.model_config
     proc = processor_for(ctx.source, c)
     enc = SampleEncoder(proc, c.vq, seed=ctx.seed, cfg_drop=cfg_drop, short_caption_p=short_caption_p,
-                        max_len=ctx.seq_len, too_long=too_long, system_prompt=system_prompt)
+                        max_len=ctx.seq_len, too_long=too_long,
+                        system_prompt=proc.system_prompt if system_prompt is None else system_prompt)
     sources = {}
     for k, (kind, spec) in enumerate(zip(KINDS, (understanding, text, generation))):
         if spec is None:

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -318,9 +318,11 @@ def _write_metrics(path: Path, lines: list[dict[str, Any]]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = False) -> Path:
+def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = False,
+          prepare: Callable[[JanusModel], None] | None = None) -> Path:
     """Run (or, with resume=True, continue from the newest complete checkpoint) one stage. `data`
-    overrides [data] (a DataSource for this rank). Returns the output folder."""
+    overrides [data] (a DataSource for this rank); `prepare` changes the built model in place before
+    anything else sees it (e.g. an ablation's rewiring that keeps the state dict). Returns the output folder."""
     info = parallel.init(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -336,6 +338,8 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
         parallel.seed_everything(cfg.train.seed)
 
         model = build_model(cfg.model)
+        if prepare is not None:
+            prepare(model)
         set_trainable(model, stage, cfg.lora, cfg.train.seed)
         if ckpt is not None:
             load_weights(model, ckpt)

@@ -1,0 +1,268 @@
+"""The default model from nothing, in one call: world -> tokenizer -> SigLIP -> VQ -> LLM text
+pretraining -> the three Janus-Pro stages -> evaluation. `januskit world build` runs it.
+
+Every step writes its own folder under `work/` and is skipped when that folder is complete, so an
+interrupted build continues where it stopped; every step is seeded, so the same recipe on the same
+machine gives the same weights.
+
+The stages are the Janus-Pro recipe (januskit.train.stages) at miniature scale: the same trainable
+parts and data ratios (I: adaptors + image head on und:gen 1:3; II: + LLM on und:text:gen 2:3:5;
+III: + SigLIP on 5:1:4), constant LR after warm-up, AdamW (0.9, 0.95), clip 1.0. Steps and batches are
+set by the CPU budget, and the LRs are higher than the papers' (a 3M-parameter LLM trained for a few
+hundred steps, not a 1B one for 100K+): each is the paper's stage LR times the same factor 10, so
+their ratios are kept, except Stage I, which trains randomly initialised adaptors as the paper's does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..checkpoint.init import processor_files
+from ..checkpoint.io import atomic_folder
+from ..checkpoint.official import save_janus
+from ..config import JanusConfig, preset
+from ..models.janus import JanusModel
+from ..processing.image import ImageTransform, to_gen_pixels
+from ..processing.tokenizer import TextTokenizer, build_synthetic_tokenizer
+from ..train.config import RunConfig
+from ..train.siglip_pretrain import SigLIPTrainConfig, init_vision_tower, train_siglip
+from ..train.vq_cache import cache_vq_ids
+from ..train.vq_pretrain import VQTrainConfig, reconstruction_stats, train_vq
+from .dataset import write_world
+from .prompts import describe, scene_from_json
+
+log = logging.getLogger("januskit.world")
+
+PRESET = "mini-janus-pro"
+SYSTEM_PROMPT = ""  # the world's chats carry no system prompt (written to processor_config.json)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str  # output subfolder
+    stage: str  # row of januskit.train.stages.STAGES: trainable parts and data ratio
+    steps: int
+    batch_size: int  # samples per optimiser step
+    lr: float
+    warmup: int = 0
+    ratio: tuple[float, float, float] | None = None  # None = the stage's own
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    preset: str = PRESET
+    world_scale: float = 1.0  # size of the train split (1 = januskit.world.dataset.SIZES)
+    component_images: int = 8000  # train images used to pretrain SigLIP and the VQ
+    siglip: SigLIPTrainConfig = field(default_factory=lambda: SigLIPTrainConfig(steps=300, batch_size=128, lr=1e-3,
+                                                                                 warmup=30))
+    vq: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(steps=1200, batch_size=8, lr=1e-3, warmup=50))
+    stages: tuple[StagePlan, ...] = (
+        StagePlan("text", "janus-pro/2", steps=100, batch_size=32, lr=2e-3, warmup=10, ratio=(0, 1, 0)),
+        StagePlan("stage1", "janus-pro/1", steps=150, batch_size=32, lr=2e-3, warmup=15),
+        StagePlan("stage2", "janus-pro/2", steps=500, batch_size=32, lr=1e-3, warmup=25),
+        StagePlan("stage3", "janus-pro/3", steps=1200, batch_size=32, lr=4e-4),
+    )
+    seq_len: int = 512
+    micro_batch_size: int = 8
+    threads: int = 1
+    export_dtype: str = "bfloat16"
+
+    def smoke(self) -> "Recipe":
+        """A minutes-long version of the whole chain (tests, CI): same steps, tiny budgets."""
+        return dataclasses.replace(
+            self, world_scale=0.02, component_images=256,
+            siglip=dataclasses.replace(self.siglip, steps=4, batch_size=32, warmup=1, log_every=2),
+            vq=dataclasses.replace(self.vq, steps=4, batch_size=8, warmup=1, log_every=2),
+            stages=tuple(dataclasses.replace(s, steps=2, batch_size=8, warmup=0) for s in self.stages))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def training_init(model: JanusModel, seed: int) -> JanusModel:
+    """From-scratch initialisation (not `checkpoint.init.randomize`, which is for parity tests):
+    GPT-2 style normal(0, 0.02) for the LLM, adaptors, heads and embedding tables, residual output
+    projections scaled by 1/sqrt(2 * layers), zero biases, unit norms; the ViT recipe for SigLIP;
+    PyTorch's default (Kaiming) conv init for the VQ, drawn from the seed."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers = model.config.llm.n_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("vision_model.", "gen_vision_model.")):
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                std = 0.02 / (2 * n_layers) ** 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        init_vision_tower(model.vision_model, seed + 1)
+        torch.manual_seed(seed + 2)
+        for m in model.gen_vision_model.modules():
+            if hasattr(m, "reset_parameters") and not isinstance(m, torch.nn.Embedding):
+                m.reset_parameters()
+        q = model.gen_vision_model.quantize.embedding.weight
+        q.copy_(torch.nn.functional.normalize(torch.randn(q.shape, generator=g), dim=-1))
+    return model
+
+
+def world_text(root: Path, limit: int = 20000) -> str:
+    """Text the tokenizer learns from: captions, questions, answers, documents of the train split."""
+    lines: list[str] = []
+    for name in ("generation", "understanding", "text"):
+        for row in _jsonl(root / "train" / f"{name}.jsonl")[:limit]:
+            if "caption" in row:
+                lines.append(row["caption"])
+            elif "messages" in row:
+                lines += [m["content"].replace("<image_placeholder>\n", "") for m in row["messages"]]
+            else:
+                lines.append(row["text"])
+    return "\n".join(lines)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _component_data(world: Path, n: int, c: JanusConfig, tok: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
+    rows = _jsonl(world / "train" / "understanding.jsonl")[:n]
+    imgs = [Image.open(world / "train" / r["images"][0]).convert("RGB") for r in rows]
+    und = ImageTransform(size=c.vision.image_size)
+    pixels = torch.stack([und(i) for i in imgs])
+    gen = torch.stack([to_gen_pixels(i, c.vq.image_size) for i in imgs])
+    captions = [tok.encode(describe(scene_from_json(r["scene"])), add_bos=False) for r in rows]
+    return pixels, gen, captions
+
+
+def build_components(world: Path, dst: Path, r: Recipe) -> Path:
+    """Stage 0: tokenizer, SigLIP (sigmoid loss) and VQ (recon + codebook + commitment) trained on
+    the world, the rest freshly initialised; saved in the official layout."""
+    c = preset(r.preset)
+    tok = build_synthetic_tokenizer(c.llm.vocab_size, style="pro", seed_text=world_text(world))
+    torch.manual_seed(r.seed)
+    model = training_init(JanusModel(c), r.seed)
+    pixels, gen, captions = _component_data(world, r.component_images, c, tok)
+    report: dict[str, Any] = {}
+    t = time.perf_counter()
+    hist = train_siglip(model.vision_model, pixels, captions, tok.pad_id,
+                        dataclasses.replace(r.siglip, seed=r.seed), progress=True)
+    report["siglip"] = {"seconds": round(time.perf_counter() - t, 1), "last": hist[-1] if hist else {}}
+    t = time.perf_counter()
+    hist = train_vq(model.gen_vision_model, gen, dataclasses.replace(r.vq, seed=r.seed), progress=True)
+    report["vq"] = {"seconds": round(time.perf_counter() - t, 1), "last": hist[-1] if hist else {},
+                    "reconstruction": reconstruction_stats(model.gen_vision_model, gen[:512])}
+    model.eval()
+    files = {"tokenizer.json": tok.to_json_str(), **processor_files(c, system_prompt=SYSTEM_PROMPT),
+             "components.json": json.dumps(report, indent=1, default=float) + "\n"}
+    return save_janus(model, dst, files=files, overwrite=True)
+
+
+def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recipe) -> RunConfig:
+    stage = {"name": plan.stage, "steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
+             "warmup": plan.warmup}
+    if plan.ratio is not None:
+        stage["ratio"] = list(plan.ratio)
+    train = world / "train"
+    return RunConfig.from_dict({
+        "model": {"source": str(source)},
+        "stage": stage,
+        "train": {"out": str(out), "micro_batch_size": r.micro_batch_size, "seq_len": r.seq_len,
+                  "threads": r.threads, "seed": r.seed, "log_every": 10, "save_every": 100, "keep_last": 1,
+                  "export_dtype": "float32", "progress": True},
+        "data": {"builder": "januskit.train.loader:build", "understanding": str(train / "understanding.jsonl"),
+                 "text": str(train / "text.jsonl"), "generation": str(train / "generation-vq.jsonl"), "prefetch": 1},
+    }, where=f"recipe stage {plan.name}")
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "RECIPE_DONE").is_file()
+
+
+def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evaluate_model: bool = True,
+          eval_settings: Any = None) -> Path:
+    """Run (or continue) the whole chain; the final model goes to `out` (official layout, with
+    eval.json when `evaluate_model`). Returns `out`."""
+    from ..train.trainer import train
+
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads)
+    times: dict[str, float] = {}
+    world = work / "world"
+    t = time.perf_counter()
+    if not (world / "world.json").is_file():
+        write_world(world, seed=recipe.seed, scale=recipe.world_scale, overwrite=True)
+    times["world"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    comp = work / "components"
+    if not _done(comp):
+        build_components(world, comp, recipe)
+        (comp / "RECIPE_DONE").write_text("")
+    if not (world / "train" / "generation-vq.jsonl").is_file():
+        from ..checkpoint.official import load_janus
+
+        cache_vq_ids(world / "train", load_janus(comp, torch.float32), world / "train" / "generation-vq.jsonl",
+                     manifests=[world / "train" / "generation.jsonl"], batch_size=64)
+    times["components"] = time.perf_counter() - t
+
+    source = comp
+    for plan in recipe.stages:
+        dst = work / plan.name
+        t = time.perf_counter()
+        if not _done(dst):
+            if dst.exists():
+                shutil.rmtree(dst)  # a stage interrupted midway restarts (stages are minutes long)
+            log.info("recipe: %s (%s, %d steps x %d samples, lr %g)", plan.name, plan.stage, plan.steps,
+                     plan.batch_size, plan.lr)
+            train(stage_config(plan, source, dst, world, recipe))
+            shutil.rmtree(dst / "checkpoints", ignore_errors=True)  # optimiser states: not needed downstream
+            (dst / "RECIPE_DONE").write_text("")
+        times[plan.name] = time.perf_counter() - t
+        source = dst
+
+    with atomic_folder(out, overwrite=True) as tmp:
+        from ..checkpoint.official import load_janus
+
+        model = load_janus(source, torch.float32)
+        save_janus(model.to(getattr(torch, recipe.export_dtype)), tmp / "m", copy_from=source, overwrite=True)
+        for f in (tmp / "m").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "m").rmdir()
+        for f in ("components.json",):
+            if (comp / f).is_file():
+                shutil.copy(comp / f, tmp / f)
+        (tmp / "recipe.json").write_text(json.dumps(_recipe_json(recipe, times), indent=1) + "\n")
+    if evaluate_model:
+        import januskit
+        from ..eval.world import EvalSettings, evaluate, format_report
+
+        rep = evaluate(januskit.load(out), world, eval_settings or EvalSettings(), progress=True)
+        (out / "eval.json").write_text(json.dumps(_summary(rep), indent=1) + "\n")
+        log.info("recipe: evaluation\n%s", format_report(rep))
+    return out
+
+
+def _summary(rep) -> dict[str, Any]:
+    """The report without per-item records (those go to the eval command's --json)."""
+    d = rep.to_json()
+    for k in ("generation", "understanding"):
+        d[k] = {a: b for a, b in d[k].items() if a != "records"}
+    return d
+
+
+def _recipe_json(r: Recipe, times: dict[str, float]) -> dict[str, Any]:
+    d = dataclasses.asdict(r)
+    d["seconds"] = {k: round(v, 1) for k, v in times.items()}
+    return d

@@ -1,0 +1,195 @@
+"""VQ tokenizer pre-training (januskit.train.vq_pretrain) on a tiny VQConfig and 16x16 flat-colour
+images: the loss falls, gradients flow where the straight-through estimator says they should, the
+trained model's `encode` picks the codes training used, dead-code restarts revive a collapsed codebook,
+runs are bit-reproducible, and bad inputs are refused with a message that names the problem."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from januskit.config import VQConfig
+from januskit.models.vq import VQModel
+from januskit.train.vq_pretrain import (VQTrainConfig, check_images, reconstruction_psnr, reconstruction_stats,
+                                        train_vq, vq_forward)
+
+TINY = VQConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 2), z_channels=32, num_res_blocks=1,
+                image_size=16)
+PALETTE = torch.tensor([(220, 40, 40), (245, 145, 20), (40, 85, 225), (45, 165, 65)], dtype=torch.float32)
+
+
+def flat_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) in [-1, 1]: white with one or two axis-aligned blocks of a palette colour."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n, 3, size, size), 255.0)
+    for i in range(n):
+        for _ in range(int(torch.randint(1, 3, (1,), generator=g))):
+            y0, x0 = (int(v) for v in torch.randint(0, size - 4, (2,), generator=g))
+            h, w = (int(v) for v in torch.randint(3, size // 2, (2,), generator=g))
+            x[i, :, y0:y0 + h, x0:x0 + w] = PALETTE[int(torch.randint(len(PALETTE), (1,), generator=g))].view(3, 1, 1)
+    return x / 127.5 - 1.0
+
+
+def tiny_model(seed: int = 0) -> VQModel:
+    torch.manual_seed(seed)
+    return VQModel(TINY)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return flat_images(64)
+
+
+def test_loss_falls_and_psnr_rises(images):
+    model = tiny_model()
+    before = reconstruction_psnr(model, images)
+    cfg = VQTrainConfig(steps=80, batch_size=8, lr=2e-3, warmup=5, log_every=10, restart_after=10)
+    metrics = train_vq(model, images, cfg, progress=False)
+    assert not model.training
+    assert [m["step"] for m in metrics] == list(range(10, 81, 10))
+    assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"], [m["loss"] for m in metrics]
+    assert metrics[-1]["recon"] < 0.5 * metrics[0]["recon"]
+    for m in metrics:
+        assert set(m) >= {"step", "lr", "loss", "recon", "l1", "l2", "codebook", "commit", "usage", "perplexity",
+                          "restarted"}
+        assert math.isclose(m["loss"], m["recon"] + m["codebook"] + m["commit"], rel_tol=1e-5)
+        assert math.isclose(m["commit"], cfg.beta * m["codebook"], rel_tol=1e-5)  # same value, beta-weighted
+        assert 0 < m["usage"] <= 1 and 1 <= m["perplexity"] <= TINY.codebook_size
+    after = reconstruction_psnr(model, images)
+    assert after > before + 3, (before, after)
+    stats = reconstruction_stats(model, images)
+    assert math.isclose(stats["psnr"], after) and 0 <= stats["mae_255"] <= stats["max_255"] <= 255
+
+
+def test_straight_through_gradients(images):
+    model = tiny_model()
+    x = images[:4]
+    enc = model.encoder.conv_in.weight
+    emb = model.quantize.embedding.weight
+
+    def grads(pick) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        out = vq_forward(model, x)
+        pick(out).backward()
+        return enc.grad, emb.grad, model.decoder.conv_out.weight.grad
+
+    # Reconstruction: the decoder and (straight through the quantiser) the encoder learn; the codebook
+    # does not (its rows only move through the codebook loss).
+    g_enc, g_emb, g_dec = grads(lambda o: F.l1_loss(o.recon, x) + F.mse_loss(o.recon, x))
+    assert g_enc is not None and g_enc.abs().sum() > 0
+    assert g_dec is not None and g_dec.abs().sum() > 0
+    assert g_emb is None or g_emb.abs().sum() == 0
+
+    # Codebook loss ||sg(z) - e||^2: only the codebook, and only the rows that were picked.
+    out = vq_forward(model, x)
+    used = torch.zeros(TINY.codebook_size, dtype=torch.bool)
+    used[out.ids.flatten()] = True
+    g_enc, g_emb, _ = grads(lambda o: o.codebook_loss)
+    assert g_emb is not None
+    assert (g_emb[used].abs().sum(1) > 0).all() and g_emb[~used].abs().sum() == 0
+    assert g_enc is None or g_enc.abs().sum() == 0
+
+    # Commitment ||z - sg(e)||^2: only the encoder.
+    g_enc, g_emb, _ = grads(lambda o: o.commit_loss)
+    assert g_enc is not None and g_enc.abs().sum() > 0
+    assert g_emb is None or g_emb.abs().sum() == 0
+
+    # Forward value of the straight-through path is exactly the inference path: decode(encode(x)).
+    model.eval()
+    with torch.no_grad():
+        out = vq_forward(model, x)
+        assert torch.equal(out.ids, model.encode(x))
+        torch.testing.assert_close(out.recon, model.decode(out.ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.z.norm(dim=1), torch.ones(4, 8, 8))
+
+
+def test_trained_encode_picks_training_codes(images):
+    model = tiny_model()
+    train_vq(model, images, VQTrainConfig(steps=30, batch_size=8, lr=2e-3, warmup=5, log_every=30,
+                                          restart_after=5), progress=False)
+    with torch.no_grad():
+        train_ids = vq_forward(model, images).ids
+        assert torch.equal(model.encode(images), train_ids)
+        # and the encode ids are the nearest normalised codebook rows to the normalised latents
+        z = F.normalize(model.encode_latent(images), dim=1).permute(0, 2, 3, 1).reshape(-1, TINY.codebook_dim)
+        sims = z @ model.quantize.codebook().t()
+        picked = sims.gather(1, train_ids.reshape(-1, 1)).squeeze(1)
+        assert (picked >= sims.max(1).values - 1e-6).all()
+
+
+def test_dead_code_restart_revives_collapsed_codebook(images):
+    def run(restart_after: int | None) -> tuple[float, int]:
+        model = tiny_model()
+        with torch.no_grad():  # collapse: every row the same direction, one row slightly closer to everything
+            w = model.quantize.embedding.weight
+            w.copy_(torch.ones_like(w) + 1e-3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+        cfg = VQTrainConfig(steps=20, batch_size=8, lr=1e-3, warmup=2, log_every=20, restart_after=restart_after)
+        m = train_vq(model, images, cfg, progress=False)[-1]
+        norms = model.quantize.embedding.weight.norm(dim=1)
+        if restart_after is not None:  # re-seeded rows are normalised latents (the collapsed ones have norm ~2.8)
+            assert ((norms - 1).abs() < 0.05).any()
+        return reconstruction_stats(model, images)["usage"], m["restarted"]
+
+    usage_off, restarted_off = run(None)
+    usage_on, restarted_on = run(3)
+    assert restarted_off == 0 and restarted_on > 0
+    assert usage_on > 2 * usage_off, (usage_on, usage_off)
+
+
+def test_reproducible(images):
+    cfg = VQTrainConfig(steps=12, batch_size=8, lr=2e-3, warmup=3, log_every=4, restart_after=2, seed=7)
+
+    def run(c: VQTrainConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        model = tiny_model()
+        metrics = train_vq(model, images, c, progress=False)
+        return model.state_dict(), [{k: v for k, v in m.items() if k != "time_s"} for m in metrics]
+
+    a, ma = run(cfg)
+    b, mb = run(cfg)
+    assert ma == mb and any(m["restarted"] for m in ma)
+    assert list(a) == list(tiny_model().state_dict())  # parameter names untouched (official layout)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    c, _ = run(VQTrainConfig(**{**cfg.__dict__, "seed": 8}))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_lr_schedule():
+    cfg = VQTrainConfig(steps=100, lr=1e-3, warmup=10, min_lr_ratio=0.1)
+    assert cfg.lr_at(1) == pytest.approx(1e-4) and cfg.lr_at(10) == pytest.approx(1e-3)
+    assert cfg.lr_at(100) == pytest.approx(1e-4)
+    assert all(cfg.lr_at(s) >= cfg.lr_at(s + 1) for s in range(10, 100))
+    assert VQTrainConfig(steps=5, warmup=0, min_lr_ratio=1.0).lr_at(3) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (lambda x: x[:, :, :, 0], ["shape (N, 3, H, W)", "(8, 3, 16)"]),
+    (lambda x: x[:, :1], ["shape (N, 3, H, W)"]),
+    (lambda x: F.interpolate(x, size=8), ["16x16", "got 8x8"]),
+    (lambda x: (x + 1) * 127.5, ["[-1, 1]", "0-255", "to_gen_pixels"]),
+    (lambda x: (x + 1) / 2, ["[-1, 1]", "[0, 1]"]),
+    (lambda x: x * 1.5, ["[-1, 1]", "got range [-1.265, 1.5]"]),
+    (lambda x: ((x + 1) * 127.5).to(torch.uint8), ["float", "torch.uint8"]),
+    (lambda x: x[:0], ["empty"]),
+    (lambda x: torch.where(x > 0.99, torch.nan, x), ["NaN"]),
+])
+def test_bad_images_are_refused(images, bad, words):
+    model = tiny_model()
+    with pytest.raises(ValueError) as e:
+        train_vq(model, bad(images[:8]), VQTrainConfig(steps=1, batch_size=1), progress=False)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    with pytest.raises(ValueError):
+        check_images(bad(images[:8]), model)
+
+
+def test_bad_config_is_refused(images):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="batch_size 9 is larger than the 8 images"):
+        train_vq(model, images[:8], VQTrainConfig(steps=1, batch_size=9), progress=False)
+    with pytest.raises(ValueError, match=r"VQTrainConfig.steps must be >= 1, got 0"):
+        train_vq(model, images[:8], VQTrainConfig(steps=0), progress=False)
+    with pytest.raises(ValueError, match=r"VQTrainConfig.restart_after"):
+        train_vq(model, images[:8], VQTrainConfig(steps=1, batch_size=1, restart_after=0), progress=False)
