@@ -64,6 +64,21 @@ def test_default_system_prompt_is_the_reference_one():
         "that the user provides, and assist the user with a variety of tasks using natural language.")
 
 
+def test_checkpoint_can_name_its_system_prompt(pro_tok, tmp_path):
+    """processor_config.json's system_prompt (the official VLChatProcessor's key) becomes the default
+    of render / encode_chat; an explicit argument still wins; a non-string is refused by file."""
+    (tmp_path / "tokenizer.json").write_text(pro_tok.to_json_str())
+    (tmp_path / "processor_config.json").write_text(json.dumps({"system_prompt": ""}))
+    p = Processor.from_folder(tmp_path, 32, N_IMG)
+    assert p.render([Message("user", "Hi")]) == "<|User|>: Hi\n\n<|Assistant|>:"
+    assert p.render([Message("user", "Hi")], system_prompt="S") == "S\n\n<|User|>: Hi\n\n<|Assistant|>:"
+    (tmp_path / "processor_config.json").write_text(json.dumps({"num_image_tokens": N_IMG}))
+    assert Processor.from_folder(tmp_path, 32, N_IMG).system_prompt == SYSTEM_PROMPT
+    (tmp_path / "processor_config.json").write_text(json.dumps({"system_prompt": 3}))
+    with pytest.raises(ValueError, match="processor_config.json: system_prompt must be a string, got int"):
+        Processor.from_folder(tmp_path, 32, N_IMG)
+
+
 def test_pro_multi_turn_exact(pro):
     msgs = [Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "more")]
     assert pro.render(msgs, system_prompt="") == (

@@ -15,7 +15,7 @@ from januskit.train.data import ManifestSource
 from januskit.world.dataset import held_out, read_prompts, write_world
 from januskit.world.judge import Detection, detect, holds, same_objects, score
 from januskit.world.prompts import CATEGORIES, Prompt, describe, make_prompt, sample_prompt, scene_for, scene_from_json
-from januskit.world.questions import QTYPES, ask, normalise
+from januskit.world.questions import ask, normalise
 from januskit.world.render import render
 from januskit.world.scene import COLOUR_NAMES, SHAPES, Obj, random_scene, relation
 

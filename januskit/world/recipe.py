@@ -23,13 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..checkpoint.init import processor_files
-from ..checkpoint.io import atomic_folder
-from ..checkpoint.official import save_janus
+from ..checkpoint.official import load_janus, save_janus
 from ..config import JanusConfig, preset
 from ..models.janus import JanusModel
 from ..processing.image import ImageTransform, to_gen_pixels
@@ -211,8 +209,6 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
         build_components(world, comp, recipe)
         (comp / "RECIPE_DONE").write_text("")
     if not (world / "train" / "generation-vq.jsonl").is_file():
-        from ..checkpoint.official import load_janus
-
         cache_vq_ids(world / "train", load_janus(comp, torch.float32), world / "train" / "generation-vq.jsonl",
                      manifests=[world / "train" / "generation.jsonl"], batch_size=64)
     times["components"] = time.perf_counter() - t
@@ -232,18 +228,10 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
         times[plan.name] = time.perf_counter() - t
         source = dst
 
-    with atomic_folder(out, overwrite=True) as tmp:
-        from ..checkpoint.official import load_janus
-
-        model = load_janus(source, torch.float32)
-        save_janus(model.to(getattr(torch, recipe.export_dtype)), tmp / "m", copy_from=source, overwrite=True)
-        for f in (tmp / "m").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "m").rmdir()
-        for f in ("components.json",):
-            if (comp / f).is_file():
-                shutil.copy(comp / f, tmp / f)
-        (tmp / "recipe.json").write_text(json.dumps(_recipe_json(recipe, times), indent=1) + "\n")
+    # The last stage in the export dtype; its side files (tokenizer, processor configs, components.json) come along.
+    model = load_janus(source, torch.float32).to(getattr(torch, recipe.export_dtype))
+    save_janus(model, out, copy_from=source, overwrite=True,
+               files={"recipe.json": json.dumps(_recipe_json(recipe, times), indent=1) + "\n"})
     if evaluate_model:
         import januskit
         from ..eval.world import EvalSettings, evaluate, format_report
