@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESET_NAMES, ConfigError, detect_arch, read_config_json
-from .pipeline import ImageResult, JanusPipeline
+from .pipeline import ImageResult, JanusPipeline, Pipeline
 
 __version__ = "0.1.0"
 
@@ -31,12 +31,15 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed: int = 0) -> JanusPipeline:
-    """Load a checkpoint folder (official or HF layout, detected from config.json), or build a preset
-    with random weights (`seed`) and a synthetic tokenizer, for tests and benchmarks."""
+def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed: int = 0,
+         vae: str | Path | None = None) -> Pipeline:
+    """Load a checkpoint folder (official Janus / Janus-Pro / JanusFlow or HF layout, detected from
+    config.json), or build a preset with random weights (`seed`) and a synthetic tokenizer, for tests
+    and benchmarks. `vae`: JanusFlow's VAE folder (diffusers AutoencoderKL); default: the checkpoint's
+    `vae/` subfolder when it has one (JanusFlow then chats, and generates latents only, without one)."""
     from .checkpoint.convert import load_hf_layout
     from .checkpoint.init import preset_pipeline_parts
-    from .checkpoint.official import load_janus
+    from .checkpoint.official import load_official
     from .processing.chat import Processor
 
     dt = resolve_dtype(dtype)
@@ -44,21 +47,34 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed:
     if p.is_dir():
         raw = read_config_json(p / "config.json")
         arch = detect_arch(raw, str(p / "config.json"))
-        if arch == "janus":
-            model = load_janus(p, dt)
-        elif arch == "hf-janus":
-            model = load_hf_layout(p, dt)
-        else:
-            raise ConfigError(f"{p}/config.json: JanusFlow checkpoints are not supported by this version yet")
+        model = load_hf_layout(p, dt) if arch == "hf-janus" else load_official(p, dt)
         c = model.config
-        return JanusPipeline(model, Processor.from_folder(p, c.vision.image_size, c.vision.n_tokens), p)
+        proc = Processor.from_folder(p, c.vision.image_size, c.vision.n_tokens)
+        if arch == "janusflow":
+            return _flow_pipeline(model, proc, p, vae if vae is not None else (p / "vae" if (p / "vae").is_dir() else None))
+        if vae is not None:
+            raise ValueError(f"{p}: vae= is for JanusFlow checkpoints; this one is {arch}")
+        return JanusPipeline(model, proc, p)
     if str(path_or_preset) in PRESET_NAMES:
         warnings.warn(f"{path_or_preset}: preset with RANDOM weights (seed {seed}); pass a checkpoint folder for a real model",
                       stacklevel=2)
         model, proc = preset_pipeline_parts(str(path_or_preset), seed, dt)
+        if model.config.arch == "janusflow":
+            return _flow_pipeline(model, proc, f"preset:{path_or_preset}", vae)
         return JanusPipeline(model, proc, f"preset:{path_or_preset}")
     raise FileNotFoundError(f"{path_or_preset}: no such checkpoint folder, and not a preset "
                             f"(presets: {', '.join(PRESET_NAMES)})")
 
 
-__all__ = ["load", "JanusPipeline", "ImageResult", "PRESET_NAMES", "resolve_dtype", "__version__"]
+def _flow_pipeline(model, proc, source, vae_dir) -> Pipeline:
+    from .flow_pipeline import JanusFlowPipeline
+
+    vae = None
+    if vae_dir is not None:
+        from .models.vae import LatentVAE
+
+        vae = LatentVAE.from_folder(vae_dir)
+    return JanusFlowPipeline(model, proc, source, vae)
+
+
+__all__ = ["load", "Pipeline", "JanusPipeline", "ImageResult", "PRESET_NAMES", "resolve_dtype", "__version__"]

@@ -21,6 +21,8 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads; default: torch's, or 1 for tiny models (narrow matrices gain nothing from "
                         "threads, and on a busy machine idle-spinning workers slow them down many times)")
+    p.add_argument("--vae", default=None, help="JanusFlow only: VAE folder (diffusers AutoencoderKL, e.g. "
+                   "stabilityai/sdxl-vae); default: the checkpoint's vae/ subfolder if it has one")
 
 
 def _load(args: argparse.Namespace):
@@ -36,7 +38,7 @@ def _load(args: argparse.Namespace):
         model = DEFAULT_MODEL
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        pipe = januskit.load(model, dtype=args.dtype)
+        pipe = januskit.load(model, dtype=args.dtype, vae=getattr(args, "vae", None))
     if args.fast:
         pipe.pack_for_cpu()
     if args.threads is not None:
@@ -67,17 +69,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     pipe = _load(args)
+    flow = pipe.arch == "janusflow"
+    if args.cfg is None:
+        args.cfg = 2.0 if flow else 5.0  # the references' defaults
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tqdm(total=args.n * pipe.config.vq.n_tokens, unit="tok", desc="image tokens", disable=args.json,
-              file=sys.stderr) as bar:
+    total, unit, desc = (args.steps, "step", "ODE steps") if flow else (args.n * pipe.config.vq.n_tokens, "tok", "image tokens")
+    with tqdm(total=total, unit=unit, desc=desc, disable=args.json, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.update(done - bar.n)
 
-        res = pipe.generate_images(args.prompt, n=args.n, cfg=args.cfg, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress,
-                                   memory_budget_gb=args.memory_budget_gb)
+        if flow:
+            res = pipe.generate_images(args.prompt, n=args.n, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                                       progress=progress)
+        else:
+            res = pipe.generate_images(args.prompt, n=args.n, cfg=args.cfg, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress,
+                                       memory_budget_gb=args.memory_budget_gb)
     seconds = time.perf_counter() - t0
     files = []
     for i, img in enumerate(res.images):
@@ -85,10 +94,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         img.save(f)
         files.append(str(f))
     if args.json:
-        print(json.dumps(dict(model=pipe.source, prompt=args.prompt, n=args.n, seed=args.seed, cfg=args.cfg,
-                              temperature=args.temperature, files=files, seconds=round(seconds, 3),
-                              tokens_per_image=res.tokens.shape[1],
-                              image_tokens_per_second=round(res.tokens.numel() / seconds, 2))))
+        info = dict(model=pipe.source, arch=pipe.arch, prompt=args.prompt, n=args.n, seed=args.seed, cfg=args.cfg,
+                    files=files, seconds=round(seconds, 3))
+        if flow:
+            info.update(steps=args.steps, latent_shape=list(res.latents.shape[1:]))
+        else:
+            info.update(temperature=args.temperature, tokens_per_image=res.tokens.shape[1],
+                        image_tokens_per_second=round(res.tokens.numel() / seconds, 2))
+        print(json.dumps(info))
     else:
         print("\n".join(files))
     return 0
@@ -107,8 +120,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .checkpoint.init import init_checkpoint
 
     dst = init_checkpoint(args.dir, arch=args.arch, preset_name=args.preset, seed=args.seed,
-                          dtype=januskit.resolve_dtype(args.dtype), overwrite=args.overwrite)
-    print(f"wrote random-weight {args.preset} checkpoint (seed {args.seed}) to {dst}")
+                          dtype=januskit.resolve_dtype(args.dtype), overwrite=args.overwrite, vae=not args.no_vae)
+    c = json.loads((dst / "config.json").read_text())
+    print(f"wrote random-weight {args.arch} checkpoint ({args.preset or 'default preset'}, seed {args.seed}, "
+          f"{c['model_type']}) to {dst}")
     return 0
 
 
@@ -173,7 +188,8 @@ def cmd_world_ablation(args: argparse.Namespace) -> int:
     from .world.ablation import run_ablation
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    table = run_ablation(args.work, only=args.only, smoke=args.smoke, threads=args.threads, base=args.base)
+    table = run_ablation(args.work, only=args.only, smoke=args.smoke, threads=args.threads, base=args.base,
+                         steps=args.steps)
     print(table)
     return 0
 
@@ -183,7 +199,7 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
 
     pipe = _load(args)
     s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg=args.cfg, temperature=args.temperature,
-                     seed=args.seed, prompts_per_category=args.prompts_per_category,
+                     steps=args.steps, seed=args.seed, prompts_per_category=args.prompts_per_category,
                      questions_per_type=args.questions_per_type)
     rep = evaluate(pipe, args.world, s, save_dir=args.save_images, progress=not args.json)
     if args.json:
@@ -196,7 +212,7 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import januskit
 
-    ap = argparse.ArgumentParser(prog="januskit", description="Janus / Janus-Pro in plain PyTorch")
+    ap = argparse.ArgumentParser(prog="januskit", description="Janus / Janus-Pro / JanusFlow in plain PyTorch")
     ap.add_argument("--version", action="version", version=f"januskit {januskit.__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -219,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", "-s", type=int, default=0)
     p.add_argument("--out", "-o", default="out", help="folder for the PNG files")
     p.add_argument("--prefix", default="img_", help="file name prefix")
-    p.add_argument("--cfg", type=float, default=5.0, help="guidance weight (reference default 5)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance weight (default: the reference's, 5 for Janus, 2 for JanusFlow)")
+    p.add_argument("--steps", type=int, default=30, help="JanusFlow: Euler steps of the ODE (reference 30)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = argmax")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -236,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write a random-weight checkpoint folder in the official layout")
     p.add_argument("dir")
-    p.add_argument("--arch", default="janus", choices=["janus"])
-    p.add_argument("--preset", default="tiny-janus-pro", choices=list(januskit.PRESET_NAMES))
+    p.add_argument("--arch", default="janus", choices=["janus", "janusflow"])
+    p.add_argument("--preset", default=None, choices=list(januskit.PRESET_NAMES),
+                   help="default: tiny-janus-pro for janus, tiny-janusflow for janusflow")
+    p.add_argument("--no-vae", action="store_true", help="janusflow: do not add a random VAE in vae/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
@@ -286,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/ablation")
     p.add_argument("--only", action="append", default=None, help="run only these experiments (A, B, C, D)")
     p.add_argument("--base", default=None, help="reuse a `world build` work folder (world, components, text LLM)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps of the unified runs (A, B; default 300); "
+                   "C and D get the steps that give each task the same samples")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
     p.set_defaults(func=cmd_world_ablation)
@@ -297,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default=None, help="a world folder (default: the default world's test split)")
     p.add_argument("--json", action="store_true", help="print the full report (per-item records) as JSON")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=None, help="default: the reference's (Janus 5, JanusFlow 2)")
+    p.add_argument("--temperature", type=float, default=1.0, help="Janus only")
+    p.add_argument("--steps", type=int, default=30, help="JanusFlow only: Euler steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts-per-category", type=int, default=None, help="evaluate a subset: first K per category")
     p.add_argument("--questions-per-type", type=int, default=None, help="evaluate a subset: first K per type")

@@ -114,7 +114,73 @@ class JanusConfig:
         return _janus_to_official(self, dtype)
 
 
-PRESET_NAMES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b", "tiny-janus", "tiny-janus-pro", "mini-janus-pro")
+@dataclass(frozen=True, kw_only=True)
+class UViTEncoderConfig:
+    """JanusFlow generation encoder (official ShallowUViTEncoder params): latent -> patchified grid."""
+
+    input_channels: int = 4  # VAE latent channels
+    block_out_channels: tuple[int, ...] = (768,)  # width of the grid tokens (only the first/last are used)
+    kernel_size: int = 2  # patchify conv
+    stride: int = 2
+    padding: int = 0
+    layers_in_middle: int = 2  # ConvNeXt blocks
+    hidden_size: int = 2048  # timestep-embedding width = LLM width
+    norm_eps: float = 1e-6
+    use_bias: bool = True
+    use_mid_block: bool = True
+
+    @property
+    def width(self) -> int:
+        return self.block_out_channels[-1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UViTDecoderConfig:
+    """JanusFlow generation decoder (official ShallowUViTDecoder params): grid -> velocity."""
+
+    in_channels: int = 768  # grid width coming from the LLM (through the dec aligner)
+    out_channels: int = 4  # latent channels of the predicted velocity
+    block_out_channels: tuple[int, ...] = (768,)  # skip width (the encoder's grid width)
+    upsamples: int = 1  # Unpatchify (x2 pixel shuffle) layers
+    layers_in_middle: int = 2
+    hidden_size: int = 2048
+    norm_eps: float = 1e-6
+    use_bias: bool = True
+    use_mid_block: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class JanusFlowConfig:
+    """JanusFlow: SigLIP + Linear (understanding), ShallowUViT encoder/decoder around the same LLM
+    (rectified-flow generation in a VAE latent space)."""
+
+    llm: LlamaConfig
+    vision: SigLIPConfig = field(default_factory=SigLIPConfig)
+    gen_enc: UViTEncoderConfig = field(default_factory=UViTEncoderConfig)
+    gen_dec: UViTDecoderConfig = field(default_factory=UViTDecoderConfig)
+    latent_size: int = 48  # VAE latent side: 384 px / SDXL-VAE factor 8 (the reference hard-codes 48)
+    arch: str = "janusflow"
+
+    @property
+    def grid(self) -> int:
+        """Side of the generation token grid (the latent after the encoder's patchify conv)."""
+        e = self.gen_enc
+        return (self.latent_size + 2 * e.padding - e.kernel_size) // e.stride + 1
+
+    @property
+    def n_gen_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.gen_enc.input_channels, self.latent_size, self.latent_size)
+
+    def to_official_dict(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        return _flow_to_official(self, dtype)
+
+
+PRESET_NAMES = ("janus-1.3b", "janus-pro-1b", "janus-pro-7b", "janusflow-1.3b", "tiny-janus", "tiny-janus-pro",
+                "tiny-janusflow", "mini-janus-pro", "mini-janusflow")
 
 
 def _janus(llm: LlamaConfig, vision: SigLIPConfig | None = None, vq: VQConfig | None = None) -> JanusConfig:
@@ -149,7 +215,19 @@ _MINI_VQ = VQConfig(codebook_size=512, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 
                     image_size=64)
 
 
-def preset(name: str) -> JanusConfig:
+# Tiny JanusFlow: 128 px understanding images (8x8 = 64 tokens) and a 4x16x16 latent (8x8 = 64 tokens).
+# Mini JanusFlow: the miniature world's 64 px images (patch 8: 8x8 tokens) and a 4x16x16 latent from
+# the world's factor-4 VAE, so the generation grid matches the understanding grid as REPA needs.
+def _janusflow(llm: LlamaConfig, vision: SigLIPConfig | None = None, width: int = 768, latent_size: int = 48,
+               latent_channels: int = 4) -> JanusFlowConfig:
+    vision = vision or SigLIPConfig()
+    enc = UViTEncoderConfig(input_channels=latent_channels, block_out_channels=(width,), hidden_size=llm.dim)
+    dec = UViTDecoderConfig(in_channels=width, out_channels=latent_channels, block_out_channels=(width,),
+                            hidden_size=llm.dim)
+    return JanusFlowConfig(llm=llm, vision=vision, gen_enc=enc, gen_dec=dec, latent_size=latent_size)
+
+
+def preset(name: str) -> JanusConfig | JanusFlowConfig:
     """Config of a named preset (exact name; raises listing the valid ones)."""
     table = {
         "janus-1.3b": lambda: _janus(_LLM_1B),
@@ -158,6 +236,9 @@ def preset(name: str) -> JanusConfig:
         "tiny-janus": lambda: _janus(_TINY_LLM, _TINY_VISION, _TINY_VQ),
         "tiny-janus-pro": lambda: _janus(_TINY_LLM, _TINY_VISION, _TINY_VQ),
         "mini-janus-pro": lambda: _janus(_MINI_LLM, _MINI_VISION, _MINI_VQ),
+        "janusflow-1.3b": lambda: _janusflow(_LLM_1B),
+        "tiny-janusflow": lambda: _janusflow(_TINY_LLM, _TINY_VISION, width=32, latent_size=16),
+        "mini-janusflow": lambda: _janusflow(_MINI_LLM, _MINI_VISION, width=128, latent_size=16),
     }
     if name not in table:
         raise KeyError(f"unknown preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}")
@@ -211,12 +292,12 @@ def llama_to_hf(c: LlamaConfig, dtype: str = "bfloat16") -> dict[str, Any]:
                 rope_theta=c.rope_theta, hidden_act="silu", torch_dtype=dtype)
 
 
-def janus_from_official(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig:
-    """Parse an official Janus / Janus-Pro config.json (already loaded as a dict)."""
-    vc = _need(cfg, "vision_config", where)
+def vision_from_official(vc: dict[str, Any], where: str) -> SigLIPConfig:
+    """SigLIP config from an official CLIPVisionTower config block (Janus `vision_config`, JanusFlow
+    `vision_und_enc_config`)."""
     vp = dict(vc.get("params", {}))
     if "CLIPVisionTower" not in vc.get("cls", ""):
-        raise ConfigError(f"{where}: vision_config.cls {vc.get('cls')!r} is not CLIPVisionTower")
+        raise ConfigError(f"{where}.cls {vc.get('cls')!r} is not CLIPVisionTower")
     name = vp.get("model_name", "siglip_large_patch16_384")
     vit = dict(_VIT_PRESETS.get(name, {}))
     for k in ("width", "layers", "heads", "patch_size", "mlp_ratio"):  # januskit extension (tiny models)
@@ -224,11 +305,24 @@ def janus_from_official(cfg: dict[str, Any], where: str = "config.json") -> Janu
             vit[k] = vp[k]
     missing = [k for k in ("width", "layers", "heads", "patch_size") if k not in vit]
     if missing:
-        raise ConfigError(f"{where}: vision_config.params.model_name {name!r} is unknown and params lack {missing}")
+        raise ConfigError(f"{where}.params.model_name {name!r} is unknown and params lack {missing}")
     if vp.get("select_feature", "same") != "same":
-        raise ConfigError(f"{where}: vision_config.params.select_feature {vp['select_feature']!r} is not supported")
-    vision = SigLIPConfig(image_size=int(vp.get("image_size", 384)), select_layer=int(vp.get("select_layer", -1)),
-                          model_name=name, **vit)
+        raise ConfigError(f"{where}.params.select_feature {vp['select_feature']!r} is not supported")
+    return SigLIPConfig(image_size=int(vp.get("image_size", 384)), select_layer=int(vp.get("select_layer", -1)),
+                        model_name=name, **vit)
+
+
+def vision_to_official(v: SigLIPConfig) -> dict[str, Any]:
+    vp: dict[str, Any] = dict(image_size=v.image_size, model_name=v.model_name, select_feature="same",
+                              select_layer=v.select_layer)
+    if v.model_name not in _VIT_PRESETS:
+        vp.update(width=v.width, layers=v.layers, heads=v.heads, patch_size=v.patch_size, mlp_ratio=v.mlp_ratio)
+    return dict(cls="CLIPVisionTower", model_type="vision", params=vp)
+
+
+def janus_from_official(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig:
+    """Parse an official Janus / Janus-Pro config.json (already loaded as a dict)."""
+    vision = vision_from_official(_need(cfg, "vision_config", where), f"{where}: vision_config")
 
     gvc = _need(cfg, "gen_vision_config", where)
     if "VQ" not in gvc.get("cls", ""):
@@ -273,11 +367,6 @@ def _check_janus(c: JanusConfig, where: str) -> None:
 
 
 def _janus_to_official(c: JanusConfig, dtype: str = "bfloat16") -> dict[str, Any]:
-    vp: dict[str, Any] = dict(image_size=c.vision.image_size, model_name=c.vision.model_name,
-                              select_feature="same", select_layer=c.vision.select_layer)
-    if c.vision.model_name not in _VIT_PRESETS:
-        vp.update(width=c.vision.width, layers=c.vision.layers, heads=c.vision.heads,
-                  patch_size=c.vision.patch_size, mlp_ratio=c.vision.mlp_ratio)
     gp: dict[str, Any] = dict(image_token_size=c.vq.codebook_size, n_embed=c.vq.codebook_dim)
     if c.vq != VQConfig(codebook_size=c.vq.codebook_size, codebook_dim=c.vq.codebook_dim, image_size=c.vq.image_size) \
             or c.vq.image_size != c.vision.image_size:
@@ -300,8 +389,85 @@ def _janus_to_official(c: JanusConfig, dtype: str = "bfloat16") -> dict[str, Any
         "language_config": llama_to_hf(c.llm, dtype),
         "model_type": "multi_modality",
         "torch_dtype": dtype,
-        "vision_config": dict(cls="CLIPVisionTower", model_type="vision", params=vp),
+        "vision_config": vision_to_official(c.vision),
     }
+
+
+def _uvit_params(block: dict[str, Any], cls_name: str, dataclass_: type, where: str) -> Any:
+    if block.get("cls") != cls_name:
+        raise ConfigError(f"{where}.cls {block.get('cls')!r} is not {cls_name}")
+    p = dict(block.get("params", {}))
+    known = {f.name for f in dataclasses.fields(dataclass_)}
+    kw = {}
+    for k, v in p.items():
+        if k in known:  # the reference ignores the rest (elementwize_affine [sic], num_extra_tensors, ...)
+            kw[k] = tuple(int(x) for x in v) if k == "block_out_channels" else v
+    try:
+        return dataclass_(**kw)
+    except TypeError as e:
+        raise ConfigError(f"{where}.params: {e}") from e
+
+
+def flow_from_official(cfg: dict[str, Any], where: str = "config.json") -> JanusFlowConfig:
+    """Parse an official JanusFlow config.json. `latent_size` is a januskit extension in
+    vision_gen_enc_config.params (the reference hard-codes 48 = 384 / 8)."""
+    vision = vision_from_official(_need(cfg, "vision_und_enc_config", where), f"{where}: vision_und_enc_config")
+    enc_block = _need(cfg, "vision_gen_enc_config", where)
+    enc = _uvit_params(enc_block, "ShallowUViTEncoder", UViTEncoderConfig, f"{where}: vision_gen_enc_config")
+    dec = _uvit_params(_need(cfg, "vision_gen_dec_config", where), "ShallowUViTDecoder", UViTDecoderConfig,
+                       f"{where}: vision_gen_dec_config")
+    llm = llama_from_hf(_need(cfg, "language_config", where))
+    latent = int(enc_block.get("params", {}).get("latent_size", 48))
+    c = JanusFlowConfig(llm=llm, vision=vision, gen_enc=enc, gen_dec=dec, latent_size=latent)
+    check_flow(c, where)
+    return c
+
+
+def check_flow(c: JanusFlowConfig, where: str) -> None:
+    """The shape contracts the reference leaves implicit (it hard-codes the 1.3B dims)."""
+    e, d = c.gen_enc, c.gen_dec
+    pairs = [("vision_gen_enc_config.params.hidden_size", e.hidden_size, "LLM hidden_size", c.llm.dim),
+             ("vision_gen_dec_config.params.hidden_size", d.hidden_size, "LLM hidden_size", c.llm.dim),
+             ("vision_gen_dec_config.params.block_out_channels[-1]", d.block_out_channels[-1],
+              "encoder width (the skip connection)", e.width),
+             ("vision_gen_dec_config.params.out_channels", d.out_channels, "latent channels (input_channels)",
+              e.input_channels),
+             ("vision_gen_dec_config x2 upsampling", 2 ** d.upsamples * c.grid, "latent_size", c.latent_size)]
+    for name, got, what, want in pairs:
+        if got != want:
+            raise ConfigError(f"{where}: {name} = {got} does not match the {what} {want}")
+
+
+def _flow_to_official(c: JanusFlowConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+    e, d = c.gen_enc, c.gen_dec
+    ep = dict(input_channels=e.input_channels, block_out_channels=list(e.block_out_channels),
+              kernel_size=e.kernel_size, stride=e.stride, padding=e.padding, layers_in_middle=e.layers_in_middle,
+              hidden_size=e.hidden_size, norm_eps=e.norm_eps, use_bias=e.use_bias, use_mid_block=e.use_mid_block,
+              elementwize_affine=True, num_extra_tensors=5)  # the two ignored keys, as the official file has them
+    if c.latent_size != 48:
+        ep["latent_size"] = c.latent_size
+    dp = dict(in_channels=d.in_channels, out_channels=d.out_channels, block_out_channels=list(d.block_out_channels),
+              upsamples=d.upsamples, layers_in_middle=d.layers_in_middle, hidden_size=d.hidden_size,
+              norm_eps=d.norm_eps, elementwise_affine=True, use_bias=d.use_bias, use_mid_block=d.use_mid_block)
+    return {
+        "architectures": ["MultiModalityCausalLM"],
+        "language_config": llama_to_hf(c.llm, dtype),
+        "model_type": "multi_modality",
+        "torch_dtype": dtype,
+        "vision_gen_dec_config": dict(cls="ShallowUViTDecoder", model_type="gen_decoder", params=dp),
+        "vision_gen_enc_config": dict(cls="ShallowUViTEncoder", model_type="gen_encoder", params=ep),
+        "vision_und_enc_config": vision_to_official(c.vision),
+    }
+
+
+def model_from_official(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig | JanusFlowConfig:
+    """Janus or JanusFlow config from an official config.json dict (detected from its schema)."""
+    arch = detect_arch(cfg, where)
+    if arch == "janus":
+        return janus_from_official(cfg, where)
+    if arch == "janusflow":
+        return flow_from_official(cfg, where)
+    raise ConfigError(f"{where}: architecture {arch!r} is not an official layout")
 
 
 def detect_arch(cfg: dict[str, Any], where: str = "config.json") -> str:

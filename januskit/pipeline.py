@@ -1,5 +1,6 @@
-"""`JanusPipeline`: what `januskit.load` returns. A thin facade over the model, the processor and the
-samplers: chat (understanding), generate_images (text-to-image), and the VQ tokenizer both ways."""
+"""What `januskit.load` returns: a thin facade over the model, the processor and the samplers.
+`Pipeline` is the understanding side every architecture shares (chat); `JanusPipeline` adds
+autoregressive text-to-image and the VQ tokenizer both ways (JanusFlow's is in flow_pipeline.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -23,13 +24,16 @@ Conversation = Sequence[Message]
 @dataclass
 class ImageResult:
     images: list[Image.Image]
-    tokens: torch.LongTensor  # (n, tokens_per_image)
+    tokens: torch.LongTensor | None = None  # (n, tokens_per_image) VQ ids (Janus)
     seed: int = 0
     info: dict = field(default_factory=dict)
+    latents: torch.Tensor | None = None  # (n, C, H, W) final latents (JanusFlow)
 
 
-class JanusPipeline:
-    def __init__(self, model: JanusModel, processor: Processor, source: str | Path = "") -> None:
+class Pipeline:
+    """Understanding (chat) over any model with the shared interface: splice, llm, text_logits."""
+
+    def __init__(self, model: torch.nn.Module, processor: Processor, source: str | Path = "") -> None:
         self.model = model
         self.processor = processor
         self.source = str(source)
@@ -46,13 +50,15 @@ class JanusPipeline:
     def dtype(self) -> torch.dtype:
         return self.model.llm.embed_tokens.weight.dtype
 
+    def _packable(self) -> tuple[torch.nn.Module, ...]:
+        return (self.model.language_model,)
+
     def pack_for_cpu(self, rows_hint: int = 2) -> int:
         """Prepack the LLM, aligners and gen head for faster CPU inference (januskit.models.cpu_pack);
         returns the number of layers packed (0 where the oneDNN ops are unavailable). Inference only."""
         from .models.cpu_pack import pack_linears
 
-        m = self.model
-        return sum(pack_linears(part, rows_hint) for part in (m.language_model, m.aligner, m.gen_aligner, m.gen_head))
+        return sum(pack_linears(part, rows_hint) for part in self._packable())
 
     # -- understanding ------------------------------------------------------------------------
     def _conversation(self, prompt: str | Conversation, images: Sequence) -> list[Message]:
@@ -119,6 +125,15 @@ class JanusPipeline:
         for tok in steps:
             yield [d.push(int(t)) if 0 <= int(t) != eos else "" for d, t in zip(decoders, tok)]
         yield [d.flush() for d in decoders]
+
+
+
+class JanusPipeline(Pipeline):
+    model: JanusModel
+
+    def _packable(self) -> tuple[torch.nn.Module, ...]:
+        m = self.model
+        return (m.language_model, m.aligner, m.gen_aligner, m.gen_head)
 
     # -- generation ---------------------------------------------------------------------------
     def generate_images(self, prompt: str, n: int = 1, cfg: float = 5.0, temperature: float = 1.0,

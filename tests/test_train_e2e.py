@@ -28,13 +28,14 @@ def _dataset(root: Path) -> None:
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _config(tmp: Path, model: Path, data: Path, steps: int) -> Path:
+def _config(tmp: Path, model: Path, data: Path, steps: int, stage: str = "janus-pro/3", extra: str = "") -> Path:
+    """A run on the _dataset files; `extra`: more TOML tables (e.g. [flow])."""
     cfg = tmp / "run.toml"
-    cfg.write_text(f"""
+    cfg.write_text(f"""{extra}
 [model]
 source = "{model}"
 [stage]
-name = "janus-pro/3"
+name = "{stage}"
 steps = {steps}
 warmup = 0
 batch_size = 4

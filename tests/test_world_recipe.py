@@ -121,3 +121,22 @@ def test_ablation_budgets_match_per_task_samples():
     assert steps_for(by["A"], 400) == steps_for(by["B"], 400) == 400
     assert steps_for(by["C"], 400) == 200  # und share 2/5 instead of 2/10: half the steps, same und samples
     assert steps_for(by["D"], 400) == 320  # gen share 5/8 instead of 5/10
+
+
+def test_stage_plans_reach_the_trainer_config(tmp_path):
+    """The recipe's schedule and autocast choices land in the run config the trainer reads, and the
+    default recipe's LLM stages keep the paper's Stage II : III LR ratio (1e-4 : 4e-5)."""
+    from januskit.train.stages import lr_multiplier
+    from januskit.world.recipe import StagePlan, stage_config
+
+    r = Recipe()
+    last = stage_config(r.stages[-1], tmp_path / "src", tmp_path / "out", tmp_path / "world", r)
+    stage = last.resolved_stage()
+    assert (stage.name, stage.schedule, stage.min_lr_ratio, stage.steps) == ("janus-pro/3", "cosine", 0.0, 2400)
+    assert last.train.autocast == "bfloat16" and last.train.threads == 1
+    assert lr_multiplier(stage.steps - 1, stage) == pytest.approx(0.0, abs=1e-5)  # annealed to 0
+    by = {p.name: p for p in r.stages}
+    assert by["stage2"].lr / by["stage3"].lr == pytest.approx(1e-4 / 4e-5)
+    plain = stage_config(StagePlan("x", "janus-pro/2", steps=5, batch_size=4, lr=1e-3), tmp_path, tmp_path / "o",
+                         tmp_path, r).resolved_stage()
+    assert plain.schedule == "constant"  # no schedule given: the stage's own

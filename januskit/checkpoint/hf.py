@@ -48,8 +48,9 @@ _HF_POS = "model.vision_model.embeddings.position_embedding.weight"
 
 
 def is_unused_official(key: str) -> bool:
-    """The two known-unused entries of the official checkpoints (never executed by the reference)."""
-    return key.startswith("vision_model.vision_tower.attn_pool.") or key == "gen_vision_model.quantize.codebook_used"
+    """The known-unused entries of the official checkpoints (never executed by the reference)."""
+    return (key.startswith(("vision_model.vision_tower.attn_pool.", "vision_und_enc_model.vision_tower.attn_pool."))
+            or key == "gen_vision_model.quantize.codebook_used")
 
 
 def _aligner_key(prefix: str, hf_prefix: str, key: str) -> str | None:

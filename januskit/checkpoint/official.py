@@ -1,5 +1,5 @@
-"""Checkpoint folders in the official Janus / Janus-Pro layout: load (strict), save, and the
-known-unused entries that real checkpoints carry (so our folders list exactly the same keys)."""
+"""Checkpoint folders in the official Janus / Janus-Pro / JanusFlow layouts: load (strict), save, and
+the known-unused entries that real checkpoints carry (so our folders list exactly the same keys)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import JanusConfig, janus_from_official, read_config_json, detect_arch, ConfigError
+from ..config import JanusConfig, JanusFlowConfig, janus_from_official, model_from_official, read_config_json, detect_arch, ConfigError
+from ..models import build_model, vision_prefix
 from ..models.janus import JanusModel
 from .hf import is_unused_official
 from .io import CheckpointError, atomic_folder, iter_tensors, load_into, materialize_buffers, save_tensors, weight_files
@@ -17,28 +18,31 @@ from .io import CheckpointError, atomic_folder, iter_tensors, load_into, materia
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage-statistics buffer, saved but never read at inference
 
 
-def unused_official_shapes(c: JanusConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the entries the reference saves but never executes (timm's attention-pool head)."""
+def unused_official_shapes(c: JanusConfig | JanusFlowConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the entries the reference saves but never executes (timm's attention-pool head, and
+    for Janus the VQ's codebook-usage buffer)."""
     w, h = c.vision.width, int(c.vision.width * c.vision.mlp_ratio)
-    p = "vision_model.vision_tower.attn_pool."
+    p = vision_prefix(c) + "vision_tower.attn_pool."
     shapes = {p + "latent": (1, 1, w), p + "q.weight": (w, w), p + "q.bias": (w,), p + "kv.weight": (2 * w, w),
               p + "kv.bias": (2 * w,), p + "proj.weight": (w, w), p + "proj.bias": (w,), p + "norm.weight": (w,),
               p + "norm.bias": (w,), p + "mlp.fc1.weight": (h, w), p + "mlp.fc1.bias": (h,),
-              p + "mlp.fc2.weight": (w, h), p + "mlp.fc2.bias": (w,),
-              "gen_vision_model.quantize.codebook_used": (CODEBOOK_USED_LEN,)}
+              p + "mlp.fc2.weight": (w, h), p + "mlp.fc2.bias": (w,)}
+    if c.arch == "janus":
+        shapes["gen_vision_model.quantize.codebook_used"] = (CODEBOOK_USED_LEN,)
     return shapes
 
 
-def official_key_order(c: JanusConfig) -> list[str]:
+def official_key_order(c: JanusConfig | JanusFlowConfig) -> list[str]:
     """Every key of an official checkpoint of config `c`, in the reference's state-dict order."""
     with torch.device("meta"):
-        keys = list(JanusModel(c).state_dict().keys())
+        keys = list(build_model(c).state_dict().keys())
     unused = list(unused_official_shapes(c))
     pool = [k for k in unused if "attn_pool" in k]
-    i = keys.index("vision_model.vision_tower.norm.bias") + 1  # timm registers attn_pool after norm
+    i = keys.index(vision_prefix(c) + "vision_tower.norm.bias") + 1  # timm registers attn_pool after norm
     keys[i:i] = pool
-    j = keys.index("gen_vision_model.quantize.embedding.weight")  # buffer registered before the embedding
-    keys.insert(j, "gen_vision_model.quantize.codebook_used")
+    if c.arch == "janus":
+        j = keys.index("gen_vision_model.quantize.embedding.weight")  # buffer registered before the embedding
+        keys.insert(j, "gen_vision_model.quantize.codebook_used")
     return keys
 
 
@@ -51,13 +55,20 @@ def read_janus_config(folder: Path) -> JanusConfig:
     return janus_from_official(raw, str(path))
 
 
-def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> JanusModel:
-    """Build on meta, then fill strictly from the folder's weights (mmap, one tensor at a time)."""
+def read_official_config(folder: Path) -> JanusConfig | JanusFlowConfig:
+    path = Path(folder) / "config.json"
+    return model_from_official(read_config_json(path), str(path))
+
+
+def load_official(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """A Janus / Janus-Pro (JanusModel) or JanusFlow (JanusFlowModel) folder in the official layout:
+    build on meta, then fill strictly from the folder's weights (mmap, one tensor at a time)."""
     folder = Path(folder)
-    c = read_janus_config(folder)
+    c = read_official_config(folder)
     with torch.device("meta"):
-        model = JanusModel(c)
-    extra_blocks = {f"vision_model.vision_tower.blocks.{i}." for i in range(c.vision.depth, c.vision.layers)}
+        model = build_model(c)
+    vp = vision_prefix(c)
+    extra_blocks = {f"{vp}vision_tower.blocks.{i}." for i in range(c.vision.depth, c.vision.layers)}
 
     def skip(key: str) -> bool:  # select_layer=-2 style configs drop the last blocks' weights
         return is_unused_official(key) or any(key.startswith(p) for p in extra_blocks)
@@ -70,7 +81,13 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     return model.to(device).eval()
 
 
-def read_official_extras(model: JanusModel) -> dict[str, torch.Tensor]:
+def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> JanusModel:
+    """A Janus / Janus-Pro folder (load_official, refusing other architectures)."""
+    read_janus_config(Path(folder))
+    return load_official(folder, dtype, device)
+
+
+def read_official_extras(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unused entries of the files the model was loaded from (`model.official_extras`: key -> file,
     set by the loaders). A file that is gone is reported and its entries are left out (zeros then)."""
     by_file: dict[str, list[str]] = {}
@@ -87,7 +104,7 @@ def read_official_extras(model: JanusModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def official_state(model: JanusModel, unused: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def official_state(model: torch.nn.Module, unused: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors plus the known-unused entries, in the official order. The unused entries
     are `unused` when given, else those the model was loaded with (`model.official_extras`, set by
     the loaders; the attention-pool head cast to the model dtype), else zeros."""
@@ -107,7 +124,7 @@ def official_state(model: JanusModel, unused: dict[str, torch.Tensor] | None = N
     return {k: full[k] for k in official_key_order(model.config) if k in full}
 
 
-def save_janus(model: JanusModel, dst: str | Path, *, copy_from: str | Path | None = None,
+def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path | None = None,
                unused: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None,
                overwrite: bool = False) -> Path:
     """Write config.json + safetensors in the official layout, atomically. Non-weight files of
@@ -135,11 +152,13 @@ RUN_RECORDS = ("metrics.jsonl", "loss.png", "run_config.json", "RECIPE_DONE")
 
 def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     """Copy everything that is not weights, config.json or a run record (tokenizer.json, processor
-    configs, ...)."""
+    configs, ...), and a JanusFlow folder's VAE (the vae/ subfolder)."""
     for f in sorted(src.iterdir()):
         if (f.is_file() and f.name != "config.json" and f.name not in skip + RUN_RECORDS
                 and not _is_weight(f.name)):
             shutil.copy2(f, dst / f.name)
+        elif f.is_dir() and f.name == "vae" and f.name not in skip:
+            shutil.copytree(f, dst / f.name, dirs_exist_ok=True)
 
 
 def _is_weight(name: str) -> bool:

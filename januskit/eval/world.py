@@ -1,7 +1,7 @@
 """`januskit eval world`: the miniature world's GenEval-style and QA benchmarks, scored by the judge.
 
-Generation: each test prompt gets `images_per_prompt` samples (CFG, temperature), every image is
-decoded, read by the judge and scored by its category's rule; a category's score is the fraction of
+Generation: each test prompt gets `images_per_prompt` samples (Janus: CFG and temperature over VQ
+tokens; JanusFlow: CFG on the velocity over `steps` Euler steps), every image is decoded, read by the judge and scored by its category's rule; a category's score is the fraction of
 correct images and `overall` is the mean of the six category scores (GenEval's definition).
 Understanding: greedy answers, exact match after normalisation; POPE also gets precision / recall /
 F1 with "yes" as the positive class, as the POPE paper reports it. `describe` (the full scene
@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..processing.image import to_uint8
+from ..sampling.flow import generate_latents, initial_latents
 from ..sampling.image_ar import generate_image_tokens
 from ..sampling.logits import row_generator
 from ..world.dataset import held_out, read_prompts, write_split
@@ -31,8 +33,9 @@ from ..world.questions import QTYPES, normalise
 @dataclass(frozen=True)
 class EvalSettings:
     images_per_prompt: int = 4  # GenEval samples 4 images per prompt
-    cfg: float = 5.0  # the reference default
-    temperature: float = 1.0
+    cfg: float | None = None  # None: the reference default (Janus 5, JanusFlow 2)
+    temperature: float = 1.0  # Janus only
+    steps: int = 30  # JanusFlow only: Euler steps
     seed: int = 0
     batch: int = 64  # prompts decoded together (2 CFG rows each)
     prompts_per_category: int | None = None  # a subset: the first k prompts of each category
@@ -78,28 +81,39 @@ def _first_k(rows: list, key: Callable[[Any], str], k: int | None) -> list:
     return out
 
 
+def cfg_of(pipe, s: EvalSettings) -> float:
+    return s.cfg if s.cfg is not None else (2.0 if pipe.arch == "janusflow" else 5.0)
+
+
 @torch.inference_mode()
-def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(len(prompts) * images_per_prompt, n_tokens) ids; image j of prompt i uses generator
+def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(len(prompts) * images_per_prompt, S, S, 3) uint8 images; image j of prompt i uses generator
     (seed, i * images_per_prompt + j), so any subset or batch size gives the same images."""
     rows = [(i, j) for i in range(len(prompts)) for j in range(s.images_per_prompt)]
     ids = [pipe.processor.generation_prompt(p) for p in prompts]
+    flow = pipe.arch == "janusflow"
     out = []
     for start in range(0, len(rows), s.batch):
         chunk = rows[start:start + s.batch]
-        out.append(generate_image_tokens(
-            pipe.model, [ids[i] for i, _ in chunk], pad_id=pipe.processor.pad_id, cfg_weight=s.cfg,
-            temperature=s.temperature, generators=[row_generator(s.seed, i * s.images_per_prompt + j) for i, j in chunk]))
+        gens = [row_generator(s.seed, i * s.images_per_prompt + j) for i, j in chunk]
+        if flow:
+            z = generate_latents(pipe.model, [ids[i] for i, _ in chunk], initial_latents(pipe.config.latent_shape, gens),
+                                 steps=s.steps, cfg_weight=cfg_of(pipe, s))
+            out.append(to_uint8(torch.cat([pipe.vae.decode(z[k:k + 1]) for k in range(len(chunk))])))
+        else:
+            tokens = generate_image_tokens(pipe.model, [ids[i] for i, _ in chunk], pad_id=pipe.processor.pad_id,
+                                           cfg_weight=cfg_of(pipe, s), temperature=s.temperature, generators=gens)
+            out.append(np.asarray(pipe.decode_image_uint8(tokens)))
         if progress:
             progress(len(chunk))
-    return torch.cat(out)
+    return np.concatenate(out)
 
 
 def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, save_dir: Path | None = None,
                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    tokens = generate_for(pipe, [p.text for p, _ in prompts], s, progress)
-    pixels = pipe.decode_image_uint8(tokens)  # (n, S, S, 3) uint8
-    pixels = pixels.numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
+    if pipe.arch == "janusflow" and pipe.vae is None:
+        raise ValueError(f"{pipe.source}: a JanusFlow model needs its VAE to be evaluated (--vae DIR)")
+    pixels = generate_for(pipe, [p.text for p, _ in prompts], s, progress)  # (n, S, S, 3) uint8
     by_cat: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
     records = []
@@ -122,16 +136,21 @@ def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, s
 @torch.inference_mode()
 def eval_judge(pipe, prompts: list[tuple[Prompt, bool]], seed: int = 0) -> dict[str, Any]:
     """The judge's own accuracy per category on a scene drawn for each prompt: rendered (clean) and
-    passed through the model's VQ tokenizer (encode + decode), the ceiling a generated image can reach."""
+    passed through the model's image tokenizer (VQ, or JanusFlow's VAE: encode + decode), the ceiling a
+    generated image can reach. The second entry keeps the key "vq" for both."""
     from ..processing.image import to_gen_pixels
     from ..world.prompts import scene_for
     from ..world.render import render
 
     rng = np.random.default_rng(seed)
     imgs = [render(scene_for(p, rng)) for p, _ in prompts]
-    vq = pipe.model.gen_vision_model
-    x = torch.stack([to_gen_pixels(i, pipe.config.vq.image_size) for i in imgs]).to(pipe.dtype)
-    rec = pipe.decode_image_uint8(torch.cat([vq.encode(x[i:i + 64]) for i in range(0, len(x), 64)]))
+    if pipe.arch == "janusflow":
+        x = torch.stack([to_gen_pixels(i, pipe.config.vision.image_size) for i in imgs])
+        rec = to_uint8(torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 1])) for i in range(len(x))]))
+    else:
+        vq = pipe.model.gen_vision_model
+        x = torch.stack([to_gen_pixels(i, pipe.config.vq.image_size) for i in imgs]).to(pipe.dtype)
+        rec = pipe.decode_image_uint8(torch.cat([vq.encode(x[i:i + 64]) for i in range(0, len(x), 64)]))
     out: dict[str, Any] = {}
     for name, images in (("clean", [np.asarray(i) for i in imgs]), ("vq", list(np.asarray(rec)))):
         by_cat: dict[str, list[bool]] = defaultdict(list)
@@ -178,7 +197,7 @@ def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = Eva
              generation: bool = True, understanding: bool = True, save_dir: str | Path | None = None,
              progress: bool = False) -> WorldReport:
     split = test_split(world)
-    rep = WorldReport(settings=dict(vars(settings)))
+    rep = WorldReport(settings=dict(vars(settings)) | {"cfg": cfg_of(pipe, settings), "arch": pipe.arch})
     if generation:
         prompts = _first_k(read_prompts(split / "prompts.jsonl"), lambda r: r[0].category, settings.prompts_per_category)
         bar = None
@@ -201,8 +220,10 @@ def format_report(rep: WorldReport) -> str:
     lines = []
     g, u = rep.generation, rep.understanding
     if g:
+        how = (f"{rep.settings['steps']} Euler steps" if rep.settings.get("arch") == "janusflow"
+               else f"temperature {rep.settings['temperature']}")
         lines.append(f"GenEval-style generation ({g['prompts']} prompts x {rep.settings['images_per_prompt']} images, "
-                     f"cfg {rep.settings['cfg']}, temperature {rep.settings['temperature']})")
+                     f"cfg {rep.settings['cfg']}, {how})")
         lines += [f"  {c:<14} {v:6.3f}" for c, v in g["categories"].items()]
         lines.append(f"  {'overall':<14} {g['overall']:6.3f}")
         for k, v in g["position_color_attr"].items():
@@ -210,7 +231,8 @@ def format_report(rep: WorldReport) -> str:
         if "judge" in g:
             j = g["judge"]
             lines.append(f"  judge on the prompts' own scenes: clean {j['clean']['overall']:.3f}, "
-                         f"through the VQ tokenizer {j['vq']['overall']:.3f} (the ceiling)")
+                         f"through the {'VAE' if rep.settings.get('arch') == 'janusflow' else 'VQ tokenizer'} "
+                         f"{j['vq']['overall']:.3f} (the ceiling)")
     if u:
         lines.append(f"Understanding ({u['questions']} questions, greedy, exact match)")
         lines += [f"  {t:<14} {v:6.3f}" for t, v in u["types"].items()]

@@ -269,13 +269,13 @@ def real_special_ids(preset: str) -> dict[str, int]:
     only to be distinct and plausible; runtime code must always look ids up by string.
     """
     key = preset.lower()
-    if key in ("janus-1.3b", "janus-pro-1b"):
+    if key in ("janus-1.3b", "janus-pro-1b", "janusflow-1.3b"):  # JanusFlow-1.3B: assumed as Janus-1.3B
         pad, image = 100002, 100581
     elif key == "janus-pro-7b":
         pad, image = 100015, 100594
     else:
         raise ValueError(
-            f"unknown preset {preset!r}; expected 'janus-1.3b', 'janus-pro-1b' or 'janus-pro-7b'"
+            f"unknown preset {preset!r}; expected 'janus-1.3b', 'janus-pro-1b', 'janus-pro-7b' or 'janusflow-1.3b'"
         )
     ids = {BOS_TOKEN: 100000, EOS_TOKEN: 100001, PAD_TOKEN: pad, IMAGE_TOKEN: image}
     # Placeholders: laid out right after <image_placeholder>.
@@ -290,7 +290,7 @@ def real_special_ids(preset: str) -> dict[str, int]:
         GROUNDING_TOKEN,
         BEGIN_OF_GENERATION_TOKEN,
     ]
-    if key != "janus-1.3b":
+    if key not in ("janus-1.3b", "janusflow-1.3b"):
         rest += [USER_TOKEN, ASSISTANT_TOKEN]
     for offset, tok in enumerate(rest, start=1):
         ids[tok] = image + offset

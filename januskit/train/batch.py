@@ -2,6 +2,8 @@
 
 Labels are already shifted: `text_labels[b, t]` is the token the LM head must predict from the hidden
 state at slot t (likewise `image_labels` for the gen head); -100 means no loss at that slot.
+JanusFlow generation samples instead fill `flow_mask` slots (the timestep token, then the latent grid)
+from their clean latents; the noise and t are drawn in the loss from each sample's `flow_seeds`.
 """
 from __future__ import annotations
 
@@ -24,10 +26,18 @@ class TrainBatch:
     text_labels: torch.Tensor  # (B, T) long: LM-head targets, IGNORE where no text loss
     image_labels: torch.Tensor  # (B, T) long: gen-head targets, IGNORE where no image loss
     kinds: torch.Tensor | None = None  # (B, T) long: 0 understanding, 1 text, 2 generation, -1 pad (metrics)
+    flow_mask: torch.Tensor | None = None  # (B, T) bool: per flow sample 1 + n_gen slots [t_emb, grid tokens]
+    flow_latents: torch.Tensor | None = None  # (M, C, H, W) clean (scaled) VAE latents, in slot order
+    flow_seeds: torch.Tensor | None = None  # (M,) long: seed of each sample's noise and t
+    repa_pixels: torch.Tensor | None = None  # (M, 3, S, S) the same images for the understanding encoder (REPA)
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         return TrainBatch(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
                              for f in fields(self)})
+
+    @property
+    def n_flow(self) -> int:
+        return 0 if self.flow_latents is None else int(self.flow_latents.shape[0])
 
     @property
     def n_tokens(self) -> int:

@@ -5,6 +5,7 @@
     [train]  output folder, micro-batch, devices and parallelism, logging and checkpoint intervals
     [data]   `builder = "module:function"`; every other key is passed to the builder as a keyword
     [lora]   optional: LoRA adapters (januskit.train.lora, needs peft) instead of the stage's freezing
+    [flow]   optional, JanusFlow only: t distribution and REPA (januskit.train.flow.FlowSettings)
 
 Unknown keys raise with the valid names, so a typo never silently falls back to a default.
 """
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import JanusConfig
+from ..config import JanusConfig, JanusFlowConfig
+from .flow import FlowSettings
 from .lora import LoraSettings
 from .stages import Stage, get_stage
 
@@ -74,6 +76,7 @@ class RunConfig:
     train: TrainSection
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    flow: FlowSettings = field(default_factory=FlowSettings)
 
     def resolved_stage(self) -> Stage:
         """The stage row, scaled, then overridden (overrides are absolute values)."""
@@ -91,13 +94,13 @@ class RunConfig:
                 "stage": {"name": self.stage.name, "scale": self.stage.scale, **self.stage.overrides},
                 "train": dataclasses.asdict(self.train),
                 "data": {"builder": self.data.builder, **self.data.options},
-                "lora": dataclasses.asdict(self.lora)}
+                "lora": dataclasses.asdict(self.lora), "flow": dataclasses.asdict(self.flow)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
-        extra = set(d) - {"model", "stage", "train", "data", "lora"}
+        extra = set(d) - {"model", "stage", "train", "data", "lora", "flow"}
         if extra:
-            raise ValueError(f"{where}: unknown table(s) {sorted(extra)}; valid: model, stage, train, data, lora")
+            raise ValueError(f"{where}: unknown table(s) {sorted(extra)}; valid: model, stage, train, data, lora, flow")
         for t in ("model", "stage", "train"):
             if t not in d:
                 raise ValueError(f"{where}: missing table [{t}]")
@@ -110,7 +113,8 @@ class RunConfig:
         return cls(model=_build(ModelSection, d["model"], f"{where} [model]"), stage=stage,
                    train=_build(TrainSection, d["train"], f"{where} [train]"),
                    data=DataSection(builder=builder, options=data),
-                   lora=_build(LoraSection, d.get("lora", {}), f"{where} [lora]"))
+                   lora=_build(LoraSection, d.get("lora", {}), f"{where} [lora]"),
+                   flow=_build(FlowSettings, d.get("flow", {}), f"{where} [flow]"))
 
 
 def _build(kind: type, table: dict[str, Any], where: str) -> Any:
@@ -167,6 +171,6 @@ class DataContext:
     seed: int  # run seed (the builder should derive its own streams from it, not from rank)
     rank: int  # this process's data shard
     world: int  # number of shards
-    model_config: JanusConfig  # vocab, codebook and image-token counts
+    model_config: JanusConfig | JanusFlowConfig  # vocab, codebook / latent and image-token counts
     source: str  # model source (folder with tokenizer.json, or a preset name)
     model: Any = None  # the JanusModel being trained (its frozen VQ encoder can tokenise images on its device)

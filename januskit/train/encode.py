@@ -8,12 +8,19 @@ every token after BOS a target. Generation is `Processor.generation_prompt(capti
 Classifier-free guidance: with probability `cfg_drop` the prompt becomes inference's unconditional
 row (BOS and <begin_of_image> kept, everything between -> pad). Per-sample randomness is a hash of
 (seed, epoch, sample key), so it does not depend on worker order and needs no state to resume.
+
+JanusFlow generation (`flow` given) is the layout its sampler uses: the generation prompt without
+<begin_of_image>, then 1 + n_gen slots (the timestep token, then the latent grid) whose inputs the
+loss builds from the clean latent; a dropped prompt keeps BOS and hides the rest from attention, as the
+sampler's unconditional rows do. The latent comes from the frozen VAE (`fill_latents`).
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+
+import torch.nn.functional as F
 
 import torch
 
@@ -36,8 +43,13 @@ class EncodedSample:
     gen_mask: torch.Tensor  # (L,) bool: VQ-token slots (each one is a gen-head target)
     gen_ids: torch.Tensor | None  # (gen_mask.sum(),) long VQ ids; None until fill_vq_ids
     pixel_values: torch.Tensor | None  # (n_images, 3, S, S) understanding images, in slot order
-    gen_pixels: torch.Tensor | None = None  # (3, S, S) in [-1, 1], waiting for the VQ encoder
+    gen_pixels: torch.Tensor | None = None  # (3, S, S) in [-1, 1], waiting for the VQ encoder (or the VAE)
     cfg_dropped: bool = False
+    hidden: torch.Tensor | None = None  # (L,) bool: slots no other slot attends to (a dropped flow prompt)
+    flow_mask: torch.Tensor | None = None  # (L,) bool: JanusFlow [t_emb, grid] slots
+    flow_latent: torch.Tensor | None = None  # (C, H, W) clean scaled latent; None until fill_latents
+    flow_seed: int = 0  # seed of this sample's noise and t (drawn in the loss)
+    repa_pixels: torch.Tensor | None = None  # (3, S, S) understanding-encoder input of the same image (REPA)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -61,7 +73,7 @@ class EncodedSample:
         (and drops the image); a generation sample cannot lose VQ tokens."""
         if len(self) <= n:
             return self
-        if bool(self.gen_mask[n:].any()):
+        if bool(self.gen_mask[n:].any()) or self.flow_mask is not None:
             raise DataError(self.key, f"{len(self)} tokens; a generation sample cannot be truncated to {n} "
                                       f"(its image would be cut)", "length")
         und = self.und_mask.tolist()
@@ -97,18 +109,29 @@ def first_sentence(text: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class FlowLayout:
+    """What a JanusFlow generation sample needs from the model config."""
+
+    n_gen_tokens: int  # latent grid positions
+    image_size: int  # generation images are cropped to this side before the VAE
+    repa: bool = False  # also keep the image for the understanding encoder (REPA targets)
+
+
 class SampleEncoder:
     """Callable Sample -> EncodedSample; pass it as a reader's `transform` so encoding errors (too long,
     bad cached ids) follow the reader's on_error policy and are counted like any bad sample."""
 
-    def __init__(self, processor: Processor, vq: VQConfig, *, seed: int = 0, cfg_drop: float = 0.1,
+    def __init__(self, processor: Processor, vq: VQConfig | None, *, seed: int = 0, cfg_drop: float = 0.1,
                  short_caption_p: float = 0.0, max_len: int | None = None, too_long: str = "error",
-                 system_prompt: str = SYSTEM_PROMPT) -> None:
+                 system_prompt: str = SYSTEM_PROMPT, flow: FlowLayout | None = None) -> None:
         if not 0.0 <= cfg_drop <= 1.0 or not 0.0 <= short_caption_p <= 1.0:
             raise ValueError("cfg_drop and short_caption_p are probabilities in [0, 1]")
         if too_long not in ("error", "truncate"):
             raise ValueError(f"too_long must be 'error' or 'truncate', got {too_long!r}")
-        self.proc, self.vq = processor, vq
+        if (vq is None) == (flow is None):
+            raise ValueError("SampleEncoder needs exactly one of vq (Janus) and flow (JanusFlow)")
+        self.proc, self.vq, self.flow = processor, vq, flow
         self.seed, self.cfg_drop, self.short_caption_p = seed, cfg_drop, short_caption_p
         self.max_len, self.too_long, self.system_prompt = max_len, too_long, system_prompt
         tok = processor.tokenizer
@@ -117,11 +140,15 @@ class SampleEncoder:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, processor: Processor, **kw) -> "SampleEncoder":
-        return cls(processor, model.config.vq, **kw)
+        c = model.config
+        if c.arch == "janusflow":
+            flow = FlowLayout(c.n_gen_tokens, c.vision.image_size, getattr(model, "repa_head", None) is not None)
+            return cls(processor, None, flow=flow, **kw)
+        return cls(processor, c.vq, **kw)
 
     def __call__(self, s: Sample) -> EncodedSample:
         if s.kind == "generation":
-            out = self.generation(s)
+            out = self.generation(s) if self.flow is None else self.flow_generation(s)
         elif s.messages is not None:
             out = self.conversation(s)
         else:
@@ -208,6 +235,58 @@ class SampleEncoder:
         gen_mask[P:P + n] = True
         no = torch.zeros(P + n + 1, dtype=torch.bool)
         return EncodedSample(s.kind, s.key, ids, no, no.clone(), gen_mask, gen_ids, None, pixels, dropped)
+
+
+    def flow_generation(self, s: Sample) -> EncodedSample:
+        f = self.flow
+        if s.vq_ids is not None and not s.images:
+            raise DataError(s.key, "a JanusFlow generation sample needs its image (vq_ids are for Janus)", "image")
+        prompt, dropped = self.generation_prompt(s)
+        prompt = prompt[:-1]  # <begin_of_image>'s slot takes the timestep token, as in the sampler
+        P, n = len(prompt), f.n_gen_tokens
+        L = P + 1 + n
+        ids = torch.tensor(prompt + [self.image_id] * (1 + n))
+        hidden = torch.zeros(L, dtype=torch.bool)
+        if dropped:
+            hidden[1:P] = True  # the sampler's unconditional row: only BOS stays visible
+        flow_mask = torch.zeros(L, dtype=torch.bool)
+        flow_mask[P:] = True
+        pixels = to_gen_pixels(s.images[0], f.image_size)
+        repa = to_und_pixels(pixels, self.proc) if f.repa else None
+        no = torch.zeros(L, dtype=torch.bool)
+        seed = int(_unit(self.seed, "flow", s.epoch, stable_key(s.key)) * 2**62)
+        return EncodedSample(s.kind, s.key, ids, no, no.clone(), no.clone(), None, None, pixels, dropped,
+                             hidden=hidden, flow_mask=flow_mask, flow_seed=seed, repa_pixels=repa)
+
+
+def to_und_pixels(gen_pixels: torch.Tensor, proc: Processor) -> torch.Tensor:
+    """A generation crop ([-1, 1], (3, S, S)) as the understanding encoder's input: resized to its side
+    and normalised with its mean / std, so REPA's target sees exactly the pixels being generated."""
+    t = proc.transform
+    x = gen_pixels[None].float() * 0.5 + 0.5
+    if x.shape[-1] != t.size:
+        x = F.interpolate(x, size=(t.size, t.size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    mean = torch.tensor(t.mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(t.std, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0]
+
+
+def fill_latents(samples: Sequence[EncodedSample], encode_images: Callable[[torch.Tensor], torch.Tensor] | None,
+                 shape: tuple[int, ...]) -> int:
+    """Encode the pending JanusFlow generation images to latents in one batched call; returns how many."""
+    todo = [s for s in samples if s.flow_mask is not None and s.flow_latent is None]
+    if not todo:
+        return 0
+    if encode_images is None:
+        raise ValueError(f"{todo[0].key}: JanusFlow generation sample and no VAE to encode its image "
+                         "(set [data] vae = DIR, or give the checkpoint a vae/ subfolder)")
+    lat = torch.as_tensor(encode_images(torch.stack([s.gen_pixels for s in todo]))).to("cpu", torch.float32)
+    if tuple(lat.shape[1:]) != tuple(shape):
+        raise ValueError(f"the VAE gives latents of shape {tuple(lat.shape[1:])} for {todo[0].gen_pixels.shape[-1]} px "
+                         f"images; the model expects {tuple(shape)} (latent_size, input_channels in its config)")
+    for s, z in zip(todo, lat, strict=True):
+        s.flow_latent, s.gen_pixels = z.clone(), None
+    return len(todo)
 
 
 def check_vq_ids(ids: torch.Tensor, n_tokens: int, codebook_size: int, where: str) -> torch.Tensor:

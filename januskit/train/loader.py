@@ -1,4 +1,5 @@
-"""The data side in one iterator: mixer -> VQ ids -> packed TrainBatch, with one resumable state.
+"""The data side in one iterator: mixer -> VQ ids (Janus) or VAE latents (JanusFlow) -> packed
+TrainBatch, with one resumable state.
 
 `state_dict()` is the state after the last batch handed out, so a checkpoint taken after step s
 resumes at step s+1 exactly, even with prefetching (a background thread reads, decodes and
@@ -18,7 +19,7 @@ from ..processing.chat import Processor
 from ..processing.image import ImageTransform
 from .batch import TrainBatch
 from .data import KINDS, open_source
-from .encode import EncodedSample, SampleEncoder, fill_vq_ids, vq_tokenizer
+from .encode import EncodedSample, FlowLayout, SampleEncoder, fill_latents, fill_vq_ids, vq_tokenizer
 from .mixing import Mixer
 from .packing import pack
 
@@ -30,9 +31,12 @@ class TrainData:
     per_step = True
     def __init__(self, mixer: Mixer, context_len: int, *, pad_id: int,
                  tokenize_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 codebook_size: int | None = None, prefetch: int = 0) -> None:
+                 codebook_size: int | None = None, prefetch: int = 0,
+                 encode_latents: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 latent_shape: tuple[int, ...] | None = None) -> None:
         self.mixer, self.context_len, self.pad_id = mixer, context_len, pad_id
         self.tokenize_images, self.codebook_size = tokenize_images, codebook_size
+        self.encode_latents, self.latent_shape = encode_latents, latent_shape
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="januskit-data") if prefetch > 0 else None
         self._pending: list[Future] = []
@@ -54,6 +58,7 @@ class TrainData:
                 self._pending.append(self._pool.submit(self._produce))
             items, state = self._pending.pop(0).result()
         fill_vq_ids(items, self.tokenize_images, self.codebook_size)
+        fill_latents(items, self.encode_latents, self.latent_shape)
         batch = pack(items, self.context_len, pad_id=self.pad_id)
         self._state = state
         kinds = [s.kind for s in items]
@@ -97,14 +102,23 @@ def processor_for(source: str | Path, config: Any) -> Processor:
 
 def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: Any = None, cfg_drop: float = 0.1,
           short_caption_p: float = 0.0, on_error: str = "raise", too_long: str = "error", shuffle: bool = True,
-          shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str | None = None) -> TrainData:
+          shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str | None = None,
+          vae: str | None = None) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation is a path or list of paths (JSONL manifests, tar shards or
-    folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere."""
+    folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
+    `vae`: JanusFlow only, the VAE folder that encodes generation images (default: the source's vae/)."""
     c = ctx.model_config
     proc = processor_for(ctx.source, c)
-    enc = SampleEncoder(proc, c.vq, seed=ctx.seed, cfg_drop=cfg_drop, short_caption_p=short_caption_p,
-                        max_len=ctx.seq_len, too_long=too_long,
+    model = getattr(ctx, "model", None)
+    flow = encode_latents = None
+    if c.arch == "janusflow":
+        flow = FlowLayout(c.n_gen_tokens, c.vision.image_size, getattr(model, "repa_head", None) is not None)
+        encode_latents = vae_encoder(vae, ctx.source)
+    elif vae is not None:
+        raise ValueError("[data] vae is for JanusFlow models")
+    enc = SampleEncoder(proc, None if flow else c.vq, seed=ctx.seed, cfg_drop=cfg_drop, short_caption_p=short_caption_p,
+                        max_len=ctx.seq_len, too_long=too_long, flow=flow,
                         system_prompt=proc.system_prompt if system_prompt is None else system_prompt)
     sources = {}
     for k, (kind, spec) in enumerate(zip(KINDS, (understanding, text, generation))):
@@ -118,6 +132,24 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
                   on_error=on_error, transform=enc)
         sources[kind] = open_source(paths, **{"shuffle_buffer": shuffle_buffer, **kw, **opts})
     mixer = Mixer(sources, ctx.ratio, ctx.batch_size, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world)
-    model = getattr(ctx, "model", None)
+    if flow is not None:
+        return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, encode_latents=encode_latents,
+                         latent_shape=c.latent_shape)
     return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, codebook_size=c.vq.codebook_size,
                      tokenize_images=vq_tokenizer(model) if model is not None else None)
+
+
+def vae_encoder(vae: str | None, source: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Frozen VAE encoder (posterior mean, scaled): the named folder, else the source's vae/, else None."""
+    folder = Path(vae) if vae is not None else Path(source) / "vae"
+    if vae is None and not folder.is_dir():
+        return None
+    from ..models.vae import LatentVAE
+
+    model = LatentVAE.from_folder(folder)
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return model.encode(pixels)
+
+    return encode

@@ -1,5 +1,6 @@
-"""Next-token cross-entropy of a packed TrainBatch: text CE through the LM head, image CE through the
-gen head, each only at its labelled slots, with no per-task weights (both papers).
+"""Losses of a packed TrainBatch: text CE through the LM head and, for Janus, image-token CE through the
+gen head, each only at its labelled slots, with no per-task weights (both papers); for JanusFlow the
+rectified-flow and REPA terms of train/flow.py at the latent-grid slots instead of the image CE.
 
 The heads run only on the slots that carry a label: the LM head has 102400 outputs and running it on
 every slot of a 4096-token row would cost gigabytes of logits for nothing.
@@ -12,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.janus import JanusModel
 from .batch import IGNORE, TrainBatch
+from .flow import flow_inputs, flow_loss_sums
+from .packing import flow_starts
 
 KINDS = ("und", "text", "gen")  # metric buckets, indexed like TrainBatch.kinds (0, 1, 2)
+REPA = 3  # by_kind's extra entry: the REPA sum (JanusFlow), counted over the gen bucket's positions
 
 
 @dataclass
 class LossSums:
-    total: torch.Tensor  # () differentiable sum of every token CE (text and image)
-    by_kind: torch.Tensor  # (3,) detached CE sums per kind bucket (und, text, gen)
+    total: torch.Tensor  # () differentiable sum of every token loss (text CE, image CE or RF, REPA)
+    by_kind: torch.Tensor  # (4,) detached sums per kind bucket (und, text, gen) and REPA
     count: torch.Tensor  # (3,) loss tokens per kind bucket
 
     @property
@@ -40,6 +43,8 @@ def label_counts(batch: TrainBatch) -> torch.Tensor:
         sel = labels != IGNORE
         kinds = _kinds(batch, sel, default)
         out += torch.bincount(kinds.cpu(), minlength=3)[:3]
+    if batch.flow_mask is not None:  # JanusFlow: one loss token per latent-grid position
+        out[2] += int((batch.flow_mask & ~flow_starts(batch.flow_mask)).sum())
     return out
 
 
@@ -50,38 +55,85 @@ def _kinds(batch: TrainBatch, sel: torch.Tensor, default: int) -> torch.Tensor:
     return batch.kinds[sel].clamp(min=0)
 
 
-def batch_losses(model: JanusModel, batch: TrainBatch) -> LossSums:
-    """Forward one packed batch and return the CE sums (divide by the token count outside: under
+def batch_losses(model: torch.nn.Module, batch: TrainBatch) -> LossSums:
+    """Forward one packed batch and return the loss sums (divide by the token count outside: under
     gradient accumulation and data parallelism the right divisor is the whole step's count)."""
+    if model.config.arch == "janusflow":
+        return _flow_batch_losses(model, batch)
     h = model.mixed_embeds(batch.input_ids, batch.und_mask, batch.pixel_values, batch.gen_mask, batch.gen_ids)
     hidden, _ = model.llm.forward_packed(h, batch.positions, batch.doc_ids)  # (B, T, dim)
     # Input branches this batch does not use run on zero inputs, so every trainable part gets a (zero)
     # gradient on every rank: FSDP's reduce-scatter and DDP's buckets need the same set everywhere.
-    idle = h.new_zeros(())
-    if batch.pixel_values is None or batch.pixel_values.shape[0] == 0:
-        S = model.config.vision.image_size
-        idle = idle + model.image_embeds(h.new_zeros(0, 3, S, S)).sum()
+    idle = _idle_und(model, batch, h)
     if not bool(batch.gen_mask.any()):
         idle = idle + model.gen_embeds(batch.gen_ids.new_zeros(0)).sum()
-    t_sel = batch.text_labels != IGNORE
     i_sel = batch.image_labels != IGNORE
     # Heads on the labelled slots only, CE in float32 (bf16 logits lose the tail of the softmax).
-    text_ce = F.cross_entropy(model.text_logits(hidden[t_sel]).float(), batch.text_labels[t_sel], reduction="none")
     image_ce = F.cross_entropy(model.image_logits(hidden[i_sel]).float(), batch.image_labels[i_sel], reduction="none")
-    by_kind = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+    s = _text_sums(model, batch, hidden)
+    s.by_kind.index_add_(0, _kinds(batch, i_sel, 2), image_ce.detach())
+    s.count.index_add_(0, _kinds(batch, i_sel, 2), torch.ones_like(image_ce, dtype=torch.long))
+    # Empty selections give sum 0 but still run both heads, so both heads are always in the graph too.
+    s.total = s.total + image_ce.sum() + idle
+    return s
+
+
+def _idle_und(model: torch.nn.Module, batch: TrainBatch, h: torch.Tensor) -> torch.Tensor:
+    if batch.pixel_values is None or batch.pixel_values.shape[0] == 0:
+        S = model.config.vision.image_size
+        return model.image_embeds(h.new_zeros(0, 3, S, S)).sum()
+    return h.new_zeros(())
+
+
+def _text_sums(model: torch.nn.Module, batch: TrainBatch, hidden: torch.Tensor) -> LossSums:
+    t_sel = batch.text_labels != IGNORE
+    text_ce = F.cross_entropy(model.text_logits(hidden[t_sel]).float(), batch.text_labels[t_sel], reduction="none")
+    by_kind = torch.zeros(4, dtype=torch.float32, device=hidden.device)
     by_kind.index_add_(0, _kinds(batch, t_sel, 1), text_ce.detach())
-    by_kind.index_add_(0, _kinds(batch, i_sel, 2), image_ce.detach())
     count = torch.zeros(3, dtype=torch.long, device=hidden.device)
     count.index_add_(0, _kinds(batch, t_sel, 1), torch.ones_like(text_ce, dtype=torch.long))
-    count.index_add_(0, _kinds(batch, i_sel, 2), torch.ones_like(image_ce, dtype=torch.long))
-    # Empty selections give sum 0 but still run both heads, so both heads are always in the graph too.
-    return LossSums(total=text_ce.sum() + image_ce.sum() + idle, by_kind=by_kind, count=count)
+    return LossSums(total=text_ce.sum(), by_kind=by_kind, count=count)
 
 
-def batch_loss(model: JanusModel, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean loss of one batch and its per-kind means (for evaluation and tests)."""
+def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch) -> LossSums:
+    """JanusFlow: text CE, plus L_RF (+ L_REPA) of the flow samples at their grid slots."""
+    h = model.splice(batch.input_ids, batch.und_mask, batch.pixel_values)
+    c = model.config
+    settings = model.flow_settings
+    M = batch.n_flow
+    if M:
+        inputs, skip, t_emb, target = flow_inputs(model, batch.flow_latents, batch.flow_seeds, settings)
+        h = h.masked_scatter(batch.flow_mask[..., None], inputs.to(h.dtype).reshape(-1, h.shape[-1]))
+    head = getattr(model, "repa_head", None)
+    layer = settings.repa_layer if head is not None and M else None
+    hidden, captured = model.llm.forward_packed(h, batch.positions, batch.doc_ids, capture_layer=layer)
+    s = _text_sums(model, batch, hidden)
+    idle = _idle_und(model, batch, h)
+    if M:
+        grid = batch.flow_mask & ~flow_starts(batch.flow_mask)
+        rf, repa = flow_loss_sums(model, hidden, captured, grid, skip, t_emb, target, batch.repa_pixels)
+        s.by_kind[2] += rf.detach()
+        s.by_kind[REPA] += repa.detach()
+        s.count[2] += int(grid.sum())
+        s.total = s.total + rf + repa
+    else:  # keep the generation branch in the graph (DDP / FSDP), contributing exactly zero
+        z = h.new_zeros(1, *c.latent_shape)
+        inputs, skip, t_emb = model.gen_inputs(z, h.new_zeros(1))
+        v = model.velocity(inputs[:, 1:], skip, t_emb)
+        idle = idle + 0 * (v.sum() + inputs.sum())
+        if head is not None:
+            idle = idle + 0 * head(inputs[:, :1]).sum()
+    s.total = s.total + idle
+    return s
+
+
+def batch_loss(model: torch.nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean loss of one batch and its per-kind means (for evaluation and tests); `repa` is REPA's
+    mean over the generation positions, part of the total (`gen` is then the RF term alone)."""
     s = batch_losses(model, batch)
     per = {k: float(s.by_kind[i] / s.count[i]) for i, k in enumerate(KINDS) if s.count[i] > 0}
+    if getattr(model, "repa_head", None) is not None and s.count[2] > 0:
+        per["repa"] = float(s.by_kind[REPA] / s.count[2])
     return s.mean(), per
 
 
@@ -90,7 +142,7 @@ class LossForward(nn.Module):
     FSDP hook into `forward`, so the loss must be a module's forward to get gradient sync and
     parameter gathering; a plain tuple lets DDP find the output tensors."""
 
-    def __init__(self, model: JanusModel) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 

@@ -69,6 +69,9 @@ def _batch(rows: list[list[EncodedSample]], T: int, pad_id: int) -> TrainBatch:
     text_labels = torch.full((B, T), IGNORE, **long)
     image_labels = torch.full((B, T), IGNORE, **long)
     pixels = []
+    flow = any(s.flow_mask is not None for row in rows for s in row)
+    flow_mask = torch.zeros((B, T), dtype=torch.bool) if flow else None
+    latents, seeds, repa = [], [], []
     for b, row in enumerate(rows):
         t = 0
         for d, s in enumerate(row):
@@ -76,7 +79,7 @@ def _batch(rows: list[list[EncodedSample]], T: int, pad_id: int) -> TrainBatch:
             sl = slice(t, t + L)
             input_ids[b, sl] = s.ids
             positions[b, sl] = torch.arange(L)
-            doc_ids[b, sl] = d
+            doc_ids[b, sl] = d if s.hidden is None else torch.where(s.hidden, -1, d)  # hidden: seen by no slot
             kinds[b, sl] = KIND_CODE[s.kind]
             und_mask[b, sl] = s.und_mask
             gen_mask[b, sl] = s.gen_mask
@@ -85,24 +88,51 @@ def _batch(rows: list[list[EncodedSample]], T: int, pad_id: int) -> TrainBatch:
                 gen_ids[b, sl][s.gen_mask] = s.gen_ids
             if s.pixel_values is not None:
                 pixels.append(s.pixel_values)  # row-major slot order, as masked_scatter fills und_mask
+            if s.flow_mask is not None:
+                if s.flow_latent is None:
+                    raise ValueError(f"{s.key}: latent not computed yet; call fill_latents() before packing")
+                flow_mask[b, sl] = s.flow_mask
+                latents.append(s.flow_latent), seeds.append(s.flow_seed)
+                if s.repa_pixels is not None:
+                    repa.append(s.repa_pixels)
             t += L
+    if repa and len(repa) != len(latents):
+        raise ValueError("some flow samples carry REPA pixels and others do not")
     return TrainBatch(input_ids=input_ids, positions=positions, doc_ids=doc_ids, und_mask=und_mask,
                       pixel_values=torch.cat(pixels) if pixels else None, gen_mask=gen_mask, gen_ids=gen_ids,
-                      text_labels=text_labels, image_labels=image_labels, kinds=kinds)
+                      text_labels=text_labels, image_labels=image_labels, kinds=kinds, flow_mask=flow_mask,
+                      flow_latents=torch.stack(latents) if latents else None,
+                      flow_seeds=torch.tensor(seeds, dtype=torch.long) if seeds else None,
+                      repa_pixels=torch.stack(repa) if repa else None)
+
+
+def flow_starts(flow_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the first slot of each flow run (its timestep token)."""
+    return flow_mask & ~torch.nn.functional.pad(flow_mask, (1, 0))[:, :-1]
 
 
 def split_rows(batch: TrainBatch, rows: int, n_und_tokens: int) -> list[TrainBatch]:
     """Micro-batches of at most `rows` rows (gradient accumulation), each with its own images."""
     per_row = (batch.und_mask.sum(1) // n_und_tokens).tolist()
-    out, img = [], 0
+    fm = batch.flow_mask
+    flow_row = flow_starts(fm).sum(1).tolist() if fm is not None else None
+    out, img, fl = [], 0, 0
     for r in range(0, batch.input_ids.shape[0], rows):
         n = int(sum(per_row[r:r + rows]))
         pix = batch.pixel_values[img:img + n] if n else None
         img += n
         sl = slice(r, r + rows)
+        flow = {}
+        if fm is not None:
+            k = int(sum(flow_row[r:r + rows]))
+            fs = slice(fl, fl + k)
+            fl += k
+            flow = dict(flow_mask=fm[sl], flow_latents=batch.flow_latents[fs] if k else None,
+                        flow_seeds=batch.flow_seeds[fs] if k else None,
+                        repa_pixels=batch.repa_pixels[fs] if k and batch.repa_pixels is not None else None)
         out.append(TrainBatch(input_ids=batch.input_ids[sl], positions=batch.positions[sl], doc_ids=batch.doc_ids[sl],
                               und_mask=batch.und_mask[sl], pixel_values=pix, gen_mask=batch.gen_mask[sl],
                               gen_ids=batch.gen_ids[sl], text_labels=batch.text_labels[sl],
                               image_labels=batch.image_labels[sl],
-                              kinds=None if batch.kinds is None else batch.kinds[sl]))
+                              kinds=None if batch.kinds is None else batch.kinds[sl], **flow))
     return out

@@ -1,4 +1,5 @@
-"""The three training stages of Janus (paper Table 1) and Janus-Pro (paper Table 2), as data.
+"""The three training stages of Janus (paper Table 1), Janus-Pro (paper Table 2) and JanusFlow (paper
+Table 1), as data.
 
 A stage is a row: which top-level parts train, the optimiser and schedule numbers, the step and batch
 counts and the data ratio (understanding : pure text : generation). `apply_stage` sets
@@ -27,6 +28,16 @@ ALWAYS_FROZEN = ("gen_vision_model",)  # the VQ tokenizer is frozen in every sta
 ADAPTORS = ("aligner", "gen_aligner", "gen_head", "gen_embed")
 WITH_LLM = ADAPTORS + ("language_model",)  # Stage II: + LLM (embeddings, decoder, lm_head)
 ALL_BUT_VQ = WITH_LLM + ("vision_model",)  # Stage III: + the understanding encoder (SigLIP)
+
+# JanusFlow: stage 1 adapts the randomly initialised parts (linear aligners, the generation encoder and
+# decoder, the REPA projector h_phi), stage 2 adds the LLM, stage 3 the understanding encoder. The VAE
+# is outside the model and never trains. beg_of_und_embed is never trainable: its only path into the
+# LLM is detached in the reference (so it could get no gradient, and no optimiser state to resume).
+FLOW_NEW = ("vision_und_enc_aligner", "vision_gen_enc_model", "vision_gen_enc_aligner",
+            "vision_gen_dec_model", "vision_gen_dec_aligner_norm", "vision_gen_dec_aligner", "repa_head")
+OPTIONAL = ("repa_head",)  # only present while training with REPA
+FLOW_WITH_LLM = FLOW_NEW + ("language_model",)
+FLOW_ALL = FLOW_WITH_LLM + ("vision_und_enc_model",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +73,7 @@ class Stage:
 
 _J = "Janus paper Table 1"
 _P = "Janus-Pro paper Table 2"
+_F = "JanusFlow paper Table 1"
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage(name="janus/1", trainable=ADAPTORS, lr=1e-3, schedule="cosine", weight_decay=0.0, warmup=300,
           steps=10_000, batch_size=256, ratio=(1, 0, 1), source=_J),
@@ -78,6 +90,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           steps=80_000, batch_size=128, ratio=(5, 1, 4), source=_P + " (1B)"),
     Stage(name="janus-pro-7b/3", trainable=ALL_BUT_VQ, lr=4e-5, schedule="constant", weight_decay=0.0, warmup=0,
           steps=40_000, batch_size=128, ratio=(5, 1, 4), source=_P + " (7B)"),
+    # JanusFlow's table orders the ratio understanding : generation : text; ours is und : text : gen.
+    Stage(name="janusflow/1", trainable=FLOW_NEW, lr=1e-4, schedule="constant", weight_decay=0.0, warmup=2000,
+          steps=10_000, batch_size=512, ratio=(50, 0, 50), source=_F),
+    # The paper starts stage 2 at 30:50:20 (und:gen:text) for its first 10K steps, then 14:80:6; one
+    # stage row has one ratio, so that opening phase is a separate 10K-step run of "janusflow/2-early".
+    Stage(name="janusflow/2-early", trainable=FLOW_WITH_LLM, lr=1e-4, schedule="constant", weight_decay=0.0,
+          warmup=2000, steps=10_000, batch_size=512, ratio=(30, 20, 50), source=_F + " (stage 2, first 10K steps)"),
+    Stage(name="janusflow/2", trainable=FLOW_WITH_LLM, lr=1e-4, schedule="constant", weight_decay=0.0, warmup=2000,
+          steps=390_000, batch_size=512, ratio=(14, 6, 80), source=_F),
+    Stage(name="janusflow/3", trainable=FLOW_ALL, lr=2e-5, schedule="constant", weight_decay=0.0, warmup=1000,
+          steps=26_000, batch_size=256, ratio=(21, 9, 70), source=_F),
 ]}
 
 
@@ -120,7 +143,7 @@ def apply_stage(model: nn.Module, stage: Stage) -> dict[str, tuple[int, int]]:
         c = counts.setdefault(_part(name), [0, 0])
         c[0] += p.numel() if hit else 0
         c[1] += p.numel()
-    unknown = set(stage.trainable) - matched
+    unknown = set(stage.trainable) - matched - set(OPTIONAL)
     if unknown:
         raise ValueError(f"stage {stage.name}: trainable prefixes {sorted(unknown)} match no parameter "
                          f"(parts: {', '.join(PARTS)})")

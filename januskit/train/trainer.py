@@ -34,14 +34,16 @@ from tqdm import tqdm
 from .. import resolve_dtype
 from ..checkpoint.init import processor_files, random_model, synthetic_tokenizer
 from ..checkpoint.io import atomic_folder, materialize_buffers
-from ..checkpoint.official import load_janus, save_janus
+from ..checkpoint.official import load_official, save_janus
 from ..config import PRESET_NAMES, preset
+from ..models import build_model as model_for_config
 from ..models.janus import JanusModel
 from . import parallel
 from .batch import IGNORE, TrainBatch
 from .config import DataContext, LoraSection, ModelSection, RunConfig
+from .flow import FlowSettings, attach_flow_training
 from .lora import ADAPTER_WEIGHTS, apply_lora, has_lora, load_adapter, merged_state, save_adapter
-from .losses import KINDS, LossForward, label_counts
+from .losses import KINDS, REPA, LossForward, label_counts
 from .packing import split_rows
 from .plot import plot_losses, read_metrics
 from .stages import Stage, apply_stage, lr_multiplier
@@ -51,6 +53,7 @@ log = logging.getLogger("januskit.train")
 MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 TIMING_KEYS = ("time_s", "tok_per_s")  # the only metrics that differ between identical runs
+TRAINING_ONLY = ("repa_head.",)  # trained and checkpointed, never exported (JanusFlow's REPA projector)
 
 
 class DataSource(Protocol):
@@ -74,6 +77,7 @@ class StepConfig:
     grad_clip: float  # max global grad norm
     device: torch.device
     autocast: torch.dtype | None = None  # bfloat16 autocast, or None for plain float32
+    repa: bool = False  # JanusFlow with REPA: report its loss separately
 
 
 def train_step(model: torch.nn.Module, batches: Iterator[TrainBatch], optimizer: torch.optim.Optimizer,
@@ -93,7 +97,7 @@ def train_step(model: torch.nn.Module, batches: Iterator[TrainBatch], optimizer:
     # the global token mean, whatever the split into ranks and micro-batches.
     scale = parallel.world() / max(1, int(counts[:3].sum()))
     lr = optimizer.param_groups[0]["lr"]  # the LR this step uses
-    loss_sums = torch.zeros(3, device=cfg.device)
+    loss_sums = torch.zeros(4, device=cfg.device)  # und, text, gen, REPA
     for i, batch in enumerate(micro):
         batch = batch.to(cfg.device)
         with parallel.no_sync(model, enabled=i < len(micro) - 1):  # sync only on the last micro-step
@@ -107,7 +111,7 @@ def train_step(model: torch.nn.Module, batches: Iterator[TrainBatch], optimizer:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss_sums": loss_sums, "counts": counts, "grad_norm": grad_norm, "lr": lr}
+    return {"loss_sums": loss_sums, "counts": counts, "grad_norm": grad_norm, "lr": lr, "repa": cfg.repa}
 
 
 def empty_batch() -> TrainBatch:
@@ -126,6 +130,8 @@ def reduce_metrics(raw: dict[str, Any], step: int) -> dict[str, Any]:
     m: dict[str, Any] = {"step": step, "loss": float(sums.sum() / n.sum().clamp(min=1))}
     for i, k in enumerate(KINDS):
         m[f"loss_{k}"] = float(sums[i] / n[i]) if n[i] > 0 else None
+    if raw.get("repa"):  # JanusFlow with REPA: loss_gen is then the RF term alone
+        m["loss_repa"] = float(sums[REPA] / n[2]) if n[2] > 0 else None
     m.update(lr=raw["lr"], grad_norm=float(parallel.local(raw["grad_norm"])), loss_tokens=int(n.sum()),
              tokens=int(c[3]), packing=round(float(c[3] / c[4]), 6) if c[4] > 0 else None)
     return m
@@ -138,7 +144,7 @@ def build_model(spec: ModelSection) -> JanusModel:
     """float32 master weights from a checkpoint folder (official layout) or a preset's random init."""
     p = Path(spec.source)
     if p.is_dir():
-        return load_janus(p, torch.float32)
+        return load_official(p, torch.float32)
     if spec.source in PRESET_NAMES:
         return random_model(preset(spec.source), spec.seed)
     raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder, and not a preset "
@@ -292,8 +298,9 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
             return
         state = merged_state(model, state)
     with torch.device("meta"):
-        m = JanusModel(model.config)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        m = model_for_config(model.config)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
+             if not k.startswith(TRAINING_ONLY)}
     m.load_state_dict(state, strict=True, assign=True)
     materialize_buffers(m)
     m.official_extras = getattr(model, "official_extras", {})  # unused official entries, re-read from the source
@@ -308,6 +315,8 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
         f.unlink()
     # Move file by file, config.json last: a folder without it is not (yet) a loadable checkpoint.
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        if f.is_dir() and (out / f.name).is_dir():  # a previous export's vae/
+            shutil.rmtree(out / f.name)
         os.replace(f, out / f.name)
     tmp.rmdir()
 
@@ -338,6 +347,10 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
         parallel.seed_everything(cfg.train.seed)
 
         model = build_model(cfg.model)
+        if model.config.arch == "janusflow":
+            attach_flow_training(model, cfg.flow, seed=cfg.train.seed)
+        elif cfg.flow != FlowSettings():
+            raise ValueError(f"[flow] is for JanusFlow models; {cfg.model.source} is {model.config.arch}")
         if prepare is not None:
             prepare(model)
         set_trainable(model, stage, cfg.lora, cfg.train.seed)
@@ -354,7 +367,8 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
         step = restore_state(ckpt, model, optimizer, scheduler, data) if ckpt is not None else 0
         step_cfg = StepConfig(grad_accum=accum, micro_rows=cfg.train.micro_batch_size,
                               n_und_tokens=model.config.vision.n_tokens, grad_clip=stage.grad_clip, device=info.device,
-                              autocast=None if cfg.train.autocast == "none" else resolve_dtype(cfg.train.autocast))
+                              autocast=None if cfg.train.autocast == "none" else resolve_dtype(cfg.train.autocast),
+                              repa=getattr(model, "repa_head", None) is not None)
 
         metrics_path = out / "metrics.jsonl"
         history = [m for m in read_metrics(metrics_path) if m["step"] <= step] if ckpt is not None else []

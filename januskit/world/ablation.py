@@ -62,7 +62,7 @@ EXPERIMENTS = (
     Experiment("C", "SigLIP, und only", (2, 3, 0), gen=False),
     Experiment("D", "VQ, gen only", (0, 3, 5), und=False),
 )
-STEPS, BATCH, LR = 300, 32, 1e-3  # the unified runs' budget
+STEPS, BATCH, LR = 300, 32, 1e-3  # the unified runs' budget (the table in docs/miniature-world.md)
 
 
 def steps_for(e: Experiment, steps: int = STEPS) -> int:
@@ -76,10 +76,10 @@ def steps_for(e: Experiment, steps: int = STEPS) -> int:
 
 
 def run_ablation(work: str | Path, *, only: list[str] | None = None, smoke: bool = False, threads: int = 1,
-                 recipe: Recipe | None = None, base: str | Path | None = None) -> str:
+                 recipe: Recipe | None = None, base: str | Path | None = None, steps: int | None = None) -> str:
     """Run (or continue) the experiments; returns the markdown table (also written to work/table.md).
     `base`: a `januskit world build` work folder to take the world, components and text-pretrained
-    LLM from (default: built under work/base)."""
+    LLM from (default: built under work/base). `steps`: the unified runs' optimiser steps."""
     from ..eval.world import EvalSettings, evaluate
     from ..train.trainer import train
     import januskit
@@ -92,7 +92,7 @@ def run_ablation(work: str | Path, *, only: list[str] | None = None, smoke: bool
     # The shared starting point: components + text-pretrained LLM (the recipe's first two steps).
     if not (base / recipe.stages[0].name / "RECIPE_DONE").is_file():
         build(base / "model", base, dataclasses.replace(recipe, stages=recipe.stages[:1]), evaluate_model=False)
-    steps = 2 if smoke else STEPS
+    steps = 2 if smoke else steps or STEPS
     settings = EvalSettings(images_per_prompt=1 if smoke else 2, prompts_per_category=2 if smoke else None,
                             questions_per_type=4 if smoke else None)
     results = {}
