@@ -182,6 +182,21 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_flow(args: argparse.Namespace) -> int:
+    import logging
+
+    from .world.flow_recipe import FlowRecipe, build_flow
+    from .world.recipe import Recipe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    recipe = FlowRecipe(seed=args.seed, base=Recipe(seed=args.seed, threads=args.threads))
+    if args.smoke:
+        recipe = recipe.smoke()
+    out = build_flow(args.out, args.work, recipe, repa=not args.no_repa, evaluate_model=not args.no_eval)
+    print(f"miniature JanusFlow written to {out}")
+    return 0
+
+
 def cmd_world_ablation(args: argparse.Namespace) -> int:
     import logging
 
@@ -302,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="the whole chain with tiny budgets (a minute)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.set_defaults(func=cmd_world_build)
+    p = wsub.add_parser("flow", help="train the miniature JanusFlow (VAE, 3 stages, REPA) on a build's shared steps")
+    p.add_argument("--out", default="runs/world/janusflow-model", help="final model folder (with its vae/)")
+    p.add_argument("--work", default="runs/world", help="a `world build` work folder (world, components, text "
+                   "stage are reused or built); the flow steps go there too")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-repa", action="store_true", help="the REPA ablation's branch: stages 2 and 3 without REPA")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-eval", action="store_true")
+    p.set_defaults(func=cmd_world_flow)
     p = wsub.add_parser("ablation", help="Janus Table 5 in miniature (decoupled vs shared encoder, task-only)")
     p.add_argument("--work", default="runs/ablation")
     p.add_argument("--only", action="append", default=None, help="run only these experiments (A, B, C, D)")

@@ -131,6 +131,7 @@ def test_save_then_load_is_identical(tiny, saved):
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no temporary folder left beside it
     loaded = LatentVAE.from_folder(saved)
     assert not loaded.training and loaded.scaling_factor == tiny.scaling_factor
+    assert not any(p.requires_grad for p in loaded.parameters())  # frozen, as JanusFlow uses it
     ref = tiny.vae.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in loaded.vae.state_dict().items())
     x = pixels(2, seed=5)
@@ -272,12 +273,14 @@ def test_reconstruction_stats(tiny):
     assert math.isclose(stats["per_image_max_255"][2], float(d[2].abs().max()) * 255, rel_tol=1e-6)
 
 
-def test_training_refuses_bad_images(tiny):
+def test_training_refuses_bad_images(tiny, saved):
     with pytest.raises(ValueError, match=r"values must be finite and in \[-1, 1\].*to_gen_pixels"):
         check_vae_images(torch.full((2, 3, 16, 16), 255.0), tiny)
     with pytest.raises(ValueError, match=r"expected shape \(N >= 1, 3, H, W\) with H and W multiples of 2"):
         check_vae_images(torch.zeros(2, 1, 16, 16), tiny)
     with pytest.raises(ValueError, match="batch_size 8 is larger than the 4 images"):
         train_vae(tiny, flat_images(4), VAETrainConfig(batch_size=8), progress=False)
+    with pytest.raises(ValueError, match=r"no parameter requires grad .*requires_grad_\(True\)"):
+        train_vae(LatentVAE.from_folder(saved), flat_images(4), VAETrainConfig(batch_size=2), progress=False)
     with pytest.raises(ValueError, match="kl_weight must be >= 0"):
         VAETrainConfig(kl_weight=-1).validate()

@@ -25,6 +25,44 @@ def smoke(tmp_path_factory) -> tuple[Path, Path]:
     return out, root / "work"
 
 
+@pytest.fixture(scope="module")
+def flow_smoke(smoke) -> tuple[Path, Path, Path]:
+    from januskit.world.flow_recipe import FlowRecipe, build_flow
+
+    _, work = smoke
+    out = build_flow(work.parent / "flow-out", work, FlowRecipe().smoke(), eval_settings=SMALL_EVAL)
+    off = build_flow(work.parent / "flow-off", work, FlowRecipe().smoke(), repa=False, evaluate_model=False)
+    return out, off, work
+
+
+def test_flow_smoke_chain_reuses_the_shared_steps_and_evaluates(flow_smoke):
+    """The miniature JanusFlow: VAE trained, SigLIP and the LLM copied from the Janus-Pro chain's
+    text stage, three stages, an evaluated folder that generates; the REPA-off branch shares flow1."""
+    out, off, work = flow_smoke
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "eval.json", "recipe.json", "vae/config.json"):
+        assert (out / f).is_file(), f
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["settings"]["arch"] == "janusflow" and ev["settings"]["cfg"] == 2.0
+    assert "vq" in ev["generation"]["judge"]  # the judge's ceiling through the VAE
+    pipe = januskit.load(out)
+    assert pipe.arch == "janusflow" and pipe.config.latent_shape == (4, 16, 16)
+    assert pipe.generate_images("a red circle", steps=2).images[0].size == (64, 64)
+    from januskit.checkpoint.official import load_official
+
+    text, init = load_janus(work / "text"), load_official(work / "flow-init")
+    assert all(torch.equal(a, b) for a, b in zip(text.vision_model.state_dict().values(),
+                                                 init.vision_und_enc_model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(text.language_model.state_dict().values(),
+                                                 init.language_model.state_dict().values()))
+    f1 = load_official(work / "flow1")
+    assert all(torch.equal(a, b) for a, b in zip(init.language_model.parameters(), f1.language_model.parameters()))
+    assert (work / "flow2-norepa" / "RECIPE_DONE").is_file() and not (work / "flow1-norepa").exists()
+    assert json.loads((off / "recipe.json").read_text())["repa"] is False
+    on = json.loads((work / "flow2" / "metrics.jsonl").read_text().splitlines()[-1])
+    no = json.loads((work / "flow2-norepa" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_repa" in on and "loss_repa" not in no
+
+
 def _params(model, prefix: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
 

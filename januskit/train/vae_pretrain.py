@@ -102,6 +102,9 @@ def train_vae(vae: LatentVAE, images: torch.Tensor, cfg: VAETrainConfig, progres
     order = torch.Generator().manual_seed(cfg.seed)  # batch order
     noise = torch.Generator(device=vae.device).manual_seed(cfg.seed + 1)  # posterior samples
     params = [p for p in vae.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("VAE training: no parameter requires grad (LatentVAE.from_folder loads a frozen VAE; "
+                         "call .requires_grad_(True) on it first)")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
 
     vae.train()
