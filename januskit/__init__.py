@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESET_NAMES, ConfigError, detect_arch, read_config_json
+from .config import PRESET_NAMES, detect_arch, read_config_json
 from .pipeline import ImageResult, JanusPipeline, Pipeline
 
 __version__ = "0.1.0"

@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = _load(args)
     flow = pipe.arch == "janusflow"
     if args.cfg is None:
-        args.cfg = 2.0 if flow else 5.0  # the references' defaults
+        args.cfg = pipe.default_cfg  # the reference's: 5 for Janus, 2 for JanusFlow
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from .sampling.logits import row_generator
 
 class JanusFlowPipeline(Pipeline):
     model: JanusFlowModel
+    default_cfg = 2.0  # the reference's CFG weight on the velocity
 
     def __init__(self, model: JanusFlowModel, processor: Processor, source: str | Path = "", vae=None) -> None:
         super().__init__(model, processor, source)
@@ -57,6 +58,12 @@ class JanusFlowPipeline(Pipeline):
                              "vae=DIR to januskit.load (--vae DIR on the command line) with a diffusers "
                              "AutoencoderKL folder such as stabilityai/sdxl-vae, or use generate_latents()")
         z = self.generate_latents(prompt, n, steps, cfg, seed, latents, progress, reuse_prompt_kv)
-        pixels = torch.cat([self.vae.decode(z[i:i + 1]) for i in range(n)])  # one at a time: batch-independent
-        return ImageResult(images=to_pil(pixels), seed=seed, latents=z,
+        return ImageResult(images=to_pil(self.decode_latents(z)), seed=seed, latents=z,
                            info=dict(steps=steps, cfg=cfg, latent_shape=list(z.shape[1:])))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) latents -> (n, 3, S, S) float pixels in [-1, 1], one image per VAE call so an
+        image's pixels do not depend on the batch it was decoded in."""
+        if self.vae is None:
+            raise ValueError(f"{self.source}: no VAE loaded (vae=DIR / --vae DIR)")
+        return torch.cat([self.vae.decode(z[i:i + 1]) for i in range(z.shape[0])])

@@ -130,6 +130,7 @@ class Pipeline:
 
 class JanusPipeline(Pipeline):
     model: JanusModel
+    default_cfg = 5.0  # the reference's CFG weight on the logits
 
     def _packable(self) -> tuple[torch.nn.Module, ...]:
         m = self.model

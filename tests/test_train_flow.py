@@ -4,7 +4,6 @@ that resumes bit-identically and exports a generation-ready folder."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ import torch
 import januskit
 from januskit.checkpoint.init import init_checkpoint
 from januskit.cli import main
-from januskit.train.batch import TrainBatch
 from januskit.train.data import Sample
 from januskit.train.encode import SampleEncoder, fill_latents
 from januskit.train.flow import FlowSettings, attach_flow_training, flow_inputs, flow_loss_sums, noise_and_t

@@ -1,7 +1,8 @@
 """`januskit eval world`: the miniature world's GenEval-style and QA benchmarks, scored by the judge.
 
 Generation: each test prompt gets `images_per_prompt` samples (Janus: CFG and temperature over VQ
-tokens; JanusFlow: CFG on the velocity over `steps` Euler steps), every image is decoded, read by the judge and scored by its category's rule; a category's score is the fraction of
+tokens; JanusFlow: CFG on the velocity over `steps` Euler steps), every image is decoded, read by the
+judge and scored by its category's rule; a category's score is the fraction of
 correct images and `overall` is the mean of the six category scores (GenEval's definition).
 Understanding: greedy answers, exact match after normalisation; POPE also gets precision / recall /
 F1 with "yes" as the positive class, as the POPE paper reports it. `describe` (the full scene
@@ -82,7 +83,7 @@ def _first_k(rows: list, key: Callable[[Any], str], k: int | None) -> list:
 
 
 def cfg_of(pipe, s: EvalSettings) -> float:
-    return s.cfg if s.cfg is not None else (2.0 if pipe.arch == "janusflow" else 5.0)
+    return s.cfg if s.cfg is not None else pipe.default_cfg
 
 
 @torch.inference_mode()
@@ -99,7 +100,7 @@ def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[
         if flow:
             z = generate_latents(pipe.model, [ids[i] for i, _ in chunk], initial_latents(pipe.config.latent_shape, gens),
                                  steps=s.steps, cfg_weight=cfg_of(pipe, s))
-            out.append(to_uint8(torch.cat([pipe.vae.decode(z[k:k + 1]) for k in range(len(chunk))])))
+            out.append(to_uint8(pipe.decode_latents(z)))
         else:
             tokens = generate_image_tokens(pipe.model, [ids[i] for i, _ in chunk], pad_id=pipe.processor.pad_id,
                                            cfg_weight=cfg_of(pipe, s), temperature=s.temperature, generators=gens)
@@ -146,7 +147,7 @@ def eval_judge(pipe, prompts: list[tuple[Prompt, bool]], seed: int = 0) -> dict[
     imgs = [render(scene_for(p, rng)) for p, _ in prompts]
     if pipe.arch == "janusflow":
         x = torch.stack([to_gen_pixels(i, pipe.config.vision.image_size) for i in imgs])
-        rec = to_uint8(torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 1])) for i in range(len(x))]))
+        rec = to_uint8(pipe.decode_latents(pipe.vae.encode(x)))
     else:
         vq = pipe.model.gen_vision_model
         x = torch.stack([to_gen_pixels(i, pipe.config.vq.image_size) for i in imgs]).to(pipe.dtype)

@@ -8,7 +8,8 @@ out of attention. Each step, for t = s / steps:
     v = w * v_cond - (w - 1) * v_uncond;  z += v / steps
 The prompt's keys and values do not depend on z or t, so they are computed once and every step
 feeds only the 1 + n_gen new positions (`reuse_prompt_kv=True`, positions continuing after the
-prompt). `reuse_prompt_kv=False` recomputes the whole sequence at every step, as the reference does.
+prompt); the generation encoder also runs once per image, not once per CFG row.
+`reuse_prompt_kv=False` recomputes the whole sequence at every step, as the reference does.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def generate_latents(model: JanusFlowModel, prompts: Sequence[Sequence[int]], la
     for s in range(steps):
         t = torch.full((2 * n,), s / steps)
         if reuse_prompt_kv:
-            x, skip, t_emb = model.gen_inputs(torch.cat([z, z]), t)
+            # Both CFG rows of an image share z and t: run the encoder once and feed it to both.
+            x, skip, t_emb = (torch.cat([a, a]) for a in model.gen_inputs(z, t[:n]))
             v = model.velocity(llm(x, gen_pos, cache, L, key_valid)[:, 1:], skip, t_emb).float()
         else:
             v = row_velocities(model, prompt_h, positions, valid, torch.cat([z, z]), t)
