@@ -209,6 +209,35 @@ def cmd_world_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    try:
+        from .serving.engine import Limits
+        from .serving.server import serve
+    except ImportError as e:
+        raise SystemExit(f"januskit {args.command}: the server needs the `serve` extra "
+                         f"(pip install 'januskit[serve]'; add `ui` for the web UI): {e}") from None
+    ui = args.command == "ui" or not args.no_ui
+    if ui:
+        import importlib.util
+
+        if importlib.util.find_spec("gradio") is None:
+            if args.command == "ui":
+                raise SystemExit("januskit ui: the web UI needs the `ui` extra (pip install 'januskit[ui]')") from None
+            ui = False
+            print("januskit serve: gradio is not installed, serving the API without the web UI "
+                  "(pip install 'januskit[ui]' for it)", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    pipe = _load(args)
+    name = args.name or ("januskit-default" if args.model is None else Path(str(args.model)).name)
+    limits = Limits(max_queue=args.max_queue, max_batch_images=args.max_batch, max_batch_chats=args.max_batch,
+                    max_n=args.max_n, max_tokens=args.max_tokens, timeout_s=args.timeout,
+                    max_body_bytes=int(args.max_body_mb * 2**20))
+    serve(pipe, model_id=name, host=args.host, port=args.port, limits=limits, ui=ui)
+    return 0
+
+
 def cmd_eval_world(args: argparse.Namespace) -> int:
     from .eval.world import EvalSettings, evaluate, format_report
 
@@ -331,11 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/ablation")
     p.add_argument("--only", action="append", default=None, help="run only these experiments (A, B, C, D)")
     p.add_argument("--base", default=None, help="reuse a `world build` work folder (world, components, text LLM)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps of the unified runs (A, B; default 300); "
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps of the unified runs (A, B; default 1500); "
                    "C and D get the steps that give each task the same samples")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
     p.set_defaults(func=cmd_world_ablation)
+
+    for name, help_ in (("serve", "OpenAI-style HTTP API (chat completions, image generations) with the web UI at /ui"),
+                        ("ui", "the web UI (Gradio) and the API: same as serve, the UI required")):
+        p = sub.add_parser(name, help=help_)
+        _model_arg(p)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--name", default=None, help="model id clients send (default: the folder name)")
+        p.add_argument("--max-queue", type=int, default=32, help="waiting requests before 429")
+        p.add_argument("--max-batch", type=int, default=8, help="images (or chats) decoded together")
+        p.add_argument("--max-n", type=int, default=8, help="images per request")
+        p.add_argument("--max-tokens", type=int, default=512, help="completion tokens per request (also the default)")
+        p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+        p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit")
+        if name == "serve":
+            p.add_argument("--no-ui", action="store_true", help="the API only")
+        p.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="benchmarks")
     esub = ev.add_subparsers(dest="eval_command", required=True)

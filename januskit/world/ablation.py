@@ -62,7 +62,9 @@ EXPERIMENTS = (
     Experiment("C", "SigLIP, und only", (2, 3, 0), gen=False),
     Experiment("D", "VQ, gen only", (0, 3, 5), und=False),
 )
-STEPS, BATCH, LR = 300, 32, 1e-3  # the unified runs' budget (the table in docs/miniature-world.md)
+# The unified runs' budget (the table in docs/miniature-world.md): Stage II's LR and warm-up, then a cosine
+# to zero so that each run ends converged at its budget rather than mid-plateau.
+STEPS, BATCH, LR, WARMUP = 1500, 32, 2e-3, 50
 
 
 def steps_for(e: Experiment, steps: int = STEPS) -> int:
@@ -105,7 +107,7 @@ def run_ablation(work: str | Path, *, only: list[str] | None = None, smoke: bool
             if dst.exists():
                 shutil.rmtree(dst)
             plan = StagePlan(e.key, "janus-pro/2", steps=steps_for(e, steps), batch_size=8 if smoke else BATCH,
-                             lr=LR, warmup=0 if smoke else 20, ratio=e.ratio)
+                             lr=LR, warmup=0 if smoke else WARMUP, ratio=e.ratio, schedule="cosine")
             prepare = share_vq_encoder if e.shared_vq else None
             train(stage_config(plan, base / recipe.stages[0].name, dst, base / "world", recipe), prepare=prepare)
             shutil.rmtree(dst / "checkpoints", ignore_errors=True)

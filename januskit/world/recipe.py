@@ -177,8 +177,8 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
              "warmup": plan.warmup}
     if plan.ratio is not None:
         stage["ratio"] = list(plan.ratio)
-    if plan.schedule is not None:
-        stage.update(schedule=plan.schedule, min_lr_ratio=plan.min_lr_ratio)
+    if plan.schedule is not None:  # a schedule of its own runs over the plan's steps, not the paper stage's horizon
+        stage.update(schedule=plan.schedule, min_lr_ratio=plan.min_lr_ratio, horizon=plan.steps)
     train = world / "train"
     return RunConfig.from_dict({
         "model": {"source": str(source)},
