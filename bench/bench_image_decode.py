@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 outs[name], m = clock.run(fn)
                 print(f"  warmup {name}: {m['total']:.2f}s")
         times: dict[str, list[dict]] = {n: [] for n in names}
+        round_s = 0.0  # seconds of the last round, for the time budget
         for r in range(args.repeats):
             elapsed = time.perf_counter() - t_start
             if r > 0 and args.time_budget > 0 and elapsed + round_s > args.time_budget:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,10 +20,9 @@ import januskit
 import januskit.train.trainer as trainer
 from januskit.checkpoint.init import random_model
 from januskit.config import preset
-from januskit.processing.chat import Message
 from januskit.train.batch import IGNORE, TrainBatch
 from januskit.train.config import RunConfig, load_run_config
-from januskit.train.losses import LossForward, batch_loss, batch_losses
+from januskit.train.losses import batch_loss, batch_losses
 from januskit.train.plot import read_metrics
 from januskit.train.stages import ALWAYS_FROZEN, STAGES, apply_stage, get_stage, lr_multiplier
 from januskit.train.synthetic import SyntheticData

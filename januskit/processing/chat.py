@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .image import ImageTransform
 from .tokenizer import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, TextTokenizer

@@ -13,13 +13,13 @@ prompt); the generation encoder also runs once per image, not once per CFG row.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..models.janusflow import JanusFlowModel
 from ..models.llama import KVCache
+from .image_ar import cfg_weights
 
 
 def flow_rows(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,24 +45,25 @@ def flow_rows(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return ids, valid, positions
 
 
-def check_flow_args(steps: int, cfg_weight: float) -> None:
+def check_flow_args(steps: int, cfg_weight: float | Sequence[float], n: int = 1) -> torch.Tensor:
+    """Raise on bad arguments; return the CFG weight(s) as the update broadcasts them."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not math.isfinite(float(cfg_weight)):
-        raise ValueError(f"cfg_weight must be a finite number, got {cfg_weight!r}")
+    return cfg_weights(cfg_weight, n)[:, :, None, None]  # (n, 1, 1, 1) against (n, C, H, W)
 
 
 @torch.inference_mode()
 def generate_latents(model: JanusFlowModel, prompts: Sequence[Sequence[int]], latents: torch.Tensor, *,
-                     steps: int = 30, cfg_weight: float = 2.0, reuse_prompt_kv: bool = True,
+                     steps: int = 30, cfg_weight: float | Sequence[float] = 2.0, reuse_prompt_kv: bool = True,
                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """One image per prompt from initial noise `latents` (n, C, H, W) -> final latents (n, C, H, W),
-    float32 (the ODE state is kept in float32 whatever the model dtype)."""
+    float32 (the ODE state is kept in float32 whatever the model dtype). `cfg_weight`: one weight, or
+    one per prompt."""
     c = model.config
     n = len(prompts)
     if n == 0:
         raise ValueError("generate_latents needs at least one prompt")
-    check_flow_args(steps, cfg_weight)
+    w = check_flow_args(steps, cfg_weight, n)
     if tuple(latents.shape) != (n, *c.latent_shape):
         raise ValueError(f"latents: expected shape ({n}, {', '.join(map(str, c.latent_shape))}), "
                          f"got {tuple(latents.shape)}")
@@ -91,7 +92,7 @@ def generate_latents(model: JanusFlowModel, prompts: Sequence[Sequence[int]], la
             v = model.velocity(llm(x, gen_pos, cache, L, key_valid)[:, 1:], skip, t_emb).float()
         else:
             v = row_velocities(model, prompt_h, positions, valid, torch.cat([z, z]), t)
-        z = z + dt * (cfg_weight * v[:n] - (cfg_weight - 1) * v[n:])
+        z = z + dt * (w * v[:n] - (w - 1) * v[n:])
         if progress is not None:
             progress(s + 1, steps)
     return z

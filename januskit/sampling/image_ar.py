@@ -8,7 +8,6 @@ gen embedding to both rows. Prompts of different lengths are left-padded and mas
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,19 +35,20 @@ def cfg_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 @torch.inference_mode()
-def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *, pad_id: int, cfg_weight: float = 5.0,
+def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *, pad_id: int,
+                          cfg_weight: float | Sequence[float] = 5.0,
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                           generators: Sequence[torch.Generator] | None = None,
                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """One image per prompt (repeat a prompt for several images) -> (n, n_tokens) VQ ids."""
+    """One image per prompt (repeat a prompt for several images) -> (n, n_tokens) VQ ids.
+    `cfg_weight`: one weight for all rows, or one per prompt (a server batches requests that differ)."""
     llm, c = model.llm, model.config
     n, n_tokens = len(prompts), c.vq.n_tokens
     if n == 0:
         raise ValueError("generate_image_tokens needs at least one prompt")
     check_temperature(temperature)
     check_filters(top_k, top_p)
-    if not math.isfinite(float(cfg_weight)):
-        raise ValueError(f"cfg_weight must be a finite number, got {cfg_weight!r}")
+    w = cfg_weights(cfg_weight, n)
     ids, valid = cfg_rows(prompts, pad_id)
     L = ids.shape[1]
     if L + n_tokens > c.llm.max_seq_len:
@@ -70,7 +70,7 @@ def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *
     for i in range(n_tokens):
         logits = model.image_logits(hidden).float()
         cond, uncond = logits[:n], logits[n:]
-        tok = sample(uncond + cfg_weight * (cond - uncond), temperature, top_k, top_p, generators)
+        tok = sample(uncond + w * (cond - uncond), temperature, top_k, top_p, generators)
         out[:, i] = tok
         if progress is not None:
             progress(i + 1, n_tokens)
@@ -80,6 +80,22 @@ def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *
         e = model.gen_embeds(torch.cat([tok, tok]))[:, None]  # same token to the cond and uncond row
         hidden = llm(e, pos, cache, L + i, key_valid)[:, -1]
     return out
+
+
+def cfg_weights(cfg_weight: float | Sequence[float], n: int) -> torch.Tensor:
+    """One weight or n per-row weights -> an (n, 1) float32 column (finite values only). A scalar
+    takes the same tensor path as a list, so one request gives the same bits alone or batched."""
+    try:
+        w = torch.as_tensor(cfg_weight, dtype=torch.float32).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"cfg_weight must be a finite number (or one per prompt), got {cfg_weight!r}") from None
+    if w.numel() == 1:
+        w = w.expand(n)
+    if w.numel() != n:
+        raise ValueError(f"cfg_weight: {w.numel()} weights for {n} prompts")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"cfg_weight must be a finite number (or one per prompt), got {cfg_weight!r}")
+    return w[:, None].clone()
 
 
 def rows_per_chunk(model: JanusModel, prompt_len: int, budget_bytes: int) -> int:

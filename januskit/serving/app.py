@@ -1,0 +1,237 @@
+"""The HTTP API: OpenAI's chat completions (streaming too) and image generations over one Engine.
+
+Every request is checked before it queues (fields, images, prompt length against the context), so
+the worker only sees work it can do; refusals are 4xx with an OpenAI error body naming the field.
+While a request waits its handler watches the client: one that disconnects, or outlives the timeout,
+is cancelled and frees its place in the queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .engine import Engine, Job, QueueFull
+from .errors import APIError
+from .media import png_base64
+from .protocol import ChatCompletionRequest, ImageGenerationRequest, field_path, to_messages
+from .specs import chat_spec, image_spec
+
+
+class AsyncSink:
+    """Engine events (worker thread) -> an asyncio queue on the server's loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before any parsing.
+    The body is buffered (it is small by construction) and replayed to the app; later receive()
+    calls go to the client, so disconnects are still seen."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, int(declared))
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(send, len(body))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: int) -> None:
+        err = APIError(413, f"request body is {size} bytes, over the limit of {self.limit}", code="request_too_large")
+        payload = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(engine: Engine, model_id: str) -> FastAPI:
+    pipe, limits = engine.pipe, engine.limits
+    app = FastAPI(title="januskit", version=__version__)
+    app.state.engine = engine
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, f"request body is not valid JSON: {first.get('msg')}").body(), 400)
+        param = field_path(tuple(first.get("loc", ())))
+        msg = first.get("msg", "invalid value")
+        if first.get("type") == "extra_forbidden":
+            msg = "unknown or unsupported field"
+        return JSONResponse(APIError(400, f"{param or 'body'}: {msg}", param=param or None).body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+                            .body(), e.status_code, headers=getattr(e, "headers", None))
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_id:
+            raise APIError(404, f"model {name!r} is not served here (this server serves {model_id!r})",
+                           param="model", code="model_not_found")
+
+    def submit(job: Job) -> None:
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}; retry after {limits.retry_after_s} s", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(limits.retry_after_s)}) from None
+
+    async def next_event(job: Job, sink: AsyncSink, request: Request) -> tuple[str, Any] | None:
+        """The job's next event; None if the client went away (the job is cancelled)."""
+        while True:
+            left = job.submitted + limits.timeout_s - time.monotonic()
+            if left <= 0:
+                engine.cancel(job)
+                raise APIError(504, f"request timed out after {limits.timeout_s:g} s", type="timeout_error",
+                               code="timeout")
+            try:
+                return await asyncio.wait_for(sink.queue.get(), timeout=min(left, 0.25))
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(job)
+                    return None
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, "arch": pipe.arch, "waiting": engine.waiting,
+                "running": engine.running, "max_queue": limits.max_queue, "completed": engine.completed}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "januskit"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        messages, system = await run_in_threadpool(to_messages, req, max_images=limits.max_images_per_request,
+                                                   max_pixels=limits.max_image_pixels)
+        spec = await run_in_threadpool(
+            lambda: chat_spec(engine, messages, system, max_tokens=req.max_completion_tokens or req.max_tokens,
+                              temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                              max_tokens_field="max_completion_tokens" if req.max_completion_tokens else "max_tokens"))
+        sink = AsyncSink()
+        job = Job(spec, sink)
+        submit(job)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": now, "model": model_id, "system_fingerprint": f"januskit-{__version__}",
+                "seed": spec.seed}
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(_sse(job, sink, request, head, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text = ""
+        while (ev := await next_event(job, sink, request)) is not None:
+            kind, payload = ev
+            if kind == "text":
+                text += payload
+            elif kind == "error":
+                raise APIError(500, f"generation failed: {payload}", type="server_error")
+            elif kind == "done":
+                return {**head, "object": "chat.completion",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": payload["finish_reason"], "logprobs": None}],
+                        "usage": _usage(payload)}
+        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+
+    async def _sse(job: Job, sink: AsyncSink, request: Request, head: dict, usage: bool) -> AsyncIterator[str]:
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            body = {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    ev = await next_event(job, sink, request)
+                except APIError as e:
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                    return
+                if ev is None:
+                    return
+                kind, payload = ev
+                if kind == "text":
+                    yield chunk({"content": payload})
+                elif kind == "error":
+                    yield f"data: {json.dumps(APIError(500, f'generation failed: {payload}', type='server_error').body())}\n\n"
+                    return
+                elif kind == "done":
+                    yield chunk({}, payload["finish_reason"])
+                    if usage:
+                        body = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(payload)}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            engine.cancel(job)  # a no-op once done; frees the slot if the client left mid-stream
+
+    @app.post("/v1/images/generations")
+    async def images_generations(req: ImageGenerationRequest, request: Request):
+        check_model(req.model)
+        spec = image_spec(engine, req.prompt, n=req.n, seed=req.seed, guidance=req.guidance, steps=req.steps,
+                          temperature=req.temperature, size=req.size)
+        sink = AsyncSink()
+        job = Job(spec, sink)
+        submit(job)
+        while (ev := await next_event(job, sink, request)) is not None:
+            kind, payload = ev
+            if kind == "error":
+                raise APIError(500, f"generation failed: {payload}", type="server_error")
+            if kind == "done":
+                data = await run_in_threadpool(lambda: [png_base64(im) for im in payload["images"]])
+                return {"created": int(time.time()), "model": model_id, "seed": spec.seed,
+                        "data": [{"b64_json": d, "revised_prompt": req.prompt} for d in data]}
+        return JSONResponse({}, status_code=499)
+
+    return app
+
+
+def _usage(done: dict) -> dict:
+    p, c = done["prompt_tokens"], done["completion_tokens"]
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -1,0 +1,304 @@
+"""One model, one worker thread, a bounded queue, and batches.
+
+A request becomes a `Job`. The worker takes the oldest waiting job plus every later waiting job that
+can share its forward passes (same kind, same sampling settings), up to the batch's row budget, and
+runs them together:
+  - images: all requests' CFG rows side by side in one decode (Janus: 2 rows per image, cond rows
+    first; JanusFlow: the same for the velocity), each image sampled from its own generator
+    (seed, i), so a result equals the same request run alone;
+  - chats: one left-padded batch, each row with generator (seed, 0), streamed per row.
+Results, text pieces and progress reach the caller through the job's `sink` (called on the worker
+thread). Past `max_queue` waiting jobs `submit` raises `QueueFull`; a cancelled job leaves the queue
+at once, and a running batch stops early once every job in it is cancelled.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..processing.chat import EncodedChat
+from ..processing.image import to_pil
+from ..processing.tokenizer import StreamDecoder
+from ..sampling.flow import generate_latents, initial_latents
+from ..sampling.image_ar import generate_image_tokens, rows_per_chunk
+from ..sampling.logits import row_generator
+from ..sampling.text import generate_text
+
+log = logging.getLogger("januskit.serving")
+
+Sink = Callable[[str, Any], None]  # ("text", str) | ("progress", (done, total)) | ("done", dict) | ("error", Exception)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_queue: int = 32  # jobs waiting to start; one more is refused (HTTP 429)
+    max_batch_images: int = 8  # images decoded together (Janus: also capped by memory_budget_gb)
+    max_batch_chats: int = 8  # conversations decoded together
+    memory_budget_gb: float = 4.0  # Janus image batches: KV cache + activations
+    max_n: int = 8  # images per request
+    max_tokens: int = 512  # completion tokens per request (also the default)
+    max_images_per_request: int = 4
+    max_image_pixels: int = 4096 * 4096
+    max_body_bytes: int = 16 * 2**20
+    timeout_s: float = 600.0  # from submission to the last byte
+    batch_window_s: float = 0.025  # how long a fresh job waits for concurrent ones to join its batch
+    retry_after_s: int = 2
+
+
+class QueueFull(Exception):
+    pass
+
+
+class _AllCancelled(Exception):
+    pass
+
+
+@dataclass
+class ChatSpec:
+    encoded: EncodedChat
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    seed: int
+
+
+@dataclass
+class ImageSpec:
+    prompt_ids: list[int]
+    n: int
+    seed: int
+    cfg: float
+    temperature: float = 1.0  # Janus
+    steps: int = 30  # JanusFlow
+
+
+@dataclass(eq=False)
+class Job:
+    spec: ChatSpec | ImageSpec
+    sink: Sink
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+    @property
+    def kind(self) -> Literal["chat", "image"]:
+        return "chat" if isinstance(self.spec, ChatSpec) else "image"
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share a batch (per-row CFG weights and seeds are free)."""
+        s = self.spec
+        return ("chat", s.temperature, s.top_p) if isinstance(s, ChatSpec) else ("image", s.temperature, s.steps)
+
+    @property
+    def rows(self) -> int:
+        return self.spec.n if isinstance(self.spec, ImageSpec) else 1
+
+    def emit(self, kind: str, payload: Any) -> None:
+        try:
+            self.sink(kind, payload)
+        except RuntimeError:  # the receiver's event loop is gone (server shutting down)
+            self.cancelled.set()
+
+
+class Engine:
+    """Owns the pipeline; `submit` from any thread, results through each job's sink."""
+
+    def __init__(self, pipe, limits: Limits = Limits(), threads: int | None = None) -> None:
+        self.pipe = pipe
+        self.limits = limits
+        self.threads = threads
+        self.flow = pipe.arch == "janusflow"
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._holds = 0
+        self._stop = False
+        self.running = 0  # jobs in the batch being decoded
+        self.batches: deque[tuple[str, int, int]] = deque(maxlen=256)  # (kind, jobs, rows) of recent batches
+        self.completed = 0
+        self._thread = threading.Thread(target=self._loop, name="januskit-engine", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side --------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the engine is shut down")
+            if len(self._pending) >= self.limits.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is {self.limits.max_queue})")
+            self._pending.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Free the job's place: out of the queue if waiting, its rows ignored if running."""
+        job.cancelled.set()
+        with self._cond:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                pass
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold new batches back (the running one finishes): for maintenance and for tests that need
+        requests to pile up deterministically."""
+        with self._cond:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            pending, self._pending = list(self._pending), deque()
+            self._cond.notify_all()
+        for job in pending:
+            job.emit("error", RuntimeError("the server is shutting down"))
+        self._thread.join(timeout=30)
+
+    # -- the worker ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._cond:
+                while not self._stop and (self._holds or not self._pending):
+                    self._cond.wait()
+                if self._stop:
+                    return
+            time.sleep(self.limits.batch_window_s)  # let requests that arrive together share the batch
+            with self._cond:
+                if self._holds or not self._pending:
+                    continue
+                batch = self._take()
+                self.running = len(batch)
+            try:
+                self.batches.append((batch[0].kind, len(batch), sum(j.rows for j in batch)))
+                self._run_chats(batch) if batch[0].kind == "chat" else self._run_images(batch)
+            except _AllCancelled:
+                log.info("batch of %d dropped: every request in it was cancelled", len(batch))
+            except Exception as e:  # a failed batch fails its requests, never the server
+                log.exception("batch failed")
+                for job in batch:
+                    job.emit("error", e)
+            finally:
+                with self._cond:
+                    self.running = 0
+                    self.completed += len(batch)
+
+    def _take(self) -> list[Job]:
+        head = self._pending.popleft()
+        cap = self.limits.max_batch_chats if head.kind == "chat" else self.limits.max_batch_images
+        batch, rows = [head], head.rows
+        for job in list(self._pending):
+            if job.key == head.key and rows + job.rows <= cap:
+                self._pending.remove(job)
+                batch.append(job)
+                rows += job.rows
+        return batch
+
+    def _run_chats(self, jobs: list[Job]) -> None:
+        pipe = self.pipe
+        tok = pipe.processor.tokenizer
+        eos = tok.eos_id
+        s0 = jobs[0].spec
+        batch = pipe.processor.batch([j.spec.encoded for j in jobs])
+        steps = generate_text(pipe.model, batch, max_new_tokens=max(j.spec.max_tokens for j in jobs), stop_ids=[eos],
+                              temperature=s0.temperature, top_p=s0.top_p,
+                              generators=[row_generator(j.spec.seed, 0) for j in jobs])
+        decoders = [StreamDecoder(tok) for _ in jobs]
+        counts = [0] * len(jobs)
+        finish: list[str | None] = [None] * len(jobs)
+
+        def end(r: int, reason: str) -> None:
+            finish[r] = reason
+            job = jobs[r]
+            if reason == "cancelled":
+                return
+            tail = decoders[r].flush()
+            if tail:
+                job.emit("text", tail)
+            job.emit("done", {"finish_reason": reason, "prompt_tokens": len(job.spec.encoded.ids),
+                              "completion_tokens": counts[r]})
+
+        try:
+            for toks in steps:
+                for r, (job, t) in enumerate(zip(jobs, toks.tolist())):
+                    if finish[r] is not None:
+                        continue
+                    if job.cancelled.is_set():
+                        end(r, "cancelled")
+                    elif t < 0 or t == eos:
+                        end(r, "stop")
+                    else:
+                        counts[r] += 1
+                        piece = decoders[r].push(t)
+                        if piece:
+                            job.emit("text", piece)
+                        if counts[r] >= job.spec.max_tokens:
+                            end(r, "length")
+                if all(f is not None for f in finish):
+                    break
+        finally:
+            steps.close()
+        for r in range(len(jobs)):
+            if finish[r] is None:  # the context filled up before the row stopped
+                end(r, "cancelled" if jobs[r].cancelled.is_set() else "length")
+
+    def _run_images(self, jobs: list[Job]) -> None:
+        rows = [(job, i) for job in jobs for i in range(job.spec.n)]
+        chunk = len(rows)
+        if not self.flow:  # the KV cache of a big model bounds how many images decode together
+            longest = max(len(j.spec.prompt_ids) for j in jobs)
+            chunk = min(chunk, rows_per_chunk(self.pipe.model, longest, int(self.limits.memory_budget_gb * 1024**3)))
+        outputs: list[torch.Tensor] = []
+        for start in range(0, len(rows), chunk):
+            outputs.append(self._decode_rows(jobs, rows[start:start + chunk], start, len(rows)))
+        out = torch.cat(outputs)
+        at = 0
+        for job in jobs:
+            part = out[at:at + job.spec.n]
+            at += job.spec.n
+            if job.cancelled.is_set():
+                continue
+            pixels = self.pipe.decode_latents(part) if self.flow else self.pipe.decode_image_pixels(part)
+            job.emit("done", {"images": to_pil(pixels), "seed": job.spec.seed})
+
+    def _decode_rows(self, jobs: list[Job], rows: list[tuple[Job, int]], start: int, total: int) -> torch.Tensor:
+        """One forward batch: image tokens (Janus) or final latents (JanusFlow) for these rows."""
+        model, s0 = self.pipe.model, jobs[0].spec
+        prompts = [job.spec.prompt_ids for job, _ in rows]
+        gens = [row_generator(job.spec.seed, i) for job, i in rows]
+        cfg = [job.spec.cfg for job, _ in rows]
+        last = [-1]
+
+        def progress(done: int, of: int) -> None:
+            if all(j.cancelled.is_set() for j in jobs):
+                raise _AllCancelled
+            pct = int(100 * (start * of + done * len(rows)) / (total * of))
+            if pct != last[0]:  # at most ~100 progress events per batch
+                last[0] = pct
+                for j in jobs:
+                    j.emit("progress", (pct, 100))
+
+        if self.flow:
+            z0 = initial_latents(model.config.latent_shape, gens)
+            return generate_latents(model, prompts, z0, steps=s0.steps, cfg_weight=cfg, progress=progress)
+        return generate_image_tokens(model, prompts, pad_id=self.pipe.processor.pad_id, cfg_weight=cfg,
+                                     temperature=s0.temperature, generators=gens, progress=progress)

@@ -1,0 +1,117 @@
+"""The web UI (Gradio): chat with image upload, and image generation with a gallery and progress.
+
+It submits to the same Engine as the HTTP API, so the UI's requests queue, batch and get refused
+exactly like API requests. Mounted at /ui by `januskit serve` (and by `januskit ui`).
+"""
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from ..processing.chat import Message
+from ..processing.image import load_image
+from ..processing.tokenizer import IMAGE_TOKEN
+from .engine import Engine, Job, QueueFull
+from .errors import APIError
+from .specs import chat_spec, image_spec
+
+
+def _events(engine: Engine, spec) -> Any:
+    """Submit, then yield the job's events until it ends; cancel it if the caller stops early."""
+    q: queue.Queue = queue.Queue()
+    job = Job(spec, lambda kind, payload: q.put((kind, payload)))
+    try:
+        engine.submit(job)
+    except QueueFull as e:
+        raise gr.Error(f"Server busy ({e}); try again in a few seconds.") from None
+    try:
+        while True:
+            try:
+                kind, payload = q.get(timeout=max(1.0, engine.limits.timeout_s))
+            except queue.Empty:
+                raise gr.Error(f"Timed out after {engine.limits.timeout_s:g} s") from None
+            if kind == "error":
+                raise gr.Error(f"Generation failed: {payload}")
+            yield kind, payload
+            if kind == "done":
+                return
+    finally:
+        engine.cancel(job)
+
+
+def _spec_or_error(make, *args, **kw):
+    try:
+        return make(*args, **kw)
+    except APIError as e:
+        raise gr.Error(e.message) from None
+
+
+def build_ui(engine: Engine, model_id: str) -> gr.Blocks:
+    flow = engine.flow
+    pipe = engine.pipe
+
+    def chat(message: dict, history: list, conv: list[Message], temperature: float, max_tokens: int, seed: int):
+        text, files = (message.get("text") or "").strip(), message.get("files") or []
+        if not text and not files:
+            raise gr.Error("Type a question (and attach an image if you like).")
+        images = [load_image(f if isinstance(f, str) else f["path"]) for f in files]
+        content = "".join(f"{IMAGE_TOKEN}\n" for _ in images) + text.replace(IMAGE_TOKEN, "")
+        turns = conv + [Message("user", content, images)]
+        spec = _spec_or_error(chat_spec, engine, turns, None, max_tokens=int(max_tokens), temperature=float(temperature),
+                              seed=int(seed))
+        history = history + [{"role": "user", "content": {"path": f if isinstance(f, str) else f["path"]}}
+                             for f in files]
+        history = history + ([{"role": "user", "content": text}] if text else [])
+        answer = ""
+        yield history + [{"role": "assistant", "content": ""}], gr.MultimodalTextbox(value=None), conv
+        for kind, payload in _events(engine, spec):
+            if kind == "text":
+                answer += payload
+                yield history + [{"role": "assistant", "content": answer}], gr.MultimodalTextbox(value=None), conv
+        conv = turns + [Message("assistant", answer)]
+        yield history + [{"role": "assistant", "content": answer}], gr.MultimodalTextbox(value=None), conv
+
+    def generate(prompt: str, n: int, seed: int, guidance: float, temperature: float, steps: int,
+                 progress: gr.Progress = gr.Progress()) -> list[Image.Image]:
+        spec = _spec_or_error(image_spec, engine, prompt, n=int(n), seed=int(seed), guidance=float(guidance),
+                              temperature=None if flow else float(temperature), steps=int(steps) if flow else None)
+        progress(0, desc="queued")
+        for kind, payload in _events(engine, spec):
+            if kind == "progress":
+                progress(payload[0] / payload[1], desc="generating")
+            elif kind == "done":
+                return payload["images"]
+        return []
+
+    with gr.Blocks(title=f"januskit: {model_id}") as ui:
+        gr.Markdown(f"## januskit · `{model_id}` ({pipe.arch})")
+        with gr.Tab("Chat"):
+            conv = gr.State([])
+            chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chatbot")
+            box = gr.MultimodalTextbox(file_types=["image"], placeholder="Ask about an image (attach it with the clip)",
+                                       show_label=False, elem_id="chat-input")
+            with gr.Row():
+                c_temp = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                c_max = gr.Slider(1, engine.limits.max_tokens, value=min(128, engine.limits.max_tokens), step=1,
+                                  label="Max new tokens")
+                c_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+            clear = gr.Button("New conversation")
+            box.submit(chat, [box, chatbot, conv, c_temp, c_max, c_seed], [chatbot, box, conv])
+            clear.click(lambda: ([], None, []), None, [chatbot, box, conv])
+        with gr.Tab("Generate"):
+            prompt = gr.Textbox(label="Prompt", elem_id="gen-prompt",
+                                placeholder="a red circle to the left of a blue square")
+            with gr.Row():
+                n = gr.Slider(1, engine.limits.max_n, value=min(4, engine.limits.max_n), step=1, label="Images")
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                guidance = gr.Slider(0.0, 10.0, value=pipe.default_cfg, step=0.5, label="CFG weight")
+                temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature", visible=not flow)
+                steps = gr.Slider(1, 100, value=30, step=1, label="Euler steps", visible=flow)
+            go = gr.Button("Generate", variant="primary", elem_id="gen-button")
+            gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="gallery", format="png")
+            go.click(generate, [prompt, n, seed, guidance, temperature, steps], gallery)
+            prompt.submit(generate, [prompt, n, seed, guidance, temperature, steps], gallery)
+    return ui

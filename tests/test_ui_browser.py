@@ -1,0 +1,84 @@
+"""End to end in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright) opens the
+web UI of a live server, generates images (gallery pixels equal to the pipeline's) and asks about an
+uploaded image (the answer equal to the pipeline's). Screenshots go to test-artifacts/ (or
+$JANUSKIT_TEST_ARTIFACTS). Outside CI a machine without chromium skips this; in CI (CI=true) that fails."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import januskit
+from januskit.serving.server import ServerThread
+from januskit.world.render import render
+from januskit.world.scene import Obj
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("JANUSKIT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+if CHROMIUM is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("the browser test needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+    pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return januskit.load(Path(januskit.__file__).parent / "assets" / "default-model")
+
+
+@pytest.fixture(scope="module")
+def page(pipe):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with ServerThread(pipe, model_id="mini", ui=True) as server, playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1200, "height": 1000})
+        pg.set_default_timeout(60_000)
+        pg.goto(server.url + "/ui/")
+        pg.get_by_role("tab", name="Chat").wait_for()
+        yield pg
+        browser.close()
+
+
+def test_generate_in_the_browser(page, pipe):
+    prompt = "a red circle to the left of a blue square"
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#gen-prompt textarea").fill(prompt)
+    page.locator("#gen-button").click()
+    thumbs = page.locator("#gallery img")
+    thumbs.nth(3).wait_for()  # four images (the UI's default n) with seed 0 and CFG 5
+    page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
+    ref = pipe.generate_images(prompt, n=4, cfg=5.0, seed=0).images
+    assert thumbs.count() == 4
+    for i in range(4):
+        src = thumbs.nth(i).get_attribute("src")
+        body = page.request.get(src).body()
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body)).convert("RGB")), np.asarray(ref[i]))
+
+
+def test_chat_about_an_uploaded_image(page, pipe, tmp_path):
+    img = render((Obj("triangle", "green", 1), Obj("circle", "yellow", 2)))
+    path = tmp_path / "scene.png"
+    img.save(path)
+    question = "What is in this image?"
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-input input[type=file]").set_input_files(str(path))
+    page.locator("#chat-input textarea").fill(question)
+    page.locator("#chat-input textarea").press("Enter")
+    want = pipe.chat(question, images=[Image.open(path)], max_new_tokens=128).strip()
+    assert want
+    bot = page.locator("#chatbot .bot").last
+    page.wait_for_function("([sel, text]) => { const els = document.querySelectorAll(sel);"
+                           " return els.length && els[els.length - 1].innerText.trim() === text; }",
+                           arg=["#chatbot .bot", want])
+    page.screenshot(path=str(ARTIFACTS / "ui-chat.png"), full_page=True)
+    assert bot.inner_text().strip() == want
+    assert page.locator("#chatbot img").count() >= 1  # the uploaded image is shown in the conversation
