@@ -342,3 +342,37 @@ def test_janusflow_images_batch_and_equal_alone(flow_pipe):
         assert e.value.body["param"] == "temperature" and "JanusFlow samples no tokens" in e.value.body["message"]
         r = c.chat.completions.create(model="flow", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
         assert r.choices[0].message.content == flow_pipe.chat("hello", max_new_tokens=4)
+
+
+def test_januskit_serve_command(tmp_path):
+    """The CLI as a user runs it: `januskit serve` on the bundled model answers /health and a chat, then
+    stops cleanly on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    from januskit.serving.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "januskit.cli", "serve", "--no-ui", "--port", str(port),
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < end, "januskit serve did not come up"
+                time.sleep(0.2)
+        assert h["model"] == "januskit-default" and h["arch"] == "janus"
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        r = c.chat.completions.create(model="januskit-default", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=3)
+        assert r.usage.completion_tokens <= 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert f"serving januskit-default on http://127.0.0.1:{port}" in out
