@@ -161,6 +161,37 @@ def test_ablation_budgets_match_per_task_samples():
     assert steps_for(by["D"], 400) == 320  # gen share 5/8 instead of 5/10
 
 
+def test_cosine_plan_on_a_stage_with_a_long_horizon_decays_over_its_own_steps(tmp_path):
+    """janus-pro/2 carries the paper's 360K-step horizon; a plan with a cosine of its own must reach
+    zero at its own last step (the ablation's runs), not stay flat."""
+    from januskit.train.stages import lr_multiplier
+    from januskit.world.recipe import StagePlan, stage_config
+
+    plan = StagePlan("A", "janus-pro/2", steps=1500, batch_size=32, lr=2e-3, warmup=50, schedule="cosine")
+    stage = stage_config(plan, tmp_path / "s", tmp_path / "o", tmp_path / "w", Recipe()).resolved_stage()
+    assert stage.horizon == 1500
+    assert lr_multiplier(775, stage) == pytest.approx(0.5, abs=1e-3)  # half-way through the decay
+    assert lr_multiplier(1499, stage) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ablation_table_reads_final_losses(tmp_path):
+    from januskit.world.ablation import final_losses, format_table
+
+    run = tmp_path / "B"
+    run.mkdir()
+    rows = [{"step": s, "loss_und": 1.0 if s <= 100 else 0.5, "loss_gen": 3.0 if s <= 100 else 2.0 + (s % 2)}
+            for s in range(10, 260, 10)]  # the last 150 steps are 120..250: 14 rows
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    loss = final_losses(run)
+    assert loss["loss_und"] == pytest.approx(0.5) and loss["loss_gen"] == pytest.approx(2.0)
+    res = {"experiment": {"title": "decoupled"}, "steps": 250,
+           "understanding": {"accuracy": 0.5, "types": {"pope": 0.6, "colour": 0.7}},
+           "generation": {"overall": 0.25, "categories": {"position": 0.1}}}
+    table = format_table({"B": res}, tmp_path).splitlines()
+    assert table[2] == ("| B | decoupled | 250 | 0.500 | 0.600 | 0.500 | 0.700 | – | – | – | – | 2.000 | 0.250 | – | "
+                        "0.100 | – |")
+
+
 def test_stage_plans_reach_the_trainer_config(tmp_path):
     """The recipe's schedule and autocast choices land in the run config the trainer reads, and the
     default recipe's LLM stages keep the paper's Stage II : III LR ratio (1e-4 : 4e-5)."""
