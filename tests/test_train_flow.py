@@ -260,3 +260,24 @@ def test_flow_settings_are_refused_for_janus(tmp_path: Path):
     _dataset(tmp_path / "data")
     cfg = _config(tmp_path, janus, tmp_path / "data", steps=1, stage="janus-pro/3")
     assert main(["train", str(cfg)]) == 2  # [flow] repa_layer = 1 differs from the defaults
+
+
+def test_flow_lora_run_exports_a_merged_official_checkpoint(tmp_path: Path, ckpt: Path):
+    """[lora] on a JanusFlow run: only the adapters train (LLM linears and the generation-out aligner),
+    the REPA head stays training-only, and the export is the merged model under exactly the base's keys."""
+    from safetensors.torch import load_file
+
+    pytest.importorskip("peft")
+    _dataset(tmp_path / "data")
+    cfg = e2e_config(tmp_path, ckpt, tmp_path / "data", 2, stage="janusflow/3",
+                     extra="[flow]\nrepa_layer = 1\n[lora]\nenabled = true\nr = 4\n")
+    assert main(["train", str(cfg)]) == 0
+    base, out = load_file(str(ckpt / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == set(base)  # no repa_head, no lora_A / lora_B: merged into the official keys
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(out[q], base[q])  # adapted and merged
+    assert not torch.equal(out["vision_gen_dec_aligner.weight"], base["vision_gen_dec_aligner.weight"])
+    for k in ("vision_und_enc_model.vision_tower.blocks.0.attn.qkv.weight", "vision_gen_enc_model.in_conv.weight",
+              "language_model.model.embed_tokens.weight"):
+        assert torch.equal(out[k], base[k]), k  # not adapted: untouched even in stage 3
+    assert len(januskit.load(tmp_path / "out").generate_images("a red square", steps=2).images) == 1

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint.io import materialize_buffers
+from ..models import build_model
 from ..models.janus import JanusModel
 
 log = logging.getLogger("januskit.train")
@@ -63,8 +64,10 @@ class LoraSettings:
     alpha: float = 32.0  # scale = alpha / r
     dropout: float = 0.05  # on the adapter's input (training only; merging ignores it)
     targets: tuple[str, ...] = LLM_TARGETS  # LLM linear layers by short name, in every decoder layer
-    include_aligners: bool = False  # also aligner (understanding) and gen_aligner (generation) MLPs
-    include_gen_head: bool = True  # also the image head: generation fine-tuning depends on it
+    include_aligners: bool = False  # also aligner (understanding) and gen_aligner (generation) MLPs;
+    # JanusFlow: its three linear aligners (understanding in, generation in, generation out)
+    include_gen_head: bool = True  # also the image head: generation fine-tuning depends on it;
+    # JanusFlow: the generation-out aligner, which maps LLM states to the velocity decoder
 
     def __post_init__(self) -> None:
         # TOML gives lists; a tuple keeps the settings hashable and comparable.
@@ -100,8 +103,10 @@ class LoraSettings:
             parts.append(r"language_model\.lm_head")
         if self.include_aligners:
             parts.append(r"(?:gen_)?aligner\.layers\.\d*[02468]")  # MlpProjector: Linear at even indices, GELU between
+            parts.append(r"vision_(?:und_enc|gen_enc|gen_dec)_aligner")  # JanusFlow: plain Linear layers
         if self.include_gen_head:
             parts.append(r"gen_head\.(?:output_mlp_projector|vision_head)")
+            parts.append(r"vision_gen_dec_aligner")  # JanusFlow
         return "|".join(f"(?:{p})" for p in parts)
 
     def to_peft(self) -> Any:
@@ -177,11 +182,12 @@ def merge_lora(model: JanusModel) -> JanusModel:
 
 
 def merged_state(model: JanusModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official-key weights with the adapters folded in, computed from a full state dict of the adapted
+    """Official-key weights with the adapters folded in, computed from a full state dict (training-only
+    parts such as JanusFlow's REPA head already dropped) of the adapted
     `model` on a throw-away copy: the live model is not touched, so this also works when it is sharded
     (FSDP) and `state` was gathered with parallel.model_state."""
     with torch.device("meta"):
-        m = JanusModel(model.config)
+        m = build_model(model.config)  # Janus or JanusFlow
     _inject(m, copy.deepcopy(model.peft_config[ADAPTER]), empty=True)
     m.load_state_dict(state, strict=True, assign=True)
     materialize_buffers(m)

@@ -292,6 +292,7 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     state = parallel.model_state(model)
     if not parallel.is_main():
         return
+    state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
     if has_lora(model):
         if adapter_only:
             save_adapter(model, out, state, base=source.source)
@@ -299,8 +300,7 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
         state = merged_state(model, state)
     with torch.device("meta"):
         m = model_for_config(model.config)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()
-             if not k.startswith(TRAINING_ONLY)}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     m.load_state_dict(state, strict=True, assign=True)
     materialize_buffers(m)
     m.official_extras = getattr(model, "official_extras", {})  # unused official entries, re-read from the source
