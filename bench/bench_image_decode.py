@@ -39,6 +39,7 @@ import torch
 from januskit.checkpoint.convert import official_to_hf
 from januskit.checkpoint.init import processor_files, random_model, random_unused, synthetic_tokenizer
 from januskit.checkpoint.official import load_janus, save_janus
+from januskit.checkpoint.official_config import to_official
 from januskit.config import JanusConfig, preset
 from januskit.processing.chat import Processor
 from januskit.sampling.image_ar import generate_image_tokens
@@ -66,7 +67,7 @@ def write_checkpoints(c: JanusConfig, root: Path, seed: int) -> tuple[Path, Path
     """Random official-layout folder (bf16, like the released checkpoints) + its HF-layout conversion."""
     off, hf = root / "official", root / "hf"
     if (off / "config.json").is_file() and (hf / "config.json").is_file():
-        if json.loads((off / "config.json").read_text()) == c.to_official_dict():
+        if json.loads((off / "config.json").read_text()) == to_official(c):
             return off, hf
     model = random_model(c, seed, torch.bfloat16)
     tok = synthetic_tokenizer("janus-pro-1b", c)

@@ -39,7 +39,7 @@ def load(model: str | None, layers: int | None):
 
     from januskit.checkpoint.init import random_model, synthetic_tokenizer
     from januskit.config import preset
-    from januskit.pipeline import JanusPipeline
+    from januskit.pipelines.janus import JanusPipeline
     from januskit.processing.chat import Processor
     from januskit.processing.image import ImageTransform
 

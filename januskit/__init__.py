@@ -12,24 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESET_NAMES, detect_arch, read_config_json
-from .pipeline import ImageResult, JanusPipeline, Pipeline
+from .checkpoint.official_config import detect_arch, read_config_json
+from .config import PRESET_NAMES, resolve_dtype
+from .pipelines.base import ImageResult, Pipeline
+from .pipelines.janus import JanusPipeline
 
 __version__ = "0.1.0"
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
-    return DTYPES[dtype]
-
 
 def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed: int = 0,
          vae: str | Path | None = None) -> Pipeline:
@@ -67,13 +55,13 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed:
 
 
 def _flow_pipeline(model, proc, source, vae_dir) -> Pipeline:
-    from .flow_pipeline import JanusFlowPipeline
+    from .pipelines.janusflow import JanusFlowPipeline
 
     vae = None
     if vae_dir is not None:
-        from .models.vae import LatentVAE
+        from .checkpoint.vae import load_vae
 
-        vae = LatentVAE.from_folder(vae_dir)
+        vae = load_vae(vae_dir)
     return JanusFlowPipeline(model, proc, source, vae)
 
 

@@ -171,7 +171,7 @@ def cmd_world_write(args: argparse.Namespace) -> int:
 def cmd_world_build(args: argparse.Namespace) -> int:
     import logging
 
-    from .world.recipe import Recipe, build
+    from .recipes.default_model import Recipe, build
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = Recipe(seed=args.seed, threads=args.threads)
@@ -185,8 +185,8 @@ def cmd_world_build(args: argparse.Namespace) -> int:
 def cmd_world_flow(args: argparse.Namespace) -> int:
     import logging
 
-    from .world.flow_recipe import FlowRecipe, build_flow
-    from .world.recipe import Recipe
+    from .recipes.janusflow import FlowRecipe, build_flow
+    from .recipes.default_model import Recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     recipe = FlowRecipe(seed=args.seed, base=Recipe(seed=args.seed, threads=args.threads))
@@ -200,7 +200,7 @@ def cmd_world_flow(args: argparse.Namespace) -> int:
 def cmd_world_ablation(args: argparse.Namespace) -> int:
     import logging
 
-    from .world.ablation import run_ablation
+    from .recipes.ablation import run_ablation
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     table = run_ablation(args.work, only=args.only, smoke=args.smoke, threads=args.threads, base=args.base,

@@ -15,8 +15,8 @@ from januskit.checkpoint.init import init_checkpoint
 from januskit.checkpoint.io import CheckpointError
 from januskit.cli import main
 from januskit.config import preset
-from januskit.processing.tokenizer import (BOS_TOKEN, EOS_TOKEN, TextTokenizer, build_synthetic_tokenizer,
-                                           special_tokens_for_style)
+from januskit.processing.tokenizer import BOS_TOKEN, EOS_TOKEN, TextTokenizer, special_tokens_for_style
+from januskit.processing.synthetic_tokenizer import build_synthetic_tokenizer
 from januskit.train.config import RunConfig
 from januskit.train.trainer import train
 
@@ -121,7 +121,7 @@ def test_cli_bf16_and_stage1_training(parts, tmp_path: Path):
         "stage": {"name": "janus-pro/1", "steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 0},
         "train": {"out": str(tmp_path / "run"), "micro_batch_size": 1, "seq_len": 192, "threads": 1,
                   "save_every": 2, "log_every": 1, "export_dtype": "float32", "progress": False},
-        "data": {"builder": "januskit.train.synthetic:build", "text_len": [4, 16]},
+        "data": {"builder": "januskit.train.data.synthetic:build", "text_len": [4, 16]},
     })
     out = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

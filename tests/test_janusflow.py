@@ -20,7 +20,8 @@ import januskit
 from januskit.checkpoint.init import init_checkpoint, random_model
 from januskit.checkpoint.io import CheckpointError
 from januskit.checkpoint.official import load_official, official_key_order, save_janus, unused_official_shapes
-from januskit.config import ConfigError, flow_from_official, preset
+from januskit.config import ConfigError, preset
+from januskit.checkpoint.official_config import detect_arch, flow_from_official, to_official
 from januskit.models.janusflow import JanusFlowModel
 from januskit.models.uvit import ConvNextBlock, GlobalResponseNorm, timestep_sinusoid
 from januskit.sampling.flow import flow_rows, generate_latents
@@ -60,8 +61,8 @@ def test_real_size_layout_matches_reference():
 @pytest.mark.parametrize("name", ["janusflow-1.3b", TINY, "mini-janusflow"])
 def test_config_round_trip(name):
     c = preset(name)
-    d = c.to_official_dict()
-    assert januskit.config.detect_arch(d) == "janusflow"
+    d = to_official(c)
+    assert detect_arch(d) == "janusflow"
     assert flow_from_official(json.loads(json.dumps(d))) == c
     if name == "janusflow-1.3b":  # the official file's values (spec section 8.1)
         ep, dp = d["vision_gen_enc_config"]["params"], d["vision_gen_dec_config"]["params"]
@@ -72,7 +73,7 @@ def test_config_round_trip(name):
 
 
 def test_config_errors_name_the_field():
-    d = preset(TINY).to_official_dict()
+    d = to_official(preset(TINY))
     bad = json.loads(json.dumps(d))
     bad["vision_gen_dec_config"]["params"]["block_out_channels"] = [48]
     with pytest.raises(ConfigError, match=r"x\.json: vision_gen_dec_config\.params\.block_out_channels\[-1\] = 48 "

@@ -12,16 +12,9 @@ from PIL import Image
 
 from januskit.processing.chat import SYSTEM_PROMPT, Message, Processor
 from januskit.processing.image import ImageError, ImageTransform, load_image, to_pil, to_uint8
-from januskit.processing.tokenizer import (
-    BOI_TOKEN,
-    BOS_TOKEN,
-    EOI_TOKEN,
-    EOS_TOKEN,
-    IMAGE_TOKEN,
-    PAD_TOKEN,
-    TextTokenizer,
-    build_synthetic_tokenizer,
-)
+from januskit.processing.tokenizer import (BOI_TOKEN, BOS_TOKEN, EOI_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN,
+                                           TextTokenizer)
+from januskit.processing.synthetic_tokenizer import build_synthetic_tokenizer
 
 N_IMG = 5  # image slots per image in the processor fixtures (small, so id lists stay readable)
 

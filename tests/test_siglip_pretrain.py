@@ -1,4 +1,4 @@
-"""SigLIP pretraining of the understanding tower (januskit.train.siglip_pretrain) on miniature-world
+"""SigLIP pretraining of the understanding tower (januskit.train.pretrain.siglip) on miniature-world
 images at a micro size (32 px, patch 8, width 32, one block): each test takes a second or less."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from januskit.config import SigLIPConfig
 from januskit.models.siglip import VisionTower
 from januskit.processing.image import ImageTransform
-from januskit.processing.tokenizer import build_synthetic_tokenizer
-from januskit.train import siglip_pretrain as sp
-from januskit.train.siglip_pretrain import (SigLIPPair, SigLIPTrainConfig, caption_labels, init_vision_tower,
+from januskit.processing.synthetic_tokenizer import build_synthetic_tokenizer
+from januskit.train.pretrain import siglip as sp
+from januskit.train.pretrain.siglip import (SigLIPPair, SigLIPTrainConfig, caption_labels, init_vision_tower,
                                             retrieval_accuracy, sigmoid_loss, train_siglip)
 from januskit.world.render import render
 from januskit.world.scene import CELL_NAMES, random_scene

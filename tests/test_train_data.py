@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 
 from januskit.checkpoint.init import preset_pipeline_parts
-from januskit.pipeline import JanusPipeline
+from januskit.pipelines.janus import JanusPipeline
 from januskit.processing.chat import SYSTEM_PROMPT, Message
 from januskit.processing.image import to_gen_pixels
 from januskit.sampling.image_ar import cfg_rows
-from januskit.train.batch import IGNORE
-from januskit.train.data import DataError, ManifestSource, Sample, TarSource, open_source
-from januskit.train.encode import SampleEncoder, fill_vq_ids, vq_tokenizer
-from januskit.train.loader import TrainData
-from januskit.train.mixing import Mixer, allocate
-from januskit.train.packing import first_fit, pack, split_rows, unpacked
-from januskit.train.vq_cache import cache_vq_ids
+from januskit.train.data.batch import IGNORE
+from januskit.train.data.records import DataError, ManifestSource, Sample, TarSource, open_source
+from januskit.train.data.encode import SampleEncoder, fill_vq_ids, vq_tokenizer
+from januskit.train.data.loader import TrainData
+from januskit.train.data.mixing import Mixer, allocate
+from januskit.train.data.packing import first_fit, pack, split_rows, unpacked
+from januskit.train.data.vq_cache import cache_vq_ids
 
 N_UND, N_TEXT, N_GEN = 12, 6, 10
 
@@ -582,7 +582,7 @@ def test_bad_jsonl_skip_mode_counts_and_logs(bad_root, parts, caplog):
     model, proc = parts
     src = ManifestSource(bad_root, shuffle=False, epochs=1, on_error="skip",
                          transform=SampleEncoder.for_model(model, proc))
-    with caplog.at_level("WARNING", logger="januskit.train.data"):
+    with caplog.at_level("WARNING", logger="januskit.train.data.records"):
         good = list(src)
     assert [g.key.rsplit(":", 1)[1] for g in good] == ["1", str(len(BAD_LINES))]
     want: dict[str, int] = {}
@@ -652,7 +652,7 @@ def test_cache_vq_ids_writes_a_manifest_with_ids(tmp_path, parts):
 
 def test_trainer_builder_yields_whole_step_batches(dataset, parts):
     from januskit.train.config import DataContext
-    from januskit.train.loader import build
+    from januskit.train.data.loader import build
 
     model, proc = parts
     ctx = DataContext(ratio=(5, 1, 4), batch_size=20, grad_accum=1, micro_batch_size=2, seq_len=512, seed=3, rank=1,
@@ -677,7 +677,7 @@ def _saved(obj) -> bytes:
 def test_janus_13b_role_format_masks_answers_too():
     from januskit.processing.chat import Processor
     from januskit.processing.image import ImageTransform
-    from januskit.processing.tokenizer import build_synthetic_tokenizer
+    from januskit.processing.synthetic_tokenizer import build_synthetic_tokenizer
     from januskit.config import preset
 
     proc = Processor(build_synthetic_tokenizer(1024, style="janus"), ImageTransform(size=128), 64)

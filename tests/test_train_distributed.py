@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from januskit.checkpoint.init import random_model
 from januskit.config import preset
 from januskit.train.plot import read_metrics
-from januskit.train.trainer import list_checkpoints, train
+from januskit.train.checkpoints import list_checkpoints
+from januskit.train.trainer import train
 from train_helpers import DIST_LORA, PRESET, run_config
 
 WORKER = Path(__file__).parent / "dist_train.py"

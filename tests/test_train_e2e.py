@@ -50,7 +50,7 @@ log_every = 1
 export_dtype = "float32"
 keep_last = 2
 [data]
-builder = "januskit.train.loader:build"
+builder = "januskit.train.data.loader:build"
 understanding = "{data / 'und.jsonl'}"
 text = "{data / 'text.jsonl'}"
 generation = "{data / 'gen.jsonl'}"

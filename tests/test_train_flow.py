@@ -12,11 +12,11 @@ import torch
 import januskit
 from januskit.checkpoint.init import init_checkpoint
 from januskit.cli import main
-from januskit.train.data import Sample
-from januskit.train.encode import SampleEncoder, fill_latents
+from januskit.train.data.records import Sample
+from januskit.train.data.encode import SampleEncoder, fill_latents
 from januskit.train.flow import FlowSettings, attach_flow_training, flow_inputs, flow_loss_sums, noise_and_t
 from januskit.train.losses import batch_loss, batch_losses
-from januskit.train.packing import flow_starts, pack, split_rows, unpacked
+from januskit.train.data.packing import flow_starts, pack, split_rows, unpacked
 from januskit.train.stages import apply_stage, get_stage
 from januskit.sampling.flow import flow_rows, row_velocities
 

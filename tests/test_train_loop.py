@@ -20,13 +20,14 @@ import januskit
 import januskit.train.trainer as trainer
 from januskit.checkpoint.init import random_model
 from januskit.config import preset
-from januskit.train.batch import IGNORE, TrainBatch
+from januskit.train.data.batch import IGNORE, TrainBatch
 from januskit.train.config import RunConfig, load_run_config
 from januskit.train.losses import batch_loss, batch_losses
 from januskit.train.plot import read_metrics
 from januskit.train.stages import ALWAYS_FROZEN, STAGES, apply_stage, get_stage, lr_multiplier
-from januskit.train.synthetic import SyntheticData
-from januskit.train.trainer import list_checkpoints, train
+from januskit.train.data.synthetic import SyntheticData
+from januskit.train.checkpoints import list_checkpoints
+from januskit.train.trainer import train
 from train_helpers import PRESET, Repeat, crash_after, pack_by_hand, run_config
 
 CONFIGS = Path(__file__).parent.parent / "configs"

@@ -22,15 +22,16 @@ import januskit.train.trainer as trainer
 from januskit.checkpoint.init import random_model
 from januskit.checkpoint.official import official_key_order, save_janus
 from januskit.config import preset
-from januskit.train.batch import TrainBatch
+from januskit.train.data.batch import TrainBatch
 from januskit.train.config import RunConfig, load_run_config
 from januskit.train.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, apply_lora, has_lora, load_adapter,
                                  merge_lora, merged_state, save_adapter)
 from januskit.train.plot import read_metrics
 from januskit.train.losses import LossForward
 from januskit.train.stages import get_stage
-from januskit.train.synthetic import SyntheticData
-from januskit.train.trainer import StepConfig, build_optimizer, list_checkpoints, train, train_step
+from januskit.train.data.synthetic import SyntheticData
+from januskit.train.trainer import StepConfig, build_optimizer, train, train_step
+from januskit.train.checkpoints import list_checkpoints
 from train_helpers import LORA, PRESET, Repeat, crash_after, pack_by_hand, run_config
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,

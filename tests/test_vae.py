@@ -1,5 +1,5 @@
 """JanusFlow's latent space (januskit.models.vae.LatentVAE over diffusers' AutoencoderKL) and its
-from-scratch training (januskit.train.vae_pretrain), on a tiny random AutoencoderKL: the wrapper agrees
+from-scratch training (januskit.train.pretrain.vae), on a tiny random AutoencoderKL: the wrapper agrees
 with diffusers called directly, applies scaling and shift as the official code does, saves and loads
 losslessly and atomically, refuses bad folders with messages that name the problem, and training is
 bit-reproducible and learns."""
@@ -17,8 +17,9 @@ import torch
 
 pytest.importorskip("diffusers", reason="the latent space needs diffusers (pip install -e '.[flow]')")
 
-from januskit.models.vae import LatentVAE, mini_vae_config, read_vae_config, tiny_vae_config  # noqa: E402
-from januskit.train.vae_pretrain import (VAETrainConfig, check_vae_images, reconstruct,  # noqa: E402
+from januskit.models.vae import LatentVAE, mini_vae_config, tiny_vae_config  # noqa: E402
+from januskit.checkpoint.vae import load_vae, read_vae_config, save_vae  # noqa: E402
+from januskit.train.pretrain.vae import (VAETrainConfig, check_vae_images, reconstruct,  # noqa: E402
                                          reconstruction_stats, train_vae)
 from test_vq_pretrain import flat_images  # noqa: E402
 
@@ -34,7 +35,7 @@ def tiny() -> LatentVAE:
 
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
-    return tiny.save(tmp_path_factory.mktemp("vae") / "tiny-vae")
+    return save_vae(tiny, tmp_path_factory.mktemp("vae") / "tiny-vae")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def test_from_config_is_seeded_and_leaves_global_rng(tiny):
 def test_save_then_load_is_identical(tiny, saved):
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no temporary folder left beside it
-    loaded = LatentVAE.from_folder(saved)
+    loaded = load_vae(saved)
     assert not loaded.training and loaded.scaling_factor == tiny.scaling_factor
     assert not any(p.requires_grad for p in loaded.parameters())  # frozen, as JanusFlow uses it
     ref = tiny.vae.state_dict()
@@ -137,12 +138,12 @@ def test_save_then_load_is_identical(tiny, saved):
     x = pixels(2, seed=5)
     assert torch.equal(loaded.encode(x), tiny.encode(x))
     assert torch.equal(loaded.decode(tiny.encode(x)), tiny.decode(tiny.encode(x)))
-    assert LatentVAE.from_folder(saved, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert load_vae(saved, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_save_is_atomic(tiny, saved, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="not empty"):
-        tiny.save(saved)
+        save_vae(tiny, saved)
     dst = tmp_path / "out"
 
     def half_written(folder, **kw):
@@ -151,7 +152,7 @@ def test_save_is_atomic(tiny, saved, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny.vae, "save_pretrained", half_written)
     with pytest.raises(OSError, match="disk full"):
-        tiny.save(dst)
+        save_vae(tiny, dst)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
 
 
@@ -171,30 +172,30 @@ def _copy(saved, tmp_path, drop: str | None = None, config: str | None = None):
 
 def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere does not exist: pass --vae DIR .*stabilityai/sdxl-vae"):
-        LatentVAE.from_folder(tmp_path / "nowhere")
+        load_vae(tmp_path / "nowhere")
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileNotFoundError, match=r"file is not a folder: pass --vae DIR"):
-        LatentVAE.from_folder(tmp_path / "file")
+        load_vae(tmp_path / "file")
 
 
 def test_missing_config(saved, tmp_path):
     d = _copy(saved, tmp_path, drop="config.json")
     with pytest.raises(FileNotFoundError, match=re.escape(str(d)) + r": no config\.json"):
-        LatentVAE.from_folder(d)
+        load_vae(d)
 
 
 def test_missing_weights(saved, tmp_path):
     d = _copy(saved, tmp_path, drop="diffusion_pytorch_model.safetensors")
     expected = r": weights missing, expected diffusion_pytorch_model\.safetensors .*found config\.json"
     with pytest.raises(FileNotFoundError, match=re.escape(str(d)) + expected):
-        LatentVAE.from_folder(d)
+        load_vae(d)
 
 
 def test_not_an_autoencoder_kl(saved, tmp_path):
     cfg = json.loads((saved / "config.json").read_text())
     d = _copy(saved, tmp_path, config=json.dumps({**cfg, "_class_name": "UNet2DModel"}))
     with pytest.raises(ValueError, match=r"config\.json: not an AutoencoderKL config \(_class_name 'UNet2DModel'\)"):
-        LatentVAE.from_folder(d)
+        load_vae(d)
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match=r"not an AutoencoderKL config \(no _class_name\)"):
         read_vae_config(d)
@@ -203,16 +204,16 @@ def test_not_an_autoencoder_kl(saved, tmp_path):
 def test_malformed_json(saved, tmp_path):
     d = _copy(saved, tmp_path, config='{"_class_name": "AutoencoderKL",')
     with pytest.raises(ValueError, match=re.escape(str(d / "config.json")) + ": malformed JSON"):
-        LatentVAE.from_folder(d)
+        load_vae(d)
     (d / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"malformed, expected a JSON object, got list"):
-        LatentVAE.from_folder(d)
+        load_vae(d)
 
 
 def test_diffusers_missing(saved, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
     with pytest.raises(ImportError, match=r"pip install 'januskit\[flow\]'"):
-        LatentVAE.from_folder(saved)
+        load_vae(saved)
     with pytest.raises(ImportError, match=r"pip install 'januskit\[flow\]'"):
         LatentVAE.from_config(tiny_vae_config())
 
@@ -281,6 +282,6 @@ def test_training_refuses_bad_images(tiny, saved):
     with pytest.raises(ValueError, match="batch_size 8 is larger than the 4 images"):
         train_vae(tiny, flat_images(4), VAETrainConfig(batch_size=8), progress=False)
     with pytest.raises(ValueError, match=r"no parameter requires grad .*requires_grad_\(True\)"):
-        train_vae(LatentVAE.from_folder(saved), flat_images(4), VAETrainConfig(batch_size=2), progress=False)
+        train_vae(load_vae(saved), flat_images(4), VAETrainConfig(batch_size=2), progress=False)
     with pytest.raises(ValueError, match="kl_weight must be >= 0"):
         VAETrainConfig(kl_weight=-1).validate()

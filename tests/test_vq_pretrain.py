@@ -1,4 +1,4 @@
-"""VQ tokenizer pre-training (januskit.train.vq_pretrain) on a tiny VQConfig and 16x16 flat-colour
+"""VQ tokenizer pre-training (januskit.train.pretrain.vq) on a tiny VQConfig and 16x16 flat-colour
 images: the loss falls, gradients flow where the straight-through estimator says they should, the
 trained model's `encode` picks the codes training used, dead-code restarts revive a collapsed codebook,
 runs are bit-reproducible, and bad inputs are refused with a message that names the problem."""
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from januskit.config import VQConfig
 from januskit.models.vq import VQModel
-from januskit.train.vq_pretrain import (VQTrainConfig, check_images, reconstruction_psnr, reconstruction_stats,
+from januskit.train.pretrain.vq import (VQTrainConfig, check_images, reconstruction_psnr, reconstruction_stats,
                                         train_vq, vq_forward)
 
 TINY = VQConfig(codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 2), z_channels=32, num_res_blocks=1,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from januskit.train.data import ManifestSource
+from januskit.train.data.records import ManifestSource
 from januskit.world.dataset import held_out, read_prompts, write_world
 from januskit.world.judge import Detection, detect, holds, same_objects, score
 from januskit.world.prompts import CATEGORIES, Prompt, describe, make_prompt, sample_prompt, scene_for, scene_from_json

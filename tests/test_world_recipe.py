@@ -12,8 +12,8 @@ import januskit
 from januskit.checkpoint.official import load_janus
 from januskit.cli import main
 from januskit.eval.world import EvalSettings, evaluate, format_report
-from januskit.world.ablation import EXPERIMENTS, share_vq_encoder, steps_for
-from januskit.world.recipe import Recipe, build
+from januskit.recipes.ablation import EXPERIMENTS, share_vq_encoder, steps_for
+from januskit.recipes.default_model import Recipe, build
 
 SMALL_EVAL = EvalSettings(images_per_prompt=1, prompts_per_category=1, questions_per_type=2)
 
@@ -27,7 +27,7 @@ def smoke(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def flow_smoke(smoke) -> tuple[Path, Path, Path]:
-    from januskit.world.flow_recipe import FlowRecipe, build_flow
+    from januskit.recipes.janusflow import FlowRecipe, build_flow
 
     _, work = smoke
     out = build_flow(work.parent / "flow-out", work, FlowRecipe().smoke(), eval_settings=SMALL_EVAL)
@@ -165,7 +165,7 @@ def test_cosine_plan_on_a_stage_with_a_long_horizon_decays_over_its_own_steps(tm
     """janus-pro/2 carries the paper's 360K-step horizon; a plan with a cosine of its own must reach
     zero at its own last step (the ablation's runs), not stay flat."""
     from januskit.train.stages import lr_multiplier
-    from januskit.world.recipe import StagePlan, stage_config
+    from januskit.recipes.default_model import StagePlan, stage_config
 
     plan = StagePlan("A", "janus-pro/2", steps=1500, batch_size=32, lr=2e-3, warmup=50, schedule="cosine")
     stage = stage_config(plan, tmp_path / "s", tmp_path / "o", tmp_path / "w", Recipe()).resolved_stage()
@@ -175,7 +175,7 @@ def test_cosine_plan_on_a_stage_with_a_long_horizon_decays_over_its_own_steps(tm
 
 
 def test_ablation_table_reads_final_losses(tmp_path):
-    from januskit.world.ablation import final_losses, format_table
+    from januskit.recipes.ablation import final_losses, format_table
 
     run = tmp_path / "B"
     run.mkdir()
@@ -196,7 +196,7 @@ def test_stage_plans_reach_the_trainer_config(tmp_path):
     """The recipe's schedule and autocast choices land in the run config the trainer reads, and the
     default recipe's LLM stages keep the paper's Stage II : III LR ratio (1e-4 : 4e-5)."""
     from januskit.train.stages import lr_multiplier
-    from januskit.world.recipe import StagePlan, stage_config
+    from januskit.recipes.default_model import StagePlan, stage_config
 
     r = Recipe()
     last = stage_config(r.stages[-1], tmp_path / "src", tmp_path / "out", tmp_path / "world", r)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from januskit.train.batch import IGNORE, TrainBatch
+from januskit.train.data.batch import IGNORE, TrainBatch
 from januskit.train.config import RunConfig
 
 PRESET = "tiny-janus-pro"
@@ -26,7 +26,7 @@ def run_config(out: str | Path, *, stage: str = "janus-pro/3", steps: int = 4, b
         "train": {"out": str(out), "micro_batch_size": micro_batch_size, "seq_len": seq_len, "parallel": parallel,
                   "save_every": save_every, "keep_last": keep_last, "log_every": log_every,
                   "export_dtype": export_dtype, "seed": seed, "progress": False, **train},
-        "data": {"builder": "januskit.train.synthetic:build", "text_len": [4, 16]},
+        "data": {"builder": "januskit.train.data.synthetic:build", "text_len": [4, 16]},
     })
 
 

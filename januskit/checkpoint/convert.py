@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import JanusConfig, detect_arch, janus_from_official, read_config_json, ConfigError
+from ..config import ConfigError, JanusConfig
+from .official_config import detect_arch, janus_from_official, read_config_json, to_official
 from ..models.janus import JanusModel
 from ..processing.tokenizer import PAD_TOKEN, TextTokenizer
 from .hf import (SIDE_FILE, hf_generation_config, hf_to_official_plan, is_unused_official, janus_from_hf_config,
@@ -230,7 +231,7 @@ def hf_to_official(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         copy_side_files(src, tmp, skip=_HF_ONLY_FILES)
         (tmp / "config.json").write_text(config_text if config_text is not None
-                                         else json.dumps(c.to_official_dict(str(dtype).removeprefix("torch.")), indent=2)
+                                         else json.dumps(to_official(c, str(dtype).removeprefix("torch.")), indent=2)
                                          + "\n", encoding="utf-8")
         write_shards(order, produce, tmp, max_shard_bytes)
     return dst

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..config import (JanusConfig, AlignerConfig, GenHeadConfig, SigLIPConfig, VQConfig, _VIT_PRESETS,
-                      llama_from_hf, llama_to_hf, ConfigError)
+from ..config import AlignerConfig, ConfigError, GenHeadConfig, JanusConfig, SigLIPConfig, VQConfig
+from .official_config import VIT_PRESETS, llama_from_hf, llama_to_hf
 from .io import CheckpointError
 
 SIDE_FILE = "januskit-official-extras.safetensors"
@@ -202,7 +202,7 @@ def janus_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> Jan
     dims = dict(width=v.get("hidden_size", 1024), layers=v.get("num_hidden_layers", 24),
                 heads=v.get("num_attention_heads", 16), patch_size=v.get("patch_size", 16),
                 mlp_ratio=float(v.get("mlp_ratio", 4.0)))
-    name = next((n for n, p in _VIT_PRESETS.items() if p == dims), "januskit_vit")
+    name = next((n for n, p in VIT_PRESETS.items() if p == dims), "januskit_vit")
     vision = SigLIPConfig(image_size=v.get("image_size", 384), model_name=name, select_layer=-1, **dims)
     ch_mult = tuple(q.get("channel_multiplier", (1, 1, 2, 2, 4)))
     # HF overwrites vq num_patches with the SigLIP grid; the VQ image side is that grid times the VQ factor.

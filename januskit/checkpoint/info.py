@@ -5,7 +5,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESET_NAMES, JanusConfig, detect_arch, janus_from_official, preset, read_config_json
+from ..config import JanusConfig, PRESET_NAMES, preset
+from .official_config import detect_arch, janus_from_official, read_config_json
 from .hf import janus_from_hf_config
 from .io import iter_tensors, weight_files
 

@@ -16,7 +16,8 @@ from ..config import JanusConfig, JanusFlowConfig, PRESET_NAMES, preset, preset_
 from ..models import build_model
 from ..processing.chat import Processor
 from ..processing.image import ImageTransform
-from ..processing.tokenizer import TextTokenizer, build_synthetic_tokenizer, real_special_ids
+from ..processing.tokenizer import TextTokenizer
+from ..processing.synthetic_tokenizer import build_synthetic_tokenizer, real_special_ids
 from .io import materialize_buffers
 from .official import save_janus, unused_official_shapes
 
@@ -106,8 +107,9 @@ def init_checkpoint(dst: str | Path, *, arch: str = "janus", preset_name: str | 
     dst = save_janus(model, dst, unused=random_unused(c, seed, dtype), files=files, overwrite=overwrite)
     if c.arch == "janusflow" and vae:  # so the random checkpoint generates end to end
         from ..models.vae import LatentVAE
+        from .vae import save_vae
 
-        LatentVAE.from_config(random_vae_config(c), seed=seed).save(dst / "vae", overwrite=True)
+        save_vae(LatentVAE.from_config(random_vae_config(c), seed=seed), dst / "vae", overwrite=True)
     return dst
 
 

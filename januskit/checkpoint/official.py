@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import JanusConfig, JanusFlowConfig, janus_from_official, model_from_official, read_config_json, detect_arch, ConfigError
+from ..config import ConfigError, JanusConfig, JanusFlowConfig
+from .official_config import detect_arch, janus_from_official, model_from_official, read_config_json, to_official
 from ..models import build_model, vision_prefix
 from ..models.janus import JanusModel
 from .hf import is_unused_official
@@ -140,7 +141,7 @@ def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         dtype = str(next(iter(model.state_dict().values())).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(model.config.to_official_dict(dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(to_official(model.config, dtype), indent=2) + "\n")
         save_tensors(state, tmp)
     return dst
 

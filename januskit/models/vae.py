@@ -20,62 +20,22 @@ built or loaded.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint.io import atomic_folder
-
 log = logging.getLogger("januskit.vae")
 
-CONFIG_NAME = "config.json"
-# What diffusers' from_pretrained can read, in its own order of preference (no variants).
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 CLASS_NAME = "AutoencoderKL"
 INSTALL_HINT = "pip install 'januskit[flow]'"
-FOLDER_HINT = ("pass --vae DIR with a diffusers AutoencoderKL folder (config.json + "
-               "diffusion_pytorch_model.safetensors), e.g. stabilityai/sdxl-vae downloaded beforehand")
-
-
-def _autoencoder_kl() -> type:
+def autoencoder_kl() -> type:
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
         raise ImportError(f"the JanusFlow latent space needs diffusers' AutoencoderKL, which could not be "
                           f"imported ({e}); install it with: {INSTALL_HINT}") from e
     return AutoencoderKL
-
-
-def read_vae_config(folder: str | Path) -> dict[str, Any]:
-    """The folder's config.json, after checking that the folder can be loaded as an AutoencoderKL
-    without any download: FileNotFoundError (folder, config or weights missing) or ValueError
-    (malformed JSON, not an AutoencoderKL config), each naming the path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise FileNotFoundError(f"VAE folder {folder} {what}: {FOLDER_HINT}")
-    cfg_path = folder / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"VAE folder {folder}: no {CONFIG_NAME} (not a diffusers model folder); {FOLDER_HINT}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"VAE config {cfg_path}: malformed JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"VAE config {cfg_path}: malformed, expected a JSON object, got {type(config).__name__}")
-    cls = config.get("_class_name")
-    if cls != CLASS_NAME:
-        found = "no _class_name" if cls is None else f"_class_name {cls!r}"
-        raise ValueError(f"VAE config {cfg_path}: not an {CLASS_NAME} config ({found}); {FOLDER_HINT}")
-    if not any((folder / name).is_file() for name in WEIGHT_NAMES):
-        present = sorted(p.name for p in folder.iterdir()) or ["nothing"]
-        raise FileNotFoundError(f"VAE folder {folder}: weights missing, expected {WEIGHT_NAMES[0]} (or "
-                                f"{', '.join(WEIGHT_NAMES[1:])}); found {', '.join(present)}")
-    return config
 
 
 def mini_vae_config() -> dict[str, Any]:
@@ -88,7 +48,7 @@ def mini_vae_config() -> dict[str, Any]:
 
     `scaling_factor` is 1.0 here, a placeholder: it is fitted after training so that the latents of
     world images have a standard deviation of about 1 (`LatentVAE.calibrate_scaling`, which
-    `januskit.train.vae_pretrain.train_vae` calls at its end), and saved in the config like SDXL's 0.13025.
+    `januskit.train.pretrain.vae.train_vae` calls at its end), and saved in the config like SDXL's 0.13025.
 
     GroupNorm uses 4 groups, not SDXL's 32: at 16-64 channels, 16 or 32 groups is a per-channel instance
     norm that strips each image's absolute colour statistics, and training to the same reconstruction
@@ -117,30 +77,17 @@ class LatentVAE(torch.nn.Module):
 
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
-        if not isinstance(vae, _autoencoder_kl()):
+        if not isinstance(vae, autoencoder_kl()):
             raise TypeError(f"LatentVAE wraps a diffusers {CLASS_NAME}, got {type(vae).__name__}")
         self.vae = vae
 
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device | None = None) -> "LatentVAE":
-        """Load a diffusers AutoencoderKL folder (never downloads), frozen as JanusFlow uses it: eval
-        mode and requires_grad False (call `.requires_grad_(True)` to train it further)."""
-        read_vae_config(path)
-        AutoencoderKL = _autoencoder_kl()
-        if dtype == torch.float16:
-            log.warning("VAE in float16: the SDXL VAE is known to overflow in fp16; prefer bfloat16 or float32")
-        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-        out = cls(vae).eval().requires_grad_(False)
-        return out if device is None else out.to(device)
-
-    @classmethod
     def from_config(cls, config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> "LatentVAE":
         """A freshly initialised AutoencoderKL (diffusers' own init, drawn from `seed` without touching
         the global RNG): the same config and seed give the same weights."""
-        AutoencoderKL = _autoencoder_kl()
+        AutoencoderKL = autoencoder_kl()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vae = AutoencoderKL.from_config(dict(config))
@@ -232,15 +179,4 @@ class LatentVAE(torch.nn.Module):
         self.vae.register_to_config(scaling_factor=1.0 / std)
         return self.scaling_factor
 
-    # -- saving ---------------------------------------------------------------------------------
-
-    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
-        """Write the diffusers layout (config.json + diffusion_pytorch_model.safetensors) atomically:
-        into a temporary sibling folder, renamed over `folder` only once complete. A non-empty
-        `folder` is refused unless `overwrite`."""
-        with atomic_folder(folder, overwrite=overwrite) as tmp:
-            self.vae.save_pretrained(str(tmp), safe_serialization=True)
-        return Path(folder)
-
-
-__all__ = ["LatentVAE", "read_vae_config", "mini_vae_config", "tiny_vae_config", "CONFIG_NAME", "WEIGHT_NAMES"]
+__all__ = ["LatentVAE", "mini_vae_config", "tiny_vae_config"]

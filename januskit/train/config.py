@@ -57,7 +57,7 @@ class TrainSection:
 
 @dataclass(kw_only=True)
 class DataSection:
-    builder: str = "januskit.train.synthetic:build"  # "module:function(ctx: DataContext, **options)"
+    builder: str = "januskit.train.data.synthetic:build"  # "module:function(ctx: DataContext, **options)"
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the builder
 
 

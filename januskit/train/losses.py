@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import IGNORE, TrainBatch
+from .data.batch import IGNORE, TrainBatch
 from .flow import flow_inputs, flow_loss_sums
-from .packing import flow_starts
+from .data.packing import flow_starts
 
 KINDS = ("und", "text", "gen")  # metric buckets, indexed like TrainBatch.kinds (0, 1, 2)
 REPA = 3  # by_kind's extra entry: the REPA sum (JanusFlow), counted over the gen bucket's positions

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..models.vae import LatentVAE
-from .vq_pretrain import RANGE_TOL, VQTrainConfig
+from ...models.vae import LatentVAE
+from .vq import RANGE_TOL, VQTrainConfig
 
 log = logging.getLogger("januskit.train.vae")
 

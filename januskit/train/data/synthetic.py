@@ -4,7 +4,7 @@ Samples of the three kinds (understanding: image slots then question and answer,
 text: loss on every next token; generation: prompt then VQ tokens, loss on the VQ tokens) are drawn by
 the stage ratio and packed greedily into rows. Micro-batch i is a pure function of (seed, i), and rank
 r of w takes micro-batches r, r+w, r+2w, ..., so the global batch of a step does not depend on how
-many processes share it. Not a data pipeline: januskit.train.data is.
+many processes share it. Not a data pipeline: januskit.train.data.records is.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .batch import IGNORE, TrainBatch
-from .config import DataContext
+from ..config import DataContext
 
 
 class SyntheticData:
@@ -108,7 +108,7 @@ class SyntheticData:
 
 
 def build(ctx: DataContext, **options: Any) -> SyntheticData:
-    """Data builder for `[data] builder = "januskit.train.synthetic:build"`; options: text_len = [lo, hi]."""
+    """Data builder for `[data] builder = "januskit.train.data.synthetic:build"`; options: text_len = [lo, hi]."""
     c = ctx.model_config
     if "text_len" in options:
         options["text_len"] = tuple(options["text_len"])

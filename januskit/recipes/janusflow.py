@@ -28,12 +28,13 @@ from PIL import Image
 from ..checkpoint.official import copy_side_files, load_official, save_janus
 from ..config import preset
 from ..models.janusflow import JanusFlowModel
+from ..checkpoint.vae import save_vae
 from ..models.vae import LatentVAE, mini_vae_config
 from ..processing.image import to_gen_pixels
 from ..train.config import RunConfig
 from ..train.flow import FlowSettings
-from ..train.vae_pretrain import VAETrainConfig, reconstruction_stats, train_vae
-from .recipe import Recipe, StagePlan, _done, _jsonl, _recipe_json, _summary, build, stage_config
+from ..train.pretrain.vae import VAETrainConfig, reconstruction_stats, train_vae
+from .default_model import Recipe, StagePlan, _done, _jsonl, _recipe_json, _summary, build, stage_config
 
 log = logging.getLogger("januskit.world")
 
@@ -77,7 +78,7 @@ def build_vae(world: Path, dst: Path, r: FlowRecipe) -> dict[str, Any]:
     report = {"seconds": round(time.perf_counter() - t, 1), "last": hist[-1] if hist else {},
               "reconstruction": {k: v for k, v in reconstruction_stats(vae, images[:512]).items()
                                  if k != "per_image_max_255"}, "scaling_factor": vae.scaling_factor}
-    vae.save(dst, overwrite=True)
+    save_vae(vae, dst, overwrite=True)
     return report
 
 

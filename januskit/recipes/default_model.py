@@ -34,13 +34,14 @@ from ..checkpoint.official import load_janus, save_janus
 from ..config import JanusConfig, preset
 from ..models.janus import JanusModel
 from ..processing.image import ImageTransform, to_gen_pixels
-from ..processing.tokenizer import TextTokenizer, build_synthetic_tokenizer
+from ..processing.tokenizer import TextTokenizer
+from ..processing.synthetic_tokenizer import build_synthetic_tokenizer
 from ..train.config import RunConfig
-from ..train.siglip_pretrain import SigLIPTrainConfig, init_vision_tower, train_siglip
-from ..train.vq_cache import cache_vq_ids
-from ..train.vq_pretrain import VQTrainConfig, reconstruction_stats, train_vq
-from .dataset import write_world
-from .prompts import describe, scene_from_json
+from ..train.pretrain.siglip import SigLIPTrainConfig, init_vision_tower, train_siglip
+from ..train.data.vq_cache import cache_vq_ids
+from ..train.pretrain.vq import VQTrainConfig, reconstruction_stats, train_vq
+from ..world.dataset import write_world
+from ..world.prompts import describe, scene_from_json
 
 log = logging.getLogger("januskit.world")
 
@@ -186,7 +187,7 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
         "train": {"out": str(out), "micro_batch_size": r.micro_batch_size, "seq_len": r.seq_len,
                   "threads": r.threads, "autocast": r.autocast, "seed": r.seed, "log_every": 10, "save_every": 100, "keep_last": 1,
                   "export_dtype": "float32", "progress": True},
-        "data": {"builder": "januskit.train.loader:build", "understanding": str(train / "understanding.jsonl"),
+        "data": {"builder": "januskit.train.data.loader:build", "understanding": str(train / "understanding.jsonl"),
                  "text": str(train / "text.jsonl"), "generation": str(train / "generation-vq.jsonl"), "prefetch": 1},
     }, where=f"recipe stage {plan.name}")
 

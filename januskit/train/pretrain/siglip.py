@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..config import SigLIPConfig
-from ..models.siglip import Block, VisionTower
+from ...config import SigLIPConfig
+from ...models.siglip import Block, VisionTower
 
 __all__ = ["SigLIPTrainConfig", "SigLIPPair", "TextTower", "caption_labels", "init_vision_tower",
            "refresh_center", "retrieval_accuracy", "sigmoid_loss", "tower_image_size", "train_siglip"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .batch import IGNORE, TrainBatch
-from .data import KIND_CODE, DataError
+from .records import KIND_CODE, DataError
 from .encode import EncodedSample
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..models.vq import VQModel
+from ...models.vq import VQModel
 
 log = logging.getLogger("januskit.train.vq")
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..processing.chat import Processor
-from ..processing.image import ImageTransform
+from ...processing.chat import Processor
+from ...processing.image import ImageTransform
 from .batch import TrainBatch
-from .data import KINDS, open_source
+from .records import KINDS, open_source
 from .encode import EncodedSample, FlowLayout, SampleEncoder, fill_latents, fill_vq_ids, vq_tokenizer
 from .mixing import Mixer
 from .packing import pack
@@ -94,7 +94,7 @@ def processor_for(source: str | Path, config: Any) -> Processor:
     """The processor of a model source: a checkpoint folder (its tokenizer.json) or a preset name."""
     if Path(source).is_dir():
         return Processor.from_folder(source, config.vision.image_size, config.vision.n_tokens)
-    from ..checkpoint.init import synthetic_tokenizer  # presets carry a synthetic tokenizer
+    from ...checkpoint.init import synthetic_tokenizer  # presets carry a synthetic tokenizer
 
     return Processor(synthetic_tokenizer(str(source), config), ImageTransform(size=config.vision.image_size),
                      config.vision.n_tokens)
@@ -104,7 +104,7 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
           short_caption_p: float = 0.0, on_error: str = "raise", too_long: str = "error", shuffle: bool = True,
           shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str | None = None,
           vae: str | None = None) -> TrainData:
-    """Data builder for `[data] builder = "januskit.train.loader:build"` (ctx: train.config.DataContext).
+    """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation is a path or list of paths (JSONL manifests, tar shards or
     folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
     `vae`: JanusFlow only, the VAE folder that encodes generation images (default: the source's vae/)."""
@@ -144,9 +144,9 @@ def vae_encoder(vae: str | None, source: str | Path) -> Callable[[torch.Tensor],
     folder = Path(vae) if vae is not None else Path(source) / "vae"
     if vae is None and not folder.is_dir():
         return None
-    from ..models.vae import LatentVAE
+    from ...checkpoint.vae import load_vae
 
-    model = LatentVAE.from_folder(folder)
+    model = load_vae(folder)
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> torch.Tensor:

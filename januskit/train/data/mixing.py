@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import KINDS
+from .records import KINDS
 
 
 def _fraction(w: float | int | str) -> Fraction:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..processing.image import to_gen_pixels
-from .data import DataError, _jsonl_files, read_image_file
+from ...processing.image import to_gen_pixels
+from .records import DataError, _jsonl_files, read_image_file
 from .encode import check_vq_ids, vq_tokenizer
 
 

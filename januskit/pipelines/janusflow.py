@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .models.janusflow import JanusFlowModel
-from .pipeline import ImageResult, Pipeline
-from .processing.chat import Processor
-from .processing.image import to_pil
-from .sampling.flow import generate_latents, initial_latents
-from .sampling.logits import row_generator
+from ..models.janusflow import JanusFlowModel
+from .base import ImageResult, Pipeline
+from ..processing.chat import Processor
+from ..processing.image import to_pil
+from ..sampling.flow import generate_latents, initial_latents
+from ..sampling.logits import row_generator
 
 
 class JanusFlowPipeline(Pipeline):

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..processing.chat import Message
-from ..processing.image import ImageError, load_image
-from ..processing.tokenizer import IMAGE_TOKEN
+from ...processing.chat import Message
+from ...processing.image import ImageError, load_image
+from ...processing.tokenizer import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 

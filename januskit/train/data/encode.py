@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 import torch
 
-from ..config import VQConfig
-from ..processing.chat import SYSTEM_PROMPT, Message, Processor
-from ..processing.image import to_gen_pixels
+from ...config import VQConfig
+from ...processing.chat import SYSTEM_PROMPT, Message, Processor
+from ...processing.image import to_gen_pixels
 from .batch import IGNORE
-from .data import DataError, Sample
+from .records import DataError, Sample
 
 
 @dataclass

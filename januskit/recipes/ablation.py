@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..models.janus import JanusModel
-from .recipe import Recipe, StagePlan, build, stage_config
+from .default_model import Recipe, StagePlan, build, stage_config
 
 log = logging.getLogger("januskit.world")
 

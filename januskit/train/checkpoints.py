@@ -1,0 +1,148 @@
+"""A run's checkpoints and its export. A checkpoint is step-N/, written to a temporary folder, with
+a DONE manifest (file names and sizes) written last, then renamed into place: a folder without a
+readable manifest is incomplete and ignored, so a run killed at any moment resumes from the newest
+complete one. The export is the trained model in the official layout (januskit.load reads it)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint.init import processor_files, synthetic_tokenizer
+from ..checkpoint.io import atomic_folder, materialize_buffers
+from ..checkpoint.official import save_janus
+from ..checkpoint.official_config import to_official
+from ..models import build_model as model_for_config
+from ..models.janus import JanusModel
+from . import parallel
+from .config import ModelSection, RunConfig
+from .lora import ADAPTER_WEIGHTS, has_lora, load_adapter, merged_state, save_adapter
+
+MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
+CKPT_RE = re.compile(r"^step-(\d{8})$")
+TRAINING_ONLY = ("repa_head.",)  # trained and checkpointed, never exported (JanusFlow's REPA projector)
+
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (named step-N with a readable DONE manifest), oldest first."""
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = CKPT_RE.match(d.name)
+            if m and d.is_dir() and _manifest_ok(d):
+                out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def _manifest_ok(d: Path) -> bool:
+    try:
+        man = json.loads((d / MARKER).read_text())
+        return all((d / f).is_file() and (d / f).stat().st_size == size for f, size in man["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def save_checkpoint(root: Path, step: int, model: JanusModel, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, data, cfg: RunConfig) -> Path | None:
+    """Collective (state gathering); rank 0 writes. Returns the folder on rank 0."""
+    weights = parallel.model_state(model)
+    optim = parallel.optimizer_state(model, optimizer)
+    ranks = parallel.gather_objects({"rng": parallel.rng_state(), "data": data.state_dict()})
+    path = None
+    if parallel.is_main():
+        path = root / f"step-{step:08d}"
+        with atomic_folder(path, overwrite=True) as tmp:
+            if has_lora(model):  # the adapters are all that trains; the frozen base comes from [model]
+                save_adapter(model, tmp, weights, base=cfg.model.source)
+            else:
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save({"step": step, "world": parallel.world(), "scheduler": scheduler.state_dict(), "ranks": ranks},
+                       tmp / "trainer.pt")
+            (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(to_official(model.config, "float32"), indent=2) + "\n")
+            files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")  # commit marker
+        prune_checkpoints(root, cfg.train.keep_last)
+    parallel.barrier()
+    return path
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and leftovers of crashed writes."""
+    done = list_checkpoints(root)
+    for _, d in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+    keep = {d for _, d in done}
+    for d in root.iterdir():
+        if d.is_dir() and d not in keep and (d.name.startswith(".step-") or CKPT_RE.match(d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_weights(model: JanusModel, ckpt: Path) -> None:
+    adapter = (ckpt / ADAPTER_WEIGHTS).is_file()
+    if adapter != has_lora(model):
+        raise ValueError(f"{ckpt}: written by a run {'with' if adapter else 'without'} [lora] enabled; resume it "
+                         "with the same [lora] setting")
+    if adapter:
+        load_adapter(model, ckpt)
+    else:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+
+
+def restore_state(ckpt: Path, model: JanusModel, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, data) -> int:
+    """Optimizer, scheduler, data position and RNG of this rank from a checkpoint; returns its step."""
+    st = torch.load(ckpt / "trainer.pt", weights_only=True)
+    if st["world"] != parallel.world():
+        raise ValueError(f"{ckpt}: saved by {st['world']} processes, resumed with {parallel.world()}; the per-rank "
+                         "data positions cannot be re-split (resume with the same number of processes)")
+    parallel.load_optimizer_state(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(st["scheduler"])
+    mine = st["ranks"][parallel.rank()]
+    data.load_state_dict(mine["data"])
+    parallel.set_rng_state(mine["rng"])
+    return int(st["step"])
+
+
+def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torch.dtype,
+                 adapter_only: bool = False) -> None:
+    """Write the trained model into `out` in the official layout, with the source's tokenizer and
+    processor files, so januskit.load(out) works; LoRA adapters are merged in first, or with
+    `adapter_only` written alone (float32, PEFT's file layout). Collective under FSDP (gathers the weights)."""
+    state = parallel.model_state(model)
+    if not parallel.is_main():
+        return
+    state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
+    if has_lora(model):
+        if adapter_only:
+            save_adapter(model, out, state, base=source.source)
+            return
+        state = merged_state(model, state)
+    with torch.device("meta"):
+        m = model_for_config(model.config)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    m.load_state_dict(state, strict=True, assign=True)
+    materialize_buffers(m)
+    m.official_extras = getattr(model, "official_extras", {})  # unused official entries, re-read from the source
+    src = Path(source.source)
+    files = None
+    if not src.is_dir():  # a preset: its synthetic tokenizer and processor configs
+        files = {"tokenizer.json": synthetic_tokenizer(source.source, model.config).to_json_str(),
+                 **processor_files(model.config)}
+    tmp = out / ".export"
+    save_janus(m, tmp, copy_from=src if src.is_dir() else None, files=files, overwrite=True)
+    for f in out.glob("model*.safetensors*"):  # a previous export's shards
+        f.unlink()
+    # Move file by file, config.json last: a folder without it is not (yet) a loadable checkpoint.
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        if f.is_dir() and (out / f.name).is_dir():  # a previous export's vae/
+            shutil.rmtree(out / f.name)
+        os.replace(f, out / f.name)
+    tmp.rmdir()
