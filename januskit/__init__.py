@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint.official_config import detect_arch, read_config_json
 from .config import PRESET_NAMES, resolve_dtype
-from .pipelines.base import ImageResult, Pipeline
+from .pipelines.base import ImageBatch, ImageResult, Pipeline, UnsupportedOption
 from .pipelines.janus import JanusPipeline
 
 __version__ = "0.1.0"
@@ -65,4 +65,5 @@ def _flow_pipeline(model, proc, source, vae_dir) -> Pipeline:
     return JanusFlowPipeline(model, proc, source, vae)
 
 
-__all__ = ["load", "Pipeline", "JanusPipeline", "ImageResult", "PRESET_NAMES", "resolve_dtype", "__version__"]
+__all__ = ["load", "Pipeline", "JanusPipeline", "ImageResult", "ImageBatch", "UnsupportedOption", "PRESET_NAMES",
+           "resolve_dtype", "__version__"]

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import warnings
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+
+
+def _log_to_stderr(level: int = logging.INFO) -> None:
+    """The long-running commands' log: timestamped records on stderr."""
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -59,7 +65,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(json.dumps(dict(model=pipe.source, prompt=args.prompt, images=args.image, answer=text,
                               new_tokens=n, seconds=round(time.perf_counter() - t0, 3), seed=args.seed)))
     else:
-        for piece in pipe.chat(args.prompt, stream=True, **kw):
+        for piece in pipe.chat_stream(args.prompt, **kw):
             print(piece, end="", flush=True)
         print()
     return 0
@@ -69,24 +75,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     pipe = _load(args)
-    flow = pipe.arch == "janusflow"
-    if args.cfg is None:
-        args.cfg = pipe.default_cfg  # the reference's: 5 for Janus, 2 for JanusFlow
+    # The flags of the other architecture (--steps for Janus, --temperature... for JanusFlow) do not apply.
+    options = pipe.own_options(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    total, unit, desc = (args.steps, "step", "ODE steps") if flow else (args.n * pipe.config.vq.n_tokens, "tok", "image tokens")
-    with tqdm(total=total, unit=unit, desc=desc, disable=args.json, file=sys.stderr) as bar:
+    unit, desc = pipe.progress_unit
+    with tqdm(unit=unit, desc=desc, disable=args.json, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+                bar.refresh()
             bar.update(done - bar.n)
 
-        if flow:
-            res = pipe.generate_images(args.prompt, n=args.n, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                                       progress=progress)
-        else:
-            res = pipe.generate_images(args.prompt, n=args.n, cfg=args.cfg, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress,
-                                       memory_budget_gb=args.memory_budget_gb)
+        res = pipe.generate_images(args.prompt, n=args.n, seed=args.seed, cfg_weight=args.cfg_weight,
+                                   memory_budget_gb=args.memory_budget_gb, progress=progress, **options)
     seconds = time.perf_counter() - t0
     files = []
     for i, img in enumerate(res.images):
@@ -94,13 +97,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         img.save(f)
         files.append(str(f))
     if args.json:
-        info = dict(model=pipe.source, arch=pipe.arch, prompt=args.prompt, n=args.n, seed=args.seed, cfg=args.cfg,
-                    files=files, seconds=round(seconds, 3))
-        if flow:
-            info.update(steps=args.steps, latent_shape=list(res.latents.shape[1:]))
-        else:
-            info.update(temperature=args.temperature, tokens_per_image=res.tokens.shape[1],
-                        image_tokens_per_second=round(res.tokens.numel() / seconds, 2))
+        info = dict(model=pipe.source, arch=pipe.arch, prompt=args.prompt, n=args.n, seed=args.seed,
+                    cfg=res.info["cfg_weight"], files=files, seconds=round(seconds, 3))
+        info.update({k: res.info[k] for k in ("temperature", "tokens_per_image", "steps", "latent_shape")
+                     if k in res.info})
+        if res.tokens is not None:
+            info.update(image_tokens_per_second=round(res.tokens.numel() / seconds, 2))
         print(json.dumps(info))
     else:
         print("\n".join(files))
@@ -146,14 +148,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import logging
     import os
 
     from .train.config import load_run_config
     from .train.trainer import train
 
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING  # one log under torchrun
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # one log under torchrun
     out = train(load_run_config(args.config, args.set), resume=args.resume)
     print(f"trained model written to {out}")
     return 0
@@ -169,11 +169,9 @@ def cmd_world_write(args: argparse.Namespace) -> int:
 
 
 def cmd_world_build(args: argparse.Namespace) -> int:
-    import logging
-
     from .recipes.default_model import Recipe, build
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr()
     recipe = Recipe(seed=args.seed, threads=args.threads)
     if args.smoke:
         recipe = recipe.smoke()
@@ -183,12 +181,10 @@ def cmd_world_build(args: argparse.Namespace) -> int:
 
 
 def cmd_world_flow(args: argparse.Namespace) -> int:
-    import logging
-
     from .recipes.janusflow import FlowRecipe, build_flow
     from .recipes.default_model import Recipe
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr()
     recipe = FlowRecipe(seed=args.seed, base=Recipe(seed=args.seed, threads=args.threads))
     if args.smoke:
         recipe = recipe.smoke()
@@ -198,11 +194,9 @@ def cmd_world_flow(args: argparse.Namespace) -> int:
 
 
 def cmd_world_ablation(args: argparse.Namespace) -> int:
-    import logging
-
     from .recipes.ablation import run_ablation
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr()
     table = run_ablation(args.work, only=args.only, smoke=args.smoke, threads=args.threads, base=args.base,
                          steps=args.steps)
     print(table)
@@ -210,8 +204,6 @@ def cmd_world_ablation(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
     try:
         from .serving.engine import Limits
         from .serving.server import serve
@@ -228,7 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ui = False
             print("januskit serve: gradio is not installed, serving the API without the web UI "
                   "(pip install 'januskit[ui]' for it)", file=sys.stderr)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _log_to_stderr()
     pipe = _load(args)
     name = args.name or ("januskit-default" if args.model is None else Path(str(args.model)).name)
     limits = Limits(max_queue=args.max_queue, max_batch_images=args.max_batch, max_batch_chats=args.max_batch,
@@ -242,7 +234,7 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
     from .eval.world import EvalSettings, evaluate, format_report
 
     pipe = _load(args)
-    s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg=args.cfg, temperature=args.temperature,
+    s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg_weight=args.cfg_weight, temperature=args.temperature,
                      steps=args.steps, seed=args.seed, prompts_per_category=args.prompts_per_category,
                      questions_per_type=args.questions_per_type)
     rep = evaluate(pipe, args.world, s, save_dir=args.save_images, progress=not args.json)
@@ -279,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", "-s", type=int, default=0)
     p.add_argument("--out", "-o", default="out", help="folder for the PNG files")
     p.add_argument("--prefix", default="img_", help="file name prefix")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="guidance weight (default: the reference's, 5 for Janus, 2 for JanusFlow)")
+    p.add_argument("--cfg-weight", "--cfg", type=float, default=None,
+                   help="classifier-free guidance weight (default: the reference's, 5 for Janus, 2 for JanusFlow)")
     p.add_argument("--steps", type=int, default=30, help="JanusFlow: Euler steps of the ODE (reference 30)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = argmax")
+    p.add_argument("--temperature", type=float, default=1.0, help="Janus: 0 = argmax")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--memory-budget-gb", type=float, default=4.0, help="images are generated in chunks that fit this")
+    p.add_argument("--memory-budget-gb", type=float, default=4.0, help="Janus: images are generated in chunks that fit this")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -390,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default=None, help="a world folder (default: the default world's test split)")
     p.add_argument("--json", action="store_true", help="print the full report (per-item records) as JSON")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--cfg", type=float, default=None, help="default: the reference's (Janus 5, JanusFlow 2)")
+    p.add_argument("--cfg-weight", "--cfg", type=float, default=None,
+                   help="classifier-free guidance weight; default: the reference's (Janus 5, JanusFlow 2)")
     p.add_argument("--temperature", type=float, default=1.0, help="Janus only")
     p.add_argument("--steps", type=int, default=30, help="JanusFlow only: Euler steps")
     p.add_argument("--seed", type=int, default=0)

@@ -2,17 +2,50 @@
 and the two models loaded from them (ours, and transformers' JanusForConditionalGeneration).
 
 Everything is session-scoped and built once in a temporary folder (about 2 MB on disk).
+
+Also `need` / `skip_or_fail` / the `needs` mark: tests of an optional extra (transformers, peft,
+diffusers, the browser) skip on a machine without it, but fail under CI=true, where every extra is
+installed and a silent skip would hide them.
 """
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 import torch
 
 ASSETS = Path(__file__).parent / "assets"
 PRESET = "tiny-janus-pro"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test (or the whole module, at import time); under CI=true fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; under CI=true nothing may be skipped for a missing dependency", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need(module: str, extra: str = "test") -> ModuleType:
+    """Import an optional extra's module for a test file or a test: skip without it (fail under CI=true)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        error = e
+    skip_or_fail(f"{module} is not importable ({error}): pip install -e '.[{extra}]'")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(module, extra): the test needs an optional extra (see `need`)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        need(*mark.args, **mark.kwargs)
 
 
 @dataclass(frozen=True)
@@ -48,7 +81,7 @@ def hf_loader(tiny_ckpt: TinyCheckpoint):
     """attn_implementation -> transformers JanusForConditionalGeneration from our HF conversion
     (float32, eval; loaded once per implementation). Fails if from_pretrained reports any
     missing / unexpected / mismatched key."""
-    pytest.importorskip("transformers", reason="the parity oracle needs transformers (pip install -e '.[test]')")
+    need("transformers", "parity")  # the parity oracle
     from transformers import JanusForConditionalGeneration
 
     def load(attn: str = "eager") -> torch.nn.Module:

@@ -36,6 +36,38 @@ def test_info(ckpt: Path, capsys):
     assert info["tensors"] == 416  # 402 model tensors + 13 attn_pool entries + codebook_used
 
 
+def test_info_describes_janusflow(tmp_path: Path, capsys):
+    """A JanusFlow preset or folder: the UViT generation path over the VAE latent instead of a VQ
+    tokenizer (`info tiny-janusflow` once crashed on the missing .vq), and the folder's vae/."""
+    from januskit.checkpoint.init import init_checkpoint
+
+    # tiny-janusflow: 4x16x16 latent, patchify 2/2 -> 8x8 grid = 64 tokens; UViT width 32.
+    flow = {"arch": "janusflow", "preset": "tiny-janusflow",
+            "understanding_encoder": "SigLIP januskit_tiny_vit: 2 blocks, width 64, 128px -> 64 tokens",
+            "generation_latent": "VAE latent 4x16x16 -> 64 tokens",
+            "generation_encoder": "ShallowUViT: patchify 2/2, width 32, 2 ConvNeXt blocks",
+            "generation_decoder": "ShallowUViT: width 32, 2 ConvNeXt blocks, 1 unpatchify -> 4 latent channels"}
+    assert main(["info", "tiny-janusflow", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {k: info[k] for k in flow} == flow and "generation_tokenizer" not in info
+    ckpt = init_checkpoint(tmp_path / "jf", arch="janusflow", seed=0, vae=False)
+    assert main(["info", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {k: info[k] for k in flow} == flow and info["layout"] == "official"
+    assert info["vae"] == "none in the folder (load with --vae DIR)"
+    assert set(info["parameters_millions"]) == {
+        "beg_of_und_embed", "language_model", "vision_und_enc_model", "vision_und_enc_aligner", "vision_gen_enc_model",
+        "vision_gen_enc_aligner", "vision_gen_dec_model", "vision_gen_dec_aligner", "vision_gen_dec_aligner_norm"}
+    (ckpt / "vae").mkdir()
+    (ckpt / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4,
+                                                          "block_out_channels": [8, 16, 32], "scaling_factor": 0.5}))
+    assert main(["info", str(ckpt)]) == 0
+    assert "vae: unusable: VAE folder " in capsys.readouterr().out  # config but no weights
+    (ckpt / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # info reads no weights
+    assert main(["info", str(ckpt)]) == 0
+    assert "\nvae: AutoencoderKL in vae/: 4 latent channels, factor 4, scaling 0.5\n" in capsys.readouterr().out
+
+
 def test_generate_json_and_files(ckpt: Path, tmp_path: Path, capsys):
     out = tmp_path / "imgs"
     assert main(["generate", "--model", str(ckpt), "a red circle", "-n", "2", "--seed", "5", "--out", str(out),
@@ -50,6 +82,26 @@ def test_generate_json_and_files(ckpt: Path, tmp_path: Path, capsys):
                  str(tmp_path / "again"), "--json"]) == 0
     capsys.readouterr()
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "again" / "img_5_000.png")))
+
+
+def test_generate_cfg_weight_alias_and_janusflow(ckpt: Path, tmp_path: Path, capsys):
+    """--cfg is --cfg-weight's older name; on JanusFlow the summary reports steps and the latent shape,
+    and the Janus-only flags are not used."""
+    from januskit.checkpoint.init import init_checkpoint
+
+    for flag in ("--cfg-weight", "--cfg"):
+        assert main(["generate", "--model", str(ckpt), "a red circle", "--seed", "5", "--out", str(tmp_path / flag),
+                     flag, "2.5", "--json"]) == 0
+        s = json.loads(capsys.readouterr().out)
+        assert (s["cfg"], s["temperature"], s["tokens_per_image"]) == (2.5, 1.0, 64) and "steps" not in s
+    a, b = (np.asarray(Image.open(tmp_path / f / "img_5_000.png")) for f in ("--cfg-weight", "--cfg"))
+    assert np.array_equal(a, b)
+    flow = init_checkpoint(tmp_path / "jf", arch="janusflow", seed=0)
+    assert main(["generate", "--model", str(flow), "a red circle", "-n", "2", "--steps", "2", "--temperature", "0.5",
+                 "--out", str(tmp_path / "jf-out"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["cfg"], s["steps"], s["latent_shape"]) == (2.0, 2, [4, 16, 16]) and "temperature" not in s
+    assert len(s["files"]) == 2
 
 
 def test_chat_json_matches_stream(ckpt: Path, tmp_path: Path, capsys):

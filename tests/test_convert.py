@@ -18,16 +18,18 @@ from safetensors.torch import save_file
 
 import januskit
 from januskit.checkpoint import convert as convert_mod
-from januskit.checkpoint.convert import (SIDE_CONFIG_KEY, convert, hf_to_official, load_hf_layout, official_shapes,
-                                         official_to_hf)
+from januskit.checkpoint.convert import (SIDE_CONFIG_KEY, convert, hf_to_official, load_hf_layout_with_extras,
+                                         official_shapes, official_to_hf)
 from januskit.checkpoint.hf import SIDE_FILE, janus_to_hf_config, official_to_hf_plan
 from januskit.checkpoint.io import CheckpointError
-from januskit.checkpoint.official import load_janus, official_key_order, official_state, save_janus
+from januskit.checkpoint.official import (load_janus, load_official_with_extras, official_key_order, official_state,
+                                          save_janus)
 from januskit.config import ConfigError, preset
+from conftest import need
 
 ASSETS = Path(__file__).parent / "assets"
 
-transformers = pytest.importorskip("transformers", reason="the HF key tables need transformers (pip install -e '.[test]')")
+transformers = need("transformers", "parity")  # the HF key tables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,14 +173,14 @@ def test_hf_side_file_keeps_config_and_unused_entries(tiny_ckpt):
 
 
 def test_load_save_is_bit_identical(tiny_ckpt, tmp_path):
-    """load_janus -> save_janus rewrites the same folder byte for byte, unused entries included
-    (they are re-read from the source files, not replaced by zeros)."""
-    model = load_janus(tiny_ckpt.official)
-    saved = save_janus(model, tmp_path / "saved", copy_from=tiny_ckpt.official)
+    """load -> save_janus rewrites the same folder byte for byte, unused entries included
+    (the loader returns them as extras; save_janus re-reads them from the source files, no zeros)."""
+    model, extras = load_official_with_extras(tiny_ckpt.official)
+    saved = save_janus(model, tmp_path / "saved", copy_from=tiny_ckpt.official, extras=extras)
     assert_same_folder(tiny_ckpt.official, saved)
     # the same from the HF layout: load_hf_layout -> save_janus gives the official folder back
-    model = load_hf_layout(tiny_ckpt.hf)
-    saved = save_janus(model, tmp_path / "saved_from_hf", copy_from=tiny_ckpt.official)
+    model, extras = load_hf_layout_with_extras(tiny_ckpt.hf)
+    saved = save_janus(model, tmp_path / "saved_from_hf", copy_from=tiny_ckpt.official, extras=extras)
     assert_same_folder(tiny_ckpt.official, saved)
 
 

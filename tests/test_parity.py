@@ -7,8 +7,9 @@ below 1e-4 over full tensors (or identical token ids for greedy decoding).
 
 What is compared: SigLIP features and aligner output; understanding logits over a whole image+text
 conversation, alone and in a left-padded batch; gen-head logits along a teacher-forced image-token
-sequence (CFG rows included, full forward and our KV-cached decode); VQ decode pixels; greedy image
-tokens (single prompt and a left-padded batch). VQ *encode* is where we deliberately differ from HF:
+sequence (CFG rows included, full forward and our KV-cached decode), and the CFG-combined logits that
+generate_image_tokens samples from along the same sequence; VQ decode pixels; greedy image tokens
+(single prompt and a left-padded batch). VQ *encode* is where we deliberately differ from HF:
 see test_hf_vq_encode_is_not_l2_normalised.
 """
 from __future__ import annotations
@@ -20,12 +21,14 @@ from PIL import Image
 
 from januskit.models.llama import KVCache
 from januskit.processing.chat import Message
+from januskit.sampling import image_ar
 from januskit.sampling.image_ar import cfg_rows, generate_image_tokens
 from januskit.sampling.text import generate_text
+from conftest import need
 
-pytest.importorskip("transformers", reason="the parity oracle needs transformers (pip install -e '.[test]')")
+need("transformers", "parity")  # the oracle
 
-from transformers import GenerationConfig  # noqa: E402
+from transformers import ClassifierFreeGuidanceLogitsProcessor, GenerationConfig  # noqa: E402
 
 TOL = 1e-4
 ATTN = ["eager", "sdpa"]
@@ -162,10 +165,11 @@ def test_greedy_text_generation_left_padded(ours, hf_loader):
 
 @pytest.mark.parametrize("attn", ATTN)
 @torch.no_grad()
-def test_gen_head_logits_teacher_forced(ours, hf_loader, attn):
+def test_gen_head_logits_teacher_forced(ours, hf_loader, attn, monkeypatch):
     """Generation prompt (cond + uncond CFG rows), then 16 random image tokens through gen_embed ->
     gen_aligner; gen_head logits compared at every position of both rows. Also our KV-cached
-    step-by-step decode (the path generate_image_tokens runs) against the same HF logits."""
+    step-by-step decode against the same HF logits, and generate_image_tokens itself, teacher-forced
+    with the same tokens: the CFG logits it samples from against HF's ClassifierFreeGuidanceLogitsProcessor."""
     hf = hf_loader(attn)
     proc, model = ours.processor, ours.model
     prompt = proc.generation_prompt("a red circle above a blue square")
@@ -196,8 +200,20 @@ def test_gen_head_logits_teacher_forced(ours, hf_loader, attn):
     cached = torch.stack(steps, 1)  # predictions made at positions L-1 .. L+14
     err = maxerr(cached, want[:, L - 1:L + 15])
     assert err < TOL, f"gen-head logits (KV-cached decode): max abs error {err:.3g}"
-    mixed = lambda x: x[1] + CFG * (x[0] - x[1])  # noqa: E731
-    assert maxerr(mixed(cached), mixed(want[:, L - 1:L + 15])) < 10 * TOL
+
+    seen = []
+
+    def forced(logits, *args):  # stands in for sampling: records what it is given, returns the next forced token
+        seen.append(logits.clone())
+        return img[len(seen) - 1:len(seen)] if len(seen) <= len(img) else torch.zeros(1, dtype=torch.long)
+
+    monkeypatch.setattr(image_ar, "sample", forced)
+    got = generate_image_tokens(model, [prompt], pad_id=proc.pad_id, cfg_weight=CFG, temperature=0)
+    assert got[0, :16].tolist() == img.tolist() and len(seen) == model.config.vq.n_tokens
+    cfg = ClassifierFreeGuidanceLogitsProcessor(CFG)  # HF image-mode generate's combination
+    want_cfg = torch.cat([cfg(rows[:1], want[:, L - 1 + i]) for i in range(16)])
+    err = maxerr(torch.cat(seen[:16]), want_cfg)
+    assert err < 10 * TOL, f"CFG logits in generate_image_tokens: max abs error {err:.3g}"
 
 
 @torch.no_grad()

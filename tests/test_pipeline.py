@@ -141,7 +141,7 @@ def test_cfg_weight_one_equals_conditional_greedy(pipe):
     assert got.shape == (1, N_TOK)
     assert got[0].tolist() == want
     # same through the pipeline
-    res = pipe.generate_images("a cat", n=1, cfg=1.0, temperature=0)
+    res = pipe.generate_images("a cat", n=1, cfg_weight=1.0, temperature=0)
     assert res.tokens[0].tolist() == want
 
 
@@ -182,7 +182,7 @@ def test_generate_images_outputs_and_seed(pipe):
 
 
 def test_image_i_independent_of_n_and_chunking(pipe):
-    kw = dict(seed=3, cfg=4.0, temperature=1.0, top_k=100)
+    kw = dict(seed=3, cfg_weight=4.0, temperature=1.0, top_k=100)
     three = pipe.generate_images("a blue square", n=3, **kw)
     assert three.info["chunk"] == 3
     one = pipe.generate_images("a blue square", n=1, **kw)
@@ -218,6 +218,45 @@ def test_generate_images_errors(pipe):
     long = "cat " * 1100
     with pytest.raises(ValueError, match=r"prompt is \d+ tokens.*1024 tokens"):
         pipe.generate_images(long)
+
+
+def test_generate_batch_rows_equal_each_prompt_alone(pipe):
+    """Rows of different prompts, seeds and CFG weights in one call (chunked or not) give what each
+    prompt's generate_images gives alone; progress counts the tokens of all rows."""
+    from januskit.sampling.logits import row_generator
+
+    proc = pipe.processor
+    rows = [("a red circle", 2, 4.0, 0), ("two small blue squares above a star", 5, 2.0, 1), ("a red circle", 2, 4.0, 1)]
+    calls = []
+    for budget in (4.0, 1e-9):
+        out = pipe.generate_batch([proc.generation_prompt(p) for p, *_ in rows],
+                                  generators=[row_generator(s, i) for _, s, _, i in rows],
+                                  cfg_weight=[w for _, _, w, _ in rows], temperature=1.0, top_k=100,
+                                  memory_budget_gb=budget, progress=lambda d, t: calls.append((d, t)))
+        assert out.info["chunk"] == (3 if budget == 4.0 else 1) and out.latents is None
+        assert out.pixels.shape == (3, 3, 128, 128) and out.uint8().shape == (3, 128, 128, 3)
+        for r, (p, s, w, i) in enumerate(rows):
+            alone = pipe.generate_images(p, n=i + 1, seed=s, cfg_weight=w, top_k=100)
+            assert torch.equal(out.tokens[r], alone.tokens[i])
+            assert np.array_equal(np.asarray(out.pil()[r]), np.asarray(alone.images[i]))
+        assert calls[-1] == (3 * N_TOK, 3 * N_TOK)
+    assert pipe.generate_batch([proc.generation_prompt("x")], generators=[row_generator(0, 0)]).info["cfg_weight"] \
+        == pipe.default_cfg_weight == 5.0
+
+
+def test_generation_arguments_are_keyword_only_and_checked(pipe):
+    with pytest.raises(TypeError):
+        pipe.generate_images("a cat", 2)
+    with pytest.raises(TypeError):
+        pipe.generate_images("a cat", n=1, cfg=5.0)  # the old name
+    with pytest.raises(januskit.UnsupportedOption, match="steps: only JanusFlow") as e:
+        pipe.generate_images("a cat", steps=10)
+    assert e.value.option == "steps"
+    with pytest.raises(ValueError, match="latents: only JanusFlow"):
+        pipe.generate_images("a cat", latents=torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="generators: 1 for 2 prompts"):
+        pipe.generate_batch([[1, 2], [1, 2]], generators=[torch.Generator()])
+    assert pipe.own_options(temperature=0.5, steps=30) == {"temperature": 0.5}
 
 
 def test_janus_style_generation_prompt(pipe_janus):
@@ -264,8 +303,11 @@ def test_chat_conversation_input(pipe):
 def test_stream_equals_non_stream(pipe):
     for kw in (dict(), dict(temperature=0.8, top_p=0.9, seed=4)):
         full = pipe.chat("Tell me about the picture", images=[picture()], max_new_tokens=25, **kw)
-        pieces = list(pipe.chat("Tell me about the picture", images=[picture()], max_new_tokens=25, stream=True, **kw))
+        pieces = list(pipe.chat_stream("Tell me about the picture", images=[picture()], max_new_tokens=25, **kw))
         assert "".join(pieces) == full
+        # chat(stream=True) is an alias of chat_stream
+        assert list(pipe.chat("Tell me about the picture", images=[picture()], max_new_tokens=25, stream=True,
+                              **kw)) == pieces
         assert all(isinstance(p, str) and p for p in pieces)
         assert len(pieces) > 1
 
@@ -364,7 +406,7 @@ def test_prompt_longer_than_context(pipe):
     n = int(str(e.value).split("prompt is ")[1].split()[0])
     assert n > 1024
     with pytest.raises(ValueError, match="1024"):
-        pipe.chat(long, max_new_tokens=4, stream=True)  # raised at the call, not at the first next()
+        pipe.chat_stream(long, max_new_tokens=4)  # raised at the call, not at the first next()
 
 
 def test_answer_truncated_at_context_end(pipe, monkeypatch):
@@ -383,14 +425,14 @@ def test_bad_temperature(pipe, t):
     with pytest.raises(ValueError, match="temperature"):
         pipe.chat("hello", temperature=t)
     with pytest.raises(ValueError, match="temperature"):
-        pipe.chat("hello", temperature=t, stream=True)
+        pipe.chat_stream("hello", temperature=t)
 
 
 def test_bad_max_new_tokens_and_filters(pipe):
     with pytest.raises(ValueError, match="max_new_tokens"):
         pipe.chat("hello", max_new_tokens=-1)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        pipe.chat("hello", max_new_tokens=2.5, stream=True)
+        pipe.chat_stream("hello", max_new_tokens=2.5)
     with pytest.raises(ValueError, match="top_k"):
         pipe.chat("hello", temperature=1.0, top_k=-5, stream=True)
     assert pipe.chat("hello", max_new_tokens=0) == ""

@@ -113,9 +113,9 @@ def test_max_tokens_gives_length(client):
 def test_image_generation_equals_pipeline(client, pipe):
     prompt = "a red circle to the left of a blue square"
     r = client.images.generate(model="mini", prompt=prompt, n=2, response_format="b64_json",
-                               extra_body={"seed": 3, "guidance": 4.0})
+                               extra_body={"seed": 3, "guidance": 4.0})  # cfg_weight's older name
     assert len(r.data) == 2
-    ref = pipe.generate_images(prompt, n=2, cfg=4.0, seed=3)
+    ref = pipe.generate_images(prompt, n=2, cfg_weight=4.0, seed=3)
     for d, im in zip(r.data, ref.images):
         got = decode(d.b64_json)
         assert got.shape == (64, 64, 3)
@@ -146,7 +146,7 @@ def test_concurrent_image_requests_share_one_batch_and_equal_alone(client, serve
     with server.engine.paused():
         ts, out, errs = _concurrently([
             lambda p=p, s=s, g=g, n=n: client.images.generate(model="mini", prompt=p, n=n,
-                                                              extra_body={"seed": s, "guidance": g})
+                                                              extra_body={"seed": s, "cfg_weight": g})
             for p, s, g, n in reqs])
         wait_for(lambda: server.engine.waiting == 3)
     for t in ts:
@@ -154,7 +154,7 @@ def test_concurrent_image_requests_share_one_batch_and_equal_alone(client, serve
     assert not errs
     assert server.engine.batches[-1] == ("image", 3, 4)  # three requests, four images, one batch
     for (p, s, g, n), r in zip(reqs, out):
-        ref = pipe.generate_images(p, n=n, cfg=g, seed=s)
+        ref = pipe.generate_images(p, n=n, cfg_weight=g, seed=s)
         for d, im in zip(r.data, ref.images, strict=True):
             np.testing.assert_array_equal(decode(d.b64_json), np.asarray(im))
 
@@ -235,7 +235,9 @@ def test_bad_conversation_is_400(client, messages, param, words):
     (dict(size="1024x1024"), "size", "makes 64x64 images only"),
     (dict(response_format="url"), "response_format", "Input should be 'b64_json'"),
     (dict(extra_body={"steps": 10}), "steps", "only JanusFlow"),
-    (dict(extra_body={"guidance": -1}), "guidance", "greater than or equal to 0"),
+    (dict(extra_body={"cfg_weight": -1}), "cfg_weight", "greater than or equal to 0"),
+    (dict(extra_body={"guidance": -1}), "guidance", "greater than or equal to 0"),  # cfg_weight's older name
+    (dict(extra_body={"guidance": 1, "cfg_weight": 2}), "guidance", "unknown or unsupported field"),  # one of them
     (dict(extra_body={"seed": "abc"}), "seed", "valid integer"),
 ])
 def test_bad_image_field_is_400_naming_it(client, kw, param, words):
@@ -286,8 +288,11 @@ def test_queue_full_is_429_with_retry_after_and_nothing_is_lost(client, server):
 
 def test_client_that_disconnects_frees_its_slot(server):
     with server.engine.paused():
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/images/generations", json={"prompt": "a red circle"}, timeout=0.5)
+        ts, _, errs = _concurrently([lambda: httpx.post(server.url + "/v1/images/generations",
+                                                        json={"prompt": "a red circle"}, timeout=2)])
+        wait_for(lambda: server.engine.waiting == 1, timeout=5)  # queued (nothing runs while paused)...
+        ts[0].join(10)
+        assert [type(e) for e in errs] == [httpx.ReadTimeout]  # ...until the client gave up
         wait_for(lambda: server.engine.waiting == 0, timeout=5)
 
 
@@ -295,8 +300,10 @@ def test_stream_client_that_leaves_frees_its_slot(server):
     with server.engine.paused():
         with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=10,
                           json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
-            first = next(r.iter_lines())
+            lines = r.iter_lines()  # kept: a discarded line iterator closes the response at once
+            first = next(lines)
             assert first.startswith("data: ") and '"role": "assistant"' in first
+            wait_for(lambda: server.engine.waiting == 1, timeout=5)  # queued (nothing runs while paused)
         wait_for(lambda: server.engine.waiting == 0, timeout=5)
 
 
@@ -325,7 +332,7 @@ def test_janusflow_images_batch_and_equal_alone(flow_pipe):
         with s.engine.paused():
             ts, out, errs = _concurrently([
                 lambda p=p, sd=sd, g=g: c.images.generate(model="flow", prompt=p, n=1,
-                                                          extra_body={"seed": sd, "guidance": g, "steps": 3})
+                                                          extra_body={"seed": sd, "cfg_weight": g, "steps": 3})
                 for p, sd, g in reqs])
             wait_for(lambda: s.engine.waiting == 2)
         for t in ts:
@@ -334,7 +341,7 @@ def test_janusflow_images_batch_and_equal_alone(flow_pipe):
         for (p, sd, g), r in zip(reqs, out):
             # Latents are continuous: batched rows differ from a lone run in the last float bits (the
             # sampler's own test bounds that at 1e-4), which uint8 truncation can turn into a 1-level step.
-            ref = np.asarray(flow_pipe.generate_images(p, n=1, steps=3, cfg=g, seed=sd).images[0]).astype(int)
+            ref = np.asarray(flow_pipe.generate_images(p, n=1, steps=3, cfg_weight=g, seed=sd).images[0]).astype(int)
             diff = np.abs(decode(r.data[0].b64_json).astype(int) - ref)
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
         with pytest.raises(openai.BadRequestError) as e:

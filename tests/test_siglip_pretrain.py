@@ -138,8 +138,18 @@ def test_retrieval_accuracy_counts_duplicate_captions(world):
     pair = SigLIPPair(tower(), micro_cfg(), 512, pad, max(map(len, caps)))
     same = [caps[0]] * 10  # every candidate is the right caption
     assert retrieval_accuracy(pair, pixels[:10], same) == 1.0
-    acc = retrieval_accuracy(pair, pixels[:40], caps[:40], group=8)
-    assert 0.0 <= acc <= 1.0
+    cands = caps[:40]
+    cands[8:12] = [cands[15]] * 4  # duplicates in the second group of 8 (the untrained pair picks caption 15 there)
+    acc = retrieval_accuracy(pair, pixels[:40], cands, group=8)
+    pair.eval()
+    with torch.no_grad():  # by hand: per group of 8, does the most similar caption read the same as the image's own?
+        img, txt = pair.encode_image(pixels[:40]), pair.encode_text(*pair.pad(cands))
+    pick = []
+    for i in range(40):
+        g = i - i % 8  # the first pair of i's group
+        pick.append(g + int((img[i] @ txt[g:g + 8].t()).argmax()))
+    assert acc == sum(cands[j] == cands[i] for i, j in enumerate(pick)) / 40
+    assert 0 < acc < 1 and any(j != i and cands[j] == cands[i] for i, j in enumerate(pick))  # duplicates counted
 
 
 def test_bad_input_is_a_clear_value_error(world):
@@ -162,6 +172,8 @@ def test_bad_input_is_a_clear_value_error(world):
     with pytest.raises(ValueError, match=r"eval_captions: 4 captions for 5 images in eval_pixels"):
         train_siglip(tw, pixels[:32], caps[:32], pad, cfg, progress=False, eval_pixels=pixels[:5],
                      eval_captions=caps[:4])
+    with pytest.raises(ValueError, match=r"grad_clip must be > 0, or None for no clipping"):  # 0 no longer means off
+        train_siglip(tw, pixels[:32], caps[:32], pad, micro_cfg(steps=1, grad_clip=0.0), progress=False)
 
 
 def test_groups_are_drawn_into_one_batch():

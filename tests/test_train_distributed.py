@@ -26,6 +26,7 @@ from januskit.config import preset
 from januskit.train.plot import read_metrics
 from januskit.train.checkpoints import list_checkpoints
 from januskit.train.trainer import train
+from conftest import need
 from train_helpers import DIST_LORA, PRESET, run_config
 
 WORKER = Path(__file__).parent / "dist_train.py"
@@ -138,7 +139,7 @@ def test_fsdp2_resume_after_kill_is_exact(fsdp, tmp_path):
 
 
 def test_fsdp2_lora_matches_single_process(tmp_path):
-    pytest.importorskip("peft", reason="LoRA needs peft (pip install -e '.[lora]')")
+    need("peft", "lora")
     a = train(run_config(tmp_path / "single", stage="janus-pro/3", steps=STEPS, lr=LR, parallel="none",
                          lora=DIST_LORA))
     b = tmp_path / "fsdp"

@@ -18,15 +18,14 @@ import januskit
 from januskit.serving.server import ServerThread
 from januskit.world.render import render
 from januskit.world.scene import Obj
+from conftest import need, skip_or_fail
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("JANUSKIT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
 if CHROMIUM is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("the browser test needs Debian's chromium (apt-get install chromium); .ci/run installs it")
-    pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
-playwright = pytest.importorskip("playwright.sync_api")
+    skip_or_fail("the browser test needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+playwright = need("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def test_generate_in_the_browser(page, pipe):
     thumbs = page.locator("#gallery img")
     thumbs.nth(3).wait_for()  # four images (the UI's default n) with seed 0 and CFG 5
     page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
-    ref = pipe.generate_images(prompt, n=4, cfg=5.0, seed=0).images
+    ref = pipe.generate_images(prompt, n=4, cfg_weight=5.0, seed=0).images
     assert thumbs.count() == 4
     for i in range(4):
         src = thumbs.nth(i).get_attribute("src")

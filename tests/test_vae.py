@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="the latent space needs diffusers (pip install -e '.[flow]')")
+from conftest import need
+
+need("diffusers", "flow")  # the latent space
 
 from januskit.models.vae import LatentVAE, mini_vae_config, tiny_vae_config  # noqa: E402
 from januskit.checkpoint.vae import load_vae, read_vae_config, save_vae  # noqa: E402

@@ -14,6 +14,7 @@ from januskit.cli import main
 from januskit.eval.world import EvalSettings, evaluate, format_report
 from januskit.recipes.ablation import EXPERIMENTS, share_vq_encoder, steps_for
 from januskit.recipes.default_model import Recipe, build
+from reference_helpers import check_world_figures, greedy_answer
 
 SMALL_EVAL = EvalSettings(images_per_prompt=1, prompts_per_category=1, questions_per_type=2)
 
@@ -83,7 +84,8 @@ def test_smoke_chain_writes_a_loadable_evaluated_model(smoke):
     assert pipe.dtype == torch.float32 and pipe.config.vq.image_size == 64
     img = pipe.generate_images("a red circle", n=1, seed=0).images[0]
     assert img.size == (64, 64)
-    assert isinstance(pipe.chat("What is in this image?", images=[img], max_new_tokens=4), str)
+    q = "What is in this image?"
+    assert pipe.chat(q, images=[img], max_new_tokens=4) == greedy_answer(pipe, q, 4, [img])
 
 
 def test_each_stage_trains_exactly_its_parts(smoke):
@@ -126,7 +128,15 @@ def test_eval_world_cli_json(smoke, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["generation"]["images"] == 6 and len(rep["generation"]["records"]) == 6
     assert rep["understanding"]["questions"] == 6
-    assert 0.0 <= rep["generation"]["overall"] <= 1.0
+    g = rep["generation"]
+    check_world_figures(g, rep["understanding"])
+    # build() evaluated the same folder with the same generation settings (SMALL_EVAL): the same images, scores
+    ev = json.loads((out / "eval.json").read_text())["generation"]
+    assert len(g["categories"]) == 6 and (g["categories"], g["overall"]) == (ev["categories"], ev["overall"])
+    # Pinned (this run's values): after 2 steps a stage the smoke model draws no recognisable scene and
+    # answers every question with its stop token.
+    assert g["overall"] == 0.0 and rep["understanding"]["accuracy"] == 0.0
+    assert {r["model"] for r in rep["understanding"]["records"]} == {""}
     assert main(["eval", "world", "--model", str(out), "--world", str(out / "nowhere")]) == 2
     assert "nowhere/test/prompts.jsonl: missing" in capsys.readouterr().err
 
@@ -151,6 +161,16 @@ def test_shared_vq_encoder_feeds_vq_token_embeddings(smoke):
     with torch.no_grad():
         want = model.gen_embeds(model.gen_vision_model.encode(x))
         assert torch.equal(model.image_embeds(x), want)
+        # What the LLM sees (training's splice and mixed_embeds, chat's splice): the VQ-token embeddings at
+        # the placeholders, not SigLIP's features, and the text embeddings elsewhere.
+        ids = torch.randint(0, 100, (2, 70))
+        und = torch.zeros(2, 70, dtype=torch.bool)
+        und[:, 3:67] = True
+        none = torch.zeros_like(und)
+        for h in (model.splice(ids, und, x), model.mixed_embeds(ids, und, x, none, ids)):
+            assert torch.equal(h[und].view(want.shape), want)
+            assert torch.equal(h[~und], model.text_embeds(ids)[~und])
+        assert not torch.allclose(model.aligner(model.vision_model(x)), want)  # SigLIP's would differ
     assert want.shape == (2, 64, pipe.config.llm.dim)
 
 

@@ -28,7 +28,7 @@ from .hf import (SIDE_FILE, hf_generation_config, hf_to_official_plan, is_unused
                  janus_to_hf_config, official_to_hf_plan, same_model, Plan)
 from .io import (MAX_SHARD_BYTES, CheckpointError, Entry, atomic_folder, iter_tensors, load_into,
                  materialize_buffers, weight_files, write_shards)
-from .official import copy_side_files, official_key_order, unused_official_shapes
+from .official import OfficialExtras, copy_side_files, official_key_order, unused_official_shapes
 
 SIDE_CONFIG_KEY = "official_config_json"  # side-file metadata: the source official config.json, verbatim
 _HF_ONLY_FILES = (SIDE_FILE, "generation_config.json")  # not carried back to the official layout
@@ -239,14 +239,19 @@ def hf_to_official(src: str | Path, dst: str | Path, *, overwrite: bool = False,
 
 def load_hf_layout(folder: str | Path, dtype: torch.dtype = torch.float32) -> JanusModel:
     """Build our model straight from an HF-layout folder (renames and q/k/v fusing on the fly)."""
+    return load_hf_layout_with_extras(folder, dtype)[0]
+
+
+def load_hf_layout_with_extras(folder: str | Path, dtype: torch.dtype = torch.float32
+                               ) -> tuple[JanusModel, OfficialExtras]:
+    """load_hf_layout, plus the unused official entries the side file holds (to pass to save_janus)."""
     folder = Path(folder)
     c, entries, _ = hf_official_entries(folder)
     with torch.device("meta"):
         model = JanusModel(c)
     load_into(model, entries.values(), dtype, lambda k: _set_aside(c, k), folder)
     materialize_buffers(model)
-    model.official_extras = {k: str(e[3]) for k, e in entries.items() if is_unused_official(k)}  # see save_janus
-    return model.eval()
+    return model.eval(), OfficialExtras({k: str(e[3]) for k, e in entries.items() if is_unused_official(k)})
 
 
 def convert(src: str | Path, dst: str | Path, to: str, overwrite: bool = False,

@@ -5,15 +5,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..config import JanusConfig, PRESET_NAMES, preset
-from .official_config import detect_arch, janus_from_official, read_config_json
+from ..config import JanusConfig, JanusFlowConfig, PRESET_NAMES, preset
+from .official_config import detect_arch, flow_from_official, janus_from_official, read_config_json
 from .hf import janus_from_hf_config
 from .io import iter_tensors, weight_files
+from .vae import read_vae_config
 
-_PARTS = ("vision_model", "aligner", "gen_vision_model", "gen_aligner", "gen_head", "gen_embed", "language_model")
+
+def _generation(c: JanusConfig | JanusFlowConfig) -> dict[str, str]:
+    if isinstance(c, JanusFlowConfig):
+        e, d = c.gen_enc, c.gen_dec
+        latent = "x".join(map(str, c.latent_shape))
+        return {"generation_latent": f"VAE latent {latent} -> {c.n_gen_tokens} tokens",
+                "generation_encoder": f"ShallowUViT: patchify {e.kernel_size}/{e.stride}, width {e.width}, "
+                                      f"{e.layers_in_middle} ConvNeXt blocks",
+                "generation_decoder": f"ShallowUViT: width {d.in_channels}, {d.layers_in_middle} ConvNeXt blocks, "
+                                      f"{d.upsamples} unpatchify -> {d.out_channels} latent channels"}
+    return {"generation_tokenizer": f"VQ: {c.vq.codebook_size} codes x {c.vq.codebook_dim}, factor {c.vq.factor}, "
+                                    f"{c.vq.image_size}px -> {c.vq.n_tokens} tokens"}
 
 
-def _summary(c: JanusConfig) -> dict[str, Any]:
+def _summary(c: JanusConfig | JanusFlowConfig) -> dict[str, Any]:
     match = [n for n in PRESET_NAMES if preset(n) == c]
     return {
         "preset": "/".join(match) if match else "custom",
@@ -21,23 +33,37 @@ def _summary(c: JanusConfig) -> dict[str, Any]:
                f"ffn {c.llm.intermediate_size}, vocab {c.llm.vocab_size}, context {c.llm.max_seq_len}",
         "understanding_encoder": f"SigLIP {c.vision.model_name}: {c.vision.depth} blocks, width {c.vision.width}, "
                                  f"{c.vision.image_size}px -> {c.vision.n_tokens} tokens",
-        "generation_tokenizer": f"VQ: {c.vq.codebook_size} codes x {c.vq.codebook_dim}, factor {c.vq.factor}, "
-                                f"{c.vq.image_size}px -> {c.vq.n_tokens} tokens",
+        **_generation(c),
     }
+
+
+def _vae(folder: Path) -> str:
+    """JanusFlow's latent space: the checkpoint's vae/ subfolder (diffusers AutoencoderKL), if any."""
+    if not folder.exists():
+        return "none in the folder (load with --vae DIR)"
+    try:
+        c = read_vae_config(folder)
+    except (FileNotFoundError, ValueError) as e:
+        return f"unusable: {e}"
+    return (f"AutoencoderKL in {folder.name}/: {c.get('latent_channels', 4)} latent channels, "
+            f"factor {2 ** (len(c.get('block_out_channels', (0,))) - 1)}, scaling {c.get('scaling_factor')}")
 
 
 def describe(model: str | Path) -> dict[str, Any]:
     p = Path(model)
     if not p.is_dir():
         if str(model) in PRESET_NAMES:
-            return {"source": f"preset:{model}", "layout": "preset (random weights)", "arch": "janus",
-                    **_summary(preset(str(model)))}
+            c = preset(str(model))
+            return {"source": f"preset:{model}", "layout": "preset (random weights)", "arch": c.arch, **_summary(c)}
         raise FileNotFoundError(f"{model}: no such checkpoint folder, and not a preset")
     raw = read_config_json(p / "config.json")
     arch = detect_arch(raw, str(p / "config.json"))
     info: dict[str, Any] = {"source": str(p), "layout": "hf" if arch == "hf-janus" else "official", "arch": arch}
     if arch == "janus":
         info.update(_summary(janus_from_official(raw, str(p / "config.json"))))
+    elif arch == "janusflow":
+        info.update(_summary(flow_from_official(raw, str(p / "config.json"))))
+        info["vae"] = _vae(p / "vae")
     elif arch == "hf-janus":
         info.update(_summary(janus_from_hf_config(raw, str(p / "config.json"))))
     files = weight_files(p)

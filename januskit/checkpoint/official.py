@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,9 +62,39 @@ def read_official_config(folder: Path) -> JanusConfig | JanusFlowConfig:
     return model_from_official(read_config_json(path), str(path))
 
 
+@dataclass(frozen=True)
+class OfficialExtras:
+    """The known-unused entries of the files a model was loaded from, by key: the file holding each.
+    They stay on disk; save_janus(..., extras=) writes them back, so load -> save is lossless."""
+
+    files: dict[str, str] = field(default_factory=dict)
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """The entries' tensors. A file that is gone is reported and its entries are left out (zeros then)."""
+        by_file: dict[str, list[str]] = {}
+        for k, f in self.files.items():
+            by_file.setdefault(f, []).append(k)
+        out = {}
+        for f, keys in by_file.items():
+            try:
+                found = {k: load() for k, load, _, _ in iter_tensors([Path(f)]) if k in keys}
+            except (CheckpointError, FileNotFoundError) as e:
+                warnings.warn(f"{f}: cannot re-read the unused official entries ({e}); writing zeros instead",
+                              stacklevel=3)
+                continue
+            out.update(found)
+        return out
+
+
 def load_official(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     """A Janus / Janus-Pro (JanusModel) or JanusFlow (JanusFlowModel) folder in the official layout:
     build on meta, then fill strictly from the folder's weights (mmap, one tensor at a time)."""
+    return load_official_with_extras(folder, dtype, device)[0]
+
+
+def load_official_with_extras(folder: str | Path, dtype: torch.dtype = torch.float32,
+                              device: str = "cpu") -> tuple[torch.nn.Module, OfficialExtras]:
+    """load_official, plus the folder's unused official entries (to pass to save_janus)."""
     folder = Path(folder)
     c = read_official_config(folder)
     with torch.device("meta"):
@@ -77,9 +108,8 @@ def load_official(folder: str | Path, dtype: torch.dtype = torch.float32, device
     entries = list(iter_tensors(weight_files(folder)))  # lazy: nothing read yet
     load_into(model, entries, dtype, skip, folder)
     materialize_buffers(model, device)
-    # The known-unused entries stay on disk; save_janus writes them back, so load -> save is lossless.
-    model.official_extras = {k: str(f) for k, _, _, f in entries if is_unused_official(k)}
-    return model.to(device).eval()
+    extras = OfficialExtras({k: str(f) for k, _, _, f in entries if is_unused_official(k)})
+    return model.to(device).eval(), extras
 
 
 def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> JanusModel:
@@ -88,33 +118,17 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     return load_official(folder, dtype, device)
 
 
-def read_official_extras(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unused entries of the files the model was loaded from (`model.official_extras`: key -> file,
-    set by the loaders). A file that is gone is reported and its entries are left out (zeros then)."""
-    by_file: dict[str, list[str]] = {}
-    for k, f in getattr(model, "official_extras", {}).items():
-        by_file.setdefault(f, []).append(k)
-    out = {}
-    for f, keys in by_file.items():
-        try:
-            found = {k: load() for k, load, _, _ in iter_tensors([Path(f)]) if k in keys}
-        except (CheckpointError, FileNotFoundError) as e:
-            warnings.warn(f"{f}: cannot re-read the unused official entries ({e}); writing zeros instead", stacklevel=3)
-            continue
-        out.update(found)
-    return out
-
-
-def official_state(model: torch.nn.Module, unused: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def official_state(model: torch.nn.Module, unused: dict[str, torch.Tensor] | None = None,
+                   extras: OfficialExtras | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors plus the known-unused entries, in the official order. The unused entries
-    are `unused` when given, else those the model was loaded with (`model.official_extras`, set by
-    the loaders; the attention-pool head cast to the model dtype), else zeros."""
+    are `unused` when given, else `extras` (those the model was loaded with, re-read; the
+    attention-pool head cast to the model dtype), else zeros."""
     sd = model.state_dict()
     shapes = unused_official_shapes(model.config)
     dtype = next(iter(sd.values())).dtype
     if unused is None:
         unused = {k: t if "codebook_used" in k or not t.is_floating_point() else t.to(dtype)
-                  for k, t in read_official_extras(model).items()}
+                  for k, t in (extras or OfficialExtras()).read().items()}
     unused = dict(unused)
     for k, s in shapes.items():
         if k not in unused:
@@ -126,15 +140,16 @@ def official_state(model: torch.nn.Module, unused: dict[str, torch.Tensor] | Non
 
 
 def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path | None = None,
-               unused: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None,
-               overwrite: bool = False) -> Path:
+               unused: dict[str, torch.Tensor] | None = None, extras: OfficialExtras | None = None,
+               files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write config.json + safetensors in the official layout, atomically. Non-weight files of
-    `copy_from` (tokenizer, processor configs) are copied along; `files` adds text files by name."""
+    `copy_from` (tokenizer, processor configs) are copied along; `files` adds text files by name.
+    The known-unused entries: `unused`, else `extras` (from load_official_with_extras), else zeros."""
     dst = Path(dst)
     if any(getattr(m, "packed_for_cpu", False) for m in model.modules()):
         raise ValueError("this model's Linear weights are prepacked for CPU inference (pack_for_cpu); "
                          "save the model loaded without packing")
-    state = official_state(model, unused)
+    state = official_state(model, unused, extras)
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         if copy_from is not None:
             copy_side_files(Path(copy_from), tmp)

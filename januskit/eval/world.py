@@ -22,8 +22,6 @@ import torch
 from PIL import Image
 
 from ..processing.image import to_uint8
-from ..sampling.flow import generate_latents, initial_latents
-from ..sampling.image_ar import generate_image_tokens
 from ..sampling.logits import row_generator
 from ..world.dataset import held_out, read_prompts, write_split
 from ..world.judge import detect, score
@@ -34,11 +32,11 @@ from ..world.questions import QTYPES, normalise
 @dataclass(frozen=True)
 class EvalSettings:
     images_per_prompt: int = 4  # GenEval samples 4 images per prompt
-    cfg: float | None = None  # None: the reference default (Janus 5, JanusFlow 2)
+    cfg_weight: float | None = None  # None: the pipeline's default_cfg_weight (Janus 5, JanusFlow 2)
     temperature: float = 1.0  # Janus only
     steps: int = 30  # JanusFlow only: Euler steps
     seed: int = 0
-    batch: int = 64  # prompts decoded together (2 CFG rows each)
+    batch: int = 64  # images decoded together (2 CFG rows each)
     prompts_per_category: int | None = None  # a subset: the first k prompts of each category
     questions_per_type: int | None = None  # a subset: the first k questions of each type
 
@@ -82,8 +80,8 @@ def _first_k(rows: list, key: Callable[[Any], str], k: int | None) -> list:
     return out
 
 
-def cfg_of(pipe, s: EvalSettings) -> float:
-    return s.cfg if s.cfg is not None else pipe.default_cfg
+def cfg_weight_of(pipe, s: EvalSettings) -> float:
+    return s.cfg_weight if s.cfg_weight is not None else pipe.default_cfg_weight
 
 
 @torch.inference_mode()
@@ -92,19 +90,13 @@ def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[
     (seed, i * images_per_prompt + j), so any subset or batch size gives the same images."""
     rows = [(i, j) for i in range(len(prompts)) for j in range(s.images_per_prompt)]
     ids = [pipe.processor.generation_prompt(p) for p in prompts]
-    flow = pipe.arch == "janusflow"
+    options = pipe.own_options(temperature=s.temperature, steps=s.steps)  # the settings of this architecture
     out = []
     for start in range(0, len(rows), s.batch):
         chunk = rows[start:start + s.batch]
         gens = [row_generator(s.seed, i * s.images_per_prompt + j) for i, j in chunk]
-        if flow:
-            z = generate_latents(pipe.model, [ids[i] for i, _ in chunk], initial_latents(pipe.config.latent_shape, gens),
-                                 steps=s.steps, cfg_weight=cfg_of(pipe, s))
-            out.append(to_uint8(pipe.decode_latents(z)))
-        else:
-            tokens = generate_image_tokens(pipe.model, [ids[i] for i, _ in chunk], pad_id=pipe.processor.pad_id,
-                                           cfg_weight=cfg_of(pipe, s), temperature=s.temperature, generators=gens)
-            out.append(np.asarray(pipe.decode_image_uint8(tokens)))
+        out.append(pipe.generate_batch([ids[i] for i, _ in chunk], generators=gens, cfg_weight=cfg_weight_of(pipe, s),
+                                       **options).uint8())
         if progress:
             progress(len(chunk))
     return np.concatenate(out)
@@ -112,7 +104,7 @@ def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[
 
 def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, save_dir: Path | None = None,
                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    if pipe.arch == "janusflow" and pipe.vae is None:
+    if pipe.image_size is None:
         raise ValueError(f"{pipe.source}: a JanusFlow model needs its VAE to be evaluated (--vae DIR)")
     pixels = generate_for(pipe, [p.text for p, _ in prompts], s, progress)  # (n, S, S, 3) uint8
     by_cat: dict[str, list[bool]] = defaultdict(list)
@@ -139,19 +131,12 @@ def eval_judge(pipe, prompts: list[tuple[Prompt, bool]], seed: int = 0) -> dict[
     """The judge's own accuracy per category on a scene drawn for each prompt: rendered (clean) and
     passed through the model's image tokenizer (VQ, or JanusFlow's VAE: encode + decode), the ceiling a
     generated image can reach. The second entry keeps the key "vq" for both."""
-    from ..processing.image import to_gen_pixels
     from ..world.prompts import scene_for
     from ..world.render import render
 
     rng = np.random.default_rng(seed)
     imgs = [render(scene_for(p, rng)) for p, _ in prompts]
-    if pipe.arch == "janusflow":
-        x = torch.stack([to_gen_pixels(i, pipe.config.vision.image_size) for i in imgs])
-        rec = to_uint8(pipe.decode_latents(pipe.vae.encode(x)))
-    else:
-        vq = pipe.model.gen_vision_model
-        x = torch.stack([to_gen_pixels(i, pipe.config.vq.image_size) for i in imgs]).to(pipe.dtype)
-        rec = pipe.decode_image_uint8(torch.cat([vq.encode(x[i:i + 64]) for i in range(0, len(x), 64)]))
+    rec = to_uint8(pipe.reconstruct_pixels(imgs))
     out: dict[str, Any] = {}
     for name, images in (("clean", [np.asarray(i) for i in imgs]), ("vq", list(np.asarray(rec)))):
         by_cat: dict[str, list[bool]] = defaultdict(list)
@@ -198,7 +183,9 @@ def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = Eva
              generation: bool = True, understanding: bool = True, save_dir: str | Path | None = None,
              progress: bool = False) -> WorldReport:
     split = test_split(world)
-    rep = WorldReport(settings=dict(vars(settings)) | {"cfg": cfg_of(pipe, settings), "arch": pipe.arch})
+    # The report keeps the key "cfg" for the guidance weight, so that reports compare across versions.
+    rep = WorldReport(settings={"cfg" if k == "cfg_weight" else k: v for k, v in vars(settings).items()}
+                      | {"cfg": cfg_weight_of(pipe, settings), "arch": pipe.arch})
     if generation:
         prompts = _first_k(read_prompts(split / "prompts.jsonl"), lambda r: r[0].category, settings.prompts_per_category)
         bar = None

@@ -27,6 +27,9 @@ class JanusModel(nn.Module):
         self.gen_head = VisionHead(c.gen_head.n_embed, c.gen_head.image_token_embed, c.gen_head.image_token_size)
         self.gen_embed = nn.Embedding(c.vq.codebook_size, c.vq.codebook_dim)
         self.language_model = LlamaForCausalLM(c.llm)
+        # "vq": understanding reads images through the generation tokenizer (pixels -> VQ ids -> gen_embed
+        # -> gen_aligner), the shared-encoder variant of Janus's Table 5; not part of the checkpoint.
+        self.und_encoder = "siglip"
 
     @property
     def llm(self) -> nn.Module:
@@ -34,6 +37,10 @@ class JanusModel(nn.Module):
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, n_und_tokens, dim) understanding embeddings."""
+        if self.und_encoder == "vq":
+            with torch.no_grad():  # the VQ stays frozen, as in every stage
+                ids = self.gen_vision_model.encode(pixel_values.to(next(self.gen_vision_model.parameters()).dtype))
+            return self.gen_embeds(ids)
         return self.aligner(self.vision_model(pixel_values))
 
     def text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,6 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only some batch rows (e.g. finished conversations dropped from a batch)."""
-        self.k = self.k[:, rows].contiguous()
-        self.v = self.v[:, rows].contiguous()
-
 
 def rope_inv_freq(c: LlamaConfig) -> torch.Tensor:
     d = c.head_dim

@@ -1,21 +1,26 @@
 """What `januskit.load` returns: a thin facade over the model, the processor and the samplers.
-`Pipeline` is the understanding side every architecture shares (chat); janus.py adds autoregressive
-text-to-image and the VQ tokenizer both ways, janusflow.py rectified-flow text-to-image."""
+`Pipeline` is what every architecture shares: chat, and text-to-image as `generate_images` (per prompt)
+over `generate_batch` (any rows, one signature for every architecture). janus.py samples the images
+autoregressively and adds the VQ tokenizer both ways; janusflow.py integrates a rectified flow."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ..processing.chat import Message, Processor
+from ..processing.image import to_pil, to_uint8
 from ..processing.tokenizer import StreamDecoder
 from ..sampling.logits import row_generator
 from ..sampling.text import generate_text
 
 Conversation = Sequence[Message]
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -27,8 +32,40 @@ class ImageResult:
     latents: torch.Tensor | None = None  # (n, C, H, W) final latents (JanusFlow)
 
 
+@dataclass
+class ImageBatch:
+    """What `generate_batch` returns; row i of each tensor belongs to prompt i."""
+    pixels: torch.Tensor  # (n, 3, S, S) float pixels in about [-1, 1]
+    tokens: torch.LongTensor | None = None  # (n, tokens_per_image) VQ ids (Janus)
+    latents: torch.Tensor | None = None  # (n, C, H, W) final latents (JanusFlow)
+    info: dict = field(default_factory=dict)
+
+    def pil(self) -> list[Image.Image]:
+        return to_pil(self.pixels)
+
+    def uint8(self) -> np.ndarray:
+        """(n, S, S, 3) uint8, truncated like the reference."""
+        return to_uint8(self.pixels)
+
+
+class UnsupportedOption(ValueError):
+    """A generation option this architecture does not have; `option` names it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
 class Pipeline:
-    """Understanding (chat) over any model with the shared interface: splice, llm, text_logits."""
+    """Chat over any model with the shared interface (splice, llm, text_logits), and text-to-image
+    through the subclass's `_generate`."""
+
+    default_cfg_weight: ClassVar[float]  # the reference's CFG weight, the one place each architecture states it
+    # The architecture's own generation options and their defaults; generate_batch takes every option
+    # of every architecture and refuses (UnsupportedOption) a value for one not listed here.
+    image_options: ClassVar[dict[str, Any]] = {}
+    unsupported_option: ClassVar[str] = "not an option of {arch}"  # UnsupportedOption's reason
+    progress_unit: ClassVar[tuple[str, str]] = ("", "")  # what generate_batch's progress counts: (unit, description)
 
     def __init__(self, model: torch.nn.Module, processor: Processor, source: str | Path = "") -> None:
         self.model = model
@@ -69,13 +106,22 @@ class Pipeline:
              temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
              stream: bool = False, system_prompt: str | None = None) -> str | Iterator[str]:
         """Answer one prompt (with optional images) or one conversation. temperature 0 = greedy
-        (the reference's inference script); stream=True returns an iterator of text pieces."""
+        (the reference's inference script). stream=True is an alias of chat_stream (an iterator)."""
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                  system_prompt=system_prompt)
+        if stream:
+            return self.chat_stream(prompt, images, **kw)
+        return "".join(p[0] for p in self._chat_stream([self._conversation(prompt, images)], **kw))
+
+    def chat_stream(self, prompt: str | Conversation, images: Sequence = (), *, max_new_tokens: int = 512,
+                    temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+                    system_prompt: str | None = None) -> Iterator[str]:
+        """Like chat(), but an iterator of the answer's text pieces as they are decoded. Bad arguments
+        raise here, at the call, not at the first next()."""
         pieces = self._chat_stream([self._conversation(prompt, images)], max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                    system_prompt=system_prompt)
-        if stream:
-            return (p[0] for p in pieces if p[0])
-        return "".join(p[0] for p in pieces)
+        return (p[0] for p in pieces if p[0])
 
     def chat_ids(self, prompt: str | Conversation, images: Sequence = (), *, max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
@@ -103,7 +149,7 @@ class Pipeline:
 
     def _steps(self, convs: list[list[Message]], *, max_new_tokens: int, temperature: float, top_p: float | None,
                top_k: int | None, seed: int, system_prompt: str) -> tuple[Iterator[torch.Tensor], int]:
-        """Encode, batch and check everything now (so chat(stream=True) raises at the call); return the
+        """Encode, batch and check everything now (so chat_stream raises at the call); return the
         lazy per-step token stream (row i samples with generator (seed, i)) and the stop id."""
         proc = self.processor
         batch = proc.batch([proc.encode_chat(c, system_prompt) for c in convs])
@@ -122,3 +168,81 @@ class Pipeline:
         for tok in steps:
             yield [d.push(int(t)) if 0 <= int(t) != eos else "" for d, t in zip(decoders, tok)]
         yield [d.flush() for d in decoders]
+
+    # -- generation ---------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int | None:
+        """The side of the images this pipeline makes; None when it cannot decode any (JanusFlow
+        loaded without its VAE)."""
+        raise NotImplementedError
+
+    @property
+    def image_positions(self) -> int:
+        """Context positions an image takes after its generation prompt."""
+        raise NotImplementedError
+
+    def reconstruct_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images through the generation side's image tokenizer and back (Janus: VQ, JanusFlow: VAE):
+        (n, 3, S, S) float pixels, the ceiling of what a generated image can look like."""
+        raise NotImplementedError
+
+    def image_option_values(self, **given: Any) -> dict[str, Any]:
+        """Every option in `image_options`, the given value where not None, else the default. A value
+        for an option of another architecture raises UnsupportedOption."""
+        for option, value in given.items():
+            if option not in self.image_options and value is not None:
+                raise UnsupportedOption(option, self.unsupported_option.format(option=option, arch=self.arch))
+        return {k: d if given.get(k) is None else given[k] for k, d in self.image_options.items()}
+
+    def own_options(self, **options: Any) -> dict[str, Any]:
+        """The given options that are this architecture's: for callers holding settings for every
+        architecture (the CLI's flags, EvalSettings), whose other settings do not apply here."""
+        return {k: v for k, v in options.items() if k in self.image_options}
+
+    def generate_batch(self, prompt_ids: Sequence[Sequence[int]], *, generators: Sequence[torch.Generator],
+                       cfg_weight: float | Sequence[float] | None = None, temperature: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None, steps: int | None = None,
+                       latents: torch.Tensor | None = None, reuse_prompt_kv: bool | None = None,
+                       memory_budget_gb: float = 4.0, progress: Progress | None = None) -> ImageBatch:
+        """One image per generation prompt (repeat a prompt for several images); image i is sampled with
+        generators[i] alone, so it does not depend on the other rows or on how they are chunked.
+        `cfg_weight`: one weight, or one per row (None: `default_cfg_weight`).
+        Janus: `temperature` (default 1, 0 = argmax), `top_k`, `top_p`; the rows run in chunks that fit
+        `memory_budget_gb` (KV cache and activations). JanusFlow: `steps` (default 30 Euler steps),
+        `latents` (the initial noise (n, C, H, W); default: drawn from the generators), `reuse_prompt_kv`
+        (default True; False recomputes the prompt at every step, as the reference); all rows run in
+        one batch, `memory_budget_gb` is not used. A value for the other architecture's option raises
+        UnsupportedOption (a ValueError). `progress(done, total)` counts `progress_unit`."""
+        if len(prompt_ids) == 0:
+            raise ValueError("generate_batch needs at least one prompt")
+        if len(generators) != len(prompt_ids):
+            raise ValueError(f"generators: {len(generators)} for {len(prompt_ids)} prompts")
+        options = self.image_option_values(temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
+                                           latents=latents, reuse_prompt_kv=reuse_prompt_kv)
+        w = self._cfg_weight(cfg_weight)
+        out = self._generate(prompt_ids, generators, w, options, memory_budget_gb, progress)
+        out.info = {"cfg_weight": w} | out.info
+        return out
+
+    def _cfg_weight(self, cfg_weight: float | Sequence[float] | None) -> float | Sequence[float]:
+        return self.default_cfg_weight if cfg_weight is None else cfg_weight
+
+    def _generate(self, prompt_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
+                  cfg_weight: float | Sequence[float], options: dict[str, Any], memory_budget_gb: float,
+                  progress: Progress | None) -> ImageBatch:
+        """The architecture's sampler and decoder; `options` holds every key of `image_options`."""
+        raise NotImplementedError
+
+    def generate_images(self, prompt: str, *, n: int = 1, seed: int = 0, **options: Any) -> ImageResult:
+        """n images for one prompt, image i from generator (seed, i) whatever n is. `options`: the
+        keyword arguments of generate_batch (cfg_weight, the architecture's sampling options,
+        memory_budget_gb, progress); the defaults are the reference's."""
+        ids = self._generation_prompt(prompt, n)
+        out = self.generate_batch([ids] * n, generators=[row_generator(seed, i) for i in range(n)], **options)
+        return ImageResult(images=out.pil(), tokens=out.tokens, seed=seed, latents=out.latents,
+                           info={"prompt_tokens": len(ids)} | out.info)
+
+    def _generation_prompt(self, prompt: str, n: int) -> list[int]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        return self.processor.generation_prompt(prompt)

@@ -2,51 +2,60 @@
 the image head) and the VQ tokenizer both ways."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from ..models.janus import JanusModel
 from ..processing.image import to_gen_pixels, to_pil, to_uint8
-from ..sampling.image_ar import generate_image_tokens, rows_per_chunk
-from ..sampling.logits import row_generator
-from .base import ImageResult, Pipeline
+from ..sampling.image_ar import cfg_weights, generate_image_tokens, rows_per_chunk
+from .base import ImageBatch, Pipeline, Progress
 
 
 class JanusPipeline(Pipeline):
     model: JanusModel
-    default_cfg = 5.0  # the reference's CFG weight on the logits
+    default_cfg_weight = 5.0  # the reference's CFG weight on the logits
+    image_options = {"temperature": 1.0, "top_k": None, "top_p": None}
+    unsupported_option = "only JanusFlow (rectified flow) takes {option}; this model is {arch}"
+    progress_unit = ("tok", "image tokens")  # tokens sampled, summed over the images
 
     def _packable(self) -> tuple[torch.nn.Module, ...]:
         m = self.model
         return (m.language_model, m.aligner, m.gen_aligner, m.gen_head)
 
     # -- generation ---------------------------------------------------------------------------
-    def generate_images(self, prompt: str, n: int = 1, cfg: float = 5.0, temperature: float = 1.0,
-                        top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                        progress: Callable[[int, int], None] | None = None,
-                        memory_budget_gb: float = 4.0) -> ImageResult:
-        """n images for one prompt (reference algorithm, default CFG 5, temperature 1).
-        Images are made in chunks that fit `memory_budget_gb`; image i depends only on (seed, i)."""
+    @property
+    def image_size(self) -> int:
+        return self.config.vq.image_size
+
+    @property
+    def image_positions(self) -> int:
+        return self.config.vq.n_tokens
+
+    def _generate(self, prompt_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
+                  cfg_weight: float | Sequence[float], options: dict[str, Any], memory_budget_gb: float,
+                  progress: Progress | None) -> ImageBatch:
+        """The reference algorithm, in chunks of rows that fit `memory_budget_gb`; progress counts the
+        tokens of all rows."""
         if not 0 <= memory_budget_gb < float("inf"):  # also catches NaN
             raise ValueError(f"memory_budget_gb must be a finite number >= 0, got {memory_budget_gb!r}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        ids = self.processor.generation_prompt(prompt)
-        chunk = min(n, rows_per_chunk(self.model, len(ids), int(memory_budget_gb * 1024**3)))
-        n_tok = self.config.vq.n_tokens
+        n, n_tok = len(prompt_ids), self.config.vq.n_tokens
+        longest = max(len(p) for p in prompt_ids)  # the KV cache of a big model bounds how many rows run together
+        chunk = min(n, rows_per_chunk(self.model, longest, int(memory_budget_gb * 1024**3)))
+        weights = cfg_weights(cfg_weight, n)[:, 0]  # checked, one per row, so that chunks can slice them
         tokens = []
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
             cb = None if progress is None else (lambda i, t, s=start, m=m: progress(s * t + i * m, n * t))
             tokens.append(generate_image_tokens(
-                self.model, [ids] * m, pad_id=self.processor.pad_id, cfg_weight=cfg, temperature=temperature,
-                top_k=top_k, top_p=top_p, generators=[row_generator(seed, start + j) for j in range(m)], progress=cb))
+                self.model, prompt_ids[start:start + m], pad_id=self.processor.pad_id,
+                cfg_weight=weights[start:start + m], generators=generators[start:start + m], progress=cb, **options))
         tokens = torch.cat(tokens)
-        return ImageResult(images=self.decode_image_tokens(tokens), tokens=tokens, seed=seed,
-                           info=dict(prompt_tokens=len(ids), tokens_per_image=n_tok, chunk=chunk))
+        return ImageBatch(pixels=self.decode_image_pixels(tokens), tokens=tokens,
+                          info=dict(tokens_per_image=n_tok, chunk=chunk, temperature=options["temperature"]))
 
     # -- VQ tokenizer -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -74,6 +83,11 @@ class JanusPipeline(Pipeline):
             raise ValueError(f"image tokens: ids must be in [0, {size}), got [{int(tokens.min())}, {int(tokens.max())}]")
         vq = self.model.gen_vision_model
         return torch.cat([vq.decode(tokens[i:i + batch]).float() for i in range(0, tokens.shape[0], batch)])
+
+    @torch.inference_mode()
+    def reconstruct_pixels(self, images: Sequence[Image.Image], batch: int = 64) -> torch.Tensor:
+        tokens = [self.encode_image_tokens(images[i:i + batch]) for i in range(0, len(images), batch)]
+        return self.decode_image_pixels(torch.cat(tokens))
 
     def decode_image_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
         return to_pil(self.decode_image_pixels(tokens))

@@ -5,22 +5,27 @@ a `vae/` subfolder of the checkpoint when there is one (the miniature model ship
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 
 from ..models.janusflow import JanusFlowModel
-from .base import ImageResult, Pipeline
 from ..processing.chat import Processor
-from ..processing.image import to_pil
+from ..processing.image import to_gen_pixels
 from ..sampling.flow import generate_latents, initial_latents
 from ..sampling.logits import row_generator
+from .base import ImageBatch, Pipeline, Progress
 
 
 class JanusFlowPipeline(Pipeline):
     model: JanusFlowModel
-    default_cfg = 2.0  # the reference's CFG weight on the velocity
+    default_cfg_weight = 2.0  # the reference's CFG weight on the velocity
+    image_options = {"steps": 30, "latents": None, "reuse_prompt_kv": True}
+    unsupported_option = "JanusFlow samples no tokens for images; use steps and cfg_weight"
+    progress_unit = ("step", "ODE steps")  # Euler steps (all rows step together)
 
     def __init__(self, model: JanusFlowModel, processor: Processor, source: str | Path = "", vae=None) -> None:
         super().__init__(model, processor, source)
@@ -30,36 +35,55 @@ class JanusFlowPipeline(Pipeline):
         m = self.model
         return (m.language_model, m.vision_und_enc_aligner, m.vision_gen_enc_aligner, m.vision_gen_dec_aligner)
 
-    def generate_latents(self, prompt: str, n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
-                         latents: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None,
-                         reuse_prompt_kv: bool = True) -> torch.Tensor:
-        """n final latents (n, C, H, W) for one prompt. The initial noise is `latents` when given
-        (shape (n, C, H, W), the diffusers convention), else image i's noise comes from (seed, i)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        shape = self.config.latent_shape
-        if latents is None:
-            latents = initial_latents(shape, [row_generator(seed, i) for i in range(n)])
-        else:
-            latents = torch.as_tensor(latents)
-            if tuple(latents.shape) != (n, *shape):
-                raise ValueError(f"latents: expected shape ({n}, {', '.join(map(str, shape))}) for n={n}, "
-                                 f"got {tuple(latents.shape)}")
-        ids = self.processor.generation_prompt(prompt)
-        return generate_latents(self.model, [ids] * n, latents, steps=steps, cfg_weight=cfg,
-                                reuse_prompt_kv=reuse_prompt_kv, progress=progress)
+    # -- generation ---------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int | None:
+        return None if self.vae is None else self.config.latent_size * self.vae.factor
 
-    def generate_images(self, prompt: str, n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
-                        latents: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None,
-                        reuse_prompt_kv: bool = True) -> ImageResult:
-        """n images for one prompt (reference defaults: 30 Euler steps, CFG 2 on the velocity)."""
+    @property
+    def image_positions(self) -> int:
+        return 1 + self.config.n_gen_tokens  # the timestep token, then the latent grid
+
+    def generate_latents(self, prompt: str, *, n: int = 1, seed: int = 0, cfg_weight: float | None = None,
+                         steps: int | None = None, latents: torch.Tensor | None = None,
+                         reuse_prompt_kv: bool | None = None, progress: Progress | None = None) -> torch.Tensor:
+        """n final latents (n, C, H, W) for one prompt, no VAE needed. The initial noise is `latents`
+        when given (shape (n, C, H, W), the diffusers convention), else image i's noise comes from
+        (seed, i). The options are generate_batch's."""
+        ids = self._generation_prompt(prompt, n)
+        options = self.image_option_values(steps=steps, latents=latents, reuse_prompt_kv=reuse_prompt_kv)
+        return self._latents([ids] * n, [row_generator(seed, i) for i in range(n)], self._cfg_weight(cfg_weight),
+                             options, progress)
+
+    def _latents(self, prompt_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
+                 cfg_weight: float | Sequence[float], options: dict[str, Any], progress: Progress | None) -> torch.Tensor:
+        n, shape, z0 = len(prompt_ids), self.config.latent_shape, options["latents"]
+        if z0 is None:
+            z0 = initial_latents(shape, generators)
+        else:
+            z0 = torch.as_tensor(z0)
+            if tuple(z0.shape) != (n, *shape):
+                raise ValueError(f"latents: expected shape ({n}, {', '.join(map(str, shape))}) for n={n}, "
+                                 f"got {tuple(z0.shape)}")
+        return generate_latents(self.model, prompt_ids, z0, steps=options["steps"], cfg_weight=cfg_weight,
+                                reuse_prompt_kv=options["reuse_prompt_kv"], progress=progress)
+
+    def _generate(self, prompt_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
+                  cfg_weight: float | Sequence[float], options: dict[str, Any], memory_budget_gb: float,
+                  progress: Progress | None) -> ImageBatch:
+        """Euler steps from `latents` or the generators' noise, then the VAE, one image per call."""
         if self.vae is None:
             raise ValueError(f"{self.source}: JanusFlow decodes its latents with a VAE, and none is loaded: pass "
                              "vae=DIR to januskit.load (--vae DIR on the command line) with a diffusers "
                              "AutoencoderKL folder such as stabilityai/sdxl-vae, or use generate_latents()")
-        z = self.generate_latents(prompt, n, steps, cfg, seed, latents, progress, reuse_prompt_kv)
-        return ImageResult(images=to_pil(self.decode_latents(z)), seed=seed, latents=z,
-                           info=dict(steps=steps, cfg=cfg, latent_shape=list(z.shape[1:])))
+        z = self._latents(prompt_ids, generators, cfg_weight, options, progress)
+        return ImageBatch(pixels=self.decode_latents(z), latents=z,
+                          info=dict(steps=options["steps"], latent_shape=list(z.shape[1:])))
+
+    @torch.inference_mode()
+    def reconstruct_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        x = torch.stack([to_gen_pixels(i, self.config.vision.image_size) for i in images])
+        return self.decode_latents(self.vae.encode(x))
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) latents -> (n, 3, S, S) float pixels in [-1, 1], one image per VAE call so an

@@ -17,11 +17,9 @@ import dataclasses
 import json
 import logging
 import shutil
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..models.janus import JanusModel
 from .default_model import Recipe, StagePlan, build, stage_config
@@ -37,12 +35,7 @@ def share_vq_encoder(model: JanusModel) -> JanusModel:
     if model.config.vision.image_size != model.config.vq.image_size:
         raise ValueError("share_vq_encoder needs the same image side for understanding and generation")
 
-    def image_embeds(self: JanusModel, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # the VQ stays frozen, as in every stage
-            ids = self.gen_vision_model.encode(pixel_values.to(next(self.gen_vision_model.parameters()).dtype))
-        return self.gen_embeds(ids)
-
-    model.image_embeds = types.MethodType(image_embeds, model)
+    model.und_encoder = "vq"
     return model
 
 

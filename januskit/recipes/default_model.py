@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +40,7 @@ from ..train.data.vq_cache import cache_vq_ids
 from ..train.pretrain.vq import VQTrainConfig, reconstruction_stats, train_vq
 from ..world.dataset import write_world
 from ..world.prompts import describe, scene_from_json
-
-log = logging.getLogger("januskit.world")
+from .chain import done, export_and_evaluate, mark_done, run_stages
 
 PRESET = "mini-janus-pro"
 SYSTEM_PROMPT = ""  # the world's chats carry no system prompt (written to processor_config.json)
@@ -192,16 +189,10 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
     }, where=f"recipe stage {plan.name}")
 
 
-def _done(folder: Path) -> bool:
-    return (folder / "RECIPE_DONE").is_file()
-
-
 def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evaluate_model: bool = True,
           eval_settings: Any = None) -> Path:
     """Run (or continue) the whole chain; the final model goes to `out` (official layout, with
     eval.json when `evaluate_model`). Returns `out`."""
-    from ..train.trainer import train
-
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.threads)
@@ -214,49 +205,20 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
 
     t = time.perf_counter()
     comp = work / "components"
-    if not _done(comp):
+    if not done(comp):
         build_components(world, comp, recipe)
-        (comp / "RECIPE_DONE").write_text("")
+        mark_done(comp)
     if not (world / "train" / "generation-vq.jsonl").is_file():
         cache_vq_ids(world / "train", load_janus(comp, torch.float32), world / "train" / "generation-vq.jsonl",
                      manifests=[world / "train" / "generation.jsonl"], batch_size=64)
     times["components"] = time.perf_counter() - t
 
-    source = comp
-    for plan in recipe.stages:
-        dst = work / plan.name
-        t = time.perf_counter()
-        if not _done(dst):
-            if dst.exists():
-                shutil.rmtree(dst)  # a stage interrupted midway restarts (stages are minutes long)
-            log.info("recipe: %s (%s, %d steps x %d samples, lr %g)", plan.name, plan.stage, plan.steps,
-                     plan.batch_size, plan.lr)
-            train(stage_config(plan, source, dst, world, recipe))
-            shutil.rmtree(dst / "checkpoints", ignore_errors=True)  # optimiser states: not needed downstream
-            (dst / "RECIPE_DONE").write_text("")
-        times[plan.name] = time.perf_counter() - t
-        source = dst
-
+    stages = [(p.name, lambda src, dst, p=p: stage_config(p, src, dst, world, recipe)) for p in recipe.stages]
+    source = run_stages(work, comp, stages, times)
     # The last stage in the export dtype; its side files (tokenizer, processor configs, components.json) come along.
-    model = load_janus(source, torch.float32).to(getattr(torch, recipe.export_dtype))
-    save_janus(model, out, copy_from=source, overwrite=True,
-               files={"recipe.json": json.dumps(_recipe_json(recipe, times), indent=1) + "\n"})
-    if evaluate_model:
-        import januskit
-        from ..eval.world import EvalSettings, evaluate, format_report
-
-        rep = evaluate(januskit.load(out), world, eval_settings or EvalSettings(), progress=True)
-        (out / "eval.json").write_text(json.dumps(_summary(rep), indent=1) + "\n")
-        log.info("recipe: evaluation\n%s", format_report(rep))
-    return out
-
-
-def _summary(rep) -> dict[str, Any]:
-    """The report without per-item records (those go to the eval command's --json)."""
-    d = rep.to_json()
-    for k in ("generation", "understanding"):
-        d[k] = {a: b for a, b in d[k].items() if a != "records"}
-    return d
+    return export_and_evaluate(source, out, world, _recipe_json(recipe, times),
+                               dtype=getattr(torch, recipe.export_dtype), evaluate_model=evaluate_model,
+                               eval_settings=eval_settings)
 
 
 def _recipe_json(r: Recipe, times: dict[str, float]) -> dict[str, Any]:

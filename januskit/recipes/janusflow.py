@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,8 @@ from ..processing.image import to_gen_pixels
 from ..train.config import RunConfig
 from ..train.flow import FlowSettings
 from ..train.pretrain.vae import VAETrainConfig, reconstruction_stats, train_vae
-from .default_model import Recipe, StagePlan, _done, _jsonl, _recipe_json, _summary, build, stage_config
-
-log = logging.getLogger("januskit.world")
+from .chain import done, export_and_evaluate, mark_done, run_stages
+from .default_model import Recipe, StagePlan, _jsonl, _recipe_json, build, stage_config
 
 
 @dataclass(frozen=True)
@@ -118,12 +117,10 @@ def build_flow(out: str | Path, work: str | Path, recipe: FlowRecipe = FlowRecip
     """Run (or continue) the chain; `work` is (or becomes) a `januskit world build` work folder, whose
     world, components and text stage are reused. `repa=False`: the ablation's branch (flow2 and flow3
     without REPA, in work/flow2-norepa, work/flow3-norepa)."""
-    from ..train.trainer import train
-
     out, work = Path(out), Path(work)
     torch.set_num_threads(recipe.base.threads)
     text = work / recipe.base.stages[0].name
-    if not _done(text):  # the shared steps: world, components, text-pretrained LLM
+    if not done(text):  # the shared steps: world, components, text-pretrained LLM
         build(work / "janus-model", work, dataclasses.replace(recipe.base, stages=recipe.base.stages[:1]),
               evaluate_model=False)
     world = work / "world"
@@ -135,32 +132,16 @@ def build_flow(out: str | Path, work: str | Path, recipe: FlowRecipe = FlowRecip
         (work / "vae-report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     times["vae"] = time.perf_counter() - t
     source = work / "flow-init"
-    if not _done(source):
+    if not done(source):
         init_flow(text, vae, source, recipe)
-        (source / "RECIPE_DONE").write_text("")
-    for plan in recipe.stages:
-        name = plan.name if repa or plan.stage == "janusflow/1" else f"{plan.name}-norepa"
-        dst = work / name
-        t = time.perf_counter()
-        if not _done(dst):
-            if dst.exists():
-                shutil.rmtree(dst)
-            # Stage 1 trains without REPA in both branches, so the ablation branches after it.
-            use_repa = repa and plan.stage != "janusflow/1"
-            train(flow_stage_config(plan, source, dst, world, recipe, use_repa))
-            shutil.rmtree(dst / "checkpoints", ignore_errors=True)
-            (dst / "RECIPE_DONE").write_text("")
-        times[name] = time.perf_counter() - t
-        source = dst
-    model = load_official(source, torch.float32)
-    save_janus(model, out, copy_from=source, overwrite=True,
-               files={"recipe.json": json.dumps(_recipe_json(recipe, times) | {"repa": repa}, indent=1,
-                                                default=str) + "\n"})
-    if evaluate_model:
-        import januskit
-        from ..eval.world import EvalSettings, evaluate, format_report
+        mark_done(source)
 
-        rep = evaluate(januskit.load(out), world, eval_settings or EvalSettings(), progress=True)
-        (out / "eval.json").write_text(json.dumps(_summary(rep), indent=1) + "\n")
-        log.info("flow recipe: evaluation\n%s", format_report(rep))
-    return out
+    def stage(plan: StagePlan) -> tuple[str, Callable[[Path, Path], RunConfig]]:
+        # Stage 1 trains without REPA in both branches, so the ablation branches after it.
+        first = plan.stage == "janusflow/1"
+        name = plan.name if repa or first else f"{plan.name}-norepa"
+        return name, lambda src, dst: flow_stage_config(plan, src, dst, world, recipe, repa and not first)
+
+    source = run_stages(work, source, [stage(p) for p in recipe.stages], times)
+    return export_and_evaluate(source, out, world, _recipe_json(recipe, times) | {"repa": repa},
+                               evaluate_model=evaluate_model, eval_settings=eval_settings, label="flow recipe")

@@ -54,7 +54,7 @@ def check_flow_args(steps: int, cfg_weight: float | Sequence[float], n: int = 1)
 
 @torch.inference_mode()
 def generate_latents(model: JanusFlowModel, prompts: Sequence[Sequence[int]], latents: torch.Tensor, *,
-                     steps: int = 30, cfg_weight: float | Sequence[float] = 2.0, reuse_prompt_kv: bool = True,
+                     steps: int, cfg_weight: float | Sequence[float], reuse_prompt_kv: bool = True,
                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """One image per prompt from initial noise `latents` (n, C, H, W) -> final latents (n, C, H, W),
     float32 (the ODE state is kept in float32 whatever the model dtype). `cfg_weight`: one weight, or

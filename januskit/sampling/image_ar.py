@@ -36,7 +36,7 @@ def cfg_rows(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 @torch.inference_mode()
 def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *, pad_id: int,
-                          cfg_weight: float | Sequence[float] = 5.0,
+                          cfg_weight: float | Sequence[float],
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                           generators: Sequence[torch.Generator] | None = None,
                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:

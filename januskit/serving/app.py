@@ -214,7 +214,7 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
     @app.post("/v1/images/generations")
     async def images_generations(req: ImageGenerationRequest, request: Request):
         check_model(req.model)
-        spec = image_spec(engine, req.prompt, n=req.n, seed=req.seed, guidance=req.guidance, steps=req.steps,
+        spec = image_spec(engine, req.prompt, n=req.n, seed=req.seed, cfg_weight=req.cfg_weight, steps=req.steps,
                           temperature=req.temperature, size=req.size)
         sink = AsyncSink()
         job = Job(spec, sink)

@@ -3,9 +3,9 @@
 A request becomes a `Job`. The worker takes the oldest waiting job plus every later waiting job that
 can share its forward passes (same kind, same sampling settings), up to the batch's row budget, and
 runs them together:
-  - images: all requests' CFG rows side by side in one decode (Janus: 2 rows per image, cond rows
-    first; JanusFlow: the same for the velocity), each image sampled from its own generator
-    (seed, i), so a result equals the same request run alone;
+  - images: one `pipe.generate_batch` over every request's images, so all their CFG rows run side by
+    side (Janus: in chunks that fit `memory_budget_gb`), each image sampled from its own generator
+    (seed, i) with its request's CFG weight, so a result equals the same request run alone;
   - chats: one left-padded batch, each row with generator (seed, 0), streamed per row.
 Results, text pieces and progress reach the caller through the job's `sink` (called on the worker
 thread). Past `max_queue` waiting jobs `submit` raises `QueueFull`; a cancelled job leaves the queue
@@ -25,10 +25,7 @@ from typing import Any, Literal
 import torch
 
 from ..processing.chat import EncodedChat
-from ..processing.image import to_pil
 from ..processing.tokenizer import StreamDecoder
-from ..sampling.flow import generate_latents, initial_latents
-from ..sampling.image_ar import generate_image_tokens, rows_per_chunk
 from ..sampling.logits import row_generator
 from ..sampling.text import generate_text
 
@@ -75,9 +72,8 @@ class ImageSpec:
     prompt_ids: list[int]
     n: int
     seed: int
-    cfg: float
-    temperature: float = 1.0  # Janus
-    steps: int = 30  # JanusFlow
+    cfg_weight: float
+    options: dict[str, Any]  # the architecture's generation options, defaults filled (pipe.image_option_values)
 
 
 @dataclass(eq=False)
@@ -95,7 +91,7 @@ class Job:
     def key(self) -> tuple:
         """Jobs with equal keys can share a batch (per-row CFG weights and seeds are free)."""
         s = self.spec
-        return ("chat", s.temperature, s.top_p) if isinstance(s, ChatSpec) else ("image", s.temperature, s.steps)
+        return ("chat", s.temperature, s.top_p) if isinstance(s, ChatSpec) else ("image", *sorted(s.options.items()))
 
     @property
     def rows(self) -> int:
@@ -115,7 +111,6 @@ class Engine:
         self.pipe = pipe
         self.limits = limits
         self.threads = threads
-        self.flow = pipe.arch == "janusflow"
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._holds = 0
@@ -263,42 +258,26 @@ class Engine:
 
     def _run_images(self, jobs: list[Job]) -> None:
         rows = [(job, i) for job in jobs for i in range(job.spec.n)]
-        chunk = len(rows)
-        if not self.flow:  # the KV cache of a big model bounds how many images decode together
-            longest = max(len(j.spec.prompt_ids) for j in jobs)
-            chunk = min(chunk, rows_per_chunk(self.pipe.model, longest, int(self.limits.memory_budget_gb * 1024**3)))
-        outputs: list[torch.Tensor] = []
-        for start in range(0, len(rows), chunk):
-            outputs.append(self._decode_rows(jobs, rows[start:start + chunk], start, len(rows)))
-        out = torch.cat(outputs)
-        at = 0
-        for job in jobs:
-            part = out[at:at + job.spec.n]
-            at += job.spec.n
-            if job.cancelled.is_set():
-                continue
-            pixels = self.pipe.decode_latents(part) if self.flow else self.pipe.decode_image_pixels(part)
-            job.emit("done", {"images": to_pil(pixels), "seed": job.spec.seed})
-
-    def _decode_rows(self, jobs: list[Job], rows: list[tuple[Job, int]], start: int, total: int) -> torch.Tensor:
-        """One forward batch: image tokens (Janus) or final latents (JanusFlow) for these rows."""
-        model, s0 = self.pipe.model, jobs[0].spec
-        prompts = [job.spec.prompt_ids for job, _ in rows]
-        gens = [row_generator(job.spec.seed, i) for job, i in rows]
-        cfg = [job.spec.cfg for job, _ in rows]
         last = [-1]
 
-        def progress(done: int, of: int) -> None:
+        def progress(done: int, total: int) -> None:
             if all(j.cancelled.is_set() for j in jobs):
                 raise _AllCancelled
-            pct = int(100 * (start * of + done * len(rows)) / (total * of))
+            pct = int(100 * done / total)
             if pct != last[0]:  # at most ~100 progress events per batch
                 last[0] = pct
                 for j in jobs:
                     j.emit("progress", (pct, 100))
 
-        if self.flow:
-            z0 = initial_latents(model.config.latent_shape, gens)
-            return generate_latents(model, prompts, z0, steps=s0.steps, cfg_weight=cfg, progress=progress)
-        return generate_image_tokens(model, prompts, pad_id=self.pipe.processor.pad_id, cfg_weight=cfg,
-                                     temperature=s0.temperature, generators=gens, progress=progress)
+        out = self.pipe.generate_batch([job.spec.prompt_ids for job, _ in rows],
+                                       generators=[row_generator(job.spec.seed, i) for job, i in rows],
+                                       cfg_weight=[job.spec.cfg_weight for job, _ in rows],
+                                       memory_budget_gb=self.limits.memory_budget_gb, progress=progress,
+                                       **jobs[0].spec.options)
+        images = out.pil()
+        at = 0
+        for job in jobs:
+            part = images[at:at + job.spec.n]
+            at += job.spec.n
+            if not job.cancelled.is_set():
+                job.emit("done", {"images": part, "seed": job.spec.seed})

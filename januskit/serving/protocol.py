@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from ..processing.chat import Message
 from ..processing.tokenizer import IMAGE_TOKEN
@@ -81,7 +81,9 @@ class ImageGenerationRequest(_Strict):
     model: str | None = None
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    guidance: float | None = Field(None, ge=0.0, le=100.0)  # CFG weight; None = the architecture's default
+    # The CFG weight; None = the architecture's default. `guidance` is its older name, still accepted
+    # (one of the two: given both, `guidance` is refused as an unknown field).
+    cfg_weight: float | None = Field(None, ge=0.0, le=100.0, validation_alias=AliasChoices("cfg_weight", "guidance"))
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # Janus token sampling (default 1); not JanusFlow
     steps: int | None = Field(None, ge=1, le=200)  # JanusFlow's Euler steps; None = 30
     response_format: Literal["b64_json"] = "b64_json"

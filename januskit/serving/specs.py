@@ -5,46 +5,37 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
+from ..pipelines.base import UnsupportedOption
 from ..processing.chat import Message
 from .engine import ChatSpec, Engine, ImageSpec
 from .errors import APIError
 
 
-def image_side(engine: Engine) -> int | None:
-    """The side of the images this model makes (None: a JanusFlow model without its VAE)."""
-    pipe, c = engine.pipe, engine.pipe.config
-    if engine.flow:
-        return c.latent_size * pipe.vae.factor if pipe.vae is not None else None
-    return c.vq.image_size
-
-
-def image_spec(engine: Engine, prompt: str, *, n: int = 1, seed: int | None = None, guidance: float | None = None,
+def image_spec(engine: Engine, prompt: str, *, n: int = 1, seed: int | None = None, cfg_weight: float | None = None,
                temperature: float | None = None, steps: int | None = None, size: str | None = None) -> ImageSpec:
+    """`temperature` is Janus's, `steps` JanusFlow's: a value for the other architecture's is refused."""
     pipe, c, limits = engine.pipe, engine.pipe.config, engine.limits
     if not prompt.strip():
         raise APIError(400, "prompt: empty", param="prompt")
     if n > limits.max_n:
         raise APIError(400, f"n: {n} is over this server's limit of {limits.max_n}", param="n")
-    side = image_side(engine)
+    side = pipe.image_size
     if size is not None and side is not None and size != f"{side}x{side}":
         raise APIError(400, f"size: this model makes {side}x{side} images only, got {size!r}", param="size")
-    if engine.flow and pipe.vae is None:
+    if side is None:
         raise APIError(400, "this JanusFlow model was loaded without a VAE, so it cannot make images "
                        "(start the server with --vae DIR)", code="no_vae")
-    if steps is not None and not engine.flow:
-        raise APIError(400, f"steps: only JanusFlow (rectified flow) takes steps; this model is {pipe.arch}",
-                       param="steps")
-    if temperature is not None and engine.flow:
-        raise APIError(400, "temperature: JanusFlow samples no tokens for images; use steps and guidance",
-                       param="temperature")
+    try:
+        options = pipe.image_option_values(steps=steps, temperature=temperature)
+    except UnsupportedOption as e:
+        raise APIError(400, str(e), param=e.option) from None
     ids = pipe.processor.generation_prompt(prompt)
-    need = len(ids) + (1 + c.n_gen_tokens if engine.flow else c.vq.n_tokens)
+    need = len(ids) + pipe.image_positions
     if need > c.llm.max_seq_len:
         raise APIError(400, f"prompt: {len(ids)} tokens is too long; with the image it needs {need} positions and "
                        f"the model's context is {c.llm.max_seq_len}", param="prompt", code="context_length_exceeded")
     return ImageSpec(ids, n, secrets.randbelow(2**31) if seed is None else seed,
-                     pipe.default_cfg if guidance is None else guidance,
-                     1.0 if temperature is None else temperature, 30 if steps is None else steps)
+                     pipe.default_cfg_weight if cfg_weight is None else cfg_weight, options)
 
 
 def chat_spec(engine: Engine, messages: Sequence[Message], system: str | None, *, max_tokens: int | None = None,

@@ -50,8 +50,9 @@ def _spec_or_error(make, *args, **kw):
 
 
 def build_ui(engine: Engine, model_id: str) -> gr.Blocks:
-    flow = engine.flow
     pipe = engine.pipe
+    # The sliders of the model's own generation options are shown and sent; the others stay hidden.
+    has_temperature, has_steps = "temperature" in pipe.image_options, "steps" in pipe.image_options
 
     def chat(message: dict, history: list, conv: list[Message], temperature: float, max_tokens: int, seed: int):
         text, files = (message.get("text") or "").strip(), message.get("files") or []
@@ -74,10 +75,11 @@ def build_ui(engine: Engine, model_id: str) -> gr.Blocks:
         conv = turns + [Message("assistant", answer)]
         yield history + [{"role": "assistant", "content": answer}], gr.MultimodalTextbox(value=None), conv
 
-    def generate(prompt: str, n: int, seed: int, guidance: float, temperature: float, steps: int,
+    def generate(prompt: str, n: int, seed: int, cfg_weight: float, temperature: float, steps: int,
                  progress: gr.Progress = gr.Progress()) -> list[Image.Image]:
-        spec = _spec_or_error(image_spec, engine, prompt, n=int(n), seed=int(seed), guidance=float(guidance),
-                              temperature=None if flow else float(temperature), steps=int(steps) if flow else None)
+        spec = _spec_or_error(image_spec, engine, prompt, n=int(n), seed=int(seed), cfg_weight=float(cfg_weight),
+                              temperature=float(temperature) if has_temperature else None,
+                              steps=int(steps) if has_steps else None)
         progress(0, desc="queued")
         for kind, payload in _events(engine, spec):
             if kind == "progress":
@@ -107,11 +109,13 @@ def build_ui(engine: Engine, model_id: str) -> gr.Blocks:
             with gr.Row():
                 n = gr.Slider(1, engine.limits.max_n, value=min(4, engine.limits.max_n), step=1, label="Images")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                guidance = gr.Slider(0.0, 10.0, value=pipe.default_cfg, step=0.5, label="CFG weight")
-                temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature", visible=not flow)
-                steps = gr.Slider(1, 100, value=30, step=1, label="Euler steps", visible=flow)
+                cfg_weight = gr.Slider(0.0, 10.0, value=pipe.default_cfg_weight, step=0.5, label="CFG weight")
+                temperature = gr.Slider(0.05, 2.0, value=pipe.image_options.get("temperature", 1.0), step=0.05,
+                                        label="Temperature", visible=has_temperature)
+                steps = gr.Slider(1, 100, value=pipe.image_options.get("steps", 30), step=1, label="Euler steps",
+                                  visible=has_steps)
             go = gr.Button("Generate", variant="primary", elem_id="gen-button")
             gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="gallery", format="png")
-            go.click(generate, [prompt, n, seed, guidance, temperature, steps], gallery)
-            prompt.submit(generate, [prompt, n, seed, guidance, temperature, steps], gallery)
+            go.click(generate, [prompt, n, seed, cfg_weight, temperature, steps], gallery)
+            prompt.submit(generate, [prompt, n, seed, cfg_weight, temperature, steps], gallery)
     return ui

@@ -4,29 +4,57 @@ readable manifest is incomplete and ignored, so a run killed at any moment resum
 complete one. The export is the trained model in the official layout (januskit.load reads it)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint.init import processor_files, synthetic_tokenizer
 from ..checkpoint.io import atomic_folder, materialize_buffers
-from ..checkpoint.official import save_janus
+from ..checkpoint.official import OfficialExtras, save_janus
 from ..checkpoint.official_config import to_official
 from ..models import build_model as model_for_config
 from ..models.janus import JanusModel
 from . import parallel
 from .config import ModelSection, RunConfig
 from .lora import ADAPTER_WEIGHTS, has_lora, load_adapter, merged_state, save_adapter
+from .losses import LossForward
 
 MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
 CKPT_RE = re.compile(r"^step-(\d{8})$")
-TRAINING_ONLY = ("repa_head.",)  # trained and checkpointed, never exported (JanusFlow's REPA projector)
 
+
+def checkpoint_key(name: str) -> str:
+    """A LossForward parameter / state name as checkpoint files spell it: the model's own key, and
+    JanusFlow's REPA head under repa_head.* (the layout from when the head hung on the model, so
+    the files are unchanged and older runs resume)."""
+    return name.removeprefix("model.")
+
+
+def _from_checkpoint_keys(loss: LossForward) -> Callable[[str], str]:
+    """The inverse of checkpoint_key on `loss`'s names; an unknown key stays as it is (and fails a strict load)."""
+    names = {checkpoint_key(k): k for k, _ in itertools.chain(loss.named_parameters(), loss.named_buffers())}
+    return lambda k: names.get(k, k)
+
+
+def _rename_optimizer_state(state: dict[str, Any], rename: Callable[[str], str]) -> dict[str, Any]:
+    """A full optimizer state dict (keyed by parameter name) under other parameter names, order kept.
+    A name is one string object wherever it occurs, as torch makes it: pickle then stores it once,
+    and optimizer.pt stays byte for byte what it was. Ranks > 0 may hold an empty dict (kept so)."""
+    if not state:
+        return state
+    names = {k: rename(k) for k in state["state"]}
+    for g in state["param_groups"]:
+        names.update((n, rename(n)) for n in g["params"] if n not in names)
+    return {**state, "state": {names[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[n] for n in g["params"]]} for g in state["param_groups"]]}
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -48,11 +76,13 @@ def _manifest_ok(d: Path) -> bool:
         return False
 
 
-def save_checkpoint(root: Path, step: int, model: JanusModel, optimizer: torch.optim.Optimizer,
+def save_checkpoint(root: Path, step: int, loss: LossForward, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, data, cfg: RunConfig) -> Path | None:
-    """Collective (state gathering); rank 0 writes. Returns the folder on rank 0."""
-    weights = parallel.model_state(model)
-    optim = parallel.optimizer_state(model, optimizer)
+    """Collective (state gathering); rank 0 writes. Returns the folder on rank 0. The weights and the
+    optimizer state are the model's and the REPA head's (checkpoint_key names)."""
+    model = loss.model
+    weights = {checkpoint_key(k): v for k, v in parallel.model_state(loss).items()}
+    optim = _rename_optimizer_state(parallel.optimizer_state(loss, optimizer), checkpoint_key)
     ranks = parallel.gather_objects({"rng": parallel.rng_state(), "data": data.state_dict()})
     path = None
     if parallel.is_main():
@@ -85,25 +115,29 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load_weights(model: JanusModel, ckpt: Path) -> None:
+def load_weights(loss: LossForward, ckpt: Path) -> None:
+    """The model's and the REPA head's weights (strict), or with [lora] the adapters (the frozen
+    base and head are rebuilt from [model] and the seed)."""
     adapter = (ckpt / ADAPTER_WEIGHTS).is_file()
-    if adapter != has_lora(model):
+    if adapter != has_lora(loss.model):
         raise ValueError(f"{ckpt}: written by a run {'with' if adapter else 'without'} [lora] enabled; resume it "
                          "with the same [lora] setting")
     if adapter:
-        load_adapter(model, ckpt)
+        load_adapter(loss.model, ckpt)
     else:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+        key = _from_checkpoint_keys(loss)
+        loss.load_state_dict({key(k): v for k, v in load_file(str(ckpt / "model.safetensors")).items()}, strict=True)
 
 
-def restore_state(ckpt: Path, model: JanusModel, optimizer: torch.optim.Optimizer,
+def restore_state(ckpt: Path, loss: LossForward, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler, data) -> int:
     """Optimizer, scheduler, data position and RNG of this rank from a checkpoint; returns its step."""
     st = torch.load(ckpt / "trainer.pt", weights_only=True)
     if st["world"] != parallel.world():
         raise ValueError(f"{ckpt}: saved by {st['world']} processes, resumed with {parallel.world()}; the per-rank "
                          "data positions cannot be re-split (resume with the same number of processes)")
-    parallel.load_optimizer_state(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    parallel.load_optimizer_state(loss, optimizer, _rename_optimizer_state(optim, _from_checkpoint_keys(loss)))
     scheduler.load_state_dict(st["scheduler"])
     mine = st["ranks"][parallel.rank()]
     data.load_state_dict(mine["data"])
@@ -111,15 +145,15 @@ def restore_state(ckpt: Path, model: JanusModel, optimizer: torch.optim.Optimize
     return int(st["step"])
 
 
-def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torch.dtype,
+def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torch.dtype, extras: OfficialExtras,
                  adapter_only: bool = False) -> None:
     """Write the trained model into `out` in the official layout, with the source's tokenizer and
-    processor files, so januskit.load(out) works; LoRA adapters are merged in first, or with
-    `adapter_only` written alone (float32, PEFT's file layout). Collective under FSDP (gathers the weights)."""
+    processor files and unused official entries (`extras`, from build_model), so januskit.load(out)
+    works; LoRA adapters are merged in first, or with `adapter_only` written alone (float32, PEFT's
+    file layout). Collective under FSDP (gathers the weights)."""
     state = parallel.model_state(model)
     if not parallel.is_main():
         return
-    state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
     if has_lora(model):
         if adapter_only:
             save_adapter(model, out, state, base=source.source)
@@ -130,14 +164,13 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     m.load_state_dict(state, strict=True, assign=True)
     materialize_buffers(m)
-    m.official_extras = getattr(model, "official_extras", {})  # unused official entries, re-read from the source
     src = Path(source.source)
     files = None
     if not src.is_dir():  # a preset: its synthetic tokenizer and processor configs
         files = {"tokenizer.json": synthetic_tokenizer(source.source, model.config).to_json_str(),
                  **processor_files(model.config)}
     tmp = out / ".export"
-    save_janus(m, tmp, copy_from=src if src.is_dir() else None, files=files, overwrite=True)
+    save_janus(m, tmp, copy_from=src if src.is_dir() else None, extras=extras, files=files, overwrite=True)
     for f in out.glob("model*.safetensors*"):  # a previous export's shards
         f.unlink()
     # Move file by file, config.json last: a folder without it is not (yet) a loadable checkpoint.

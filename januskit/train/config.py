@@ -174,3 +174,4 @@ class DataContext:
     model_config: JanusConfig | JanusFlowConfig  # vocab, codebook / latent and image-token counts
     source: str  # model source (folder with tokenizer.json, or a preset name)
     model: Any = None  # the JanusModel being trained (its frozen VQ encoder can tokenise images on its device)
+    repa: bool = False  # JanusFlow with REPA: generation samples also carry their image for the REPA target

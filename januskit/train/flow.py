@@ -7,7 +7,7 @@ which the JanusFlow paper follows; it does not give the mean and std, we default
     L_REPA = 1 - cos( h_phi(LLM residual stream after layer k at the grid positions),
                       stop_grad(understanding encoder features of the clean image) ), averaged over positions
 (the paper writes -E[cos]; 1 - cos has the same gradient and reads as a loss). h_phi is a 3-layer MLP
-to the encoder width, trained with the model but not part of its checkpoint; k = 6 in the paper.
+to the encoder width, trained with the model but owned by the loss and never exported; k = 6 in the paper.
 Each grid position counts as one loss token (so a generation sample weighs like n_gen tokens of text
 CE), and L_REPA is added with `repa_weight` (the paper's plain sum: 1).
 
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import JanusConfig, JanusFlowConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,22 +56,22 @@ class RepaHead(nn.Module):
         return self.layers(x)
 
 
-def attach_flow_training(model: nn.Module, s: FlowSettings, seed: int = 0) -> None:
-    """Give a JanusFlowModel its loss settings and, when REPA is on, a fresh h_phi (`model.repa_head`,
-    initialised from `seed` alone so every rank builds the same one). Export drops it."""
-    c = model.config
+def build_repa_head(c: JanusConfig | JanusFlowConfig, s: FlowSettings, seed: int = 0) -> RepaHead | None:
+    """A fresh h_phi for a JanusFlow config when REPA is on (else None), initialised from `seed` alone
+    so every rank builds the same one. The loss (losses.LossForward) owns it, not the model: it trains
+    and is checkpointed with the run, and is never exported."""
     if c.arch != "janusflow":
         raise ValueError(f"[flow] settings are for JanusFlow models; this one is {c.arch}")
-    if s.repa_weight > 0:
-        if s.repa_layer > c.llm.n_layers:
-            raise ValueError(f"[flow] repa_layer = {s.repa_layer}, but the LLM has {c.llm.n_layers} layers")
-        if c.n_gen_tokens != c.vision.n_tokens:
-            raise ValueError(f"REPA aligns grid positions one to one: the generation grid has {c.n_gen_tokens} "
-                             f"positions and the understanding encoder {c.vision.n_tokens}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.repa_head = RepaHead(c.llm.dim, s.repa_hidden or c.llm.dim, c.vision.width)
-    model.flow_settings = s
+    if not s.repa_weight > 0:
+        return None
+    if s.repa_layer > c.llm.n_layers:
+        raise ValueError(f"[flow] repa_layer = {s.repa_layer}, but the LLM has {c.llm.n_layers} layers")
+    if c.n_gen_tokens != c.vision.n_tokens:
+        raise ValueError(f"REPA aligns grid positions one to one: the generation grid has {c.n_gen_tokens} "
+                         f"positions and the understanding encoder {c.vision.n_tokens}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RepaHead(c.llm.dim, s.repa_hidden or c.llm.dim, c.vision.width)
 
 
 def noise_and_t(seeds: torch.Tensor, shape: tuple[int, ...], s: FlowSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +96,15 @@ def flow_inputs(model: nn.Module, latents: torch.Tensor, seeds: torch.Tensor,
 
 
 def flow_loss_sums(model: nn.Module, hidden: torch.Tensor, captured: torch.Tensor | None, grid_mask: torch.Tensor,
-                   skip: torch.Tensor, t_emb: torch.Tensor, target: torch.Tensor,
-                   repa_pixels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed L_RF and (weighted) L_REPA over the batch's M flow samples, each counted per grid position."""
+                   skip: torch.Tensor, t_emb: torch.Tensor, target: torch.Tensor, repa_pixels: torch.Tensor | None,
+                   head: nn.Module | None, repa_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed L_RF and L_REPA (h_phi = `head`, weighted by `repa_weight`; zero without a head) over
+    the batch's M flow samples, each counted per grid position."""
     c = model.config
     M, n = target.shape[0], c.n_gen_tokens
     v = model.velocity(hidden[grid_mask].view(M, n, -1), skip, t_emb).float()
     rf = (v - target).pow(2).mean(dim=(1, 2, 3)).sum() * n
     repa = hidden.new_zeros((), dtype=torch.float32)
-    head = getattr(model, "repa_head", None)
     if head is not None:
         if repa_pixels is None or captured is None:
             raise ValueError("REPA is on but the batch carries no repa_pixels (build the data with the REPA model)")
@@ -110,5 +112,5 @@ def flow_loss_sums(model: nn.Module, hidden: torch.Tensor, captured: torch.Tenso
             target_feats = model.vision_und_enc_model(repa_pixels.to(hidden.dtype))
         pred = head(captured[grid_mask].view(M, n, -1))
         cos = F.cosine_similarity(pred.float(), target_feats.float(), dim=-1)  # (M, n)
-        repa = model.flow_settings.repa_weight * (1 - cos).sum()
+        repa = repa_weight * (1 - cos).sum()
     return rf, repa

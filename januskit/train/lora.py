@@ -182,8 +182,7 @@ def merge_lora(model: JanusModel) -> JanusModel:
 
 
 def merged_state(model: JanusModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official-key weights with the adapters folded in, computed from a full state dict (training-only
-    parts such as JanusFlow's REPA head already dropped) of the adapted
+    """Official-key weights with the adapters folded in, computed from a full state dict of the adapted
     `model` on a throw-away copy: the live model is not touched, so this also works when it is sharded
     (FSDP) and `state` was gathered with parallel.model_state."""
     with torch.device("meta"):

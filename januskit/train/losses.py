@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.batch import IGNORE, TrainBatch
-from .flow import flow_inputs, flow_loss_sums
 from .data.packing import flow_starts
+from .data.records import KINDS, SHORT
+from .flow import FlowSettings, build_repa_head, flow_inputs, flow_loss_sums
 
-KINDS = ("und", "text", "gen")  # metric buckets, indexed like TrainBatch.kinds (0, 1, 2)
 REPA = 3  # by_kind's extra entry: the REPA sum (JanusFlow), counted over the gen bucket's positions
 
 
@@ -55,11 +55,15 @@ def _kinds(batch: TrainBatch, sel: torch.Tensor, default: int) -> torch.Tensor:
     return batch.kinds[sel].clamp(min=0)
 
 
-def batch_losses(model: torch.nn.Module, batch: TrainBatch) -> LossSums:
+def batch_losses(model: torch.nn.Module, batch: TrainBatch, flow: FlowSettings | None = None,
+                 repa_head: nn.Module | None = None) -> LossSums:
     """Forward one packed batch and return the loss sums (divide by the token count outside: under
-    gradient accumulation and data parallelism the right divisor is the whole step's count)."""
+    gradient accumulation and data parallelism the right divisor is the whole step's count). A
+    JanusFlow model needs its [flow] settings, and with REPA on h_phi (LossForward holds both)."""
     if model.config.arch == "janusflow":
-        return _flow_batch_losses(model, batch)
+        if flow is None:
+            raise ValueError("JanusFlow losses need the [flow] settings (train.flow.FlowSettings)")
+        return _flow_batch_losses(model, batch, flow, repa_head)
     h = model.mixed_embeds(batch.input_ids, batch.und_mask, batch.pixel_values, batch.gen_mask, batch.gen_ids)
     hidden, _ = model.llm.forward_packed(h, batch.positions, batch.doc_ids)  # (B, T, dim)
     # Input branches this batch does not use run on zero inputs, so every trainable part gets a (zero)
@@ -95,23 +99,23 @@ def _text_sums(model: torch.nn.Module, batch: TrainBatch, hidden: torch.Tensor) 
     return LossSums(total=text_ce.sum(), by_kind=by_kind, count=count)
 
 
-def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch) -> LossSums:
+def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch, settings: FlowSettings,
+                       head: nn.Module | None) -> LossSums:
     """JanusFlow: text CE, plus L_RF (+ L_REPA) of the flow samples at their grid slots."""
     h = model.splice(batch.input_ids, batch.und_mask, batch.pixel_values)
     c = model.config
-    settings = model.flow_settings
     M = batch.n_flow
     if M:
         inputs, skip, t_emb, target = flow_inputs(model, batch.flow_latents, batch.flow_seeds, settings)
         h = h.masked_scatter(batch.flow_mask[..., None], inputs.to(h.dtype).reshape(-1, h.shape[-1]))
-    head = getattr(model, "repa_head", None)
     layer = settings.repa_layer if head is not None and M else None
     hidden, captured = model.llm.forward_packed(h, batch.positions, batch.doc_ids, capture_layer=layer)
     s = _text_sums(model, batch, hidden)
     idle = _idle_und(model, batch, h)
     if M:
         grid = batch.flow_mask & ~flow_starts(batch.flow_mask)
-        rf, repa = flow_loss_sums(model, hidden, captured, grid, skip, t_emb, target, batch.repa_pixels)
+        rf, repa = flow_loss_sums(model, hidden, captured, grid, skip, t_emb, target, batch.repa_pixels, head,
+                                  settings.repa_weight)
         s.by_kind[2] += rf.detach()
         s.by_kind[REPA] += repa.detach()
         s.count[2] += int(grid.sum())
@@ -127,25 +131,37 @@ def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch) -> LossSums:
     return s
 
 
-def batch_loss(model: torch.nn.Module, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean loss of one batch and its per-kind means (for evaluation and tests); `repa` is REPA's
-    mean over the generation positions, part of the total (`gen` is then the RF term alone)."""
-    s = batch_losses(model, batch)
-    per = {k: float(s.by_kind[i] / s.count[i]) for i, k in enumerate(KINDS) if s.count[i] > 0}
-    if getattr(model, "repa_head", None) is not None and s.count[2] > 0:
+def batch_loss(model: torch.nn.Module, batch: TrainBatch, flow: FlowSettings | None = None,
+               repa_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean loss of one batch and its per-kind means (und, text, gen; for evaluation and tests);
+    `repa` is REPA's mean over the generation positions, part of the total (`gen` is then the RF
+    term alone). `flow`, `repa_head`: as for batch_losses."""
+    s = batch_losses(model, batch, flow, repa_head)
+    per = {SHORT[k]: float(s.by_kind[i] / s.count[i]) for i, k in enumerate(KINDS) if s.count[i] > 0}
+    if repa_head is not None and s.count[2] > 0:
         per["repa"] = float(s.by_kind[REPA] / s.count[2])
     return s.mean(), per
 
 
 class LossForward(nn.Module):
-    """The model with `forward(batch) -> (total, by_kind, count)` (the fields of LossSums). DDP and
-    FSDP hook into `forward`, so the loss must be a module's forward to get gradient sync and
-    parameter gathering; a plain tuple lets DDP find the output tensors."""
+    """The training objective: the model with `forward(batch) -> (total, by_kind, count)` (the fields
+    of LossSums), plus what only training adds to it. For JanusFlow that is the [flow] settings
+    (`flow`, the defaults when not given) and, with REPA on, h_phi (`repa_head`, from `seed`): it
+    trains with the model, registered after it (so the optimiser lists its parameters last), and is
+    never exported. DDP and FSDP hook into `forward`, so the loss must be a module's forward to get
+    gradient sync and parameter gathering; a plain tuple lets DDP find the output tensors."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, flow: FlowSettings | None = None, seed: int = 0) -> None:
         super().__init__()
         self.model = model
+        if model.config.arch == "janusflow":
+            self.flow = flow or FlowSettings()
+            self.repa_head = build_repa_head(model.config, self.flow, seed)
+        elif flow is not None:
+            raise ValueError(f"[flow] settings are for JanusFlow models; this one is {model.config.arch}")
+        else:
+            self.flow, self.repa_head = None, None
 
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = batch_losses(self.model, batch)
+        s = batch_losses(self.model, batch, self.flow, self.repa_head)
         return s.total, s.by_kind, s.count

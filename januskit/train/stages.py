@@ -10,11 +10,14 @@ samples, and with a micro-batch source the trainer reads them as packed rows.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
+
+from .optim import lr_at
 
 log = logging.getLogger("januskit.train")
 
@@ -35,9 +38,10 @@ ALL_BUT_VQ = WITH_LLM + ("vision_model",)  # Stage III: + the understanding enco
 # LLM is detached in the reference (so it could get no gradient, and no optimiser state to resume).
 FLOW_NEW = ("vision_und_enc_aligner", "vision_gen_enc_model", "vision_gen_enc_aligner",
             "vision_gen_dec_model", "vision_gen_dec_aligner_norm", "vision_gen_dec_aligner", "repa_head")
-OPTIONAL = ("repa_head",)  # only present while training with REPA
+OPTIONAL = ("repa_head",)  # only present while training with REPA (it belongs to the loss, not the model)
 FLOW_WITH_LLM = FLOW_NEW + ("language_model",)
 FLOW_ALL = FLOW_WITH_LLM + ("vision_und_enc_model",)
+SCHEDULES = ("constant", "cosine")  # after the linear warm-up
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,30 +117,28 @@ def get_stage(name: str) -> Stage:
 def lr_multiplier(step: int, stage: Stage) -> float:
     """LR factor for optimiser step `step` (0-based): linear warm-up to 1 over `warmup` steps, then
     1 (constant) or a half cosine down to `min_lr_ratio` at the end of the horizon."""
-    if step < stage.warmup:
-        return (step + 1) / stage.warmup
-    if stage.schedule == "constant":
-        return 1.0
-    if stage.schedule != "cosine":
+    if step >= stage.warmup and stage.schedule not in SCHEDULES:
         raise ValueError(f"stage {stage.name}: unknown schedule {stage.schedule!r} (constant or cosine)")
-    horizon = stage.horizon or stage.steps
-    progress = min(1.0, (step - stage.warmup) / max(1, horizon - stage.warmup))
-    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_at(step + 1, peak=1.0, warmup=stage.warmup, horizon=stage.horizon or stage.steps,
+                 floor=stage.min_lr_ratio, cosine=stage.schedule == "cosine", decay_from_step_start=True)
 
 
 def _part(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def apply_stage(model: nn.Module, stage: Stage) -> dict[str, tuple[int, int]]:
+def apply_stage(model: nn.Module, stage: Stage, extra: Mapping[str, nn.Module] | None = None
+                ) -> dict[str, tuple[int, int]]:
     """Set requires_grad by prefix (the VQ tokenizer stays frozen whatever the stage says) and return
-    {part: (trainable params, total params)}, also logged."""
+    {part: (trainable params, total params)}, also logged. `extra`: parts that train alongside the
+    model without being in it, by name (the loss's REPA head, "repa_head")."""
     bad = [p for p in stage.trainable if any(p == f or p.startswith(f + ".") for f in ALWAYS_FROZEN)]
     if bad:
         raise ValueError(f"stage {stage.name}: {bad} must stay frozen (the VQ tokenizer is never trained)")
     counts: dict[str, list[int]] = {}
     matched = set()
-    for name, p in model.named_parameters():
+    named = itertools.chain(model.named_parameters(), *(m.named_parameters(prefix=k) for k, m in (extra or {}).items()))
+    for name, p in named:
         hit = [t for t in stage.trainable if name == t or name.startswith(t + ".")]
         matched.update(hit)
         p.requires_grad_(bool(hit))

@@ -28,17 +28,19 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.init import random_model
-from ..checkpoint.official import load_official
+from ..checkpoint.official import OfficialExtras, load_official_with_extras
 from ..config import PRESET_NAMES, preset, resolve_dtype
 from ..models.janus import JanusModel
 from . import parallel
 from .data.batch import IGNORE, TrainBatch
 from .checkpoints import export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
 from .config import DataContext, LoraSection, ModelSection, RunConfig
-from .flow import FlowSettings, attach_flow_training
-from .lora import apply_lora
-from .losses import KINDS, REPA, LossForward, label_counts
 from .data.packing import split_rows
+from .data.records import KINDS, SHORT
+from .flow import FlowSettings
+from .lora import apply_lora
+from .losses import REPA, LossForward, label_counts
+from .optim import decay_groups
 from .plot import plot_losses, read_metrics
 from .stages import Stage, apply_stage, lr_multiplier
 
@@ -120,7 +122,7 @@ def reduce_metrics(raw: dict[str, Any], step: int) -> dict[str, Any]:
     n = c[:3]
     m: dict[str, Any] = {"step": step, "loss": float(sums.sum() / n.sum().clamp(min=1))}
     for i, k in enumerate(KINDS):
-        m[f"loss_{k}"] = float(sums[i] / n[i]) if n[i] > 0 else None
+        m[f"loss_{SHORT[k]}"] = float(sums[i] / n[i]) if n[i] > 0 else None
     if raw.get("repa"):  # JanusFlow with REPA: loss_gen is then the RF term alone
         m["loss_repa"] = float(sums[REPA] / n[2]) if n[2] > 0 else None
     m.update(lr=raw["lr"], grad_norm=float(parallel.local(raw["grad_norm"])), loss_tokens=int(n.sum()),
@@ -131,34 +133,37 @@ def reduce_metrics(raw: dict[str, Any], step: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Building blocks of `train`
 
-def build_model(spec: ModelSection) -> JanusModel:
-    """float32 master weights from a checkpoint folder (official layout) or a preset's random init."""
+def build_model(spec: ModelSection) -> tuple[JanusModel, OfficialExtras]:
+    """float32 master weights from a checkpoint folder (official layout) or a preset's random init,
+    and the folder's unused official entries (for the export; none for a preset)."""
     p = Path(spec.source)
     if p.is_dir():
-        return load_official(p, torch.float32)
+        return load_official_with_extras(p, torch.float32)
     if spec.source in PRESET_NAMES:
-        return random_model(preset(spec.source), spec.seed)
+        return random_model(preset(spec.source), spec.seed), OfficialExtras()
     raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder, and not a preset "
                             f"({', '.join(PRESET_NAMES)})")
 
 
-def set_trainable(model: JanusModel, stage: Stage, lora: LoraSection, seed: int) -> None:
-    """The stage's parts (apply_stage), or with [lora] enabled LoRA adapters on an otherwise frozen
-    model: the stage then only gives the optimiser numbers, the schedule and the data ratios. The
-    adapters' init comes from `seed` alone, so every rank builds the same ones."""
+def set_trainable(loss: LossForward, stage: Stage, lora: LoraSection, seed: int) -> None:
+    """The stage's parts (apply_stage; the REPA head counts as the part "repa_head"), or with [lora]
+    enabled LoRA adapters on an otherwise frozen model and a frozen REPA head: the stage then only
+    gives the optimiser numbers, the schedule and the data ratios. The adapters' init comes from
+    `seed` alone, so every rank builds the same ones."""
+    head = {} if loss.repa_head is None else {"repa_head": loss.repa_head}
     if lora.enabled:
-        apply_lora(model, lora, seed=seed)
+        apply_lora(loss.model, lora, seed=seed)
+        for m in head.values():
+            m.requires_grad_(False)  # only the adapters train
     else:
-        apply_stage(model, stage)
+        apply_stage(loss.model, stage, extra=head)
 
 
-def build_optimizer(model: JanusModel, stage: Stage) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices and embeddings only (norm scales
-    and biases are not decayed, the usual practice; the papers decay only in Janus Stage III)."""
-    train = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for _, p in train if p.ndim >= 2], "weight_decay": stage.weight_decay},
-              {"params": [p for _, p in train if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+def build_optimizer(module: torch.nn.Module, stage: Stage) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (a LossForward's: the model's, then the REPA head's);
+    weight decay on matrices and embeddings only (norm scales and biases are not decayed, the usual
+    practice; the papers decay only in Janus Stage III)."""
+    groups = decay_groups(module, stage.weight_decay)
     if not groups:
         raise ValueError(f"stage {stage.name}: no trainable parameters")
     return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas)
@@ -174,7 +179,7 @@ def accumulation(stage: Stage, micro_batch_size: int, world: int) -> int:
     return accum
 
 
-def build_data(cfg: RunConfig, stage: Stage, model: JanusModel, grad_accum: int) -> DataSource:
+def build_data(cfg: RunConfig, stage: Stage, model: JanusModel, grad_accum: int, repa: bool = False) -> DataSource:
     """Call the [data] builder ("module:function") with the run's DataContext and the table's options."""
     mod, _, fn = cfg.data.builder.partition(":")
     try:
@@ -186,7 +191,7 @@ def build_data(cfg: RunConfig, stage: Stage, model: JanusModel, grad_accum: int)
     ctx = DataContext(ratio=stage.ratio, batch_size=stage.batch_size, grad_accum=grad_accum,
                       micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len, seed=cfg.train.seed,
                       rank=parallel.rank(), world=parallel.world(), model_config=model.config,
-                      source=cfg.model.source, model=model)
+                      source=cfg.model.source, model=model, repa=repa)
     return builder(ctx, **cfg.data.options)
 
 
@@ -215,29 +220,30 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
         ckpt = done[-1][1] if resume and done else None
         parallel.seed_everything(cfg.train.seed)
 
-        model = build_model(cfg.model)
-        if model.config.arch == "janusflow":
-            attach_flow_training(model, cfg.flow, seed=cfg.train.seed)
-        elif cfg.flow != FlowSettings():
+        model, extras = build_model(cfg.model)
+        flow = model.config.arch == "janusflow"
+        if not flow and cfg.flow != FlowSettings():
             raise ValueError(f"[flow] is for JanusFlow models; {cfg.model.source} is {model.config.arch}")
+        loss = LossForward(model, cfg.flow if flow else None, seed=cfg.train.seed)
         if prepare is not None:
             prepare(model)
-        set_trainable(model, stage, cfg.lora, cfg.train.seed)
+        set_trainable(loss, stage, cfg.lora, cfg.train.seed)
         if ckpt is not None:
-            load_weights(model, ckpt)
+            load_weights(loss, ckpt)
         model.llm.gradient_checkpointing = cfg.train.gradient_checkpointing
-        model.train()
-        wrapped = parallel.wrap(LossForward(model), cfg.train.parallel, blocks=list(model.llm.layers))
-        optimizer = build_optimizer(model, stage)
+        loss.train()
+        wrapped = parallel.wrap(loss, cfg.train.parallel, blocks=list(model.llm.layers))
+        optimizer = build_optimizer(loss, stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, stage))
         accum = accumulation(stage, cfg.train.micro_batch_size, info.world)
-        data = data if data is not None else build_data(cfg, stage, model, accum)
+        repa = loss.repa_head is not None
+        data = data if data is not None else build_data(cfg, stage, model, accum, repa)
         accum = 1 if getattr(data, "per_step", False) else accum  # a per-step source yields whole steps
-        step = restore_state(ckpt, model, optimizer, scheduler, data) if ckpt is not None else 0
+        step = restore_state(ckpt, loss, optimizer, scheduler, data) if ckpt is not None else 0
         step_cfg = StepConfig(grad_accum=accum, micro_rows=cfg.train.micro_batch_size,
                               n_und_tokens=model.config.vision.n_tokens, grad_clip=stage.grad_clip, device=info.device,
                               autocast=None if cfg.train.autocast == "none" else resolve_dtype(cfg.train.autocast),
-                              repa=getattr(model, "repa_head", None) is not None)
+                              repa=repa)
 
         metrics_path = out / "metrics.jsonl"
         history = [m for m in read_metrics(metrics_path) if m["step"] <= step] if ckpt is not None else []
@@ -265,11 +271,11 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
                         f.write(json.dumps(m) + "\n")
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             if step % cfg.train.save_every == 0 or step == stage.steps:
-                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, data, cfg)
+                save_checkpoint(ckpt_root, step, loss, optimizer, scheduler, data, cfg)
             bar.update(1)
         bar.close()
 
-        export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype),
+        export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype), extras,
                      adapter_only=cfg.lora.enabled and not cfg.lora.merge_on_export)
         if parallel.is_main() and cfg.train.plot:
             plot_losses(read_metrics(metrics_path), out / "loss.png", title=f"{stage.name} ({cfg.model.source})")

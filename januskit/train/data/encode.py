@@ -139,10 +139,12 @@ class SampleEncoder:
         self.image_id, self.boi, self.eoi = tok.image_id, tok.boi_id, tok.eoi_id
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, processor: Processor, **kw) -> "SampleEncoder":
+    def for_model(cls, model: torch.nn.Module, processor: Processor, *, repa: bool = False, **kw) -> "SampleEncoder":
+        """The encoder for `model`'s architecture; `repa`: JanusFlow trained with REPA (the loss has
+        h_phi), so generation samples also keep their image for the understanding encoder."""
         c = model.config
         if c.arch == "janusflow":
-            flow = FlowLayout(c.n_gen_tokens, c.vision.image_size, getattr(model, "repa_head", None) is not None)
+            flow = FlowLayout(c.n_gen_tokens, c.vision.image_size, repa)
             return cls(processor, None, flow=flow, **kw)
         return cls(processor, c.vq, **kw)
 

@@ -113,7 +113,7 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
     model = getattr(ctx, "model", None)
     flow = encode_latents = None
     if c.arch == "janusflow":
-        flow = FlowLayout(c.n_gen_tokens, c.vision.image_size, getattr(model, "repa_head", None) is not None)
+        flow = FlowLayout(c.n_gen_tokens, c.vision.image_size, ctx.repa)
         encode_latents = vae_encoder(vae, ctx.source)
     elif vae is not None:
         raise ValueError("[data] vae is for JanusFlow models")

@@ -30,7 +30,8 @@ from ...processing.tokenizer import IMAGE_TOKEN
 log = logging.getLogger(__name__)
 
 KINDS = ("understanding", "text", "generation")
-KIND_CODE = {k: i for i, k in enumerate(KINDS)}  # TrainBatch.kinds values
+KIND_CODE = {k: i for i, k in enumerate(KINDS)}  # TrainBatch.kinds values (and the loss's metric buckets)
+SHORT = dict(zip(KINDS, ("und", "text", "gen")))  # in metric names: loss_und, loss_text, loss_gen
 _FIELDS = {  # known fields each kind may carry; other known fields are an error, unknown ones are ignored
     "understanding": {"messages", "images", "system"},
     "text": {"messages", "text", "system"},

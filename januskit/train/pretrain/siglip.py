@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 from ...config import SigLIPConfig
 from ...models.siglip import Block, VisionTower
+from ..optim import decay_groups, lr_at
+from .common import check_grad_clip
 
 __all__ = ["SigLIPTrainConfig", "SigLIPPair", "TextTower", "caption_labels", "init_vision_tower",
            "refresh_center", "retrieval_accuracy", "sigmoid_loss", "tower_image_size", "train_siglip"]
@@ -60,7 +62,7 @@ class SigLIPTrainConfig:
     pool: str = "mean"  # vision head over patch features: "mean", "attn" (learned queries) or "flatten"
     # ("flatten" = one projection of all patches concatenated, i.e. a separate linear map per patch position)
     center: bool = True  # BatchNorm (no affine) on both pooled features before the projections; see SigLIPPair
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
     text_max_len: int | None = None  # captions are padded to this; None = longest caption given
     vocab_size: int | None = None  # text embedding rows; None = largest id given (or pad_id) + 1
     init_log_t: float = math.log(10.0)
@@ -321,22 +323,6 @@ def retrieval_accuracy(pair: SigLIPPair, pixels: torch.Tensor, captions: Sequenc
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def _lr_at(step: int, cfg: SigLIPTrainConfig) -> float:
-    """Linear warmup over `warmup` steps, then cosine to 0 at `steps` (step counts from 1)."""
-    if cfg.warmup > 0 and step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
-
-
-def _param_groups(pair: SigLIPPair, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in pair.named_parameters():
-        is_pos = name.endswith("pos_embed") or name == "text.pos"
-        (decay if p.ndim >= 2 and not is_pos else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _group_members(groups: Sequence[int] | None, n: int, batch_size: int) -> list[torch.Tensor] | None:
     if groups is None:
         return None
@@ -389,6 +375,7 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {n} training pairs")
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    check_grad_clip("SigLIPTrainConfig", cfg.grad_clip)
     if (eval_pixels is None) != (eval_captions is None):
         raise ValueError("eval_pixels and eval_captions must be given together")
     all_caps = list(captions) + list(eval_captions or [])
@@ -411,7 +398,8 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
     ids: dict[tuple[int, ...], int] = {}
     cid = torch.tensor([ids.setdefault(tuple(c), len(ids)) for c in captions])  # equal captions, equal id
 
-    opt = torch.optim.AdamW(_param_groups(pair, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    no_decay = lambda name: name.endswith("pos_embed") or name == "text.pos"  # noqa: E731 (positions, like norms)
+    opt = torch.optim.AdamW(decay_groups(pair, cfg.weight_decay, no_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     members = _group_members(groups, n, cfg.batch_size)
     ref = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 2))[: 4 * cfg.batch_size]
@@ -426,7 +414,7 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
             order, pos = _epoch_order(members, n, g), 0
         idx = order[pos: pos + cfg.batch_size]
         pos += cfg.batch_size
-        lr = _lr_at(step, cfg)
+        lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup, horizon=cfg.steps)  # cosine to 0 at the last step
         for group in opt.param_groups:
             group["lr"] = lr
 
@@ -436,7 +424,7 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
         loss = sigmoid_loss(img, txt, pair.log_t, pair.bias, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(pair.parameters(), cfg.grad_clip)
         opt.step()
 

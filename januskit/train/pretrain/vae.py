@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ...models.vae import LatentVAE
-from .vq import RANGE_TOL, VQTrainConfig
+from .common import WarmupCosine
+from .vq import RANGE_TOL
 
 log = logging.getLogger("januskit.train.vae")
 
 
 @dataclass(frozen=True, kw_only=True)
-class VAETrainConfig:
+class VAETrainConfig(WarmupCosine):
     # Defaults: mini_vae_config() on 64x64 world images in ~3.5 minutes on one CPU thread (~0.3 s/step);
     # lr 1e-3 and 4e-3 both did worse than 2e-3 at this budget.
     steps: int = 600
@@ -57,20 +58,10 @@ class VAETrainConfig:
     log_every: int = 25  # metrics are means over each window of this many steps
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"VAETrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"VAETrainConfig.lr must be > 0, got {self.lr}")
-        if self.warmup < 0:
-            raise ValueError(f"VAETrainConfig.warmup must be >= 0, got {self.warmup}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"VAETrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.check_run()
         for name in ("kl_weight", "l1_weight", "l2_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"VAETrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-
-    lr_at = VQTrainConfig.lr_at  # the same schedule: linear warm-up, then cosine to lr * min_lr_ratio
 
 
 def check_vae_images(images: torch.Tensor, vae: LatentVAE) -> None:

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ...models.vq import VQModel
+from ..optim import decay_groups
+from .common import WarmupCosine
 
 log = logging.getLogger("januskit.train.vq")
 
@@ -39,7 +41,7 @@ RANGE_TOL = 1e-3  # slack on the [-1, 1] input range check (float rounding of x 
 
 
 @dataclass(frozen=True, kw_only=True)
-class VQTrainConfig:
+class VQTrainConfig(WarmupCosine):
     # Defaults: the miniature preset (64x64, 512 codes) in ~5 minutes on one CPU thread (~0.6 s/step).
     steps: int = 500
     batch_size: int = 16  # at a fixed compute budget, more small steps beat fewer large ones here
@@ -59,26 +61,11 @@ class VQTrainConfig:
     log_every: int = 50  # metrics are means over each window of this many steps
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"VQTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"VQTrainConfig.lr must be > 0, got {self.lr}")
-        if self.warmup < 0:
-            raise ValueError(f"VQTrainConfig.warmup must be >= 0, got {self.warmup}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"VQTrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.check_run()
         if not 0.0 <= self.restart_until <= 1.0:
             raise ValueError(f"VQTrainConfig.restart_until must be in [0, 1], got {self.restart_until}")
         if self.restart_after is not None and self.restart_after < 1:
             raise ValueError(f"VQTrainConfig.restart_after must be >= 1 or None, got {self.restart_after}")
-
-    def lr_at(self, step: int) -> float:
-        """lr for 1-based `step`: linear warm-up, then cosine to lr * min_lr_ratio at `steps`."""
-        if step <= self.warmup:
-            return self.lr * step / self.warmup
-        t = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 @dataclass
@@ -134,15 +121,6 @@ def check_images(images: torch.Tensor, model: VQModel) -> None:
                          f"{hi:.4g}]): looks like [0, 1] pixels; convert with x * 2 - 1 or to_gen_pixels")
 
 
-def _param_groups(model: VQModel, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and not name.startswith("quantize.") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def _restart_dead(model: VQModel, opt: torch.optim.Optimizer, out: VQForward, dead: torch.Tensor,
                   gen: torch.Generator) -> int:
@@ -187,7 +165,8 @@ def train_vq(model: VQModel, images: torch.Tensor, cfg: VQTrainConfig, progress:
 
     gen = torch.Generator().manual_seed(cfg.seed)  # batch order
     rgen = torch.Generator().manual_seed(cfg.seed + 1)  # restarts
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    groups = decay_groups(model, cfg.weight_decay, exempt=lambda name: name.startswith("quantize."))  # not the codebook
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
     params = [p for g in opt.param_groups for p in g["params"]]
     last_used = torch.zeros(K, dtype=torch.long)  # step a code was last assigned (0 = at start)
     restart_stop = int(cfg.restart_until * cfg.steps)

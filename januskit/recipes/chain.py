@@ -1,0 +1,79 @@
+"""What the recipes share: a chain of training stages, each in its own work folder and skipped once
+done (so an interrupted build continues where it stopped), and the final export and evaluation."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.official import load_official_with_extras, save_janus
+from ..train.config import RunConfig
+
+log = logging.getLogger("januskit.world")
+
+DONE = "RECIPE_DONE"  # written last into a finished step's folder
+
+
+def done(folder: Path) -> bool:
+    return (folder / DONE).is_file()
+
+
+def mark_done(folder: Path) -> None:
+    (folder / DONE).write_text("")
+
+
+def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[Path, Path], RunConfig]]],
+               times: dict[str, float]) -> Path:
+    """Train each (name, config) in turn into work/name, from the previous stage's output (the first
+    from `source`); config(source, out) gives the run. A finished folder is kept; an unfinished one
+    restarts (stages are minutes long). Each stage's seconds go into `times`; returns the last folder."""
+    from ..train.trainer import train
+
+    for name, config in stages:
+        dst = work / name
+        t = time.perf_counter()
+        if not done(dst):
+            if dst.exists():
+                shutil.rmtree(dst)
+            cfg = config(source, dst)
+            s = cfg.resolved_stage()
+            log.info("recipe: %s (%s, %d steps x %d samples, lr %g)", name, s.name, s.steps, s.batch_size, s.lr)
+            train(cfg)
+            shutil.rmtree(dst / "checkpoints", ignore_errors=True)  # optimiser states: not needed downstream
+            mark_done(dst)
+        times[name] = time.perf_counter() - t
+        source = dst
+    return source
+
+
+def export_and_evaluate(source: Path, out: Path, world: Path, recipe_json: dict[str, Any], *,
+                        dtype: torch.dtype = torch.float32, evaluate_model: bool = True, eval_settings: Any = None,
+                        label: str = "recipe") -> Path:
+    """The last stage's model in `dtype` into `out`, with its side files (tokenizer, processor
+    configs, ...), its unused official entries and recipe.json; then, with `evaluate_model`, the
+    world evaluation (eval.json, and logged). Returns `out`."""
+    model, extras = load_official_with_extras(source, torch.float32)
+    save_janus(model.to(dtype), out, copy_from=source, extras=extras, overwrite=True,
+               files={"recipe.json": json.dumps(recipe_json, indent=1, default=str) + "\n"})
+    if evaluate_model:
+        import januskit
+        from ..eval.world import EvalSettings, evaluate, format_report
+
+        rep = evaluate(januskit.load(out), world, eval_settings or EvalSettings(), progress=True)
+        (out / "eval.json").write_text(json.dumps(_summary(rep), indent=1) + "\n")
+        log.info("%s: evaluation\n%s", label, format_report(rep))
+    return out
+
+
+def _summary(rep) -> dict[str, Any]:
+    """The report without per-item records (those go to the eval command's --json)."""
+    d = rep.to_json()
+    for k in ("generation", "understanding"):
+        d[k] = {a: b for a, b in d[k].items() if a != "records"}
+    return d
