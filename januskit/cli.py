@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_world_write(args: argparse.Namespace) -> int:
     from .world.dataset import write_world
 
-    root = write_world(args.dir, seed=args.seed, scale=args.scale, overwrite=args.overwrite)
+    root = write_world(args.dir, seed=args.seed, scale=args.scale, overwrite=args.overwrite, captions=args.captions)
     print(json.dumps(json.loads((root / "world.json").read_text())["counts"], indent=1))
     print(f"wrote the miniature world (seed {args.seed}) to {root}")
     return 0
@@ -200,6 +200,27 @@ def cmd_world_ablation(args: argparse.Namespace) -> int:
     table = run_ablation(args.work, only=args.only, smoke=args.smoke, threads=args.threads, base=args.base,
                          steps=args.steps)
     print(table)
+    return 0
+
+
+def cmd_world_overfit(args: argparse.Namespace) -> int:
+    from .recipes.overfit import OverfitPlan, overfit
+
+    _log_to_stderr()
+    plan = OverfitPlan(scenes=args.scenes, steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads)
+    rep = overfit(args.model or DEFAULT_MODEL, args.work, plan)
+    print(json.dumps({k: rep[k] for k in ("generation", "understanding", "final_losses", "seconds")}, indent=1))
+    return 0
+
+
+def cmd_world_scaling(args: argparse.Namespace) -> int:
+    from .recipes.scaling import Study, run_study
+
+    _log_to_stderr()
+    study = Study(sizes=tuple(args.sizes.split(",")), budgets=tuple(int(b) for b in args.budgets.split(",")),
+                  threads=args.threads, seed=args.seed)
+    for row in run_study(args.work, args.components or DEFAULT_MODEL, study):
+        print(json.dumps({k: row[k] for k in ("size", "step", "samples", "geneval", "qa")}))
     return 0
 
 
@@ -328,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="size of the train split relative to the default")
+    p.add_argument("--captions", default="v1", help="the train split's captions: v1 (GenEval's templates and scene "
+                   "descriptions, the default model's recipe) or v2 (also colour with position, counts with colours, "
+                   "partial descriptions, in varied wording: januskit/world/captions.py)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_world_write)
     p = wsub.add_parser("build", help="train the default model from scratch: world, SigLIP, VQ, LLM, 3 stages")
@@ -357,6 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
     p.set_defaults(func=cmd_world_ablation)
+    p = wsub.add_parser("overfit", help="can the stack learn binding: memorise a few scenes, score them")
+    p.add_argument("--model", default=None, help="starting model (default: the bundled default model)")
+    p.add_argument("--work", default="runs/overfit")
+    p.add_argument("--scenes", type=int, default=256)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_world_overfit)
+    p = wsub.add_parser("scaling", help="GenEval / QA / loss against samples seen, for several LLM sizes")
+    p.add_argument("--work", default="runs/scaling", help="study folder (a rerun continues from it)")
+    p.add_argument("--components", default=None, help="model whose SigLIP, VQ and tokenizer every size starts "
+                   "from (default: the bundled default model)")
+    p.add_argument("--sizes", default="S,M,L", help="LLM sizes of januskit.recipes.scaling.SIZES")
+    p.add_argument("--budgets", default="500,1000,2000", help="steps (x 32 samples) at which to evaluate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_world_scaling)
 
     for name, help_ in (("serve", "OpenAI-style HTTP API (chat completions, image generations) with the web UI at /ui"),
                         ("ui", "the web UI (Gradio) and the API: same as serve, the UI required")):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from januskit.checkpoint.init import preset_pipeline_parts
+from januskit.models.llama import PackedSegments
 from januskit.pipelines.janus import JanusPipeline
 from januskit.processing.chat import SYSTEM_PROMPT, Message
 from januskit.processing.image import to_gen_pixels
@@ -421,7 +422,16 @@ def mixed_samples(dataset, parts) -> list:
     return out
 
 
-def test_packed_forward_equals_each_sample_alone(dataset, parts):
+@pytest.fixture(params=["mask", "segments"])
+def packed_attention(request, parts):
+    """train.attention: the packed rows' (T, T) mask, or each sample attended alone (models.llama.PackedSegments)."""
+    llm = parts[0].llm
+    llm.packed_attention = request.param
+    yield request.param
+    llm.packed_attention = "mask"
+
+
+def test_packed_forward_equals_each_sample_alone(dataset, parts, packed_attention):
     model, proc = parts
     samples = mixed_samples(dataset, parts)
     ctx = 400
@@ -429,6 +439,7 @@ def test_packed_forward_equals_each_sample_alone(dataset, parts):
     assert batch.input_ids.shape == (batch.input_ids.shape[0], ctx) and batch.input_ids.shape[0] < len(samples)
     assert batch.pixel_values.shape[0] == sum(len(s.pixel_values) for s in samples if s.pixel_values is not None)
     llm = model.language_model.model
+    assert PackedSegments.of(batch.doc_ids) is not None  # samples back to back, padding last: segments apply
     with torch.no_grad():
         h = llm.forward_packed(model.mixed_embeds(batch.input_ids, batch.und_mask, batch.pixel_values,
                                                   batch.gen_mask, batch.gen_ids), batch.positions, batch.doc_ids)[0]
@@ -462,6 +473,38 @@ def test_packed_forward_equals_each_sample_alone(dataset, parts):
     micro = split_rows(batch, 1, proc.n_image_tokens)
     assert sum(m.input_ids.shape[0] for m in micro) == batch.input_ids.shape[0]
     assert torch.equal(torch.cat([m.pixel_values for m in micro if m.pixel_values is not None]), batch.pixel_values)
+
+
+def test_segment_attention_gradients_equal_the_mask_and_odd_rows_fall_back(dataset, parts):
+    """train.attention = "segments": the same gradients as the packed mask (float32 rounding) with the padding
+    slots left out of the decoder; a row that is not samples back to back followed by padding (hidden slots)
+    keeps the mask."""
+    model, proc = parts
+    batch = pack(mixed_samples(dataset, parts), 400, pad_id=proc.pad_id)
+    llm = model.llm
+    assert PackedSegments.of(batch.doc_ids) is not None and (batch.doc_ids < 0).any()
+    grads = {}
+    for mode in ("mask", "segments"):
+        llm.packed_attention = mode
+        model.zero_grad()
+        try:
+            h = model.mixed_embeds(batch.input_ids, batch.und_mask, batch.pixel_values, batch.gen_mask, batch.gen_ids)
+            hidden, _ = llm.forward_packed(h, batch.positions, batch.doc_ids)
+            hidden[batch.doc_ids >= 0].square().mean().backward()
+        finally:
+            llm.packed_attention = "mask"
+        grads[mode] = {n: p.grad.clone() for n, p in llm.named_parameters() if p.grad is not None}
+    assert grads["mask"].keys() == grads["segments"].keys() and len(grads["mask"]) > 4
+    for n, g in grads["mask"].items():
+        torch.testing.assert_close(grads["segments"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    hidden_slot = torch.tensor([[0, 0, -1, 0, 1, -1]])  # a dropped flow prompt: a hidden slot inside sample 0
+    assert PackedSegments.of(hidden_slot) is None
+    seg = PackedSegments.of(torch.tensor([[0, 0, 1, 2, 2, 2], [-1] * 6, [0, 0, 0, 1, -1, -1]]))
+    assert seg.keep.tolist() == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15]  # the real slots, as one sequence
+    # samples of lengths 2, 1, 3, 3, 1 -> groups of similar length, longest first: (3, 3), (2, 2), (1, 1) x 2
+    assert seg.sizes == [(2, 3), (1, 2), (2, 1)]
+    assert seg.index.tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2, 9]  # packed positions, group by group
+    assert PackedSegments.of(torch.full((2, 4), -1)) is None  # nothing but padding: the mask path
 
 
 def test_packing_efficiency_first_fit_and_too_long(parts, encoder):

@@ -119,6 +119,18 @@ def test_ddp_matches_single_process(single, tmp_path):
     assert st["world"] == 2 and [x["data"]["index"] for x in st["ranks"]] == [r + 2 * 2 * STEPS for r in (0, 1)]
 
 
+def test_spawned_ranks_match_single_process(single, tmp_path):
+    """parallel.spawn (what the recipe's `ranks` uses instead of torchrun) runs the same DDP training; a rank
+    that fails raises in the caller instead of hanging."""
+    from januskit.train import parallel
+
+    out = tmp_path / "spawned"
+    parallel.spawn(train, 2, run_config(out, stage="janus-pro/3", steps=STEPS, lr=LR, parallel="ddp", threads=1))
+    assert_same_training(single, out)
+    with pytest.raises(RuntimeError, match="failed"):
+        parallel.spawn(os.chdir, 2, str(tmp_path / "nowhere"))
+
+
 def test_fsdp2_matches_single_process(single, fsdp):
     assert_same_training(single, fsdp)
 

@@ -29,10 +29,12 @@ def mark_done(folder: Path) -> None:
 
 
 def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[Path, Path], RunConfig]]],
-               times: dict[str, float]) -> Path:
+               times: dict[str, float], ranks: int = 1) -> Path:
     """Train each (name, config) in turn into work/name, from the previous stage's output (the first
     from `source`); config(source, out) gives the run. A finished folder is kept; an unfinished one
-    restarts (stages are minutes long). Each stage's seconds go into `times`; returns the last folder."""
+    restarts (stages are minutes long). Each stage's seconds go into `times`; returns the last folder.
+    `ranks` > 1: each stage runs as that many data-parallel processes (train.parallel.spawn)."""
+    from ..train import parallel
     from ..train.trainer import train
 
     for name, config in stages:
@@ -44,7 +46,10 @@ def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[P
             cfg = config(source, dst)
             s = cfg.resolved_stage()
             log.info("recipe: %s (%s, %d steps x %d samples, lr %g)", name, s.name, s.steps, s.batch_size, s.lr)
-            train(cfg)
+            if ranks > 1:
+                parallel.spawn(train, ranks, cfg)
+            else:
+                train(cfg)
             shutil.rmtree(dst / "checkpoints", ignore_errors=True)  # optimiser states: not needed downstream
             mark_done(dst)
         times[name] = time.perf_counter() - t

@@ -78,6 +78,11 @@ class Recipe:
     micro_batch_size: int = 8
     threads: int = 1
     autocast: str = "bfloat16"  # LLM stages under bf16 autocast (fp32 master weights): 2x the tokens/s of fp32 here
+    attention: str = "mask"  # packed-row attention of the LLM stages (train.attention): "mask" or "segments"
+    compile: str = "none"  # torch.compile in the LLM stages (train.compile): "none" or "layers"
+    keep_memory: bool = False  # LLM stages keep freed memory in the process (train.keep_memory; glibc only)
+    fused_optimizer: bool = False  # LLM stages with AdamW's fused kernel (train.fused_optimizer)
+    ranks: int = 1  # data-parallel processes of the LLM stages (DDP, gloo; `threads` each); 1 = in this process
     export_dtype: str = "bfloat16"
 
     def smoke(self) -> "Recipe":
@@ -182,7 +187,9 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
         "model": {"source": str(source)},
         "stage": stage,
         "train": {"out": str(out), "micro_batch_size": r.micro_batch_size, "seq_len": r.seq_len,
-                  "threads": r.threads, "autocast": r.autocast, "seed": r.seed, "log_every": 10, "save_every": 100, "keep_last": 1,
+                  "threads": r.threads, "autocast": r.autocast, "attention": r.attention, "compile": r.compile,
+                  "keep_memory": r.keep_memory, "fused_optimizer": r.fused_optimizer,
+                  "seed": r.seed, "log_every": 10, "save_every": 100, "keep_last": 1,
                   "export_dtype": "float32", "progress": True},
         "data": {"builder": "januskit.train.data.loader:build", "understanding": str(train / "understanding.jsonl"),
                  "text": str(train / "text.jsonl"), "generation": str(train / "generation-vq.jsonl"), "prefetch": 1},
@@ -214,7 +221,7 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     times["components"] = time.perf_counter() - t
 
     stages = [(p.name, lambda src, dst, p=p: stage_config(p, src, dst, world, recipe)) for p in recipe.stages]
-    source = run_stages(work, comp, stages, times)
+    source = run_stages(work, comp, stages, times, ranks=recipe.ranks)
     # The last stage in the export dtype; its side files (tokenizer, processor configs, components.json) come along.
     return export_and_evaluate(source, out, world, _recipe_json(recipe, times),
                                dtype=getattr(torch, recipe.export_dtype), evaluate_model=evaluate_model,

@@ -22,6 +22,9 @@ from .flow import FlowSettings
 from .lora import LoraSettings
 from .stages import Stage, get_stage
 
+ATTENTION = ("mask", "segments")
+COMPILE = ("none", "layers")
+
 
 @dataclass(kw_only=True)
 class ModelSection:
@@ -45,6 +48,13 @@ class TrainSection:
     parallel: str = "auto"  # "auto" (ddp when launched with torchrun), "none", "ddp" or "fsdp"
     autocast: str = "none"  # "none" (float32) or "bfloat16"; master weights and optimizer stay float32
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (memory for time)
+    attention: str = "mask"  # packed rows: "mask" (one (T, T) mask per row) or "segments" (each sample alone; same
+    # math, other rounding, several times less attention work for short samples on CPU: models.llama.PackedSegments)
+    compile: str = "none"  # "none", or "layers": torch.compile each decoder layer (dynamic shapes; compiles on the
+    # first steps, then fuses the norm / RoPE / SwiGLU elementwise work; attention with "segments" stays eager)
+    keep_memory: bool = False  # glibc: keep freed memory in the process (no per-buffer mmap below 32 MB, no trimming),
+    # so CPU steps stop page-faulting fresh activation buffers; the resident size stays at its peak
+    fused_optimizer: bool = False  # AdamW's fused kernel (about 3x faster on CPU than the default; other rounding)
     threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 keeps torch's default
     seed: int = 0  # torch / numpy / python RNG seed, offset by rank
     log_every: int = 10  # steps between metrics lines (each costs a host sync)
@@ -53,6 +63,12 @@ class TrainSection:
     export_dtype: str = "bfloat16"  # dtype of the final model folder ("float32" keeps the exact weights)
     plot: bool = True  # write loss.png at the end
     progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
 
 
 @dataclass(kw_only=True)

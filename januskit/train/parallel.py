@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -219,6 +219,44 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Every rank passes the full state; each keeps its own shard."""
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def spawn(fn: Callable[..., Any], ranks: int, *args: Any) -> None:
+    """Run `fn(*args)` in `ranks` fresh processes that join one group, as `torchrun --nproc-per-node ranks`
+    would start them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR / MASTER_PORT on a free local port): e.g.
+    `spawn(train, 2, cfg)` for two data-parallel ranks of one run (gloo on CPU, one thread each unless
+    train.threads says otherwise). `fn` and `args` must be picklable. Raises if a rank fails; the others
+    are then stopped (they would wait for it in a collective forever)."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_spawned, args=(rank, ranks, port, fn, args)) for rank in range(ranks)]
+    for p in procs:
+        p.start()
+    while any(p.is_alive() for p in procs):
+        if any(p.exitcode not in (None, 0) for p in procs):
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.join()
+    failed = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode != 0}
+    if failed:
+        raise RuntimeError(f"spawn: rank(s) failed with exit codes {failed} (see their output above)")
+
+
+def _spawned(rank: int, ranks: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(*args)
 
 
 def teardown() -> None:

@@ -14,6 +14,7 @@ model in the official layout, or only the adapter files when lora.merge_on_expor
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import logging
@@ -159,14 +160,15 @@ def set_trainable(loss: LossForward, stage: Stage, lora: LoraSection, seed: int)
         apply_stage(loss.model, stage, extra=head)
 
 
-def build_optimizer(module: torch.nn.Module, stage: Stage) -> torch.optim.AdamW:
+def build_optimizer(module: torch.nn.Module, stage: Stage, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (a LossForward's: the model's, then the REPA head's);
     weight decay on matrices and embeddings only (norm scales and biases are not decayed, the usual
-    practice; the papers decay only in Janus Stage III)."""
+    practice; the papers decay only in Janus Stage III). `fused`: PyTorch's fused kernel (one pass over
+    each tensor; other rounding than the default multi-tensor one)."""
     groups = decay_groups(module, stage.weight_decay)
     if not groups:
         raise ValueError(f"stage {stage.name}: no trainable parameters")
-    return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas)
+    return torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, **({"fused": True} if fused else {}))
 
 
 def accumulation(stage: Stage, micro_batch_size: int, world: int) -> int:
@@ -199,6 +201,75 @@ def _write_metrics(path: Path, lines: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(m) + "\n" for m in lines))
 
 
+def keep_freed_memory() -> bool:
+    """glibc's malloc: serve allocations below 32 MB from the heap instead of fresh mmaps and never give the
+    heap back (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), for the rest of the process. PyTorch has no
+    caching allocator on CPU, so otherwise every large activation or gradient buffer of every step is a new
+    mapping whose pages fault in on first touch. False where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+@dataclass
+class Run:
+    """What a stage's steps need, built by `build_run` (`train` runs them; bench/bench_train_step.py times them)."""
+
+    stage: Stage
+    model: JanusModel
+    extras: OfficialExtras
+    loss: LossForward  # the objective around `model` (its state dict is what checkpoints hold)
+    wrapped: torch.nn.Module  # what train_step calls: `loss`, wrapped for DDP / FSDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: DataSource
+    step_cfg: StepConfig
+    step: int  # steps already done (resumed from `ckpt`), else 0
+
+
+def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | None = None,
+              prepare: Callable[[JanusModel], None] | None = None) -> Run:
+    """Seed, build the model, its trainable parts, the wrapper, optimizer, schedule and data, and restore
+    `ckpt` when given (parallel.init first). `data`, `prepare`: as for `train`."""
+    info = parallel.info()
+    stage = cfg.resolved_stage()
+    if cfg.train.keep_memory and not keep_freed_memory():
+        log.warning("train.keep_memory: not glibc (no mallopt); ignored")
+    parallel.seed_everything(cfg.train.seed)
+    model, extras = build_model(cfg.model)
+    flow = model.config.arch == "janusflow"
+    if not flow and cfg.flow != FlowSettings():
+        raise ValueError(f"[flow] is for JanusFlow models; {cfg.model.source} is {model.config.arch}")
+    loss = LossForward(model, cfg.flow if flow else None, seed=cfg.train.seed)
+    if prepare is not None:
+        prepare(model)
+    set_trainable(loss, stage, cfg.lora, cfg.train.seed)
+    if ckpt is not None:
+        load_weights(loss, ckpt)
+    model.llm.gradient_checkpointing = cfg.train.gradient_checkpointing
+    model.llm.packed_attention = cfg.train.attention
+    if cfg.train.compile == "layers":  # each decoder layer (the same code, fused); batch shapes vary, so dynamic
+        for layer in model.llm.layers:
+            layer.compile(dynamic=True)
+    loss.train()
+    wrapped = parallel.wrap(loss, cfg.train.parallel, blocks=list(model.llm.layers))
+    optimizer = build_optimizer(loss, stage, fused=cfg.train.fused_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, stage))
+    accum = accumulation(stage, cfg.train.micro_batch_size, info.world)
+    repa = loss.repa_head is not None
+    data = data if data is not None else build_data(cfg, stage, model, accum, repa)
+    accum = 1 if getattr(data, "per_step", False) else accum  # a per-step source yields whole steps
+    step = restore_state(ckpt, loss, optimizer, scheduler, data) if ckpt is not None else 0
+    step_cfg = StepConfig(grad_accum=accum, micro_rows=cfg.train.micro_batch_size,
+                          n_und_tokens=model.config.vision.n_tokens, grad_clip=stage.grad_clip, device=info.device,
+                          autocast=None if cfg.train.autocast == "none" else resolve_dtype(cfg.train.autocast),
+                          repa=repa)
+    return Run(stage, model, extras, loss, wrapped, optimizer, scheduler, data, step_cfg, step)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = False,
@@ -218,32 +289,10 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
             raise FileExistsError(f"{out}: holds checkpoints up to step {done[-1][0]}; pass --resume "
                                   "(resume=True) to continue, or choose another output folder")
         ckpt = done[-1][1] if resume and done else None
-        parallel.seed_everything(cfg.train.seed)
-
-        model, extras = build_model(cfg.model)
-        flow = model.config.arch == "janusflow"
-        if not flow and cfg.flow != FlowSettings():
-            raise ValueError(f"[flow] is for JanusFlow models; {cfg.model.source} is {model.config.arch}")
-        loss = LossForward(model, cfg.flow if flow else None, seed=cfg.train.seed)
-        if prepare is not None:
-            prepare(model)
-        set_trainable(loss, stage, cfg.lora, cfg.train.seed)
-        if ckpt is not None:
-            load_weights(loss, ckpt)
-        model.llm.gradient_checkpointing = cfg.train.gradient_checkpointing
-        loss.train()
-        wrapped = parallel.wrap(loss, cfg.train.parallel, blocks=list(model.llm.layers))
-        optimizer = build_optimizer(loss, stage)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, stage))
-        accum = accumulation(stage, cfg.train.micro_batch_size, info.world)
-        repa = loss.repa_head is not None
-        data = data if data is not None else build_data(cfg, stage, model, accum, repa)
-        accum = 1 if getattr(data, "per_step", False) else accum  # a per-step source yields whole steps
-        step = restore_state(ckpt, loss, optimizer, scheduler, data) if ckpt is not None else 0
-        step_cfg = StepConfig(grad_accum=accum, micro_rows=cfg.train.micro_batch_size,
-                              n_und_tokens=model.config.vision.n_tokens, grad_clip=stage.grad_clip, device=info.device,
-                              autocast=None if cfg.train.autocast == "none" else resolve_dtype(cfg.train.autocast),
-                              repa=repa)
+        run = build_run(cfg, ckpt=ckpt, data=data, prepare=prepare)
+        stage, model, loss, data, step = run.stage, run.model, run.loss, run.data, run.step
+        optimizer, scheduler = run.optimizer, run.scheduler
+        accum = run.step_cfg.grad_accum
 
         metrics_path = out / "metrics.jsonl"
         history = [m for m in read_metrics(metrics_path) if m["step"] <= step] if ckpt is not None else []
@@ -259,7 +308,7 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
                    disable=not (parallel.is_main() and cfg.train.progress))
         t0, tokens = time.perf_counter(), 0
         while step < stage.steps:
-            raw = train_step(wrapped, batches, optimizer, scheduler, step_cfg)
+            raw = train_step(run.wrapped, batches, optimizer, scheduler, run.step_cfg)
             step += 1
             tokens += int(raw["counts"][3])
             if step % cfg.train.log_every == 0 or step == stage.steps:
@@ -275,7 +324,7 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
             bar.update(1)
         bar.close()
 
-        export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype), extras,
+        export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype), run.extras,
                      adapter_only=cfg.lora.enabled and not cfg.lora.merge_on_export)
         if parallel.is_main() and cfg.train.plot:
             plot_losses(read_metrics(metrics_path), out / "loss.png", title=f"{stage.name} ({cfg.model.source})")

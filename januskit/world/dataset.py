@@ -8,6 +8,13 @@
 Held-out combinations: a few colour-object pairs (for colour attribution) and a few side-by-side
 shape layouts (for position) never occur together in any train or validation image, caption or
 question; half of the test split's colour-attribution and position prompts use them.
+
+`captions` chooses the train split's generation captions: "v1" (the default: GenEval's six templates
+and full scene descriptions, the same bytes as always) or "v2" / a caption mix (`captions.py`: also
+captions written the way people write prompts, in varied wording). Validation and test never change.
+Only the generation pairs differ: the understanding and text files are those of the v1 world. The
+per-sample draws (`generation_pair`, `understanding_item`, `text_item`) are shared with the
+fresh-scenes training source (januskit.train.data.fresh).
 """
 from __future__ import annotations
 
@@ -19,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint.io import atomic_folder
+from .captions import CaptionMix, caption_mix, draw_caption
 from .prompts import CATEGORIES, GEN_KINDS, Prompt, describe, sample_prompt, scene_for, scene_to_json
-from .questions import ALL_QTYPES, QTYPES, ask, ask_some
+from .questions import ALL_QTYPES, QTYPES, Question, ask, ask_some
 from .render import render
-from .scene import COLOUR_NAMES, SHAPES, Scene, random_scene, relation
+from .scene import COLOUR_NAMES, SHAPES, Obj, Scene, random_scene, relation
 
 _SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
 
@@ -49,6 +57,22 @@ class HeldOut:
                 (s2, {"right of": "left of", "below": "above"}[p.relation], s1)
             return layout in self.layouts
         return False
+
+    def mentioned_by(self, p: Prompt) -> bool:
+        """Does the caption itself name a held-out combination, of any category: two coloured objects of a
+        held-out pair, or two shapes in a held-out layout (by a relation, or by the cells it names)?"""
+        if p.scene is not None:
+            return self.violated_by(p.scene)
+        for a, b in itertools.combinations(p.items, 2):
+            if a[0] is not None and b[0] is not None and frozenset({a, b}) in self.colour_pairs:
+                return True
+        rels = []
+        if p.relation is not None:
+            rels.append((p.items[0][1], p.relation, p.items[1][1]))
+        named = [Obj(s, "red", k) for (_, s), k in zip(p.items, p.cells or ()) if k is not None]
+        rels += [(a.shape, relation(a, b), b.shape) for a, b in itertools.permutations(named, 2) if relation(a, b)]
+        flip = {"right of": "left of", "below": "above"}
+        return any(((s1, r, s2) if r not in flip else (s2, flip[r], s1)) in self.layouts for s1, r, s2 in rels)
 
 
 def held_out(seed: int = 1234) -> HeldOut:
@@ -80,6 +104,41 @@ def _gen_pair(rng: np.random.Generator) -> tuple[Prompt, Scene]:
     return p, scene_for(p, rng)
 
 
+def training_pair(rng: np.random.Generator, held: HeldOut,
+                  captions: str | dict | CaptionMix = "v1") -> tuple[Prompt, Scene]:
+    """A generation (caption, scene) pair as the train split draws them, held-out combinations excluded."""
+    return generation_pair(rng, held, "train", captions)
+
+
+def generation_pair(rng: np.random.Generator, held: HeldOut, split: str = "train",
+                    captions: str | dict | CaptionMix = "v1") -> tuple[Prompt, Scene]:
+    """One generation (caption, scene) pair of `split`; "v1" captions draw exactly as they always have."""
+    if isinstance(captions, str) and captions == "v1":
+        return _allowed(rng, _gen_pair, held, split, scene_of=lambda x: x[1])
+    mix = caption_mix(captions)
+    while True:  # neither the image nor the caption may show a held-out combination
+        p, s = draw_caption(rng, mix)
+        if split == "test" or not (held.violated_by(s) or held.mentioned_by(p)):
+            return p, s
+
+
+def understanding_item(rng: np.random.Generator, held: HeldOut, split: str = "train",
+                       turns: int = 3) -> tuple[Scene, list[Question]]:
+    """A scene and up to `turns` questions about it, as `split`'s understanding conversations draw them."""
+    s = _allowed(rng, random_scene, held, split)
+    return s, ask_some(s, rng, turns)
+
+
+def text_item(rng: np.random.Generator, held: HeldOut, split: str = "train") -> str:
+    """A text document as `split` draws them."""
+    return text_document(_allowed(rng, random_scene, held, split), rng)
+
+
+def training_scene(rng: np.random.Generator, held: HeldOut) -> Scene:
+    """A random scene as the train split draws them, held-out combinations excluded."""
+    return _allowed(rng, random_scene, held, "train")
+
+
 def conversation(qs, image: str) -> dict:
     msgs = []
     for i, q in enumerate(qs):
@@ -94,7 +153,8 @@ def text_document(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def write_split(root: Path, split: str, seed: int, held: HeldOut, *, n_gen: int, n_und: int, n_text: int,
-                turns: int = 3, n_prompts: int = 0, n_questions: int = 0) -> dict[str, int]:
+                turns: int = 3, n_prompts: int = 0, n_questions: int = 0,
+                captions: str | dict | CaptionMix = "v1") -> dict[str, int]:
     rng = np.random.default_rng([seed, _SPLIT_SEED[split]])
     d = root / split
     (d / "img").mkdir(parents=True, exist_ok=True)
@@ -108,22 +168,27 @@ def write_split(root: Path, split: str, seed: int, held: HeldOut, *, n_gen: int,
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         counts[f"{split}/{name}"] = len(rows)
 
+    v1 = isinstance(captions, str) and captions == "v1"
+    # Other captions come from a stream of their own while the v1 draws still advance `rng`, so the
+    # understanding and text files stay those of the v1 world: only the generation pairs differ.
+    gen_rng = rng if v1 else np.random.default_rng([seed, _SPLIT_SEED[split], 1])
     gen = []
     for i in range(n_gen):
-        p, s = _allowed(rng, _gen_pair, held, split, scene_of=lambda x: x[1])
+        if not v1:
+            generation_pair(rng, held, split)
+        p, s = generation_pair(gen_rng, held, split, captions)
         gen.append({"kind": "generation", "caption": p.text, "image": save(s, f"g{i:06d}.png"), "category": p.category,
-                    "scene": scene_to_json(s)})
+                    "scene": scene_to_json(s)} | ({} if v1 else {"prompt": p.to_json()}))
     if n_gen:
         write("generation.jsonl", gen)
     und = []
     for i in range(n_und):
-        s = _allowed(rng, random_scene, held, split)
-        und.append(conversation(ask_some(s, rng, turns), save(s, f"u{i:06d}.png")) | {"scene": scene_to_json(s)})
+        s, qs = understanding_item(rng, held, split, turns)
+        und.append(conversation(qs, save(s, f"u{i:06d}.png")) | {"scene": scene_to_json(s)})
     if n_und:
         write("understanding.jsonl", und)
     if n_text:
-        write("text.jsonl", [{"kind": "text", "text": text_document(_allowed(rng, random_scene, held, split), rng)}
-                         for _ in range(n_text)])
+        write("text.jsonl", [{"kind": "text", "text": text_item(rng, held, split)} for _ in range(n_text)])
     if n_prompts:
         write("prompts.jsonl", [p.to_json() | {"held_out": held.prompt_held_out(p)}
                                 for p in eval_prompts(rng, n_prompts, held, split)])
@@ -169,18 +234,25 @@ SIZES = {  # images per split: generation, understanding (3 questions each), tex
 }
 
 
-def write_world(root: str | Path, *, seed: int = 0, scale: float = 1.0, overwrite: bool = False) -> Path:
-    """Write every split (deterministic in `seed`; `scale` shrinks the train split, for smoke runs)."""
+def write_world(root: str | Path, *, seed: int = 0, scale: float = 1.0, overwrite: bool = False,
+                captions: str | dict | CaptionMix = "v1") -> Path:
+    """Write every split (deterministic in `seed`; `scale` shrinks the train split, for smoke runs).
+    `captions`: the train split's caption mix ("v1", "v2" or a table, see `captions.py`)."""
     root = Path(root)
     held = held_out()
+    v1 = isinstance(captions, str) and captions == "v1"
+    if not v1:
+        caption_mix(captions)  # an unknown mix fails before anything is written
     with atomic_folder(root, overwrite=overwrite) as tmp:
         counts = {}
         for split, sizes in SIZES.items():
             n = {k: max(1, round(v * scale)) if split == "train" else v for k, v in sizes.items()}
-            counts.update(write_split(tmp, split, seed, held, **n))
+            counts.update(write_split(tmp, split, seed, held, **n, **({"captions": captions} if split == "train" else {})))
         meta = {"seed": seed, "scale": scale, "counts": counts,
                 "held_out": {"colour_pairs": sorted(sorted(map(list, p)) for p in held.colour_pairs),
                              "layouts": sorted(map(list, held.layouts))}}
+        if not v1:
+            meta["captions"] = captions if isinstance(captions, str) else caption_mix(captions).to_json()
         (tmp / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
     return root
 

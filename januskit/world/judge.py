@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from itertools import permutations
 
 import numpy as np
 from PIL import Image
@@ -132,7 +133,10 @@ def holds(rel: str, a: Detection, b: Detection) -> bool:
 
 def score(prompt: Prompt, found: list[Detection]) -> bool:
     """GenEval's rule for the prompt's category: objects present (and, per category, the exact
-    count, the colour, the colour of each object, or the relation between the two)."""
+    count, the colour, the colour of each object, or the relation between the two). The training
+    captions' categories: `color_position` is position with the named colours, `color_count` the exact
+    count of the coloured shape, `objects` exactly the listed objects (nothing more), each with its
+    named colour and cell."""
     def having(colour: str | None, shape: str) -> list[Detection]:
         return [d for d in found if d.shape == shape and (colour is None or d.colour == colour)]
 
@@ -142,13 +146,18 @@ def score(prompt: Prompt, found: list[Detection]) -> bool:
     if cat in ("two_object", "color_attr"):
         a, b = having(*prompt.items[0]), having(*prompt.items[1])
         return bool(a) and bool(b) and any(x is not y for x in a for y in b)
-    if cat == "counting":
-        return len(having(None, prompt.items[0][1])) == prompt.count
-    if cat == "position":
+    if cat in ("counting", "color_count"):
+        return len(having(*prompt.items[0])) == prompt.count
+    if cat in ("position", "color_position"):
         a, b = having(*prompt.items[0]), having(*prompt.items[1])
         return any(holds(prompt.relation, x, y) for x in a for y in b if x is not y)
     if cat == "scene":
         return same_objects(prompt.scene, found)
+    if cat == "objects":
+        cells = prompt.cells or (None,) * len(prompt.items)
+        return len(found) == len(prompt.items) and any(
+            all(d.shape == s and c in (None, d.colour) and k in (None, d.cell)
+                for (c, s), k, d in zip(prompt.items, cells, order)) for order in permutations(found))
     raise ValueError(f"judge: unknown prompt category {cat!r}")
 
 

@@ -3,7 +3,10 @@
 The six GenEval categories (single object, two objects, counting, colours, position, colour
 attribution) are prompt templates over shapes and colours; `scene` is the full description of an
 arbitrary scene (what the model says when asked what an image shows). A `Prompt` carries its
-structured meaning, so the judge scores against the meaning, never by parsing text.
+structured meaning, so the judge scores against the meaning, never by parsing text. The training
+captions written the way people write prompts (`captions.py`) add three categories: `color_position`
+(position with colours), `color_count` (counting with a colour) and `objects` (every object of the
+image listed, each with or without its colour and its cell).
 """
 from __future__ import annotations
 
@@ -29,21 +32,25 @@ class Prompt:
     count: int = 1  # counting: how many of items[0]
     relation: str | None = None  # position: items[0] RELATION items[1]
     scene: Scene | None = None  # category "scene": the exact scene described
+    cells: tuple[int | None, ...] | None = None  # category "objects": the cell named per item, or None
 
     def to_json(self) -> dict:
         d = {"category": self.category, "text": self.text, "items": [list(i) for i in self.items]}
-        if self.category == "counting":
+        if self.category in ("counting", "color_count"):
             d["count"] = self.count
         if self.relation:
             d["relation"] = self.relation
         if self.scene is not None:
             d["scene"] = scene_to_json(self.scene)
+        if self.cells is not None:
+            d["cells"] = list(self.cells)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Prompt":
         return cls(d["category"], d["text"], tuple((c, s) for c, s in d["items"]), d.get("count", 1),
-                   d.get("relation"), scene_from_json(d["scene"]) if "scene" in d else None)
+                   d.get("relation"), scene_from_json(d["scene"]) if "scene" in d else None,
+                   tuple(d["cells"]) if "cells" in d else None)
 
 
 def scene_to_json(scene: Scene) -> list[list]:
@@ -121,13 +128,17 @@ def scene_for(prompt: Prompt, rng: np.random.Generator) -> Scene:
     colour = lambda c: c if c is not None else COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]  # noqa: E731
     if prompt.category == "scene":
         return prompt.scene
-    if prompt.category == "counting":
+    if prompt.category in ("counting", "color_count"):
         cells = rng.permutation(4)[:prompt.count]
-        objs = [place(rng, prompt.items[0][1], colour(None), int(c)) for c in cells]
-    elif prompt.category == "position":
+        objs = [place(rng, prompt.items[0][1], colour(prompt.items[0][0]), int(c)) for c in cells]
+    elif prompt.category in ("position", "color_position"):
         pairs = _REL_CELLS[prompt.relation]
         a, b = pairs[rng.integers(len(pairs))]
         objs = [place(rng, s, colour(c), cell) for (c, s), cell in zip(prompt.items, (a, b))]
+    elif prompt.category == "objects" and prompt.cells is not None:  # named cells kept, the others random
+        free = [int(c) for c in rng.permutation(4) if int(c) not in prompt.cells]
+        cells = [c if c is not None else free.pop(0) for c in prompt.cells]
+        objs = [place(rng, s, colour(c), cell) for (c, s), cell in zip(prompt.items, cells)]
     else:
         cells = rng.permutation(4)[:len(prompt.items)]
         objs = [place(rng, s, colour(c), int(cell)) for (c, s), cell in zip(prompt.items, cells)]

@@ -8,7 +8,7 @@ tokenises the next steps; VQ encoding runs in the caller's thread, on the model'
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -103,11 +103,13 @@ def processor_for(source: str | Path, config: Any) -> Processor:
 def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: Any = None, cfg_drop: float = 0.1,
           short_caption_p: float = 0.0, on_error: str = "raise", too_long: str = "error", shuffle: bool = True,
           shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str | None = None,
-          vae: str | None = None) -> TrainData:
+          vae: str | None = None, builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation is a path or list of paths (JSONL manifests, tar shards or
     folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
-    `vae`: JanusFlow only, the VAE folder that encodes generation images (default: the source's vae/)."""
+    `vae`: JanusFlow only, the VAE folder that encodes generation images (default: the source's vae/).
+    `builtin` (for other builders, e.g. januskit.train.data.fresh): kind -> factory called with
+    transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files."""
     c = ctx.model_config
     proc = processor_for(ctx.source, c)
     model = getattr(ctx, "model", None)
@@ -122,6 +124,11 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
                         system_prompt=proc.system_prompt if system_prompt is None else system_prompt)
     sources = {}
     for k, (kind, spec) in enumerate(zip(KINDS, (understanding, text, generation))):
+        if (make := (builtin or {}).get(kind)) is not None:
+            if spec is not None:
+                raise ValueError(f"[data] {kind}: given both as files and as a built-in source")
+            sources[kind] = make(transform=enc, rank=ctx.rank, world_size=ctx.world, on_error=on_error)
+            continue
         if spec is None:
             continue
         opts = dict(spec) if isinstance(spec, dict) else {"paths": spec}

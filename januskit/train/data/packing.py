@@ -8,6 +8,7 @@ sample ever predicts the next sample's first token.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -136,3 +137,26 @@ def split_rows(batch: TrainBatch, rows: int, n_und_tokens: int) -> list[TrainBat
                               image_labels=batch.image_labels[sl],
                               kinds=None if batch.kinds is None else batch.kinds[sl], **flow))
     return out
+
+
+def without_padding(batch: TrainBatch) -> TrainBatch:
+    """A Janus batch as one row of its real slots, the samples numbered over the whole batch: what the model
+    runs with train.attention = "segments" (models.llama.PackedSegments), so that nothing is computed on
+    padding and nothing of the shape (rows, context) is built. Returns the batch itself when there is no
+    padding to drop, or a padding slot before a real one (hidden slots), or nothing but padding."""
+    d = batch.doc_ids
+    B, T = d.shape
+    real = d >= 0
+    n = real.sum(1)
+    if batch.flow_mask is not None or int(n.sum()) in (0, B * T) or \
+            not bool((real == (torch.arange(T, device=d.device)[None] < n[:, None])).all()):
+        return batch
+    keep = real.flatten().nonzero().squeeze(1)
+    docs = d.max(1).values + 1  # samples per row (numbered 0, 1, ... in each row)
+    d = d + (torch.cumsum(docs, 0) - docs)[:, None]
+    take = lambda x: x.flatten()[keep][None]  # noqa: E731
+    return dataclasses.replace(batch, input_ids=take(batch.input_ids), positions=take(batch.positions),
+                               doc_ids=take(d), und_mask=take(batch.und_mask), gen_mask=take(batch.gen_mask),
+                               gen_ids=take(batch.gen_ids), text_labels=take(batch.text_labels),
+                               image_labels=take(batch.image_labels),
+                               kinds=None if batch.kinds is None else take(batch.kinds))

@@ -1,0 +1,139 @@
+"""The miniature world as an endless training source: a new scene rendered for every sample.
+
+A render costs well under a millisecond, so no sample has to repeat: instead of reading the fixed
+train split, `WorldSource` draws sample `i` of a kind from its own generator, seeded by (seed, kind, i),
+with the very draws `januskit.world.dataset.write_split` makes for the train split (`generation_pair`,
+`understanding_item`, `text_item`: the same caption kinds, questions and documents, held-out
+combinations excluded), and hands it on as the same record a manifest would hold, through the same
+validation (`records.parse_record`) and the same encoder. Rank r of w takes samples r, r+w, r+2w, ...,
+so the stream does not depend on how many processes share it, and the position is one integer:
+`state_dict()` / `load_state_dict()` resume it exactly.
+
+Generation images are rendered, not read, so their VQ ids are computed on the fly by the frozen VQ
+(`TrainData` calls `fill_vq_ids` with the model's `vq_tokenizer`, in the trainer's thread). To
+precompute them instead, write a fixed split (`write_world(..., captions=...)`), cache its ids once
+(`vq_cache.cache_vq_ids`) and read generation from that manifest while the other kinds stay fresh
+(`kinds = ["understanding", "text"]`, `generation = ".../generation-vq.jsonl"`); docs/miniature-world.md
+gives the costs of both.
+
+    [data]
+    builder = "januskit.train.data.fresh:build"
+    captions = "v2"          # the train split's caption mix: "v1" (default), "v2" or a table of kind weights
+    kinds = ["understanding", "text", "generation"]   # the kinds drawn fresh (the default: all three)
+    seed = 0                 # the world's seed (default: the run's seed)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from ...world.captions import CaptionMix, caption_mix
+from ...world.dataset import HeldOut, conversation, generation_pair, held_out, text_item, understanding_item
+from ...world.prompts import scene_to_json
+from ...world.render import render
+from .loader import TrainData
+from .loader import build as build_loader
+from .records import KIND_CODE, KINDS, DataError, Sample, parse_record
+
+log = logging.getLogger(__name__)
+
+_STREAM = 7919  # keeps these streams apart from write_world's (seed, split) generators
+
+
+def _mix_key(captions: str | dict | CaptionMix) -> Any:
+    """The caption mix as plain values (it must match on resume)."""
+    if isinstance(captions, str) and captions == "v1":
+        return "v1"
+    return json.loads(json.dumps(caption_mix(captions).to_json()))
+
+
+class WorldSource:
+    """Endless samples of one kind, each from a freshly drawn and rendered scene (see the module doc)."""
+
+    def __init__(self, kind: str, *, seed: int = 0, captions: str | dict | CaptionMix = "v1", turns: int = 3,
+                 held: HeldOut | None = None, rank: int = 0, world_size: int = 1, on_error: str = "raise",
+                 transform: Callable[[Sample], Any] | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.kind, self.seed, self.turns, self.rank, self.world_size = kind, seed, turns, rank, world_size
+        self.captions, self._mix = captions, _mix_key(captions)  # validates the mix now, not at the first sample
+        self.held = held if held is not None else held_out()
+        self.on_error, self.transform = on_error, transform
+        self.index = rank  # global index of this rank's next sample
+        self.skipped: Counter[str] = Counter()
+
+    def item(self, i: int) -> tuple[dict, tuple]:
+        """Sample `i` as the record write_split would write (plus its scene and, for generation, its
+        structured prompt), and the scene to render (empty for text documents)."""
+        rng = np.random.default_rng([self.seed, _STREAM, KIND_CODE[self.kind], i])
+        if self.kind == "generation":
+            p, s = generation_pair(rng, self.held, "train", self.captions)
+            return {"kind": "generation", "caption": p.text, "image": "0.png", "category": p.category,
+                    "scene": scene_to_json(s), "prompt": p.to_json()}, s
+        if self.kind == "understanding":
+            s, qs = understanding_item(rng, self.held, "train", self.turns)
+            return conversation(qs, "0.png") | {"scene": scene_to_json(s)}, s
+        return {"kind": "text", "text": text_item(rng, self.held, "train")}, ()
+
+    def sample(self, i: int) -> Sample:
+        """Sample `i`, validated like a manifest line, its image rendered (not yet encoded)."""
+        rec, scene = self.item(i)
+        fetch = lambda refs, name: [render(scene)] if refs or name == "image" else []  # noqa: E731
+        return parse_record(rec, f"world-{self.kind}:{i}", fetch, self.kind)
+
+    def __iter__(self) -> "WorldSource":
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            i = self.index
+            self.index += self.world_size  # advanced first: state_dict() is the position after this sample
+            try:
+                s = self.sample(i)
+                return self.transform(s) if self.transform is not None else s
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                self.skipped[e.reason] += 1
+                n = sum(self.skipped.values())
+                if n <= 20 or n % 1000 == 0:
+                    log.warning("skipping bad sample (%d skipped so far: %s): %s", n, dict(self.skipped), e)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "skipped": dict(self.skipped), "kind": self.kind, "seed": self.seed,
+                "captions": self._mix, "turns": self.turns, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        now = self.state_dict()
+        for k in ("kind", "seed", "captions", "turns", "rank", "world_size"):
+            if st[k] != now[k]:
+                raise ValueError(f"world-{self.kind}: cannot resume: {k} was {st[k]!r} in the checkpoint, now "
+                                 f"{now[k]!r} (the samples would differ)")
+        self.index, self.skipped = int(st["index"]), Counter(st["skipped"])
+
+
+def build(ctx: Any, *, kinds: Sequence[str] = KINDS, seed: int | None = None,
+          captions: str | dict | CaptionMix = "v1", turns: int = 3, **options: Any) -> TrainData:
+    """Data builder for `[data] builder = "januskit.train.data.fresh:build"` (ctx: train.config.DataContext).
+    `kinds`: the kinds drawn fresh from the world; any other kind the stage's ratio needs comes from files,
+    given as for januskit.train.data.loader:build (`generation = "world/train/generation-vq.jsonl"`).
+    `seed`: the world's seed (default: the run's); `captions`: the caption mix of generation samples
+    ("v1", "v2" or a table, januskit.world.captions); `turns`: questions per understanding conversation.
+    Every other option (cfg_drop, short_caption_p, too_long, on_error, prefetch, ...) is the loader's."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"[data] kinds: unknown kind(s) {bad}; kinds are {', '.join(KINDS)}")
+    held = held_out()
+    world_seed = ctx.seed if seed is None else int(seed)
+    made = {k: partial(WorldSource, k, seed=world_seed, captions=captions, turns=turns, held=held) for k in kinds}
+    return build_loader(ctx, builtin=made, **options)
