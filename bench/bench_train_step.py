@@ -46,32 +46,44 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "januskit" / "assets" / "default-model"
 
-# name -> options. Recipe fields: threads, micro_batch_size, seq_len, attention, compile; plus ranks (DDP
-# processes, gloo) and prefetch (the data builder's background steps). Unset = the recipe's default.
+# name -> options. Recipe fields: threads, micro_batch_size, seq_len, attention, compile, keep_memory,
+# fused_optimizer; plus ranks (DDP processes, gloo), parallel ("ddp" or "fsdp" with ranks), prefetch (the
+# data builder's background steps) and omp ("passive": OMP_WAIT_POLICY for the worker process, which
+# OpenMP reads when it loads). Unset = the recipe's default.
+_SC = {"attention": "segments", "compile": "layers"}
 CONFIGS: dict[str, dict[str, Any]] = {
-    "baseline": {},  # the recipe as shipped: 1 thread, micro-batch 8, seq 512, mask attention, eager
+    "baseline": {},  # the step the issue measured: 1 thread, micro-batch 8, seq 512, mask attention, eager, cached data
+    "recipe": {"attention": "segments", "threads": 2, "data": "fresh", "autocast": "none"},  # today's recipe
+    "float32": {"autocast": "none"},
+    "float32+threads2": {"autocast": "none", "threads": 2},
     "threads2": {"threads": 2},
+    "threads2-passive": {"threads": 2, "omp": "passive"},
     "ddp2": {"ranks": 2},
     "mb16": {"micro_batch_size": 16},
     "seq1024": {"seq_len": 1024, "micro_batch_size": 16},
     "segments": {"attention": "segments"},
     "compile": {"compile": "layers"},
-    "segments+compile": {"attention": "segments", "compile": "layers"},
+    "keep_memory": {"keep_memory": True},
+    "segments+compile": _SC,
+    "segments+compile+keep_memory": {**_SC, "keep_memory": True},
+    "segments+compile+fused": {**_SC, "fused_optimizer": True},
+    "segments+compile+threads2": {**_SC, "threads": 2},
+    "segments+compile+threads2-passive": {**_SC, "threads": 2, "omp": "passive"},
+    "segments+compile+ddp2": {**_SC, "ranks": 2},
+    "segments+compile+fused+threads2-passive": {**_SC, "fused_optimizer": True, "threads": 2, "omp": "passive"},
+    "segments+compile+fused+ddp2": {**_SC, "fused_optimizer": True, "ranks": 2},
     "segments+threads2": {"attention": "segments", "threads": 2},
     "segments+ddp2": {"attention": "segments", "ranks": 2},
-    "segments+compile+threads2": {"attention": "segments", "compile": "layers", "threads": 2},
-    "segments+compile+ddp2": {"attention": "segments", "compile": "layers", "ranks": 2},
-    "keep_memory": {"keep_memory": True},
-    "segments+keep_memory": {"attention": "segments", "keep_memory": True},
-    "segments+compile+keep_memory": {"attention": "segments", "compile": "layers", "keep_memory": True},
-    "segments+keep_memory+threads2": {"attention": "segments", "keep_memory": True, "threads": 2},
-    "segments+keep_memory+ddp2": {"attention": "segments", "keep_memory": True, "ranks": 2},
-    "all+threads2": {"attention": "segments", "compile": "layers", "keep_memory": True, "threads": 2},
-    "all+ddp2": {"attention": "segments", "compile": "layers", "keep_memory": True, "ranks": 2},
+    "segments+compile+fsdp2": {**_SC, "ranks": 2, "parallel": "fsdp"},
 }
-DEFAULT = ["baseline", "threads2", "ddp2", "segments", "compile", "segments+compile", "segments+threads2",
-           "segments+ddp2", "segments+compile+threads2", "segments+compile+ddp2"]
-RECIPE_KEYS = ("threads", "micro_batch_size", "seq_len", "attention", "compile", "keep_memory", "fused_optimizer")
+DEFAULT = ["baseline", "recipe", "threads2", "threads2-passive", "ddp2", "mb16", "seq1024", "segments", "compile", "keep_memory",
+           "segments+compile", "segments+compile+keep_memory", "segments+compile+fused", "segments+compile+threads2",
+           "segments+compile+threads2-passive", "segments+compile+ddp2", "segments+compile+fused+threads2-passive",
+           "segments+compile+fused+ddp2"]
+RECIPE_KEYS = ("threads", "micro_batch_size", "seq_len", "attention", "compile", "keep_memory", "fused_optimizer",
+               "data", "autocast")
+# The baseline's recipe fields (the step the issue measured); a configuration overrides them.
+BASELINE = {"threads": 1, "attention": "mask", "data": "files", "autocast": "bfloat16"}
 INT_KEYS = ("threads", "micro_batch_size", "seq_len", "ranks", "prefetch")
 BOOL_KEYS = ("keep_memory", "fused_optimizer")
 
@@ -109,7 +121,7 @@ def run_config(opts: dict[str, Any], world: Path, out: Path, steps: int = 10**6)
     only depends on it after warm-up, and the benchmark never reaches it)."""
     from januskit.recipes.default_model import Recipe, stage_config
 
-    r = Recipe(**{k: opts[k] for k in RECIPE_KEYS if k in opts})
+    r = Recipe(**{**BASELINE, **{k: opts[k] for k in RECIPE_KEYS if k in opts}})
     plan = dataclasses.replace(next(p for p in r.stages if p.name == "stage2"), steps=steps)
     cfg = stage_config(plan, SOURCE, out, world, r)
     cfg.train.progress = False
@@ -196,11 +208,18 @@ class Worker:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.conns, self.procs = [], []
-        for rank in range(self.n):
-            a, b = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, self.n, port, opts, str(world), str(out), b), daemon=True)
-            p.start()
-            self.conns.append(a), self.procs.append(p)
+        env = dict(os.environ)
+        if "omp" in opts:  # OpenMP's wait policy is read when the library loads: set it for the new process
+            os.environ["OMP_WAIT_POLICY"] = opts["omp"].upper()
+        try:
+            for rank in range(self.n):
+                a, b = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(rank, self.n, port, opts, str(world), str(out), b), daemon=True)
+                p.start()
+                self.conns.append(a), self.procs.append(p)
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
         self.build_s = max(c.recv()["build_s"] for c in self.conns)
 
     def steps(self, n: int) -> dict[str, Any]:
@@ -288,15 +307,18 @@ def bench(names: list[str], configs: dict[str, dict[str, Any]], world: Path, wor
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = ["| config | ranks x threads | micro | seq | attention | compile | samples/s | tokens/s | ratio (min-max) "
-             "| step s | warm-up extra s | others (cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | ranks x threads | micro | seq | attention | compile | other | samples/s | tokens/s "
+             "| ratio (min-max) | step s | warm-up extra s | others (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         o = r["options"]
+        other = [k for k in ("keep_memory", "fused_optimizer") if o.get(k)]
+        other += [f"omp {o['omp']}"] if "omp" in o else []
+        other += [o["parallel"]] if "parallel" in o else []
         lines.append(
             f"| {r['config']} | {o.get('ranks', 1)} x {o.get('threads', 1)} | {o.get('micro_batch_size', 8)} "
             f"| {o.get('seq_len', 512)} | {o.get('attention', 'mask')} | {o.get('compile', 'none')} "
-            f"| {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | **{r['ratio']:.2f}** "
+            f"| {', '.join(other) or '-'} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | **{r['ratio']:.2f}** "
             f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['median_step_s']:.3f} | {r['warmup_extra_s']:.1f} "
             f"| {r['others_cores']:.2f} |")
     return "\n".join(lines)
@@ -312,8 +334,15 @@ def train_once(opts: dict[str, Any], world: Path, out: Path, steps: int) -> tupl
 
     cfg = run_config(opts, world, out, steps=steps)
     cfg.train.save_every = steps
+    env = dict(os.environ)
+    if "omp" in opts:
+        os.environ["OMP_WAIT_POLICY"] = opts["omp"].upper()
     t = time.perf_counter()
-    parallel.spawn(train, int(opts.get("ranks", 1)), cfg)
+    try:
+        parallel.spawn(train, int(opts.get("ranks", 1)), cfg)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
     return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(), time.perf_counter() - t
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.official_config import detect_arch, read_config_json
+from .checkpoint.official_config import detect_arch, read_config_json, read_guidance_scale
 from .config import PRESET_NAMES, resolve_dtype
 from .pipelines.base import ImageBatch, ImageResult, Pipeline, UnsupportedOption
 from .pipelines.janus import JanusPipeline
@@ -39,10 +39,15 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed:
         c = model.config
         proc = Processor.from_folder(p, c.vision.image_size, c.vision.n_tokens)
         if arch == "janusflow":
-            return _flow_pipeline(model, proc, p, vae if vae is not None else (p / "vae" if (p / "vae").is_dir() else None))
-        if vae is not None:
+            pipe = _flow_pipeline(model, proc, p, vae if vae is not None else (p / "vae" if (p / "vae").is_dir() else None))
+        elif vae is not None:
             raise ValueError(f"{p}: vae= is for JanusFlow checkpoints; this one is {arch}")
-        return JanusPipeline(model, proc, p)
+        else:
+            pipe = JanusPipeline(model, proc, p)
+        w = read_guidance_scale(p)
+        if w is not None:  # the model's own CFG weight (the miniature models choose theirs on the val split)
+            pipe.default_cfg_weight = w
+        return pipe
     if str(path_or_preset) in PRESET_NAMES:
         warnings.warn(f"{path_or_preset}: preset with RANDOM weights (seed {seed}); pass a checkpoint folder for a real model",
                       stacklevel=2)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -172,7 +174,7 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     from .recipes.default_model import Recipe, build
 
     _log_to_stderr()
-    recipe = Recipe(seed=args.seed, threads=args.threads)
+    recipe = Recipe(seed=args.seed, **({} if args.threads is None else {"threads": args.threads}))
     if args.smoke:
         recipe = recipe.smoke()
     out = build(args.out, args.work, recipe, evaluate_model=not args.no_eval)
@@ -258,7 +260,16 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
     s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg_weight=args.cfg_weight, temperature=args.temperature,
                      steps=args.steps, seed=args.seed, prompts_per_category=args.prompts_per_category,
                      questions_per_type=args.questions_per_type)
-    rep = evaluate(pipe, args.world, s, save_dir=args.save_images, progress=not args.json)
+    save_dir = args.save_images
+    if args.grid and save_dir is None:
+        save_dir = tempfile.mkdtemp(prefix="januskit-grid-")
+    rep = evaluate(pipe, args.world, s, save_dir=save_dir, progress=not args.json)
+    if args.grid:
+        from .eval.grid import verdict_grid
+
+        verdict_grid(rep.generation["records"], save_dir, s.images_per_prompt, args.grid)
+        if args.save_images is None:
+            shutil.rmtree(save_dir, ignore_errors=True)
     if args.json:
         print(json.dumps(rep.to_json() | {"model": str(pipe.source)}))
     else:
@@ -358,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/world/default-model", help="final model folder")
     p.add_argument("--work", default="runs/world", help="intermediate folders (a rerun continues from them)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for this size on a busy host)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the recipe's, 2; another count "
+                   "gives a different model, as floating-point sums are split differently)")
     p.add_argument("--smoke", action="store_true", help="the whole chain with tiny budgets (a minute)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.set_defaults(func=cmd_world_build)
@@ -432,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-category", type=int, default=None, help="evaluate a subset: first K per category")
     p.add_argument("--questions-per-type", type=int, default=None, help="evaluate a subset: first K per type")
     p.add_argument("--save-images", default=None, help="folder to save the generated images in")
+    p.add_argument("--grid", default=None, help="PNG file: the first 2 prompts of each category, their images and "
+                   "the judge's verdicts")
     p.set_defaults(func=cmd_eval_world)
     return ap
 

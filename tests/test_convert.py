@@ -172,6 +172,22 @@ def test_hf_side_file_keeps_config_and_unused_entries(tiny_ckpt):
     assert set(gen["generation_kwargs"]) == {"boi_token_id"}
 
 
+def test_model_cfg_weight_survives_both_conversions(tiny_ckpt, tmp_path):
+    """A folder's own guidance_scale (generation_config.json) reaches HF's generation_config beside the
+    special-token ids, and comes back to the official layout alone; a folder without one gets none."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt.official, src)
+    (src / "generation_config.json").write_text(json.dumps({"guidance_scale": 2}))
+    hf = official_to_hf(src, tmp_path / "hf")
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert gen["guidance_scale"] == 2.0 and set(gen["generation_kwargs"]) == {"boi_token_id"}
+    back = hf_to_official(hf, tmp_path / "back")
+    assert json.loads((back / "generation_config.json").read_text()) == {"guidance_scale": 2.0}
+    assert januskit.load(back).default_cfg_weight == januskit.load(hf).default_cfg_weight == 2.0
+    assert "guidance_scale" not in json.loads((tiny_ckpt.hf / "generation_config.json").read_text())
+    assert not (hf_to_official(tiny_ckpt.hf, tmp_path / "plain") / "generation_config.json").exists()
+
+
 def test_load_save_is_bit_identical(tiny_ckpt, tmp_path):
     """load -> save_janus rewrites the same folder byte for byte, unused entries included
     (the loader returns them as extras; save_janus re-reads them from the source files, no zeros)."""

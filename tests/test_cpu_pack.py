@@ -14,6 +14,8 @@ pytestmark = pytest.mark.skipif(not cpu_pack.available(), reason="oneDNN prepack
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packed_outputs_match(tmp_path, dtype):
+    if not cpu_pack.supports(getattr(torch, dtype)):
+        pytest.skip(f"this CPU does not pack {dtype} weights (no native bf16)")
     folder = init_checkpoint(tmp_path / "m", preset_name="tiny-janus-pro", seed=1)
     plain, packed = januskit.load(folder, dtype=dtype), januskit.load(folder, dtype=dtype)
     n = packed.pack_for_cpu()
@@ -30,6 +32,16 @@ def test_packed_outputs_match(tmp_path, dtype):
     b = packed.generate_images("a red circle", n=2, seed=3, temperature=0).tokens
     assert torch.equal(a, b)
     assert plain.chat("What is this?", max_new_tokens=8) == packed.chat("What is this?", max_new_tokens=8)
+
+
+def test_unsupported_dtype_is_left_unpacked(tmp_path, monkeypatch):
+    """On a CPU without native bf16 (AVX2 only), packing a bf16 model changes nothing and generation works."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert not cpu_pack.supports(torch.bfloat16) and cpu_pack.supports(torch.float32)
+    pipe = januskit.load(init_checkpoint(tmp_path / "m", preset_name="tiny-janus-pro"), dtype="bfloat16")
+    before = pipe.generate_images("a red circle", n=1, seed=3, temperature=0).tokens
+    assert pipe.pack_for_cpu() == 0 and not any(isinstance(m, cpu_pack.PackedLinear) for m in pipe.model.modules())
+    assert torch.equal(pipe.generate_images("a red circle", n=1, seed=3, temperature=0).tokens, before)
 
 
 def test_packed_model_cannot_be_saved(tmp_path):

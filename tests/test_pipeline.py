@@ -475,3 +475,26 @@ def test_decode_image_tokens_errors(pipe):
         pipe.decode_image_tokens(torch.full((2, 64), -1))
     with pytest.raises(ValueError, match=r"expected shape \(n, 64\), got \(2, 2, 64\)"):
         pipe.decode_image_tokens(torch.zeros(2, 2, 64, dtype=torch.long))
+
+
+def test_folder_guidance_scale_is_the_default_cfg_weight(tmp_path):
+    """generation_config.json's guidance_scale (the miniature models choose theirs) becomes the pipeline's
+    default: generating without cfg_weight equals generating with it; a bad value names file and key."""
+    import json
+
+    from januskit.config import ConfigError
+
+    folder = init_checkpoint(tmp_path / "ckpt", preset_name="tiny-janus-pro", seed=0)
+    assert januskit.load(folder).default_cfg_weight == 5.0  # no file: the reference's weight
+    (folder / "generation_config.json").write_text(json.dumps({"guidance_scale": 2.5}))
+    pipe = januskit.load(folder)
+    assert pipe.default_cfg_weight == 2.5 and type(pipe).default_cfg_weight == 5.0
+    ids = [pipe.processor.generation_prompt("a cat")]
+    gen = lambda **kw: pipe.generate_batch(ids, generators=[torch.Generator().manual_seed(0)], temperature=0, **kw)  # noqa: E731
+    default, explicit, five = gen(), gen(cfg_weight=2.5), gen(cfg_weight=5.0)
+    assert default.info["cfg_weight"] == 2.5 and torch.equal(default.tokens, explicit.tokens)
+    assert not torch.equal(default.tokens, five.tokens)
+    for bad in ('{"guidance_scale": -1}', '{"guidance_scale": "high"}', '{"guidance_scale": true}', "[1]", "{"):
+        (folder / "generation_config.json").write_text(bad)
+        with pytest.raises(ConfigError, match="generation_config.json"):
+            januskit.load(folder)

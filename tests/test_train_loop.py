@@ -500,3 +500,18 @@ def test_tiny_model_overfits_and_greedy_decoding_reproduces_the_data(tmp_path):
         # guidance weight would mix in an untrained distribution); temperature 0 = argmax.
         res = trained.generate_images(p, n=1, cfg_weight=1.0, temperature=0)
         assert res.tokens[0].tolist() == v
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_autocast_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch, caplog, fast):
+    """bf16 autocast on an AVX2-only CPU runs PyTorch's reference bf16 matmul (measured 20x slower than
+    float32 on this project's AVX2 machine): the run says so, naming the setting; with native bf16 it is quiet."""
+    import logging
+
+    import januskit.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: fast)
+    with caplog.at_level(logging.WARNING, logger="januskit.train"):
+        train(run_config(tmp_path / "bf16", steps=1, autocast="bfloat16"))
+    warned = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert warned == [] if fast else (len(warned) == 1 and 'autocast = "none"' in warned[0])

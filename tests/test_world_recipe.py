@@ -2,6 +2,7 @@
 evaluation on its output, and the Table 5 ablation's shared-encoder rewiring."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,7 +81,15 @@ def test_smoke_chain_writes_a_loadable_evaluated_model(smoke):
     assert ev["understanding"]["questions"] == 12 and "pope" in ev["understanding"]
     recipe = json.loads((out / "recipe.json").read_text())
     assert [s["name"] for s in recipe["stages"]] == ["text", "stage1", "stage2", "stage3"]
+    # The CFG weight chosen on the val split is the folder's, and the one its evaluation used.
+    choice = json.loads((work / "cfg-choice.json").read_text())
+    assert set(choice["val_geneval"]) == {str(float(w)) for w in Recipe().cfg_candidates}
+    best = max(choice["val_geneval"].values())
+    assert choice["val_geneval"][str(choice["chosen"])] == best
+    assert json.loads((out / "generation_config.json").read_text()) == {"guidance_scale": choice["chosen"]}
+    assert ev["settings"]["cfg"] == choice["chosen"]
     pipe = januskit.load(out)
+    assert pipe.default_cfg_weight == choice["chosen"]
     assert pipe.dtype == torch.float32 and pipe.config.vq.image_size == 64
     img = pipe.generate_images("a red circle", n=1, seed=0).images[0]
     assert img.size == (64, 64)
@@ -221,8 +230,17 @@ def test_stage_plans_reach_the_trainer_config(tmp_path):
     r = Recipe()
     last = stage_config(r.stages[-1], tmp_path / "src", tmp_path / "out", tmp_path / "world", r)
     stage = last.resolved_stage()
-    assert (stage.name, stage.schedule, stage.min_lr_ratio, stage.steps) == ("janus-pro/3", "cosine", 0.0, 2400)
-    assert last.train.autocast == "bfloat16" and last.train.threads == 1
+    assert (stage.name, stage.schedule, stage.min_lr_ratio, stage.steps) == ("janus-pro/3", "cosine", 0.0, 3200)
+    assert last.train.autocast == "none" and last.train.threads == 2 and last.train.attention == "segments"
+    # Fresh scenes with the v2 captions and one question a conversation; or the written split's files.
+    assert last.data.builder == "januskit.train.data.fresh:build"
+    assert {k: last.data.options[k] for k in ("captions", "turns", "seed")} == {"captions": "v2", "turns": 1, "seed": 0}
+    files = stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path / "world",
+                         dataclasses.replace(r, data="files")).data
+    assert files.builder == "januskit.train.data.loader:build"
+    assert files.options["generation"] == str(tmp_path / "world" / "train" / "generation-vq.jsonl")
+    with pytest.raises(ValueError, match="Recipe.data: 'cached'"):
+        stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, dataclasses.replace(r, data="cached"))
     assert lr_multiplier(stage.steps - 1, stage) == pytest.approx(0.0, abs=1e-5)  # annealed to 0
     by = {p.name: p for p in r.stages}
     assert by["stage2"].lr / by["stage3"].lr == pytest.approx(1e-4 / 4e-5)

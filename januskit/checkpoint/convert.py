@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ConfigError, JanusConfig
-from .official_config import detect_arch, janus_from_official, read_config_json, to_official
+from .official_config import detect_arch, janus_from_official, read_config_json, read_guidance_scale, to_official
 from ..models.janus import JanusModel
 from ..processing.tokenizer import PAD_TOKEN, TextTokenizer
 from .hf import (SIDE_FILE, hf_generation_config, hf_to_official_plan, is_unused_official, janus_from_hf_config,
@@ -138,6 +138,8 @@ def official_to_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     hf_cfg = janus_to_hf_config(c, image_token_id=tok.image_id, pad_token_id=pad, bos_token_id=tok.bos_id,
                                 eos_token_id=tok.eos_id, dtype=_float_dtype(entries))
     gen_cfg = hf_generation_config(tok.boi_id, pad, tok.bos_id, tok.eos_id)
+    if (w := read_guidance_scale(src)) is not None:  # the model's own CFG weight goes along
+        gen_cfg["guidance_scale"] = w
     config_text = cfg_path.read_text(encoding="utf-8")
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         copy_side_files(src, tmp)
@@ -230,6 +232,8 @@ def hf_to_official(src: str | Path, dst: str | Path, *, overwrite: bool = False,
 
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         copy_side_files(src, tmp, skip=_HF_ONLY_FILES)
+        if (w := read_guidance_scale(src)) is not None:  # of HF's generation settings, only the model's CFG weight
+            (tmp / "generation_config.json").write_text(json.dumps({"guidance_scale": w}, indent=1) + "\n")
         (tmp / "config.json").write_text(config_text if config_text is not None
                                          else json.dumps(to_official(c, str(dtype).removeprefix("torch.")), indent=2)
                                          + "\n", encoding="utf-8")

@@ -233,3 +233,20 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
 def to_official(c: JanusConfig | JanusFlowConfig, dtype: str = "bfloat16") -> dict[str, Any]:
     """Official config.json of either family; `dtype` is the weights' dtype name (torch_dtype)."""
     return flow_to_official(c, dtype) if c.arch == "janusflow" else janus_to_official(c, dtype)
+
+
+def read_guidance_scale(folder: str | Path) -> float | None:
+    """The folder's own CFG weight: `guidance_scale` in its generation_config.json (the transformers
+    convention), or None when it states none (the pipeline then uses the reference's weight)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        w = json.loads(path.read_text()).get("guidance_scale")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a JSON object ({e})") from None
+    if w is None:
+        return None
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < float("inf")):
+        raise ConfigError(f"{path}: guidance_scale must be a number >= 0, got {w!r}")
+    return float(w)

@@ -4,7 +4,8 @@ Decoding is bound by reading weights, and plain F.linear with the 2-8 rows of a 
 reaches only a third of this CPU's bandwidth; prepacked weights roughly double it (bench/README.md).
 Applied from outside to a loaded model, in place; a packed model is for inference only (its weights
 are in an opaque layout, so saving it is refused). The ops are private to torch: when they are
-missing, `pack_linears` leaves the model unchanged and says so.
+missing, or the CPU cannot pack the weights' dtype (bf16 without native bf16), `pack_linears` leaves
+the model unchanged and returns 0.
 """
 from __future__ import annotations
 
@@ -31,13 +32,29 @@ def available() -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+def supports(dtype: torch.dtype) -> bool:
+    """Whether this CPU packs weights of `dtype`: float32 wherever the ops exist; bfloat16 only with native
+    bf16 support (oneDNN refuses the bf16 reorder on an AVX2-only CPU)."""
+    if not available():
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def pack_linears(module: nn.Module, rows_hint: int = 2) -> int:
-    """Replace every CPU nn.Linear below `module` by a PackedLinear; returns how many were replaced."""
+    """Replace every CPU nn.Linear below `module` whose dtype this CPU packs (`supports`) by a
+    PackedLinear; returns how many were replaced (0: the model is left as it was)."""
     if not available():
         return 0
     n = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+        if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and supports(child.weight.dtype):
             setattr(module, name, PackedLinear(child, rows_hint))
             n += 1
         else:

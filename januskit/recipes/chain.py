@@ -59,13 +59,13 @@ def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[P
 
 def export_and_evaluate(source: Path, out: Path, world: Path, recipe_json: dict[str, Any], *,
                         dtype: torch.dtype = torch.float32, evaluate_model: bool = True, eval_settings: Any = None,
-                        label: str = "recipe") -> Path:
+                        label: str = "recipe", files: dict[str, str] | None = None) -> Path:
     """The last stage's model in `dtype` into `out`, with its side files (tokenizer, processor
-    configs, ...), its unused official entries and recipe.json; then, with `evaluate_model`, the
+    configs, ...), its unused official entries, recipe.json and `files` (name -> text); then, with `evaluate_model`, the
     world evaluation (eval.json, and logged). Returns `out`."""
     model, extras = load_official_with_extras(source, torch.float32)
     save_janus(model.to(dtype), out, copy_from=source, extras=extras, overwrite=True,
-               files={"recipe.json": json.dumps(recipe_json, indent=1, default=str) + "\n"})
+               files={"recipe.json": json.dumps(recipe_json, indent=1, default=str) + "\n", **(files or {})})
     if evaluate_model:
         import januskit
         from ..eval.world import EvalSettings, evaluate, format_report

@@ -10,10 +10,11 @@ parts and data ratios (I: adaptors + image head on und:gen 1:3; II: + LLM on und
 III: + SigLIP on 5:1:4), AdamW (0.9, 0.95), clip 1.0. Steps and batches are set by the CPU budget, and
 the LRs are higher than the papers' (a 3M-parameter LLM trained for thousands of steps, not a 1B one
 for 100K+): Stages II and III use the paper's LRs times the same factor 20, so their ratio is kept;
-Stage I trains randomly initialised adaptors as the paper's does. Two departures, both because the
-budget is tiny: Stage III decays its LR to 0 on a cosine (the papers keep it constant; at this scale
-the anneal is worth more than the last constant-LR steps), and the LLM stages run under bf16 autocast
-with float32 master weights (about twice the float32 tokens/s on this CPU).
+Stage I trains randomly initialised adaptors as the paper's does. Departures, all because the budget
+is tiny: Stage III decays its LR to 0 on a cosine (the papers keep it constant; at this scale the
+anneal is worth more than the last constant-LR steps); every sample is a newly rendered scene (no
+sample repeats); understanding conversations ask one question, as users and the evaluation do; and
+the CFG weight is chosen on the val split and shipped in the model folder.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from ..train.data.vq_cache import cache_vq_ids
 from ..train.pretrain.vq import VQTrainConfig, reconstruction_stats, train_vq
 from ..world.dataset import write_world
 from ..world.prompts import describe, scene_from_json
-from .chain import done, export_and_evaluate, mark_done, run_stages
+from .chain import done, export_and_evaluate, log, mark_done, run_stages
 
 PRESET = "mini-janus-pro"
 SYSTEM_PROMPT = ""  # the world's chats carry no system prompt (written to processor_config.json)
@@ -71,14 +72,24 @@ class Recipe:
     stages: tuple[StagePlan, ...] = (
         StagePlan("text", "janus-pro/2", steps=100, batch_size=32, lr=2e-3, warmup=10, ratio=(0, 1, 0)),
         StagePlan("stage1", "janus-pro/1", steps=200, batch_size=32, lr=2e-3, warmup=20),
-        StagePlan("stage2", "janus-pro/2", steps=1400, batch_size=32, lr=2e-3, warmup=50),
-        StagePlan("stage3", "janus-pro/3", steps=2400, batch_size=32, lr=8e-4, schedule="cosine"),
+        StagePlan("stage2", "janus-pro/2", steps=3600, batch_size=32, lr=2e-3, warmup=50),
+        StagePlan("stage3", "janus-pro/3", steps=3200, batch_size=32, lr=8e-4, schedule="cosine"),
     )
+    # The LLM stages' data: "fresh" draws a newly rendered scene for every sample (train.data.fresh; VQ ids
+    # computed on the fly), "files" reads the written train split (VQ ids cached once).
+    data: str = "fresh"
+    captions: str = "v2"  # generation captions (world.captions): "v2" adds colour+position, counts+colours, rewording
+    turns: int = 1  # questions per understanding conversation: 1 = asked as users (and the eval) ask, first turn
+    # CFG weights tried on the val split after training; the best is written to the model's
+    # generation_config.json (guidance_scale), which the pipeline takes as its default. () = keep the reference's.
+    cfg_candidates: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
     seq_len: int = 512
     micro_batch_size: int = 8
-    threads: int = 1
-    autocast: str = "bfloat16"  # LLM stages under bf16 autocast (fp32 master weights): 2x the tokens/s of fp32 here
-    attention: str = "mask"  # packed-row attention of the LLM stages (train.attention): "mask" or "segments"
+    threads: int = 2
+    # float32: bf16 autocast doubles the tokens/s only on CPUs with native bf16 (avx512_bf16, AMX); on an
+    # AVX2 CPU PyTorch's bf16 matmul falls back to a reference kernel, 20x slower (docs/miniature-world.md).
+    autocast: str = "none"
+    attention: str = "segments"  # packed-row attention of the LLM stages (train.attention): "mask" or "segments"
     compile: str = "none"  # torch.compile in the LLM stages (train.compile): "none" or "layers"
     keep_memory: bool = False  # LLM stages keep freed memory in the process (train.keep_memory; glibc only)
     fused_optimizer: bool = False  # LLM stages with AdamW's fused kernel (train.fused_optimizer)
@@ -183,6 +194,14 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
     if plan.schedule is not None:  # a schedule of its own runs over the plan's steps, not the paper stage's horizon
         stage.update(schedule=plan.schedule, min_lr_ratio=plan.min_lr_ratio, horizon=plan.steps)
     train = world / "train"
+    if r.data == "fresh":
+        data = {"builder": "januskit.train.data.fresh:build", "captions": r.captions, "turns": r.turns,
+                "seed": r.seed, "prefetch": 1}
+    elif r.data == "files":
+        data = {"builder": "januskit.train.data.loader:build", "understanding": str(train / "understanding.jsonl"),
+                "text": str(train / "text.jsonl"), "generation": str(train / "generation-vq.jsonl"), "prefetch": 1}
+    else:
+        raise ValueError(f"Recipe.data: {r.data!r} is not 'fresh' or 'files'")
     return RunConfig.from_dict({
         "model": {"source": str(source)},
         "stage": stage,
@@ -191,8 +210,7 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
                   "keep_memory": r.keep_memory, "fused_optimizer": r.fused_optimizer,
                   "seed": r.seed, "log_every": 10, "save_every": 100, "keep_last": 1,
                   "export_dtype": "float32", "progress": True},
-        "data": {"builder": "januskit.train.data.loader:build", "understanding": str(train / "understanding.jsonl"),
-                 "text": str(train / "text.jsonl"), "generation": str(train / "generation-vq.jsonl"), "prefetch": 1},
+        "data": data,
     }, where=f"recipe stage {plan.name}")
 
 
@@ -207,7 +225,7 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     world = work / "world"
     t = time.perf_counter()
     if not (world / "world.json").is_file():
-        write_world(world, seed=recipe.seed, scale=recipe.world_scale, overwrite=True)
+        write_world(world, seed=recipe.seed, scale=recipe.world_scale, overwrite=True, captions=recipe.captions)
     times["world"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -215,7 +233,7 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     if not done(comp):
         build_components(world, comp, recipe)
         mark_done(comp)
-    if not (world / "train" / "generation-vq.jsonl").is_file():
+    if recipe.data == "files" and not (world / "train" / "generation-vq.jsonl").is_file():
         cache_vq_ids(world / "train", load_janus(comp, torch.float32), world / "train" / "generation-vq.jsonl",
                      manifests=[world / "train" / "generation.jsonl"], batch_size=64)
     times["components"] = time.perf_counter() - t
@@ -223,9 +241,37 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     stages = [(p.name, lambda src, dst, p=p: stage_config(p, src, dst, world, recipe)) for p in recipe.stages]
     source = run_stages(work, comp, stages, times, ranks=recipe.ranks)
     # The last stage in the export dtype; its side files (tokenizer, processor configs, components.json) come along.
+    t = time.perf_counter()
+    cfg = choose_cfg_weight(source, world, recipe.cfg_candidates, work / "cfg-choice.json")
+    times["cfg_choice"] = time.perf_counter() - t
+    files = {} if cfg is None else {"generation_config.json": json.dumps({"guidance_scale": cfg}, indent=1) + "\n"}
     return export_and_evaluate(source, out, world, _recipe_json(recipe, times),
                                dtype=getattr(torch, recipe.export_dtype), evaluate_model=evaluate_model,
-                               eval_settings=eval_settings)
+                               eval_settings=eval_settings, files=files)
+
+
+def choose_cfg_weight(source: Path, world: Path, candidates: tuple[float, ...], record: Path) -> float | None:
+    """The CFG weight with the best GenEval-style score on the val split (10 prompts per category x 2
+    images; ties go to the earlier candidate), remembered in `record` so a resumed build does not redo it.
+    The reference's weight (5) is tuned for the 1B/7B models; the miniature one wants its own."""
+    if not candidates:
+        return None
+    if record.is_file():
+        return json.loads(record.read_text())["chosen"]
+    import januskit
+    from ..eval.world import EvalSettings, eval_generation
+    from ..world.dataset import read_prompts
+
+    pipe = januskit.load(source)
+    prompts = read_prompts(world / "val" / "prompts.jsonl")
+    scores = {}
+    for w in candidates:
+        rep = eval_generation(pipe, prompts, EvalSettings(images_per_prompt=2, cfg_weight=w))
+        scores[w] = rep["overall"]
+        log.info("recipe: CFG %g on val: GenEval-style %.3f", w, scores[w])
+    chosen = max(candidates, key=lambda w: (scores[w], -candidates.index(w)))
+    record.write_text(json.dumps({"chosen": chosen, "val_geneval": {str(k): v for k, v in scores.items()}}, indent=1) + "\n")
+    return chosen
 
 
 def _recipe_json(r: Recipe, times: dict[str, float]) -> dict[str, Any]:

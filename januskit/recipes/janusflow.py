@@ -106,7 +106,7 @@ def init_flow(text_stage: Path, vae: Path, dst: Path, r: FlowRecipe) -> Path:
 
 
 def flow_stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: FlowRecipe, repa: bool) -> RunConfig:
-    cfg = stage_config(plan, source, out, world, r.base)
+    cfg = stage_config(plan, source, out, world, dataclasses.replace(r.base, data="files"))  # the written split's images
     cfg.data.options["generation"] = str(world / "train" / "generation.jsonl")  # images, encoded by the VAE
     cfg.flow = r.flow if repa else dataclasses.replace(r.flow, repa_weight=0.0)
     return cfg

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from ..checkpoint.official import load_janus
 from ..eval.world import EvalSettings, eval_generation, eval_understanding
 from ..train.config import RunConfig
+from ..train.trainer import fastest_autocast
 from ..train.data.vq_cache import cache_vq_ids
 from ..world.dataset import conversation, held_out, training_pair, training_scene
 from ..world.prompts import Prompt
@@ -43,7 +44,7 @@ class OverfitPlan:
     stage: str = "janus-pro/2"  # trainable parts: LLM, adaptors, heads
     micro_batch_size: int = 8
     seq_len: int = 512
-    autocast: str = "bfloat16"
+    autocast: str = field(default_factory=fastest_autocast)  # bf16 only where the CPU has it natively
     threads: int = 1
     seed: int = 0
     images_per_prompt: int = 2

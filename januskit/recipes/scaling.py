@@ -28,6 +28,7 @@ from ..eval.world import EvalSettings, evaluate
 from ..models.janus import JanusModel
 from ..train.checkpoints import list_checkpoints
 from ..train.config import RunConfig
+from ..train.trainer import fastest_autocast
 from ..train.data.vq_cache import cache_vq_ids
 from ..world.dataset import write_world
 from .default_model import PRESET, training_init
@@ -53,7 +54,7 @@ class Study:
     ratio: tuple[float, float, float] = (2.0, 3.0, 5.0)  # und : text : gen, Stage II's
     micro_batch_size: int = 8
     seq_len: int = 512
-    autocast: str = "bfloat16"
+    autocast: str = field(default_factory=fastest_autocast)  # bf16 only where the CPU has it natively
     threads: int = 1
     seed: int = 0
     world_scale: float = 1.0  # the train split's size (1 = januskit.world.dataset.SIZES; smaller for smoke runs)
@@ -162,4 +163,22 @@ def run_study(work: str | Path, components: str | Path, s: Study = Study()) -> l
             with open(results_file, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             log.info("scaling: %s", row)
+    if results:
+        plot_scaling(results, work / "scaling.png")
     return results
+
+
+def plot_scaling(results: list[dict[str, Any]], path: str | Path) -> Path:
+    """Generation loss, GenEval-style and QA against samples seen (thousands, log scale), a line per size."""
+    from ..train.plot import plot_panels
+
+    def series(key: str) -> dict[str, list[tuple[float, float]]]:
+        out: dict[str, list[tuple[float, float]]] = {}
+        for r in results:
+            if r.get(key) is not None:
+                out.setdefault(f"{r['size']} ({r['params'] / 1e6:.1f}M)", []).append((r["samples"] / 1000, r[key]))
+        return out
+
+    return plot_panels([("generation loss (nats / image token)", series("loss_gen")),
+                        ("GenEval-style overall", series("geneval")), ("QA accuracy", series("qa"))],
+                       path, xlabel="samples seen (K)", log2_x=True)

@@ -72,3 +72,49 @@ def plot_losses(metrics: Sequence[dict], path: str | Path, keys: Sequence[str] =
     path = Path(path)
     img.save(path)
     return path
+
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (20, 20, 20)]
+
+
+def plot_panels(panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]], path: str | Path, *,
+                xlabel: str = "", log2_x: bool = False, panel_size: tuple[int, int] = (420, 320)) -> Path:
+    """Side-by-side panels, each (title, {series label: [(x, y), ...]}), with markers at the points: for
+    studies with a few measured points per line (the scaling study), not for loss curves."""
+    W, H = panel_size
+    img = Image.new("RGB", (W * len(panels), H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    labels = sorted({k for _, series in panels for k in series})
+    color = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(labels)}
+    fx = (lambda x: math.log2(x)) if log2_x else (lambda x: x)  # noqa: E731
+    for n, (title, series) in enumerate(panels):
+        ox = n * W
+        left, right, top, bottom = ox + 55, ox + W - 15, 30, H - 45
+        pts = [(x, y) for v in series.values() for x, y in v]
+        x0, x1 = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
+        x0, x1 = (x0 - 0.5, x1 + 0.5) if log2_x else (x0, x1 if x1 > x0 else x0 + 1)
+        y0, y1 = min(0.0, min(y for _, y in pts)), max(y for _, y in pts) * 1.1 or 1.0
+        px = lambda x: left + (fx(x) - x0) / (x1 - x0) * (right - left)  # noqa: E731
+        py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
+        d.text((left, 10), title, fill="black", font=font)
+        for t in _ticks(y0, y1):
+            d.line([(left, py(t)), (right, py(t))], fill=(230, 230, 230))
+            d.text((ox + 8, py(t) - 6), f"{t:g}", fill="black", font=font)
+        for x in sorted({x for x, _ in pts}):
+            d.line([(px(x), bottom), (px(x), bottom + 5)], fill="black")
+            d.text((px(x) - 12, bottom + 8), f"{x:g}", fill="black", font=font)
+        d.rectangle([left, top, right, bottom], outline="black")
+        d.text(((left + right) // 2 - 3 * len(xlabel), H - 18), xlabel, fill="black", font=font)
+        for i, (k, v) in enumerate(sorted(series.items())):
+            xy = [(px(x), py(y)) for x, y in sorted(v)]
+            if len(xy) > 1:
+                d.line(xy, fill=color[k], width=2)
+            for a, b in xy:
+                d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=color[k])
+            d.line([(left + 8, top + 12 + 14 * i), (left + 26, top + 12 + 14 * i)], fill=color[k], width=2)
+            d.text((left + 30, top + 6 + 14 * i), k, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

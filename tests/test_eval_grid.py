@@ -1,0 +1,37 @@
+"""The evaluation picture: which prompts it shows, where each image goes, and the verdict under it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from januskit.eval.grid import verdict_grid
+
+
+def test_grid_rows_images_and_verdicts(tmp_path):
+    ipp, cats = 2, ["single_object"] * 3 + ["position"] * 2  # 3 prompts of one category, 2 of another
+    records, colours = [], {}
+    for p, cat in enumerate(cats):
+        for j in range(ipp):
+            colours[p, j] = (p * 40, j * 100, 7)
+            Image.new("RGB", (8, 8), colours[p, j]).save(tmp_path / f"{p:04d}_{j}.png")
+            records.append({"prompt": f"prompt {p}", "category": cat, "held_out": False, "correct": (p + j) % 2 == 0})
+    out = verdict_grid(records, tmp_path, ipp, tmp_path / "g.png", prompts_per_category=2, scale=8, label_width=100)
+    g = np.asarray(Image.open(out).convert("RGB"))
+    cell, pad, row_h = 64, 6, 64 + 18
+    shown = [0, 1, 3, 4]  # the third single_object prompt is left out
+    assert g.shape == (len(shown) * (row_h + pad) + pad, 100 + ipp * (cell + pad) + pad, 3)
+    for r, p in enumerate(shown):
+        y = pad + r * (row_h + pad)
+        for j in range(ipp):
+            x = 100 + pad + j * (cell + pad)
+            assert tuple(g[y + cell // 2, x + cell // 2]) == colours[p, j]  # the image, upscaled in place
+            verdict = g[y + cell + 2:y + row_h, x:x + cell].reshape(-1, 3).astype(int)
+            green = ((verdict[:, 1] - verdict[:, 0]) > 60).sum()  # anti-aliased text: count by hue
+            red = ((verdict[:, 0] - verdict[:, 1]) > 60).sum()
+            assert (green > 20 and red == 0) if records[p * ipp + j]["correct"] else (red > 20 and green == 0)
+
+
+def test_grid_without_records_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no generation records"):
+        verdict_grid([], tmp_path, 4, tmp_path / "g.png")
