@@ -53,9 +53,10 @@ def test_generate_in_the_browser(page, pipe):
     page.locator("#gen-prompt textarea").fill(prompt)
     page.locator("#gen-button").click()
     thumbs = page.locator("#gallery img")
-    thumbs.nth(3).wait_for()  # four images (the UI's default n) with seed 0 and CFG 5
+    thumbs.nth(3).wait_for()  # four images (the UI's default n) with seed 0 and the model's own CFG weight
     page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
-    ref = pipe.generate_images(prompt, n=4, cfg_weight=5.0, seed=0).images
+    assert pipe.default_cfg_weight == 1.5  # the default model's generation_config.json, the slider's start
+    ref = pipe.generate_images(prompt, n=4, cfg_weight=pipe.default_cfg_weight, seed=0).images
     assert thumbs.count() == 4
     for i in range(4):
         src = thumbs.nth(i).get_attribute("src")
