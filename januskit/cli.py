@@ -215,6 +215,19 @@ def cmd_world_overfit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_rl(args: argparse.Namespace) -> int:
+    from .recipes.rl_world import RLPlan, run
+
+    _log_to_stderr()
+    plan = RLPlan(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
+                  kl_weight=args.kl_weight, logprob=args.logprob, eval_every=args.eval_every, seed=args.seed,
+                  threads=args.threads)
+    rep = run(args.model or DEFAULT_MODEL, args.work, plan, evaluate_model=not args.no_eval)
+    print(json.dumps({k: {x: v[x] for x in ("geneval", "qa", "readme", "diversity")} for k, v in rep.items()},
+                     indent=1))
+    return 0
+
+
 def cmd_world_scaling(args: argparse.Namespace) -> int:
     from .recipes.scaling import Study, run_study
 
@@ -402,6 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_world_overfit)
+    p = wsub.add_parser("rl", help="GRPO on the world's judge from a model (default: the bundled one), scored "
+                        "before and after")
+    p.add_argument("--model", default=None, help="starting model (default: the bundled default model)")
+    p.add_argument("--work", default="runs/rl", help="run folder (a rerun continues from it)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--kl-weight", type=float, default=0.04)
+    p.add_argument("--logprob", choices=("cfg", "cond"), default="cfg",
+                   help="log-prob of a CFG-sampled token: the guided distribution or the conditional one")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.set_defaults(func=cmd_world_rl)
     p = wsub.add_parser("scaling", help="GenEval / QA / loss against samples seen, for several LLM sizes")
     p.add_argument("--work", default="runs/scaling", help="study folder (a rerun continues from it)")
     p.add_argument("--components", default=None, help="model whose SigLIP, VQ and tokenizer every size starts "

@@ -330,3 +330,21 @@ def test_tokenizer_trained_on_v1_text_encodes_the_new_wording():
     n1 = sum(len(tok1.encode(t, add_bos=False)) for t in v2[:300])
     n2 = sum(len(tok2.encode(t, add_bos=False)) for t in v2[:300])
     assert n2 < n1
+
+
+def test_v3_mix_weights_the_binding_kinds_up():
+    """The default recipe's "v3" mix draws each judge category in proportion to its kinds' weights
+    (6,000 draws, within 0.02): colour attribution, colour + position and position up, single objects and
+    whole scenes down, against v2's equal weights."""
+    expected = {"single_object": 0.5, "two_object": 1.5, "counting": 1, "colors": 1, "position": 2,
+                "color_attr": 3, "scene": 0.5, "color_position": 3, "color_count": 1, "objects": 1.5}
+    total = sum(expected.values())
+    rng = np.random.default_rng(0)
+    for name, weights in (("v3", expected), ("v2", None)):
+        got = Counter(draw_caption(rng, caption_mix(name))[0].category for _ in range(6000))
+        if weights is None:  # v2: every kind weight 1 except color_position 2, so colour attribution is rarer
+            assert got["color_attr"] / 6000 == pytest.approx(1 / 13, abs=0.02)
+            continue
+        assert set(got) == set(expected)
+        for cat, w in expected.items():
+            assert got[cat] / 6000 == pytest.approx(w / total, abs=0.02), cat

@@ -225,16 +225,17 @@ def test_stage_plans_reach_the_trainer_config(tmp_path):
     """The recipe's schedule and autocast choices land in the run config the trainer reads, and the
     default recipe's LLM stages keep the paper's Stage II : III LR ratio (1e-4 : 4e-5)."""
     from januskit.train.stages import lr_multiplier
+    from januskit.train.trainer import fastest_autocast
     from januskit.recipes.default_model import StagePlan, stage_config
 
     r = Recipe()
     last = stage_config(r.stages[-1], tmp_path / "src", tmp_path / "out", tmp_path / "world", r)
     stage = last.resolved_stage()
-    assert (stage.name, stage.schedule, stage.min_lr_ratio, stage.steps) == ("janus-pro/3", "cosine", 0.0, 3200)
-    assert last.train.autocast == "none" and last.train.threads == 2 and last.train.attention == "segments"
-    # Fresh scenes with the v2 captions and one question a conversation; or the written split's files.
+    assert (stage.name, stage.schedule, stage.min_lr_ratio, stage.steps) == ("janus-pro/3", "cosine", 0.0, 4800)
+    assert last.train.autocast == fastest_autocast() and last.train.threads == 2 and last.train.attention == "segments"
+    # Fresh scenes with the v3 captions and three questions a conversation; or the written split's files.
     assert last.data.builder == "januskit.train.data.fresh:build"
-    assert {k: last.data.options[k] for k in ("captions", "turns", "seed")} == {"captions": "v2", "turns": 1, "seed": 0}
+    assert {k: last.data.options[k] for k in ("captions", "turns", "seed")} == {"captions": "v3", "turns": 3, "seed": 0}
     files = stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path / "world",
                          dataclasses.replace(r, data="files")).data
     assert files.builder == "januskit.train.data.loader:build"
@@ -247,3 +248,22 @@ def test_stage_plans_reach_the_trainer_config(tmp_path):
     plain = stage_config(StagePlan("x", "janus-pro/2", steps=5, batch_size=4, lr=1e-3), tmp_path, tmp_path / "o",
                          tmp_path, r).resolved_stage()
     assert plain.schedule == "constant"  # no schedule given: the stage's own
+
+
+def test_build_pins_its_autocast_so_a_resume_elsewhere_goes_on_alike(tmp_path, monkeypatch, caplog):
+    """"auto" is resolved once per build (bf16 where the CPU has it natively) and kept in work/autocast.json:
+    a resume on a CPU that would choose otherwise keeps the first choice, and says so; an explicit dtype is
+    never overridden by an old record of "auto"."""
+    from januskit.recipes import default_model as dm
+
+    record = tmp_path / "autocast.json"
+    monkeypatch.setattr(dm, "fastest_autocast", lambda: "bfloat16")
+    assert dm.pin_autocast(Recipe(), record).autocast == "bfloat16"
+    assert json.loads(record.read_text()) == {"asked": "auto", "autocast": "bfloat16"}
+    monkeypatch.setattr(dm, "fastest_autocast", lambda: "none")  # resumed on an AVX2-only CPU
+    with caplog.at_level("WARNING"):
+        assert dm.pin_autocast(Recipe(), record).autocast == "bfloat16"
+    assert "began with autocast 'bfloat16'" in caplog.text and "would choose 'none'" in caplog.text
+    assert dm.pin_autocast(dataclasses.replace(Recipe(), autocast="none"), record).autocast == "none"
+    assert json.loads(record.read_text()) == {"asked": "none", "autocast": "none"}
+    assert dm.resolve_autocast("auto") == "none" and dm.resolve_autocast("bfloat16") == "bfloat16"

@@ -93,3 +93,25 @@ def crash_after(monkeypatch, n_steps: int) -> None:
         return real(*a, **k)
 
     monkeypatch.setattr(trainer, "train_step", step)
+
+
+def brightness(prompt, image) -> float:
+    """A toy RL reward: the image's mean brightness in [0, 1] (any model can learn to raise it)."""
+    import numpy as np
+
+    return float(np.asarray(image.convert("L"), dtype=np.float64).mean() / 255.0)
+
+
+def rl_config(out: str | Path, *, steps: int = 4, prompts_per_step: int = 2, group_size: int = 4,
+              lr: float = 1e-3, save_every: int = 2, rl: dict | None = None, lora: dict | None = None,
+              **train: object) -> RunConfig:
+    """A tiny GRPO run on the tiny preset, rewarded by brightness (`rl` overrides [rl] keys)."""
+    return RunConfig.from_dict({**({"lora": lora} if lora else {}),
+        "model": {"source": PRESET, "seed": 0},
+        "stage": {"name": "janus-pro/rl", "steps": steps, "batch_size": prompts_per_step, "lr": lr},
+        "train": {"out": str(out), "micro_batch_size": 4, "save_every": save_every, "keep_last": 2,
+                  "log_every": 1, "export_dtype": "float32", "seed": 0, "progress": False, "plot": False,
+                  "parallel": "none", **train},
+        "rl": {"algorithm": "grpo", "group_size": group_size, "prompts": "world", "cfg_weight": 3.0,
+               "rewards": {"train_helpers:brightness": 1.0}, **(rl or {})},
+    })

@@ -17,7 +17,7 @@ from ..processing.chat import Message, Processor
 from ..processing.image import to_pil, to_uint8
 from ..processing.tokenizer import StreamDecoder
 from ..sampling.logits import row_generator
-from ..sampling.text import generate_text
+from ..sampling.text import generate_text, next_token_probs
 
 Conversation = Sequence[Message]
 Progress = Callable[[int, int], None]
@@ -146,6 +146,18 @@ class Pipeline:
             for i, p in enumerate(pieces):
                 out[i] += p
         return out
+
+    def answer_probabilities(self, prompt: str | Conversation, images: Sequence = (), token_ids: Sequence[int] = (),
+                             system_prompt: str | None = None) -> torch.Tensor:
+        """Probabilities of `token_ids` as the first token of the answer (one forward, no sampling), e.g. of
+        "yes" and "no" after a yes/no question: a VQA judge (januskit.train.rl.rewards.vqa)."""
+        vocab = self.config.llm.vocab_size
+        bad = [t for t in token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"token_ids {bad} are not in this model's vocabulary [0, {vocab})")
+        proc = self.processor
+        batch = proc.batch([proc.encode_chat(self._conversation(prompt, images), system_prompt)])
+        return next_token_probs(self.model, batch)[0, list(token_ids)]
 
     def _steps(self, convs: list[list[Message]], *, max_new_tokens: int, temperature: float, top_p: float | None,
                top_k: int | None, seed: int, system_prompt: str) -> tuple[Iterator[torch.Tensor], int]:

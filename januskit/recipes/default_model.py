@@ -39,6 +39,7 @@ from ..train.config import RunConfig
 from ..train.pretrain.siglip import SigLIPTrainConfig, init_vision_tower, train_siglip
 from ..train.data.vq_cache import cache_vq_ids
 from ..train.pretrain.vq import VQTrainConfig, reconstruction_stats, train_vq
+from ..train.trainer import fastest_autocast
 from ..world.dataset import write_world
 from ..world.prompts import describe, scene_from_json
 from .chain import done, export_and_evaluate, log, mark_done, run_stages
@@ -72,23 +73,27 @@ class Recipe:
     stages: tuple[StagePlan, ...] = (
         StagePlan("text", "janus-pro/2", steps=100, batch_size=32, lr=2e-3, warmup=10, ratio=(0, 1, 0)),
         StagePlan("stage1", "janus-pro/1", steps=200, batch_size=32, lr=2e-3, warmup=20),
-        StagePlan("stage2", "janus-pro/2", steps=3600, batch_size=32, lr=2e-3, warmup=50),
-        StagePlan("stage3", "janus-pro/3", steps=3200, batch_size=32, lr=8e-4, schedule="cosine"),
+        StagePlan("stage2", "janus-pro/2", steps=5600, batch_size=32, lr=2e-3, warmup=50),
+        StagePlan("stage3", "janus-pro/3", steps=4800, batch_size=32, lr=8e-4, schedule="cosine"),
     )
     # The LLM stages' data: "fresh" draws a newly rendered scene for every sample (train.data.fresh; VQ ids
     # computed on the fly), "files" reads the written train split (VQ ids cached once).
     data: str = "fresh"
-    captions: str = "v2"  # generation captions (world.captions): "v2" adds colour+position, counts+colours, rewording
-    turns: int = 1  # questions per understanding conversation: 1 = asked as users (and the eval) ask, first turn
+    captions: str = "v3"  # generation captions (world.captions): v2's kinds (colour+position, counts+colours,
+    # rewording) with the binding kinds weighted up
+    turns: int = 3  # questions per understanding conversation (random type order, so every type is asked first
+    # as often as the eval asks it); 1 carried a third of the questions and cost QA 0.69 -> 0.61
     # CFG weights tried on the val split after training; the best is written to the model's
     # generation_config.json (guidance_scale), which the pipeline takes as its default. () = keep the reference's.
     cfg_candidates: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
     seq_len: int = 512
     micro_batch_size: int = 8
     threads: int = 2
-    # float32: bf16 autocast doubles the tokens/s only on CPUs with native bf16 (avx512_bf16, AMX); on an
-    # AVX2 CPU PyTorch's bf16 matmul falls back to a reference kernel, 20x slower (docs/miniature-world.md).
-    autocast: str = "none"
+    # "auto": bf16 autocast where the CPU has native bf16 (avx512_bf16, AMX: 1.67x float32's samples/s on the
+    # recipe's Stage II step), float32 elsewhere (on an AVX2 CPU PyTorch's bf16 matmul falls back to a reference
+    # kernel, 20x slower; docs/miniature-world.md). A build resolves it once and keeps it in work/autocast.json,
+    # so a build resumed on another CPU goes on as it began.
+    autocast: str = "auto"
     attention: str = "segments"  # packed-row attention of the LLM stages (train.attention): "mask" or "segments"
     compile: str = "none"  # torch.compile in the LLM stages (train.compile): "none" or "layers"
     keep_memory: bool = False  # LLM stages keep freed memory in the process (train.keep_memory; glibc only)
@@ -206,12 +211,33 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
         "model": {"source": str(source)},
         "stage": stage,
         "train": {"out": str(out), "micro_batch_size": r.micro_batch_size, "seq_len": r.seq_len,
-                  "threads": r.threads, "autocast": r.autocast, "attention": r.attention, "compile": r.compile,
+                  "threads": r.threads, "autocast": resolve_autocast(r.autocast), "attention": r.attention,
+                  "compile": r.compile,
                   "keep_memory": r.keep_memory, "fused_optimizer": r.fused_optimizer,
                   "seed": r.seed, "log_every": 10, "save_every": 100, "keep_last": 1,
                   "export_dtype": "float32", "progress": True},
         "data": data,
     }, where=f"recipe stage {plan.name}")
+
+
+def resolve_autocast(autocast: str) -> str:
+    """"auto" -> bf16 where the CPU has native bf16, else "none" (float32); other values as given."""
+    return fastest_autocast() if autocast == "auto" else autocast
+
+
+def pin_autocast(r: Recipe, record: Path) -> Recipe:
+    """The recipe with its autocast resolved, the choice kept in `record`: a resumed build keeps the dtype it
+    began with, whatever CPU it resumes on (a warning says when that CPU would have chosen otherwise)."""
+    if record.is_file():
+        pinned = json.loads(record.read_text())
+        if pinned.get("asked") == r.autocast:
+            if resolve_autocast(r.autocast) != pinned["autocast"]:
+                log.warning("recipe: this build began with autocast %r (%s); it continues so, although this CPU "
+                            "would choose %r", pinned["autocast"], record, resolve_autocast(r.autocast))
+            return dataclasses.replace(r, autocast=pinned["autocast"])
+    chosen = resolve_autocast(r.autocast)
+    record.write_text(json.dumps({"asked": r.autocast, "autocast": chosen}) + "\n")
+    return dataclasses.replace(r, autocast=chosen)
 
 
 def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evaluate_model: bool = True,
@@ -220,6 +246,7 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     eval.json when `evaluate_model`). Returns `out`."""
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    recipe = pin_autocast(recipe, work / "autocast.json")
     torch.set_num_threads(recipe.threads)
     times: dict[str, float] = {}
     world = work / "world"

@@ -52,13 +52,21 @@ def check_flow_args(steps: int, cfg_weight: float | Sequence[float], n: int = 1)
     return cfg_weights(cfg_weight, n)[:, :, None, None]  # (n, 1, 1, 1) against (n, C, H, W)
 
 
+# One integration step: (z (n, C, H, W) float32, guided velocity v, step index s, steps) -> next z.
+Update = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def euler(z: torch.Tensor, v: torch.Tensor, s: int, steps: int) -> torch.Tensor:
+    return z + (1.0 / steps) * v
+
+
 @torch.inference_mode()
 def generate_latents(model: JanusFlowModel, prompts: Sequence[Sequence[int]], latents: torch.Tensor, *,
                      steps: int, cfg_weight: float | Sequence[float], reuse_prompt_kv: bool = True,
-                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                     progress: Callable[[int, int], None] | None = None, update: Update = euler) -> torch.Tensor:
     """One image per prompt from initial noise `latents` (n, C, H, W) -> final latents (n, C, H, W),
     float32 (the ODE state is kept in float32 whatever the model dtype). `cfg_weight`: one weight, or
-    one per prompt."""
+    one per prompt. `update`: the integrator's step (Euler; RL's SDE sampler passes its own)."""
     c = model.config
     n = len(prompts)
     if n == 0:
@@ -83,7 +91,6 @@ def generate_latents(model: JanusFlowModel, prompts: Sequence[Sequence[int]], la
         llm(prompt_h, positions, cache, 0, key_valid[:, :L])
 
     z = latents.float().clone()
-    dt = 1.0 / steps
     for s in range(steps):
         t = torch.full((2 * n,), s / steps)
         if reuse_prompt_kv:
@@ -92,7 +99,7 @@ def generate_latents(model: JanusFlowModel, prompts: Sequence[Sequence[int]], la
             v = model.velocity(llm(x, gen_pos, cache, L, key_valid)[:, 1:], skip, t_emb).float()
         else:
             v = row_velocities(model, prompt_h, positions, valid, torch.cat([z, z]), t)
-        z = z + dt * (w * v[:n] - (w - 1) * v[n:])
+        z = update(z, w * v[:n] - (w - 1) * v[n:], s, steps)
         if progress is not None:
             progress(s + 1, steps)
     return z

@@ -73,3 +73,19 @@ def _decode(model: JanusModel, batch: ChatBatch, max_new_tokens: int, stop_ids: 
         pos = pos + 1
         e = llm.embed_tokens(tok.clamp(min=0))[:, None]
         hidden = llm(e, pos, cache, T + step, key_valid)[:, -1]
+
+
+@torch.inference_mode()
+def next_token_probs(model: JanusModel, batch: ChatBatch) -> torch.Tensor:
+    """(B, vocab) float32 probabilities of the first answer token (one prefill, no sampling): what a
+    judge reads, e.g. P("yes") after a yes/no question."""
+    c = model.config.llm
+    if batch.input_ids.shape[1] > c.max_seq_len:
+        raise ValueError(f"prompt is {batch.input_ids.shape[1]} tokens, longer than the model context of "
+                         f"{c.max_seq_len} tokens")
+    dtype = model.llm.embed_tokens.weight.dtype
+    pixels = None if batch.pixel_values is None else batch.pixel_values.to(dtype)
+    h = model.splice(batch.input_ids, batch.image_mask, pixels)
+    positions = (batch.valid.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.llm(h, positions, None, 0, batch.valid if batch.padded else None)[:, -1]
+    return model.text_logits(hidden).float().softmax(-1)

@@ -6,6 +6,7 @@
     [data]   `builder = "module:function"`; every other key is passed to the builder as a keyword
     [lora]   optional: LoRA adapters (januskit.train.lora, needs peft) instead of the stage's freezing
     [flow]   optional, JanusFlow only: t distribution and REPA (januskit.train.flow.FlowSettings)
+    [rl]     optional: online RL for image generation (januskit.train.rl.settings.RLSettings)
 
 Unknown keys raise with the valid names, so a typo never silently falls back to a default.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from ..config import JanusConfig, JanusFlowConfig
 from .flow import FlowSettings
 from .lora import LoraSettings
+from .rl.settings import RLSettings
 from .stages import Stage, get_stage
 
 ATTENTION = ("mask", "segments")
@@ -93,6 +95,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
     flow: FlowSettings = field(default_factory=FlowSettings)
+    rl: RLSettings = field(default_factory=RLSettings)
 
     def resolved_stage(self) -> Stage:
         """The stage row, scaled, then overridden (overrides are absolute values)."""
@@ -110,13 +113,15 @@ class RunConfig:
                 "stage": {"name": self.stage.name, "scale": self.stage.scale, **self.stage.overrides},
                 "train": dataclasses.asdict(self.train),
                 "data": {"builder": self.data.builder, **self.data.options},
-                "lora": dataclasses.asdict(self.lora), "flow": dataclasses.asdict(self.flow)}
+                "lora": dataclasses.asdict(self.lora), "flow": dataclasses.asdict(self.flow),
+                "rl": dataclasses.asdict(self.rl)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
-        extra = set(d) - {"model", "stage", "train", "data", "lora", "flow"}
+        extra = set(d) - {"model", "stage", "train", "data", "lora", "flow", "rl"}
         if extra:
-            raise ValueError(f"{where}: unknown table(s) {sorted(extra)}; valid: model, stage, train, data, lora, flow")
+            raise ValueError(f"{where}: unknown table(s) {sorted(extra)}; valid: model, stage, train, data, lora, flow, "
+                             "rl")
         for t in ("model", "stage", "train"):
             if t not in d:
                 raise ValueError(f"{where}: missing table [{t}]")
@@ -130,7 +135,8 @@ class RunConfig:
                    train=_build(TrainSection, d["train"], f"{where} [train]"),
                    data=DataSection(builder=builder, options=data),
                    lora=_build(LoraSection, d.get("lora", {}), f"{where} [lora]"),
-                   flow=_build(FlowSettings, d.get("flow", {}), f"{where} [flow]"))
+                   flow=_build(FlowSettings, d.get("flow", {}), f"{where} [flow]"),
+                   rl=_build(RLSettings, d.get("rl", {}), f"{where} [rl]"))
 
 
 def _build(kind: type, table: dict[str, Any], where: str) -> Any:

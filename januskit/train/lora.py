@@ -23,6 +23,8 @@ import copy
 import dataclasses
 import importlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -165,6 +167,20 @@ def apply_lora(model: JanusModel, settings: LoraSettings, seed: int | None = Non
     log.info("LoRA r=%d alpha=%g on %d modules: %s trainable of %s parameters (%.3f%%)", settings.r,
              settings.alpha, len(adapted), f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(1, n_all))
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The frozen base model for the duration (every adapter switched off, then back on): e.g. RL's
+    reference policy without a second copy of the weights."""
+    layers = [m for _, m in _tuner_layers(model)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def merge_lora(model: JanusModel) -> JanusModel:

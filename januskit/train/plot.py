@@ -79,8 +79,8 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def plot_panels(panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]], path: str | Path, *,
                 xlabel: str = "", log2_x: bool = False, panel_size: tuple[int, int] = (420, 320)) -> Path:
-    """Side-by-side panels, each (title, {series label: [(x, y), ...]}), with markers at the points: for
-    studies with a few measured points per line (the scaling study), not for loss curves."""
+    """Side-by-side panels, each (title, {series label: [(x, y), ...]}): a few measured points per line (the
+    scaling study) get markers and a tick at each x; longer series (over 12 points) are drawn as curves."""
     W, H = panel_size
     img = Image.new("RGB", (W * len(panels), H), "white")
     d = ImageDraw.Draw(img)
@@ -101,7 +101,9 @@ def plot_panels(panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, floa
         for t in _ticks(y0, y1):
             d.line([(left, py(t)), (right, py(t))], fill=(230, 230, 230))
             d.text((ox + 8, py(t) - 6), f"{t:g}", fill="black", font=font)
-        for x in sorted({x for x, _ in pts}):
+        xs = sorted({x for x, _ in pts})
+        dense = len(xs) > 12  # a curve (e.g. per step): round ticks, no markers
+        for x in (_ticks(x0, x1) if dense and not log2_x else xs):
             d.line([(px(x), bottom), (px(x), bottom + 5)], fill="black")
             d.text((px(x) - 12, bottom + 8), f"{x:g}", fill="black", font=font)
         d.rectangle([left, top, right, bottom], outline="black")
@@ -110,7 +112,7 @@ def plot_panels(panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, floa
             xy = [(px(x), py(y)) for x, y in sorted(v)]
             if len(xy) > 1:
                 d.line(xy, fill=color[k], width=2)
-            for a, b in xy:
+            for a, b in ([] if len(v) > 12 else xy):
                 d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=color[k])
             d.line([(left + 8, top + 12 + 14 * i), (left + 26, top + 12 + 14 * i)], fill=color[k], width=2)
             d.text((left + 30, top + 6 + 14 * i), k, fill="black", font=font)

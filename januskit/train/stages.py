@@ -31,6 +31,7 @@ ALWAYS_FROZEN = ("gen_vision_model",)  # the VQ tokenizer is frozen in every sta
 ADAPTORS = ("aligner", "gen_aligner", "gen_head", "gen_embed")
 WITH_LLM = ADAPTORS + ("language_model",)  # Stage II: + LLM (embeddings, decoder, lm_head)
 ALL_BUT_VQ = WITH_LLM + ("vision_model",)  # Stage III: + the understanding encoder (SigLIP)
+GEN_WITH_LLM = ("gen_aligner", "gen_head", "gen_embed", "language_model.model")  # RL: what draws (no text head)
 
 # JanusFlow: stage 1 adapts the randomly initialised parts (linear aligners, the generation encoder and
 # decoder, the REPA projector h_phi), stage 2 adds the LLM, stage 3 the understanding encoder. The VAE
@@ -41,6 +42,9 @@ FLOW_NEW = ("vision_und_enc_aligner", "vision_gen_enc_model", "vision_gen_enc_al
 OPTIONAL = ("repa_head",)  # only present while training with REPA (it belongs to the loss, not the model)
 FLOW_WITH_LLM = FLOW_NEW + ("language_model",)
 FLOW_ALL = FLOW_WITH_LLM + ("vision_und_enc_model",)
+# RL for JanusFlow's generation: its encoder, decoder and their aligners, and the decoder body of the LLM.
+FLOW_GEN_WITH_LLM = ("vision_gen_enc_model", "vision_gen_enc_aligner", "vision_gen_dec_model",
+                     "vision_gen_dec_aligner_norm", "vision_gen_dec_aligner", "language_model.model")
 SCHEDULES = ("constant", "cosine")  # after the linear warm-up
 
 
@@ -94,11 +98,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           steps=80_000, batch_size=128, ratio=(5, 1, 4), source=_P + " (1B)"),
     Stage(name="janus-pro-7b/3", trainable=ALL_BUT_VQ, lr=4e-5, schedule="constant", weight_decay=0.0, warmup=0,
           steps=40_000, batch_size=128, ratio=(5, 1, 4), source=_P + " (7B)"),
+    # Online RL for generation (januskit.train.rl, not in the papers): the parts that draw an image (LLM,
+    # generation adaptor and embedding, image head); batch_size counts prompts, each with [rl] group_size images.
+    Stage(name="janus-pro/rl", trainable=GEN_WITH_LLM, lr=1e-5, schedule="constant", weight_decay=0.0, warmup=0,
+          steps=1000, batch_size=16, ratio=(0, 0, 1), source="januskit (RL stage; T2I-R1 / Flow-GRPO-style GRPO)"),
     # JanusFlow's table orders the ratio understanding : generation : text; ours is und : text : gen.
     Stage(name="janusflow/1", trainable=FLOW_NEW, lr=1e-4, schedule="constant", weight_decay=0.0, warmup=2000,
           steps=10_000, batch_size=512, ratio=(50, 0, 50), source=_F),
     # The paper starts stage 2 at 30:50:20 (und:gen:text) for its first 10K steps, then 14:80:6; one
     # stage row has one ratio, so that opening phase is a separate 10K-step run of "janusflow/2-early".
+    Stage(name="janusflow/rl", trainable=FLOW_GEN_WITH_LLM, lr=1e-5, schedule="constant", weight_decay=0.0, warmup=0,
+          steps=1000, batch_size=16, ratio=(0, 0, 1), source="januskit (RL stage; Flow-GRPO)"),
     Stage(name="janusflow/2-early", trainable=FLOW_WITH_LLM, lr=1e-4, schedule="constant", weight_decay=0.0,
           warmup=2000, steps=10_000, batch_size=512, ratio=(30, 20, 50), source=_F + " (stage 2, first 10K steps)"),
     Stage(name="janusflow/2", trainable=FLOW_WITH_LLM, lr=1e-4, schedule="constant", weight_decay=0.0, warmup=2000,

@@ -294,7 +294,14 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
           prepare: Callable[[JanusModel], None] | None = None) -> Path:
     """Run (or, with resume=True, continue from the newest complete checkpoint) one stage. `data`
     overrides [data] (a DataSource for this rank); `prepare` changes the built model in place before
-    anything else sees it (e.g. an ablation's rewiring that keeps the state dict). Returns the output folder."""
+    anything else sees it (e.g. an ablation's rewiring that keeps the state dict). Returns the output folder.
+    With [rl] algorithm set, the stage is online RL instead (januskit.train.rl.loop; no [data])."""
+    if cfg.rl.enabled:
+        if data is not None or prepare is not None:
+            raise ValueError("an [rl] stage draws its own prompts: data= and prepare= are for supervised stages")
+        from .rl.loop import train_rl
+
+        return train_rl(cfg, resume=resume)
     info = parallel.init(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)

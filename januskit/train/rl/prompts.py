@@ -1,0 +1,88 @@
+"""Prompt sources for RL: prompt `i` of a run is a pure function of (source, seed, i), so a step's prompts
+follow from the step number alone and a resumed run draws exactly what an uninterrupted one would.
+
+- `WorldPrompts`: the miniature world's GenEval-style training prompts (its six categories, drawn as the
+  test split's are), held-out combinations never drawn, each carrying its structured prompt for the judge.
+- `FilePrompts`: a .txt file (one prompt a line) or a .jsonl file ({"prompt": "...", "meta": {...}} a line,
+  meta optional), visited in a new seeded order every pass.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .rewards import RewardPrompt
+
+_STREAM = 104729  # keeps these draws apart from the world's other generators
+
+
+class PromptSource(Protocol):
+    def __call__(self, i: int) -> RewardPrompt: ...
+
+
+class WorldPrompts:
+    def __init__(self, seed: int = 0, categories: Sequence[str] | None = None) -> None:
+        from ...world.dataset import held_out
+        from ...world.prompts import CATEGORIES
+
+        cats = tuple(categories) if categories is not None else CATEGORIES
+        bad = [c for c in cats if c not in CATEGORIES]
+        if bad or not cats:
+            raise ValueError(f"[rl] prompt categories {bad or '(none)'}: valid are {', '.join(CATEGORIES)}")
+        self.seed, self.categories, self.held = seed, cats, held_out()
+
+    def __call__(self, i: int) -> RewardPrompt:
+        from ...world.prompts import sample_prompt
+
+        rng = np.random.default_rng([self.seed, _STREAM, i])
+        cat = self.categories[int(rng.integers(len(self.categories)))]
+        while True:  # training prompts only: a held-out combination is never asked for
+            p = sample_prompt(rng, cat)
+            if not (self.held.prompt_held_out(p) or self.held.mentioned_by(p)):
+                return RewardPrompt(p.text, {"prompt": p.to_json()})
+
+
+class FilePrompts:
+    def __init__(self, path: str | Path, seed: int = 0) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"[rl] prompts: {path}: no such file")
+        self.prompts: list[RewardPrompt] = []
+        for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{k}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                    raise ValueError(f"{path}:{k}: expected {{\"prompt\": \"...\", \"meta\": {{...}}}} with a non-empty "
+                                     "prompt")
+                meta = row.get("meta", {})
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{path}:{k}: \"meta\" must be an object")
+                self.prompts.append(RewardPrompt(row["prompt"], meta))
+            else:
+                self.prompts.append(RewardPrompt(line.strip()))
+        if not self.prompts:
+            raise ValueError(f"[rl] prompts: {path} holds no prompts")
+        self.seed = seed
+
+    def __call__(self, i: int) -> RewardPrompt:
+        n = len(self.prompts)
+        order = np.random.default_rng([self.seed, _STREAM, i // n]).permutation(n)
+        return self.prompts[int(order[i % n])]
+
+
+def prompt_source(spec: str, seed: int, categories: Sequence[str] | None = None) -> PromptSource:
+    """"world" or a file path (.txt / .jsonl)."""
+    if spec == "world":
+        return WorldPrompts(seed, categories)
+    if categories is not None:
+        raise ValueError("[rl] prompt_categories is for prompts = \"world\"")
+    return FilePrompts(spec, seed)
