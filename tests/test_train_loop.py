@@ -94,8 +94,11 @@ _F1 = {"vision_und_enc_aligner", "vision_gen_enc_model", "vision_gen_enc_aligner
 PARTS.update(F1=_F1, F2=_F1 | {"language_model"}, F3=_F1 | {"language_model", "vision_und_enc_model"})
 
 
+RL_STAGES = {"janus-pro/rl", "janusflow/rl"}  # januskit's own (online RL, januskit.train.rl): not in the papers
+
+
 def test_stage_table_matches_the_papers():
-    assert set(STAGES) == set(PAPER)
+    assert set(STAGES) == set(PAPER) | RL_STAGES
     for name, (lr, sched, wd, warm, steps, batch, ratio, kind) in PAPER.items():
         s = get_stage(name)
         assert (s.lr, s.schedule, s.weight_decay, s.warmup, s.steps, s.batch_size, tuple(s.ratio)) == \
@@ -120,7 +123,7 @@ def test_scale_and_lr_schedule():
     assert get_stage("janus/3").scaled(1) is get_stage("janus/3")
 
 
-@pytest.mark.parametrize("name", sorted(n for n in STAGES if not n.startswith("janusflow")))  # flow: test_train_flow
+@pytest.mark.parametrize("name", sorted(n for n in PAPER if not n.startswith("janusflow")))  # flow: test_train_flow
 def test_apply_stage_freezes_exactly_the_intended_parts(name, cfg_tiny):
     model = tiny_model()
     counts = apply_stage(model, get_stage(name))
@@ -137,6 +140,16 @@ def test_apply_stage_freezes_exactly_the_intended_parts(name, cfg_tiny):
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} trains but got no gradient"
         else:
             assert p.grad is None, f"{n} is frozen but got a gradient"
+
+
+def test_rl_stage_trains_what_draws_and_not_the_text_head():
+    model = tiny_model()
+    apply_stage(model, get_stage("janus-pro/rl"))
+    for n, p in model.named_parameters():
+        draws = n.startswith(("gen_aligner.", "gen_head.", "gen_embed.", "language_model.model."))
+        assert p.requires_grad == draws, n
+    s = get_stage("janus-pro/rl")
+    assert (s.lr, s.schedule, s.warmup, s.ratio) == (1e-5, "constant", 0, (0, 0, 1))
 
 
 def test_vq_can_never_be_trained():

@@ -55,7 +55,7 @@ def test_generate_in_the_browser(page, pipe):
     thumbs = page.locator("#gallery img")
     thumbs.nth(3).wait_for()  # four images (the UI's default n) with seed 0 and the model's own CFG weight
     page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
-    assert pipe.default_cfg_weight == 1.5  # the default model's generation_config.json, the slider's start
+    assert pipe.default_cfg_weight == 2.0  # the default model's generation_config.json, the slider's start
     ref = pipe.generate_images(prompt, n=4, cfg_weight=pipe.default_cfg_weight, seed=0).images
     assert thumbs.count() == 4
     for i in range(4):

@@ -142,10 +142,10 @@ def test_eval_world_cli_json(smoke, capsys):
     # build() evaluated the same folder with the same generation settings (SMALL_EVAL): the same images, scores
     ev = json.loads((out / "eval.json").read_text())["generation"]
     assert len(g["categories"]) == 6 and (g["categories"], g["overall"]) == (ev["categories"], ev["overall"])
-    # Pinned (this run's values): after 2 steps a stage the smoke model draws no recognisable scene and
-    # answers every question with its stop token.
+    # After 2 steps a stage the smoke model draws no recognisable scene and gives every question the same
+    # answer (its stop token in float32 builds, a run of one word in bf16 ones), never a right one.
     assert g["overall"] == 0.0 and rep["understanding"]["accuracy"] == 0.0
-    assert {r["model"] for r in rep["understanding"]["records"]} == {""}
+    assert len({r["model"] for r in rep["understanding"]["records"]}) == 1
     assert main(["eval", "world", "--model", str(out), "--world", str(out / "nowhere")]) == 2
     assert "nowhere/test/prompts.jsonl: missing" in capsys.readouterr().err
 

@@ -13,8 +13,9 @@ for 100K+): Stages II and III use the paper's LRs times the same factor 20, so t
 Stage I trains randomly initialised adaptors as the paper's does. Departures, all because the budget
 is tiny: Stage III decays its LR to 0 on a cosine (the papers keep it constant; at this scale the
 anneal is worth more than the last constant-LR steps); every sample is a newly rendered scene (no
-sample repeats); understanding conversations ask one question, as users and the evaluation do; and
-the CFG weight is chosen on the val split and shipped in the model folder.
+sample repeats) with captions weighted towards binding (the "v3" mix); understanding conversations ask
+three questions in random order; bf16 autocast where the CPU has it natively; and the CFG weight is chosen
+on the val split and shipped in the model folder.
 """
 from __future__ import annotations
 
