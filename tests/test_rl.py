@@ -320,7 +320,7 @@ def test_flow_trajectory_logprobs_match_the_sampler(flow_ckpt):
     assert torch.allclose(quiet[:, -1], ode, atol=1e-4)
 
 
-def test_flow_grpo_stage_runs_and_resumes(tmp_path, flow_ckpt):
+def test_flow_grpo_stage_runs_and_resumes(tmp_path, flow_ckpt, monkeypatch):
     """flow_grpo on the tiny JanusFlow folder (its VAE scores the images): metrics, the exact KL starting
     at 0, and a killed-and-resumed run equal to an uninterrupted one; Janus models are refused clearly."""
     from januskit.train.rl import loop
@@ -340,12 +340,10 @@ def test_flow_grpo_stage_runs_and_resumes(tmp_path, flow_ckpt):
             raise KeyboardInterrupt("simulated kill")
         calls[0] += 1
         return real(*a, **k)
-    import pytest as _pytest
-    mp = _pytest.MonkeyPatch()
-    mp.setattr(loop, "rollout_trajectory", dying)
+    monkeypatch.setattr(loop, "rollout_trajectory", dying)
     with pytest.raises(KeyboardInterrupt):
         train(cfg(tmp_path / "resumed"))
-    mp.undo()
+    monkeypatch.setattr(loop, "rollout_trajectory", real)
     again = train(cfg(tmp_path / "resumed"), resume=True)
     from safetensors.torch import load_file
     a, b = load_file(str(full / "model.safetensors")), load_file(str(again / "model.safetensors"))
