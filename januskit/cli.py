@@ -174,7 +174,8 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     from .recipes.default_model import Recipe, build
 
     _log_to_stderr()
-    recipe = Recipe(seed=args.seed, **({} if args.threads is None else {"threads": args.threads}))
+    recipe = Recipe(seed=args.seed, **({} if args.threads is None else {"threads": args.threads}),
+                    **({"rl": None} if args.no_rl else {}))
     if args.smoke:
         recipe = recipe.smoke()
     out = build(args.out, args.work, recipe, evaluate_model=not args.no_eval)
@@ -215,13 +216,26 @@ def cmd_world_overfit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weighted(items: list[str] | None, flag: str) -> tuple[tuple[str, float], ...]:
+    """NAME=WEIGHT (or NAME, weight 1) options as (name, weight) pairs."""
+    out = []
+    for item in items or []:
+        name, _, w = item.partition("=")
+        try:
+            out.append((name.strip(), float(w) if w else 1.0))
+        except ValueError:
+            raise SystemExit(f"januskit: {flag} {item!r}: the weight after '=' is not a number") from None
+    return tuple(out)
+
+
 def cmd_world_rl(args: argparse.Namespace) -> int:
     from .recipes.rl_world import RLPlan, run
 
     _log_to_stderr()
     plan = RLPlan(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
                   kl_weight=args.kl_weight, logprob=args.logprob, eval_every=args.eval_every, seed=args.seed,
-                  threads=args.threads)
+                  threads=args.threads, rewards=_weighted(args.reward, "--reward") or (("world", 1.0),),
+                  categories=tuple(args.categories.split(",")) if args.categories else None)
     rep = run(args.model or DEFAULT_MODEL, args.work, plan, evaluate_model=not args.no_eval)
     print(json.dumps({k: {x: v[x] for x in ("geneval", "qa", "readme", "diversity")} for k, v in rep.items()},
                      indent=1))
@@ -378,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "partial descriptions, in varied wording: januskit/world/captions.py)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_world_write)
-    p = wsub.add_parser("build", help="train the default model from scratch: world, SigLIP, VQ, LLM, 3 stages")
+    p = wsub.add_parser("build", help="train the default model from scratch: world, SigLIP, VQ, LLM, 3 stages, GRPO")
     p.add_argument("--out", default="runs/world/default-model", help="final model folder")
     p.add_argument("--work", default="runs/world", help="intermediate folders (a rerun continues from them)")
     p.add_argument("--seed", type=int, default=0)
@@ -386,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "gives a different model, as floating-point sums are split differently)")
     p.add_argument("--smoke", action="store_true", help="the whole chain with tiny budgets (a minute)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--no-rl", action="store_true", help="stop after supervised training (no GRPO step)")
     p.set_defaults(func=cmd_world_build)
     p = wsub.add_parser("flow", help="train the miniature JanusFlow (VAE, 3 stages, REPA) on a build's shared steps")
     p.add_argument("--out", default="runs/world/janusflow-model", help="final model folder (with its vae/)")
@@ -426,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=0.04)
     p.add_argument("--logprob", choices=("cfg", "cond"), default="cfg",
                    help="log-prob of a CFG-sampled token: the guided distribution or the conditional one")
+    p.add_argument("--reward", action="append", metavar="NAME[=WEIGHT]",
+                   help="a registered reward and its weight, repeatable (default: world=1)")
+    p.add_argument("--categories", default=None, metavar="CAT,CAT,...",
+                   help="prompt categories drawn uniformly from this list (repeat one to weight it; default: all six)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

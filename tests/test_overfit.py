@@ -35,10 +35,6 @@ def test_sampled_images_satisfy_their_training_captions(report):
     assert g["overall"] >= 0.9, g["categories"]
 
 
-@pytest.mark.xfail(strict=True, reason="known (Step 7, open): the overfit subset's conversations have 3 questions and "
-                   "the eval asks each alone, as a first turn; a question memorised at turn 2 or 3 (loss_und 6e-5) is "
-                   "then asked in a context it was never trained in (0.93 measured on the current default model, bar "
-                   "0.95); the plan must ask its questions as the eval does")
 def test_training_questions_are_answered(report):
     u = report["understanding"]
     assert u["questions"] == 48

@@ -507,3 +507,27 @@ def test_grpo_with_lora_trains_the_adapters_against_the_base(tmp_path):
     merged, base = januskit.load(out).model.state_dict(), januskit.load(PRESET, seed=0).model.state_dict()
     changed = [k for k in base if k in merged and not torch.equal(merged[k], base[k])]
     assert changed and all(k.startswith(("language_model.", "gen_", "aligner")) for k in changed), changed
+
+
+def test_world_rl_plan_becomes_the_run_config_of_either_architecture(flow_ckpt, tmp_path):
+    """RLPlan -> RunConfig: prompt categories (a repeated one drawn more often), weighted rewards and the rollout
+    CFG pass through; a Janus source gets GRPO on `janus-pro/rl`, a JanusFlow one Flow-GRPO on `janusflow/rl`
+    with the plan's SDE settings; the CLI's NAME=WEIGHT options are checked."""
+    from januskit.cli import _weighted
+    from januskit.recipes.rl_world import RLPlan, rl_run_config
+
+    plan = RLPlan(steps=3, categories=("position", "position", "colors"), cfg_weight=3.0, sde_steps=4,
+                  rewards=(("world", 0.7), ("world_partial", 0.3)), logprob="cond", autocast="none")
+    cfg = rl_run_config(plan, DEFAULT_MODEL, tmp_path / "a")
+    assert (cfg.stage.name, cfg.rl.algorithm, cfg.rl.logprob) == ("janus-pro/rl", "grpo", "cond")
+    assert cfg.rl.prompt_categories == ["position", "position", "colors"] and cfg.rl.cfg_weight == 3.0
+    assert cfg.rl.rewards == {"world": 0.7, "world_partial": 0.3} and cfg.train.autocast == "none"
+    prompts = WorldPrompts(seed=0, categories=cfg.rl.prompt_categories)
+    cats = [prompts(i).meta["prompt"]["category"] for i in range(300)]
+    assert set(cats) == {"position", "colors"} and 150 < cats.count("position") < 250  # 2 : 1
+    flow = rl_run_config(plan, flow_ckpt, tmp_path / "b", autocast="bf16")
+    assert (flow.stage.name, flow.rl.algorithm, flow.rl.sde_steps) == ("janusflow/rl", "flow_grpo", 4)
+    assert flow.train.autocast == "bf16" and flow.rl.noise_level == plan.noise_level
+    assert _weighted(["world=2", "world_partial"], "--reward") == (("world", 2.0), ("world_partial", 1.0))
+    with pytest.raises(SystemExit, match=r"--reward 'world=x': the weight after '=' is not a number"):
+        _weighted(["world=x"], "--reward")

@@ -172,3 +172,33 @@ def test_world_is_deterministic(world: Path, tmp_path: Path):
     assert (world / "test/img/q000007.png").read_bytes() == (again / "test/img/q000007.png").read_bytes()
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         write_world(tmp_path / "again", scale=0.02)
+
+
+def test_binding_variants_differ_by_one_edit_and_keep_held_out_combinations_out():
+    from januskit.world.variants import variants
+
+    held = held_out()
+    rng = np.random.default_rng(3)
+    s = (Obj("circle", "red", 0), Obj("square", "blue", 1))
+    vs = variants(s, rng, 4, allowed=lambda v: not held.violated_by(v))
+    assert len(vs) == 4
+    # the first edit swaps the colours: the same shapes and places, the colours bound the other way
+    assert sorted((o.shape, o.colour, o.cell) for o in vs[0]) == [("circle", "blue", 0), ("square", "red", 1)]
+    # the second swaps places: the same coloured objects in each other's cells
+    assert sorted((o.shape, o.colour, o.cell) for o in vs[1]) == [("circle", "red", 1), ("square", "blue", 0)]
+    keys = {tuple(sorted((o.shape, o.colour, o.cell) for o in v)) for v in [s, *vs]}
+    assert len(keys) == 5  # all distinct in content
+    for v in vs:
+        assert len({o.cell for o in v}) == len(v)
+        changed = sum(a != b for a, b in zip(sorted((o.shape, o.colour, o.cell) for o in s),
+                                              sorted((o.shape, o.colour, o.cell) for o in v)))
+        assert 1 <= changed <= 2  # one edit: one object changed, or two traded an attribute
+    # a held-out filter is obeyed on every variant of many random scenes, and equal seeds give equal variants
+    for i in range(200):
+        base = random_scene(np.random.default_rng(i))
+        got = variants(base, np.random.default_rng(i), 3, allowed=lambda v: not held.violated_by(v))
+        assert not any(held.violated_by(v) for v in got)
+        assert got == variants(base, np.random.default_rng(i), 3, allowed=lambda v: not held.violated_by(v))
+    # a single object has no colours or places to swap: it still gets moved, recoloured and reshaped variants
+    one = variants((Obj("diamond", "green", 2),), np.random.default_rng(0), 3)
+    assert [len(v) for v in one] == [1, 1, 1] and len({(v[0].colour, v[0].shape, v[0].cell) for v in one}) == 3

@@ -81,8 +81,12 @@ def test_smoke_chain_writes_a_loadable_evaluated_model(smoke):
     assert ev["understanding"]["questions"] == 12 and "pope" in ev["understanding"]
     recipe = json.loads((out / "recipe.json").read_text())
     assert [s["name"] for s in recipe["stages"]] == ["text", "stage1", "stage2", "stage3"]
-    # The CFG weight chosen on the val split is the folder's, and the one its evaluation used.
-    choice = json.loads((work / "cfg-choice.json").read_text())
+    assert recipe["rl"]["steps"] == 2 and recipe["rl"]["logprob"] == "cond"
+    # GRPO samples at the weight chosen for Stage III's model; the weight chosen again after it is the folder's,
+    # and the one its evaluation used.
+    first = json.loads((work / "cfg-choice.json").read_text())["chosen"]
+    assert json.loads((work / "rl" / "run_config.json").read_text())["rl"]["cfg_weight"] == first
+    choice = json.loads((work / "cfg-choice-rl.json").read_text())
     assert set(choice["val_geneval"]) == {str(float(w)) for w in Recipe().cfg_candidates}
     best = max(choice["val_geneval"].values())
     assert choice["val_geneval"][str(choice["chosen"])] == best
@@ -114,6 +118,15 @@ def test_each_stage_trains_exactly_its_parts(smoke):
         rows = [json.loads(x) for x in (work / s / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [2]  # smoke stages: 2 steps, logged every 10 and at the end
         assert (rows[-1]["loss_text"] is None) == (s == "stage1") and (rows[-1]["loss_gen"] is None) == (s == "text")
+    # The GRPO step: 2 steps of 2 prompts x 2 images, rewarded by the world's judge, on the drawing parts only
+    # (the understanding side and the text head stay Stage III's).
+    rl = load_janus(work / "rl", torch.float32)
+    assert json.loads((work / "rl" / "run_config.json").read_text())["stage"]["name"] == "janus-pro/rl"
+    rows = [json.loads(x) for x in (work / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["images"] == 4 and "reward_world" in r for r in rows)
+    for p in ("vision_model.", "aligner.", "gen_vision_model.", "language_model.lm_head."):
+        assert all(torch.equal(x, y) for x, y in zip(_params(m["stage3"], p).values(), _params(rl, p).values())), p
+    assert not (work / "rl" / "checkpoints").exists() and (work / "rl" / "RECIPE_DONE").is_file()
 
 
 def test_rerun_continues_and_is_deterministic(smoke, tmp_path):
@@ -267,3 +280,23 @@ def test_build_pins_its_autocast_so_a_resume_elsewhere_goes_on_alike(tmp_path, m
     assert dm.pin_autocast(dataclasses.replace(Recipe(), autocast="none"), record).autocast == "none"
     assert json.loads(record.read_text()) == {"asked": "none", "autocast": "none"}
     assert dm.resolve_autocast("auto") == "none" and dm.resolve_autocast("bfloat16") == "bfloat16"
+
+
+def test_siglip_variant_groups_are_minimal_contrasts_of_train_scenes(smoke):
+    """Recipe.siglip_variants: SigLIP's data as groups of a train scene and its variants (rendered, described),
+    group ids consecutive, at most k + 1 a group, every caption of a group distinct; the VQ's images unchanged."""
+    from januskit.config import preset
+    from januskit.processing.tokenizer import TextTokenizer
+    from januskit.recipes.default_model import _component_data
+
+    _, work = smoke
+    c, tok = preset("mini-janus-pro"), TextTokenizer.from_file(work / "components" / "tokenizer.json")
+    plain = _component_data(work / "world", 20, c, tok)
+    pixels, gen, captions, groups = _component_data(work / "world", 20, c, tok, 3, 0)
+    assert plain[3] is None and len(pixels) == len(captions) == len(groups) == 20
+    assert torch.equal(gen, plain[1]) and torch.equal(pixels[0], plain[0][0])  # a group starts with the scene
+    assert groups == sorted(groups) and max(groups.count(g) for g in groups) <= 4 and groups[:4] == [0, 0, 0, 0]
+    for g in set(groups):
+        caps = [tuple(captions[i]) for i in range(20) if groups[i] == g]
+        assert len(set(caps)) == len(caps)
+    assert _component_data(work / "world", 20, c, tok, 3, 0)[2] == captions  # seeded

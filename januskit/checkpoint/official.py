@@ -163,7 +163,7 @@ def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path
 
 # A training run's records in its output folder: they describe that run, not the model, so a folder
 # saved from it (the next stage's export, a conversion) must not inherit them.
-RUN_RECORDS = ("metrics.jsonl", "loss.png", "run_config.json", "RECIPE_DONE")
+RUN_RECORDS = ("metrics.jsonl", "loss.png", "reward.png", "kl.png", "run_config.json", "RECIPE_DONE")
 
 
 def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:

@@ -24,8 +24,17 @@ def done(folder: Path) -> bool:
     return (folder / DONE).is_file()
 
 
-def mark_done(folder: Path) -> None:
-    (folder / DONE).write_text("")
+def mark_done(folder: Path, seconds: float | None = None) -> None:
+    """Mark a step finished; `seconds` (the time it took) is kept in the marker for a resumed build's record."""
+    (folder / DONE).write_text("" if seconds is None else json.dumps({"seconds": round(seconds, 1)}) + "\n")
+
+
+def step_seconds(folder: Path, measured: float) -> float:
+    """The time a finished step took when it ran (from its marker), else `measured` (this run's)."""
+    try:
+        return float(json.loads((folder / DONE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return measured
 
 
 def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[Path, Path], RunConfig]]],
@@ -51,8 +60,8 @@ def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[P
             else:
                 train(cfg)
             shutil.rmtree(dst / "checkpoints", ignore_errors=True)  # optimiser states: not needed downstream
-            mark_done(dst)
-        times[name] = time.perf_counter() - t
+            mark_done(dst, time.perf_counter() - t)
+        times[name] = step_seconds(dst, time.perf_counter() - t)
         source = dst
     return source
 

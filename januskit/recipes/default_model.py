@@ -1,5 +1,5 @@
 """The default model from nothing, in one call: world -> tokenizer -> SigLIP -> VQ -> LLM text
-pretraining -> the three Janus-Pro stages -> evaluation. `januskit world build` runs it.
+pretraining -> the three Janus-Pro stages -> GRPO on the world's judge -> evaluation. `januskit world build` runs it.
 
 Every step writes its own folder under `work/` and is skipped when that folder is complete, so an
 interrupted build continues where it stopped; every step is seeded, so the same recipe on the same
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -40,10 +42,14 @@ from ..train.config import RunConfig
 from ..train.pretrain.siglip import SigLIPTrainConfig, init_vision_tower, train_siglip
 from ..train.data.vq_cache import cache_vq_ids
 from ..train.pretrain.vq import VQTrainConfig, reconstruction_stats, train_vq
-from ..train.trainer import fastest_autocast
-from ..world.dataset import write_world
+from ..train.checkpoints import list_checkpoints
+from ..train.trainer import fastest_autocast, train
+from ..world.dataset import held_out, write_world
 from ..world.prompts import describe, scene_from_json
-from .chain import done, export_and_evaluate, log, mark_done, run_stages
+from ..world.render import render
+from ..world.variants import variants
+from .chain import done, export_and_evaluate, log, mark_done, run_stages, step_seconds
+from .rl_world import RLPlan, rl_run_config
 
 PRESET = "mini-janus-pro"
 SYSTEM_PROMPT = ""  # the world's chats carry no system prompt (written to processor_config.json)
@@ -62,12 +68,24 @@ class StagePlan:
     min_lr_ratio: float = 0.0
 
 
+# The build's RL step (the Step 8 study in docs/rl.md picked it): 300 steps of 8 training prompts x 8 images,
+# log-probs of the conditional distribution, LR 1e-4, KL 0.04, prompts drawn with position and colour
+# attribution (the categories supervised training leaves lowest) twice as often as the others.
+RL_PLAN = RLPlan(steps=300, prompts_per_step=8, group_size=8, lr=1e-4, kl_weight=0.04, logprob="cond",
+                 categories=("single_object", "two_object", "counting", "colors", "position", "position",
+                             "color_attr", "color_attr"), eval_every=50)
+
+
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
     preset: str = PRESET
     world_scale: float = 1.0  # size of the train split (1 = januskit.world.dataset.SIZES)
     component_images: int = 8000  # train images used to pretrain SigLIP and the VQ
+    # SigLIP's batches: 0 = random train images; k > 0 = groups of a train scene and k minimal-contrast variants
+    # (world.variants: colours swapped between objects, places traded, an object moved, recoloured or reshaped),
+    # drawn into one batch, so that telling the captions apart takes which colour is which shape where.
+    siglip_variants: int = 0
     siglip: SigLIPTrainConfig = field(default_factory=lambda: SigLIPTrainConfig(steps=300, batch_size=128, lr=1e-3,
                                                                                  warmup=30))
     vq: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(steps=1200, batch_size=8, lr=1e-3, warmup=50))
@@ -87,6 +105,10 @@ class Recipe:
     # CFG weights tried on the val split after training; the best is written to the model's
     # generation_config.json (guidance_scale), which the pipeline takes as its default. () = keep the reference's.
     cfg_candidates: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
+    # GRPO after Stage III (januskit.train.rl, docs/rl.md): the world's judge as the reward on training prompts,
+    # rollouts at the CFG weight chosen on val for Stage III's model; the weight is chosen again afterwards.
+    # None = the supervised model is the result.
+    rl: RLPlan | None = field(default_factory=lambda: RL_PLAN)
     seq_len: int = 512
     micro_batch_size: int = 8
     threads: int = 2
@@ -108,7 +130,9 @@ class Recipe:
             self, world_scale=0.02, component_images=256,
             siglip=dataclasses.replace(self.siglip, steps=4, batch_size=32, warmup=1, log_every=2),
             vq=dataclasses.replace(self.vq, steps=4, batch_size=8, warmup=1, log_every=2),
-            stages=tuple(dataclasses.replace(s, steps=2, batch_size=8, warmup=0) for s in self.stages))
+            stages=tuple(dataclasses.replace(s, steps=2, batch_size=8, warmup=0) for s in self.stages),
+            rl=None if self.rl is None else dataclasses.replace(self.rl, steps=2, prompts_per_step=2, group_size=2,
+                                                                 eval_every=1, micro_batch_size=8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,14 +183,30 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def _component_data(world: Path, n: int, c: JanusConfig, tok: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _component_data(world: Path, n: int, c: JanusConfig, tok: TextTokenizer, variants_per_scene: int = 0,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list, list[int] | None]:
+    """n train images for SigLIP (with their scene descriptions, and group ids when `variants_per_scene`) and
+    the VQ (the written train images)."""
     rows = _jsonl(world / "train" / "understanding.jsonl")[:n]
     imgs = [Image.open(world / "train" / r["images"][0]).convert("RGB") for r in rows]
     und = ImageTransform(size=c.vision.image_size)
-    pixels = torch.stack([und(i) for i in imgs])
     gen = torch.stack([to_gen_pixels(i, c.vq.image_size) for i in imgs])
-    captions = [tok.encode(describe(scene_from_json(r["scene"])), add_bos=False) for r in rows]
-    return pixels, gen, captions
+    scenes = [scene_from_json(r["scene"]) for r in rows]
+    groups = None
+    if variants_per_scene:
+        held, rng = held_out(), np.random.default_rng([seed, 7])
+        grouped, groups = [], []
+        for g, base in enumerate(scenes):
+            for s in [base, *variants(base, rng, variants_per_scene, allowed=lambda v: not held.violated_by(v))]:
+                grouped.append(s)
+                groups.append(g)
+            if len(grouped) >= n:
+                break
+        scenes, groups = grouped[:n], groups[:n]
+        imgs = [render(s) for s in scenes]
+    pixels = torch.stack([und(i) for i in imgs])
+    captions = [tok.encode(describe(s), add_bos=False) for s in scenes]
+    return pixels, gen, captions, groups
 
 
 def build_components(world: Path, dst: Path, r: Recipe) -> Path:
@@ -176,11 +216,11 @@ def build_components(world: Path, dst: Path, r: Recipe) -> Path:
     tok = build_synthetic_tokenizer(c.llm.vocab_size, style="pro", seed_text=world_text(world))
     torch.manual_seed(r.seed)
     model = training_init(JanusModel(c), r.seed)
-    pixels, gen, captions = _component_data(world, r.component_images, c, tok)
+    pixels, gen, captions, groups = _component_data(world, r.component_images, c, tok, r.siglip_variants, r.seed)
     report: dict[str, Any] = {}
     t = time.perf_counter()
     hist = train_siglip(model.vision_model, pixels, captions, tok.pad_id,
-                        dataclasses.replace(r.siglip, seed=r.seed), progress=True)
+                        dataclasses.replace(r.siglip, seed=r.seed), progress=True, groups=groups)
     report["siglip"] = {"seconds": round(time.perf_counter() - t, 1), "last": hist[-1] if hist else {}}
     t = time.perf_counter()
     hist = train_vq(model.gen_vision_model, gen, dataclasses.replace(r.vq, seed=r.seed), progress=True)
@@ -260,11 +300,11 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     comp = work / "components"
     if not done(comp):
         build_components(world, comp, recipe)
-        mark_done(comp)
+        mark_done(comp, time.perf_counter() - t)
     if recipe.data == "files" and not (world / "train" / "generation-vq.jsonl").is_file():
         cache_vq_ids(world / "train", load_janus(comp, torch.float32), world / "train" / "generation-vq.jsonl",
                      manifests=[world / "train" / "generation.jsonl"], batch_size=64)
-    times["components"] = time.perf_counter() - t
+    times["components"] = step_seconds(comp, time.perf_counter() - t)
 
     stages = [(p.name, lambda src, dst, p=p: stage_config(p, src, dst, world, recipe)) for p in recipe.stages]
     source = run_stages(work, comp, stages, times, ranks=recipe.ranks)
@@ -272,10 +312,34 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     t = time.perf_counter()
     cfg = choose_cfg_weight(source, world, recipe.cfg_candidates, work / "cfg-choice.json")
     times["cfg_choice"] = time.perf_counter() - t
+    if recipe.rl is not None:
+        t = time.perf_counter()
+        source = run_rl(source, work / "rl", recipe, cfg)
+        times["rl"] = step_seconds(source, time.perf_counter() - t)
+        t = time.perf_counter()
+        cfg = choose_cfg_weight(source, world, recipe.cfg_candidates, work / "cfg-choice-rl.json")
+        times["cfg_choice_rl"] = time.perf_counter() - t
     files = {} if cfg is None else {"generation_config.json": json.dumps({"guidance_scale": cfg}, indent=1) + "\n"}
     return export_and_evaluate(source, out, world, _recipe_json(recipe, times),
                                dtype=getattr(torch, recipe.export_dtype), evaluate_model=evaluate_model,
                                eval_settings=eval_settings, files=files)
+
+
+def run_rl(source: Path, dst: Path, r: Recipe, cfg_weight: float | None) -> Path:
+    """The recipe's GRPO step from `source` into `dst` (continued from its last checkpoint if interrupted)."""
+    if done(dst):
+        return dst
+    assert r.rl is not None
+    plan = dataclasses.replace(r.rl, seed=r.seed, threads=r.threads,
+                               cfg_weight=r.rl.cfg_weight if r.rl.cfg_weight is not None else cfg_weight)
+    log.info("recipe: rl (GRPO, %d steps x %d prompts x %d images, lr %g, CFG %s)", plan.steps,
+             plan.prompts_per_step, plan.group_size, plan.lr, plan.cfg_weight)
+    t = time.perf_counter()
+    train(rl_run_config(plan, source, dst, autocast=r.autocast),
+          resume=bool(list_checkpoints(dst / "checkpoints")))
+    shutil.rmtree(dst / "checkpoints", ignore_errors=True)  # optimiser states: not needed downstream
+    mark_done(dst, time.perf_counter() - t)
+    return dst
 
 
 def choose_cfg_weight(source: Path, world: Path, candidates: tuple[float, ...], record: Path) -> float | None:

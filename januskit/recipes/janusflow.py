@@ -121,8 +121,9 @@ def build_flow(out: str | Path, work: str | Path, recipe: FlowRecipe = FlowRecip
     torch.set_num_threads(recipe.base.threads)
     text = work / recipe.base.stages[0].name
     if not done(text):  # the shared steps: world, components, text-pretrained LLM
-        build(work / "janus-model", work, dataclasses.replace(recipe.base, stages=recipe.base.stages[:1]),
-              evaluate_model=False)
+        # only those: no CFG choice (its record would stand for the full build's model) and no GRPO step
+        build(work / "janus-model", work, dataclasses.replace(recipe.base, stages=recipe.base.stages[:1],
+                                                              cfg_candidates=(), rl=None), evaluate_model=False)
     world = work / "world"
     times: dict[str, float] = {}
     t = time.perf_counter()

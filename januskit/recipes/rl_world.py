@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..checkpoint.official_config import detect_arch, read_config_json
 from ..eval.grid import verdict_grid
 from ..eval.world import EvalSettings, eval_generation, evaluate, test_split
 from ..train.checkpoints import list_checkpoints
@@ -50,6 +51,11 @@ class RLPlan:
     clip: float = 0.2
     logprob: str = "cfg"
     rewards: tuple[tuple[str, float], ...] = (("world", 1.0),)
+    # prompt categories drawn from, uniformly over this list (a name twice is drawn twice as often); None = all six
+    categories: tuple[str, ...] | None = None
+    cfg_weight: float | None = None  # CFG of the rollouts; None = the source model's guidance_scale
+    sde_steps: int = 10  # JanusFlow only (Flow-GRPO): SDE steps per rollout
+    noise_level: float = 0.7  # JanusFlow only: the SDE's noise level a
     temperature: float = 1.0
     eval_every: int = 50  # steps between val-split GenEval points of the curve (checkpoints kept for it)
     val_prompts_per_category: int | None = None  # the curve's val subset (None: all 10 a category, 2 images each)
@@ -59,17 +65,26 @@ class RLPlan:
     seed: int = 0
 
 
-def rl_run_config(plan: RLPlan, source: Path, out: Path) -> RunConfig:
+def rl_run_config(plan: RLPlan, source: Path, out: Path, autocast: str | None = None) -> RunConfig:
+    """`autocast`: as given (a build's pinned choice); None = the plan's ("auto": this CPU's fastest)."""
+    if autocast is None:
+        autocast = fastest_autocast() if plan.autocast == "auto" else plan.autocast
+    flow = detect_arch(read_config_json(source / "config.json"), str(source / "config.json")) == "janusflow"
+    algorithm = {"algorithm": "flow_grpo", "sde_steps": plan.sde_steps, "noise_level": plan.noise_level} if flow \
+        else {"algorithm": "grpo", "logprob": plan.logprob, "temperature": plan.temperature}
     return RunConfig.from_dict({
         "model": {"source": str(source)},
-        "stage": {"name": "janus-pro/rl", "steps": plan.steps, "batch_size": plan.prompts_per_step, "lr": plan.lr},
+        "stage": {"name": "janusflow/rl" if flow else "janus-pro/rl", "steps": plan.steps,
+                  "batch_size": plan.prompts_per_step, "lr": plan.lr},
         "train": {"out": str(out), "micro_batch_size": plan.micro_batch_size, "threads": plan.threads,
-                  "autocast": fastest_autocast() if plan.autocast == "auto" else plan.autocast, "seed": plan.seed,
+                  "autocast": autocast, "seed": plan.seed,
                   "log_every": 1, "save_every": plan.eval_every, "keep_last": plan.steps // plan.eval_every + 1,
                   "export_dtype": "float32", "progress": True},
-        "rl": {"algorithm": "grpo", "group_size": plan.group_size, "kl_weight": plan.kl_weight, "clip": plan.clip,
-               "logprob": plan.logprob, "temperature": plan.temperature, "prompts": "world",
-               "rewards": dict(plan.rewards)},
+        "rl": {**algorithm, "group_size": plan.group_size, "kl_weight": plan.kl_weight, "clip": plan.clip,
+               "prompts": "world",
+               "rewards": dict(plan.rewards),
+               **({} if plan.categories is None else {"prompt_categories": list(plan.categories)}),
+               **({} if plan.cfg_weight is None else {"cfg_weight": plan.cfg_weight})},
     }, where="recipe rl")
 
 
@@ -92,12 +107,20 @@ def val_geneval(pipe, per_category: int | None = None) -> float:
 
 def diversity(pipe, prompts: list[Prompt], n: int = 4, seed: int = 0) -> dict[str, float]:
     """Over `prompts`, n images each from seeds (seed, i): the share of distinct images and the mean share of
-    image tokens in which two images of one prompt differ (0 = collapsed to one image)."""
+    image tokens (Janus; JanusFlow: of pixels, by more than 16 levels in a channel) in which two images of one
+    prompt differ (0 = collapsed to one image)."""
     distinct, differ = [], []
     for p in prompts:
-        toks = pipe.generate_images(p.text, n=n, seed=seed).tokens
-        distinct.append(len({tuple(t) for t in toks.tolist()}) / n)
-        differ += [float((toks[a] != toks[b]).float().mean()) for a, b in itertools.combinations(range(n), 2)]
+        out = pipe.generate_images(p.text, n=n, seed=seed)
+        tokens = getattr(out, "tokens", None)
+        if tokens is not None:
+            xs = [t for t in tokens]
+            diff = lambda a, b: float((a != b).float().mean())  # noqa: E731
+        else:
+            xs = [torch.from_numpy(np.asarray(im, dtype=np.int16)) for im in out.images]
+            diff = lambda a, b: float(((a - b).abs() > 16).any(-1).float().mean())  # noqa: E731
+        distinct.append(len({x.numpy().tobytes() for x in xs}) / n)
+        differ += [diff(xs[a], xs[b]) for a, b in itertools.combinations(range(n), 2)]
     return {"distinct_images": float(np.mean(distinct)), "token_difference": float(np.mean(differ))}
 
 
