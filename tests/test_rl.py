@@ -531,3 +531,20 @@ def test_world_rl_plan_becomes_the_run_config_of_either_architecture(flow_ckpt, 
     assert _weighted(["world=2", "world_partial"], "--reward") == (("world", 2.0), ("world_partial", 1.0))
     with pytest.raises(SystemExit, match=r"--reward 'world=x': the weight after '=' is not a number"):
         _weighted(["world=x"], "--reward")
+
+
+def test_world_rl_recipe_runs_flow_grpo_on_a_janusflow_model(flow_ckpt, tmp_path):
+    """`januskit world rl` from a JanusFlow folder: Flow-GRPO steps, the report with pixel-based diversity."""
+    from januskit.eval.world import EvalSettings
+    from januskit.recipes.rl_world import RLPlan, run
+
+    plan = RLPlan(steps=1, prompts_per_step=2, group_size=2, eval_every=1, val_prompts_per_category=1, threads=1,
+                  sde_steps=2, autocast="none")
+    small = EvalSettings(images_per_prompt=2, prompts_per_category=1, questions_per_type=1, steps=2)
+    rep = run(flow_ckpt, tmp_path, plan, eval_settings=small)
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["images"] == 4
+    assert json.loads((tmp_path / "rl" / "run_config.json").read_text())["rl"]["algorithm"] == "flow_grpo"
+    for side in ("before", "after"):
+        d = rep[side]["diversity"]
+        assert d["distinct_images"] == 1.0 and 0 < d["token_difference"] <= 1  # random weights: noisy, all distinct
