@@ -74,3 +74,14 @@ def test_readme_main_command_draws_what_it_asks(tmp_path, capsys):
     files = json.loads(capsys.readouterr().out)["files"]
     verdicts = [score(README_PROMPT, detect(np.asarray(Image.open(f).convert("RGB")))) for f in files]
     assert len(verdicts) == 4 and sum(verdicts) == README_CORRECT
+
+
+def test_eval_world_can_skip_either_half(capsys):
+    """`--prompts-per-category 0` scores understanding only, `--questions-per-type 0` generation only."""
+    assert main(["eval", "world", "--prompts-per-category", "0", "--questions-per-type", "2", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["generation"] == {} and rep["understanding"]["questions"] == 12
+    assert main(["eval", "world", "--prompts-per-category", "1", "--images-per-prompt", "1",
+                 "--questions-per-type", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "GenEval-style generation (6 prompts x 1 images" in out and "Understanding" not in out

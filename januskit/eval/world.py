@@ -186,7 +186,7 @@ def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = Eva
     # The report keeps the key "cfg" for the guidance weight, so that reports compare across versions.
     rep = WorldReport(settings={"cfg" if k == "cfg_weight" else k: v for k, v in vars(settings).items()}
                       | {"cfg": cfg_weight_of(pipe, settings), "arch": pipe.arch})
-    if generation:
+    if generation and settings.prompts_per_category != 0:  # 0 prompts (or questions) a category: that half skipped
         prompts = _first_k(read_prompts(split / "prompts.jsonl"), lambda r: r[0].category, settings.prompts_per_category)
         bar = None
         if progress:
@@ -197,7 +197,7 @@ def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = Eva
         if bar:
             bar.close()
         rep.generation["judge"] = eval_judge(pipe, prompts, settings.seed)
-    if understanding:
+    if understanding and settings.questions_per_type != 0:
         rows = [json.loads(x) for x in (split / "questions.jsonl").read_text().splitlines() if x.strip()]
         rows = _first_k(rows, lambda r: r["qtype"], settings.questions_per_type)
         rep.understanding = eval_understanding(pipe, split, rows)
