@@ -160,6 +160,9 @@ def test_prompt_sources_are_pure_functions_of_the_index(tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
         FilePrompts(bad)
+    bad.write_text('{"prompt": "ok"}\n\n{"prompt": "x"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+        FilePrompts(bad)
     with pytest.raises(ValueError, match="valid are"):
         prompt_source("world", 0, ["nonsense"])
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -434,7 +437,7 @@ def test_dpo_pairs_are_validated_with_file_and_line(tmp_path):
              ('{"kind": "preference", "prompt": "x", "chosen_vq_ids": [1, 2], "rejected": "b.png"}', "has 2 ids"),
              ('{"kind": "preference", "prompt": "x", "chosen_vq_ids": [1, 99999], "rejected": "b.png"}',
               r"must lie in \[0, 512\)"),
-             ("not json", "not valid JSON")]
+             ("not json", "malformed JSON")]
     for k, (line, msg) in enumerate(cases):
         f = tmp_path / f"p{k}.jsonl"
         f.write_text('{"kind": "preference", "prompt": "ok", "chosen": "a.png", "rejected": "b.png"}\n' + line + "\n")

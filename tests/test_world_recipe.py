@@ -133,6 +133,10 @@ def test_rerun_continues_and_is_deterministic(smoke, tmp_path):
     out, work = smoke
     again = build(tmp_path / "again", work, Recipe().smoke(), evaluate_model=False)  # every step is done: reuse
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # a continued build reports the time each step took when it ran (kept in its RECIPE_DONE), not ~0
+    first, second = (json.loads((d / "recipe.json").read_text())["seconds"] for d in (out, again))
+    for step in ("components", "text", "stage1", "stage2", "stage3", "rl"):
+        assert second[step] == first[step] > 0, step
 
 
 def test_from_scratch_elsewhere_is_bit_identical(smoke, tmp_path):

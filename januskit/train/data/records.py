@@ -288,6 +288,21 @@ def _files(paths: str | Path | Sequence[str | Path], suffix: str, what: str) -> 
     return out
 
 
+def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """("file:LINE", parsed value) for every non-blank line of a JSON-lines file, read as it goes; a line
+    that is not JSON is a DataError naming it."""
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "json") from None
+            yield where, obj
+
+
 def _jsonl_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
     return _files(paths, ".jsonl", "manifest")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ...processing.image import to_gen_pixels
-from .records import DataError, _jsonl_files, read_image_file
+from .records import _jsonl_files, jsonl_rows, read_image_file
 from .encode import check_vq_ids, vq_tokenizer
 
 
@@ -46,24 +46,16 @@ def cache_vq_ids(dataset_root: str | Path, model: torch.nn.Module, out_manifest:
             held.clear()
 
         for f in files:
-            with open(f, encoding="utf-8") as src:
-                for n, line in enumerate(src, start=1):
-                    if not line.strip():
-                        continue
-                    where = f"{f}:{n}"
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "json") from e
-                    held.append(obj)
-                    if isinstance(obj, dict) and obj.get("kind") == "generation":
-                        if obj.get("vq_ids") is not None:
-                            stats["cached"] += 1
-                        elif isinstance(obj.get("image"), str):
-                            img = read_image_file(root, obj["image"], where)
-                            todo.append((obj, to_gen_pixels(img, vq.image_size), where))
-                            if len(todo) >= batch_size:
-                                flush()
+            for where, obj in jsonl_rows(f):
+                held.append(obj)
+                if isinstance(obj, dict) and obj.get("kind") == "generation":
+                    if obj.get("vq_ids") is not None:
+                        stats["cached"] += 1
+                    elif isinstance(obj.get("image"), str):
+                        img = read_image_file(root, obj["image"], where)
+                        todo.append((obj, to_gen_pixels(img, vq.image_size), where))
+                        if len(todo) >= batch_size:
+                            flush()
         flush()
     os.replace(tmp, out)  # never leave a half-written manifest under the final name
     return stats

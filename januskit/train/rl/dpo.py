@@ -36,7 +36,7 @@ from ...processing.image import to_gen_pixels
 from .. import parallel
 from ..checkpoints import save_checkpoint
 from ..config import RunConfig
-from ..data.records import DataError, read_image_file, resolve_image_path
+from ..data.records import DataError, jsonl_rows, read_image_file, resolve_image_path
 from .grpo import image_token_logprobs
 
 _STREAM = 130363
@@ -58,14 +58,7 @@ def read_pairs(path: str | Path, root: str | Path | None = None, n_tokens: int |
         raise FileNotFoundError(f"[rl] pairs: {path}: no such file")
     root = Path(root) if root is not None else path.parent
     pairs = []
-    for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{k}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(where, f"not valid JSON ({e.msg})", "json") from None
+    for where, row in jsonl_rows(path):
         if not isinstance(row, dict) or row.get("kind") != "preference":
             raise DataError(where, "expected an object with \"kind\": \"preference\"", "kind")
         prompt = row.get("prompt")

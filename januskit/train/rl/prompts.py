@@ -8,13 +8,13 @@ follow from the step number alone and a resumed run draws exactly what an uninte
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from ..data.records import jsonl_rows
 from .rewards import RewardPrompt
 
 _STREAM = 104729  # keeps these draws apart from the world's other generators
@@ -52,23 +52,17 @@ class FilePrompts:
         if not path.is_file():
             raise FileNotFoundError(f"[rl] prompts: {path}: no such file")
         self.prompts: list[RewardPrompt] = []
-        for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{k}: not valid JSON ({e.msg})") from None
+        if path.suffix == ".jsonl":
+            for where, row in jsonl_rows(path):
                 if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                    raise ValueError(f"{path}:{k}: expected {{\"prompt\": \"...\", \"meta\": {{...}}}} with a non-empty "
+                    raise ValueError(f"{where}: expected {{\"prompt\": \"...\", \"meta\": {{...}}}} with a non-empty "
                                      "prompt")
                 meta = row.get("meta", {})
                 if not isinstance(meta, dict):
-                    raise ValueError(f"{path}:{k}: \"meta\" must be an object")
+                    raise ValueError(f"{where}: \"meta\" must be an object")
                 self.prompts.append(RewardPrompt(row["prompt"], meta))
-            else:
-                self.prompts.append(RewardPrompt(line.strip()))
+        else:
+            self.prompts += [RewardPrompt(x.strip()) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         if not self.prompts:
             raise ValueError(f"[rl] prompts: {path} holds no prompts")
         self.seed = seed
