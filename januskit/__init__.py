@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.io import CheckpointError
 from .checkpoint.official_config import detect_arch, read_config_json, read_guidance_scale
-from .config import PRESET_NAMES, resolve_dtype
+from .config import PRESET_NAMES, folder_file, resolve_dtype
 from .pipelines.base import ImageBatch, ImageResult, Pipeline, UnsupportedOption
 from .pipelines.janus import JanusPipeline
 
@@ -39,7 +40,9 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed:
         c = model.config
         proc = Processor.from_folder(p, c.vision.image_size, c.vision.n_tokens)
         if arch == "janusflow":
-            pipe = _flow_pipeline(model, proc, p, vae if vae is not None else (p / "vae" if (p / "vae").is_dir() else None))
+            if vae is None and (p / "vae").is_dir():
+                vae = folder_file(p, "vae", CheckpointError)  # the folder's own VAE: never one linked from outside
+            pipe = _flow_pipeline(model, proc, p, vae)
         elif vae is not None:
             raise ValueError(f"{p}: vae= is for JanusFlow checkpoints; this one is {arch}")
         else:

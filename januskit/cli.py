@@ -275,7 +275,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.name or ("januskit-default" if args.model is None else Path(str(args.model)).name)
     limits = Limits(max_queue=args.max_queue, max_batch_images=args.max_batch, max_batch_chats=args.max_batch,
                     max_n=args.max_n, max_tokens=args.max_tokens, timeout_s=args.timeout,
-                    max_body_bytes=int(args.max_body_mb * 2**20))
+                    max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars,
+                    max_image_pixels=args.max_image_pixels, read_timeout_s=args.read_timeout)
     serve(pipe, model_id=name, host=args.host, port=args.port, limits=limits, ui=ui)
     return 0
 
@@ -473,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int, default=512, help="completion tokens per request (also the default)")
         p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
         p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit")
+        p.add_argument("--max-prompt-chars", type=int, default=131072, help="text characters per request")
+        p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a client may take to send a "
+                       "request's headers, and between pieces of its body")
+        p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="pixels per input image "
+                       "(checked from its header before decoding)")
         if name == "serve":
             p.add_argument("--no-ui", action="store_true", help="the API only")
         p.set_defaults(func=cmd_serve)
@@ -502,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # OSError: FileNotFoundError, FileExistsError, PermissionError, ...
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"januskit {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,8 +1,14 @@
-"""Configs: one frozen dataclass per part, the family configs, presets, and the dtype names.
-Reading and writing the official config.json is checkpoint/official_config.py's job."""
+"""Configs: one frozen dataclass per part, the family configs, presets, and the dtype names; and the
+checked reading of a checkpoint folder's JSON files (`Fields`, `read_json_object`, `folder_file`),
+here in the lowest room because both checkpoint/ and processing/ read them.
+Translating the official config.json is checkpoint/official_config.py's job."""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -241,7 +247,176 @@ class ConfigError(ValueError):
     """A config.json that cannot describe a model we know; the message names file and field."""
 
 
-def check_janus(c: JanusConfig, where: str) -> None:
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint folder's JSON files. A folder may be broken or hostile: every refusal is a
+# ConfigError (or the caller's error type) naming the file and the field, never a TypeError or
+# AttributeError from deep inside, and never a wrong-typed value passed on (int("64"), int(True)).
+
+# Bounds on config numbers: far above every real model (Janus-Pro-7B: width 4096, 30 layers, vocab
+# 102400, context 16384) yet low enough that an absurd value fails here with its field named, not
+# later as an out-of-memory error or a context limit no check can reach.
+MAX_DIM = 65536  # widths, channels, heads, hidden sizes
+MAX_LAYERS = 1024
+MAX_VOCAB = 2**20  # vocabulary and codebook sizes
+MAX_POSITIONS = 2**20  # max_position_embeddings: 64x the longest Janus context
+MAX_IMAGE_SIZE = 8192  # pixels a side
+MAX_JSON_BYTES = 16 * 2**20  # a config is a few KB; refuse to read a huge file into memory
+_REQUIRED: Any = object()
+
+
+def shown(v: Any) -> str:
+    """A JSON value in an error message: its JSON type and (shortened) value."""
+    kind = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "object",
+            type(None): "null"}.get(type(v), type(v).__name__)
+    r = repr(v)
+    return f"{kind} {r if len(r) <= 60 else r[:57] + '...'}"
+
+
+class Fields:
+    """Typed reads from one JSON object of a config file; `prefix` is its dotted path in the file.
+    JSON null reads as absent (as transformers reads it): the default applies, or 'missing field'."""
+
+    def __init__(self, d: Any, file: str | Path, prefix: str = "") -> None:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{file}: {prefix + ' ' if prefix else ''}must be a JSON object, got {shown(d)}")
+        self.d, self.file, self.prefix = d, str(file), prefix
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ConfigError(f"{self.file}: {self.name(key)} {problem}")
+
+    def has(self, key: str) -> bool:
+        return self.d.get(key) is not None
+
+    def _get(self, key: str, default: Any) -> Any:
+        v = self.d.get(key)
+        if v is None and default is _REQUIRED:
+            raise ConfigError(f"{self.file}: missing field {self.name(key)!r}")
+        return v
+
+    def obj(self, key: str, required: bool = True) -> Fields:
+        v = self._get(key, _REQUIRED if required else None)
+        return Fields({} if v is None else v, self.file, self.name(key))
+
+    def string(self, key: str, default: Any = _REQUIRED) -> str:
+        v = self._get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            self.fail(key, f"must be a string, got {shown(v)}")
+        return v
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> bool:
+        v = self._get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            self.fail(key, f"must be true or false, got {shown(v)}")
+        return v
+
+    def integer(self, key: str, default: Any = _REQUIRED, lo: int = 1, hi: int = MAX_DIM) -> int:
+        v = self._get(key, default)
+        return default if v is None else _integer(v, f"{self.file}: {self.name(key)}", lo, hi)
+
+    def number(self, key: str, default: Any = _REQUIRED, lo: float = 0.0, hi: float = math.inf,
+               lo_open: bool = True) -> float:
+        v = self._get(key, default)
+        return default if v is None else _number(v, f"{self.file}: {self.name(key)}", lo, hi, lo_open)
+
+    def integers(self, key: str, default: Any = _REQUIRED, lo: int = 1, hi: int = MAX_DIM,
+                 max_len: int = 16) -> tuple[int, ...]:
+        """A non-empty list of integers, each in [lo, hi]."""
+        v = self._get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, list) or not 1 <= len(v) <= max_len:
+            self.fail(key, f"must be a list of 1 to {max_len} integers, got {shown(v)}")
+        return tuple(_integer(x, f"{self.file}: {self.name(key)}[{i}]", lo, hi) for i, x in enumerate(v))
+
+    def numbers(self, key: str, n: int, default: Any = _REQUIRED, lo: float = -math.inf, hi: float = math.inf,
+                lo_open: bool = False) -> tuple[float, ...]:
+        """`n` numbers: a list of n, or one number for all (as image processors accept)."""
+        v = self._get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, list):
+            return (_number(v, f"{self.file}: {self.name(key)}", lo, hi, lo_open),) * n
+        if len(v) != n:
+            self.fail(key, f"must be a list of {n} numbers, got {shown(v)}")
+        return tuple(_number(x, f"{self.file}: {self.name(key)}[{i}]", lo, hi, lo_open) for i, x in enumerate(v))
+
+
+def _integer(v: Any, label: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:  # a JSON 64.0 or "64" is not an int
+        raise ConfigError(f"{label} must be an integer in [{lo}, {hi}], got {shown(v)}")
+    return v
+
+
+def _number(v: Any, label: str, lo: float, hi: float, lo_open: bool) -> float:
+    try:
+        x = math.nan if isinstance(v, bool) or not isinstance(v, (int, float)) else float(v)
+    except OverflowError:  # a JSON integer too large for a float
+        x = math.inf
+    if not math.isfinite(x) or x < lo or (lo_open and x == lo) or x > hi:
+        raise ConfigError(f"{label} must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}], "
+                          f"got {shown(v)}")
+    return x
+
+
+def folder_file(folder: str | Path, name: str | Path, error: type[ValueError] = ConfigError) -> Path:
+    """folder/name, refused (`error`, naming the file) when it resolves outside the folder: a symlink
+    out of it, or '..' / an absolute path in an index. A checkpoint folder is untrusted input, and
+    what lies outside it may be any file the user can read (which convert would copy along)."""
+    path = Path(folder) / name
+    try:
+        root, real = Path(folder).resolve(), path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte in an index entry
+        raise error(f"{str(path)!r}: not a readable path ({e})") from None
+    if real.is_relative_to(root) or _hub_blob(real, root):
+        return path
+    raise error(f"{path}: resolves to {real}, outside the checkpoint folder {root}; refusing to read it")
+
+
+def _hub_blob(real: Path, root: Path) -> bool:
+    """huggingface_hub's cache links models--<org>--<name>/snapshots/<rev>/<file> to ../../blobs/<hash>,
+    in the same repo folder: a downloaded checkpoint must still load."""
+    snap = next((a for a in (root, *root.parents)
+                 if a.parent.name == "snapshots" and a.parent.parent.name.startswith("models--")), None)
+    blobs = snap.parent.parent / "blobs" if snap is not None else None
+    return blobs is not None and not blobs.is_symlink() and real.parent == blobs
+
+
+def read_json_object(path: str | Path, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """A JSON file that must hold an object: inside its folder (folder_file), at most MAX_JSON_BYTES,
+    UTF-8 and valid JSON, else `error` naming the file."""
+    path = folder_file(Path(path).parent, Path(path).name, error)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{path}: {path.stat().st_size} bytes, more than a config file may have ({MAX_JSON_BYTES})")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_json_object(text, str(path), error)
+
+
+def parse_json_object(text: str, where: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    try:
+        v = json.loads(text)
+    except RecursionError:
+        raise error(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and Python's limit on the digits of an integer
+        raise error(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise error(f"{where}: must hold a JSON object, got {shown(v)}")
+    return v
+
+
+def check_janus(c: JanusConfig, where: str, names: dict[str, str] | None = None) -> None:
+    """The widths that must agree between parts; `names` renames the official fields for another layout."""
     pairs = [("aligner_config.params.input_dim", c.aligner.input_dim, "vision width", c.vision.width),
              ("aligner_config.params.n_embed", c.aligner.n_embed, "LLM hidden_size", c.llm.dim),
              ("gen_aligner_config.params.input_dim", c.gen_aligner.input_dim, "VQ n_embed", c.vq.codebook_dim),
@@ -251,7 +426,7 @@ def check_janus(c: JanusConfig, where: str) -> None:
               c.vq.codebook_size)]
     for name, got, what, want in pairs:
         if got != want:
-            raise ConfigError(f"{where}: {name} = {got} does not match the {what} {want}")
+            raise ConfigError(f"{where}: {(names or {}).get(name, name)} = {got} does not match the {what} {want}")
 
 
 def check_flow(c: JanusFlowConfig, where: str) -> None:
@@ -263,6 +438,8 @@ def check_flow(c: JanusFlowConfig, where: str) -> None:
               "encoder width (the skip connection)", e.width),
              ("vision_gen_dec_config.params.out_channels", d.out_channels, "latent channels (input_channels)",
               e.input_channels),
+             ("vision_gen_enc_config.params.block_out_channels[0]", e.block_out_channels[0],
+              "grid width block_out_channels[-1] (the patchify conv feeds the blocks)", e.width),
              ("vision_gen_dec_config x2 upsampling", 2 ** d.upsamples * c.grid, "latent_size", c.latent_size)]
     for name, got, what, want in pairs:
         if got != want:

@@ -3,6 +3,7 @@ per-step ratio mixing, deterministic shuffling with exact resume, rank sharding,
 equals each sample alone), VQ id caching. Tiny preset, CPU, built in tmp folders."""
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import json
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from januskit.checkpoint.init import preset_pipeline_parts
@@ -22,7 +25,8 @@ from januskit.processing.chat import SYSTEM_PROMPT, Message
 from januskit.processing.image import to_gen_pixels
 from januskit.sampling.image_ar import cfg_rows
 from januskit.train.data.batch import IGNORE
-from januskit.train.data.records import DataError, ManifestSource, Sample, TarSource, open_source
+from januskit.train.data.records import (DataError, ManifestSource, Sample, TarSource, file_fetch, jsonl_rows,
+                                       open_source, parse_record)
 from januskit.train.data.encode import SampleEncoder, fill_vq_ids, vq_tokenizer
 from januskit.train.data.loader import TrainData
 from januskit.train.data.mixing import Mixer, allocate
@@ -670,6 +674,324 @@ def test_all_bad_epoch_raises_instead_of_looping(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"kind": "video"}\n')
     with pytest.raises(DataError, match="yielded no usable sample"):
         next(ManifestSource(tmp_path, on_error="skip"))
+
+
+# -------------------------------------------------------------------------------------- hostile data
+# Every bad sample is a DataError naming file:line (or shard:member) with a reason, and with on_error="skip"
+# is counted and skipped: never another exception, also not from the encoder that runs as the transform.
+
+
+@pytest.fixture(scope="module")
+def hostile_root(tmp_path_factory) -> Path:
+    """A dataset root: a good image, a 17 KB PNG that decodes to 144M pixels, a 9000 px strip, a TIFF, a
+    symlink loop."""
+    root = tmp_path_factory.mktemp("hostile")
+    noise_png(root / "img/ok.png", 20, 20, 0)
+    Image.new("1", (12000, 12000)).save(root / "img/huge.png", optimize=True)
+    Image.new("RGB", (9000, 4)).save(root / "img/wide.png")
+    Image.new("RGB", (8, 8)).save(root / "img/x.tif")
+    os.symlink("loop.png", root / "img/loop.png")
+    return root
+
+
+VQ = list(range(64))
+HI = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+
+
+def gen_line(**kw) -> str:
+    return json.dumps({"kind": "generation", "caption": "c", **kw})
+
+
+def und_line(**kw) -> str:
+    return json.dumps({"kind": "understanding", "messages": HI, **kw})
+
+
+HOSTILE = [  # (id, line, message fragment(s), reason); json.dumps writes "\ud800" and "\u0000" escaped
+    ("nested", "[" * 200000, "malformed JSON: nested too deeply", "json"),
+    ("nested-in-record", '{"kind": "text", "text": ' + "[" * 200000, "malformed JSON: nested too deeply", "json"),
+    ("latin-1", b'{"kind": "text", "text": "caf\xe9"}', "not UTF-8 (", "json"),
+    ("utf8-encoded-surrogate", b'{"kind": "text", "text": "\xed\xa0\x80"}', "not UTF-8 (", "json"),
+    ("5000-digit-int", '{"kind": "generation", "caption": "c", "vq_ids": [' + "9" * 5000 + "]}",
+     "malformed JSON: Exceeds the limit (4300 digits)", "json"),
+    ("top-level-array", "[1, 2]", "expected a JSON object, got list", "json"),
+    ("surrogate-text", json.dumps({"kind": "text", "text": "a\ud800b"}),
+     "'text' is not valid Unicode: lone surrogate '\\ud800' at character 1", "field"),
+    ("surrogate-caption", gen_line(caption="x\udfff", vq_ids=VQ), "'caption' is not valid Unicode", "field"),
+    ("surrogate-content", und_line(messages=[HI[0], {"role": "assistant", "content": "\ud800"}]),
+     "message 1: content is not valid Unicode: lone surrogate '\\ud800'", "field"),
+    ("surrogate-text-conversation",
+     json.dumps({"kind": "text", "messages": [{"role": "user", "content": "\udc80?"}, HI[1]]}),
+     "message 0: content is not valid Unicode", "field"),
+    ("surrogate-system", und_line(system="\ud800"), "'system' is not valid Unicode", "field"),
+    ("surrogate-image", gen_line(image="img/\udc80.png"), "'image' is not valid Unicode", "path"),
+    ("surrogate-images", und_line(images=["img/ok.png", "\ud800"]), "'images' item 1 is not valid Unicode", "path"),
+    ("nul-path", gen_line(image="img/ok.png\x00.txt"), "image path 'img/ok.png\\x00.txt' contains a NUL byte",
+     "path"),
+    ("long-name", gen_line(image="a" * 5000), "is too long (File name too long)", "path"),
+    ("long-path", gen_line(image="/".join(["a" * 200] * 40)), "is too long (File name too long)", "path"),
+    ("symlink-loop", gen_line(image="img/loop.png"), "image path 'img/loop.png' cannot be resolved", "path"),
+    ("huge-image", gen_line(image="img/huge.png"), ("image 'img/huge.png': too large: 12000x12000", "16777216"),
+     "image"),
+    ("long-side", gen_line(image="img/wide.png"), ("image 'img/wide.png': too large: 9000x4", "8192"), "image"),
+    ("tiff", gen_line(image="img/x.tif"), "image 'img/x.tif': not a readable image", "image"),
+    ("vq-huge", gen_line(vq_ids=[2**70]), "'vq_ids' are codebook indices in [0, 2**31); item 0 is 1180591", "vq_ids"),
+    ("vq-negative", gen_line(vq_ids=[3, -1]), "'vq_ids' are codebook indices in [0, 2**31); item 1 is -1", "vq_ids"),
+    ("vq-float", gen_line(vq_ids=[1.5]), "'vq_ids' must be a list of integers; item 0 is 1.5", "vq_ids"),
+    ("vq-nan", '{"kind": "generation", "caption": "c", "vq_ids": [NaN]}', "item 0 is nan", "vq_ids"),
+    ("vq-bool", gen_line(vq_ids=[True]), "item 0 is True", "vq_ids"),
+    ("vq-dict", gen_line(vq_ids={"0": 1}), "'vq_ids' must be a list of integers, got dict", "vq_ids"),
+    ("kind-list", json.dumps({"kind": ["text"], "text": "x"}), "unknown kind ['text']", "kind"),
+    ("kind-dict", json.dumps({"kind": {"text": 1}}), "unknown kind {'text': 1}", "kind"),
+    ("kind-number", json.dumps({"kind": 1e999}), "unknown kind inf", "kind"),
+    ("messages-dict", und_line(messages={"role": "user"}), "'messages' must be a non-empty list", "field"),
+    ("message-list", und_line(messages=[["user", "Hi"]]), "message 0: expected {\"role\"", "field"),
+    ("content-number", und_line(messages=[{"role": "user", "content": 1}, HI[1]]), "message 0: expected", "field"),
+    ("role-dict", und_line(messages=[{"role": {"a": [1]}, "content": "Hi"}, HI[1]]),
+     "message 0: role {'a': [1]}, expected 'user'", "field"),
+    ("images-dict", und_line(images={"0": "img/ok.png"}), "'images' must be a list of strings", "field"),
+    ("images-numbers", und_line(images=[0]), "'images' must be a list of strings", "field"),
+    ("caption-number", gen_line(caption=1e308, vq_ids=VQ), "'caption' must be a non-empty string", "field"),
+    ("caption-infinity", '{"kind": "generation", "caption": Infinity, "image": "img/ok.png"}',
+     "'caption' must be a non-empty string", "field"),
+    ("text-list", json.dumps({"kind": "text", "text": ["a"]}), "'text' must be a non-empty string", "field"),
+    ("system-list", und_line(system=["a"]), "'system' must be a string, got list", "field"),
+    ("system-marker", und_line(system="<image_placeholder>"), "'system' contains <image_placeholder>", "field"),
+    ("image-number", gen_line(image=7), "'image' must be a string", "field"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns on opening huge.png
+@pytest.mark.parametrize("line, frag, reason", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_line_is_a_data_error_raised_or_skipped(line, frag, reason, hostile_root, encoder, tmp_path):
+    path = tmp_path / "h.jsonl"
+    raw = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(b'{"kind": "text", "text": "fine"}\n' + raw + b"\n")
+    src = ManifestSource(path, root=hostile_root, shuffle=False, epochs=1, transform=encoder)
+    assert next(src).key == f"{path}:1"
+    with pytest.raises(DataError) as ei:
+        next(src)
+    e = ei.value
+    assert (e.where, e.reason) == (f"{path}:2", reason)
+    frags = (frag,) if isinstance(frag, str) else frag
+    assert str(e).startswith(f"{path}:2: ") and all(f in str(e) for f in frags), str(e)
+    skip = ManifestSource(path, root=hostile_root, shuffle=False, epochs=1, on_error="skip", transform=encoder)
+    assert [s.key for s in skip] == [f"{path}:1"]
+    assert dict(skip.skipped) == {reason: 1}
+    if "JSON:" in frags[0] or "UTF-8" in frags[0]:  # not JSON: jsonl_rows (VQ cache, DPO pairs, RL prompts) agrees
+        rows = jsonl_rows(path)
+        assert next(rows)[0] == f"{path}:1"
+        with pytest.raises(DataError) as ei:
+            next(rows)
+        assert (ei.value.where, ei.value.reason, str(ei.value)) == (e.where, e.reason, str(e))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_hostile_tar_members_are_data_errors(tmp_path, hostile_root, encoder):
+    img = hostile_root / "img"
+    path = tmp_path / "h.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        add_member(tf, "000000.json", b'{"kind": "generation", "caption": "ok"}')
+        add_member(tf, "000000.0.png", (img / "ok.png").read_bytes())
+        add_member(tf, "000001.json", b"[" * 200000)
+        add_member(tf, "000002.json", b'{"kind": "generation", "caption": "huge"}')
+        add_member(tf, "000002.0.png", (img / "huge.png").read_bytes())
+        add_member(tf, "000003.json", json.dumps({"kind": "generation", "caption": "\ud800"}).encode())
+        add_member(tf, "000003.0.png", (img / "ok.png").read_bytes())
+        add_member(tf, "000004.json", b'{"kind": "generation", "caption": "tiff, numbered"}')
+        add_member(tf, "000004.0.tif", (img / "x.tif").read_bytes())  # not an image member: TIFF is not accepted
+        add_member(tf, "000005.json", b'{"kind": "generation", "caption": "tiff, named", "image": "0.tiff"}')
+        add_member(tf, "000005.0.tiff", (img / "x.tif").read_bytes())
+        add_member(tf, "000006.json", b'{"kind": "generation", "caption": "nul", "image": "0.png\\u0000"}')
+        # a member name that is not UTF-8 (tarfile decodes it with surrogateescape): a good sample
+        add_member(tf, "caf\udce9/000007.json", b'{"kind": "generation", "caption": "latin-1 name"}')
+        add_member(tf, "caf\udce9/000007.0.png", (img / "ok.png").read_bytes())
+    expect = [  # (where, reason, message fragment)
+        ("h.tar:000001.json", "json", "malformed JSON: nested too deeply"),
+        ("h.tar:000002.0.png", "image", "image '000002.0.png': too large: 12000x12000"),
+        ("h.tar:000003.json", "field", "'caption' is not valid Unicode: lone surrogate '\\ud800'"),
+        ("h.tar:000004.json", "field", "a generation sample needs one image (or 'vq_ids'), found 0"),
+        ("h.tar:000005.0.tiff", "image", "image '000005.0.tiff': not a readable image in an accepted format"),
+        ("h.tar:000006", "image", "image member '000006.0.png\\x00' not found in the shard"),
+    ]
+    src = TarSource(path, shuffle=False, epochs=1, transform=encoder)
+    assert next(src).key == f"{path}:000000.json"
+    for where, reason, frag in expect:
+        with pytest.raises(DataError) as ei:
+            next(src)
+        assert (ei.value.where, ei.value.reason) == (f"{tmp_path}/{where}", reason)
+        assert frag in str(ei.value), str(ei.value)
+        if reason == "image" and "too large" in frag:
+            assert "16777216" in str(ei.value)  # the limit it broke
+    assert next(src).key == f"{path}:caf\\xe9/000007.json"  # encodable, so CFG drop can hash it
+    skip = TarSource(path, shuffle=False, epochs=1, on_error="skip", transform=encoder)
+    assert len(list(skip)) == 2
+    assert dict(skip.skipped) == {"json": 1, "image": 3, "field": 2}
+
+
+def test_image_pixel_limit_is_a_reader_option(hostile_root, tmp_path):
+    (tmp_path / "g.jsonl").write_text(gen_line(image="img/ok.png") + "\n")
+    assert next(ManifestSource(tmp_path, root=hostile_root)).images[0].size == (20, 20)
+    with pytest.raises(DataError) as ei:
+        next(ManifestSource(tmp_path, root=hostile_root, max_image_pixels=399))
+    assert (ei.value.where, ei.value.reason) == (f"{tmp_path}/g.jsonl:1", "image")
+    assert str(ei.value).startswith(f"{tmp_path}/g.jsonl:1: image 'img/ok.png': too large: 20x20") and \
+        "399" in str(ei.value), str(ei.value)
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        add_member(tf, "0.json", b'{"kind": "generation", "caption": "c"}')
+        add_member(tf, "0.0.png", (hostile_root / "img/ok.png").read_bytes())
+    with pytest.raises(DataError, match=r"s\.tar:0\.0\.png: image '0\.0\.png': too large: 20x20.*399"):
+        next(open_source(tmp_path / "s.tar", max_image_pixels=399))
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
+        ManifestSource(tmp_path, max_image_pixels=0)
+
+
+# property-based: whatever JSON a record holds, parse_record returns a Sample or raises DataError, and the
+# encoder (the readers' transform) then raises nothing but DataError either
+REASONS = {"json", "kind", "field", "path", "image", "vq_ids", "length"}
+TRICKY = ["", " ", "<image_placeholder>", "<image_placeholder>\n", "user", "assistant", "understanding", "text",
+          "generation", "img/ok.png", "img/wide.png", "img/loop.png", "img/x.tif", "img", "../ok.png", "/etc/passwd",
+          "C:\\x.png", "img/ok.png\x00", "a" * 300, "\ud800", "\udcff", "0.png", "NaN", "[" * 50]
+FIELDS = ["kind", "messages", "images", "system", "text", "caption", "image", "vq_ids", "role", "content"]
+CHARS = st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udfff", "\x00", "[", "{", '"', "\\"])
+TEXT = st.text(CHARS, max_size=12) | st.sampled_from(TRICKY)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(-2**80, 2**80) | st.floats() | TEXT,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(TEXT | st.sampled_from(FIELDS), kids, max_size=4),
+    max_leaves=12)
+VALID = [
+    {"kind": "understanding", "messages": [{"role": "user", "content": "<image_placeholder>\nWhat?"}, HI[1]],
+     "images": ["img/ok.png"]},
+    {"kind": "understanding", "messages": HI + HI, "images": ["img/ok.png", "img/ok.png"], "system": ""},
+    {"kind": "text", "text": "A document."},
+    {"kind": "text", "messages": HI, "system": "Be brief."},
+    {"kind": "generation", "caption": "A red circle.", "image": "img/ok.png"},
+    {"kind": "generation", "caption": "A red circle.", "vq_ids": VQ},
+]
+
+
+TRICKY_VALUES = [None, True, 0, -1, 1.5, float("nan"), float("inf"), 2**31, 2**63, 2**64, -2**63 - 1, 10**30,
+                 -10**30, "", " ", "\ud800", "<image_placeholder>", "img/ok.png\x00", "img/loop.png", [], {}, [1],
+                 {"role": "user"}]
+BIG_INTS = st.sampled_from([-1, 2**31, 2**63, 2**64, -2**63 - 1, 10**30]) | st.integers()  # past int64: tensor overflow
+NUMBERS = BIG_INTS | st.floats() | st.booleans()
+PATH_PARTS = ["img", "ok.png", "loop.png", "wide.png", "x.tif", "huge.png", "..", ".", "", "\x00", "\ud800", "a" * 300,
+              "C:", "~", "\\", "ok.png\x00"]
+PATHS = st.lists(st.sampled_from(PATH_PARTS), min_size=1, max_size=30).map("/".join) | TEXT
+TRICKY_INSERTS = st.sampled_from(["\ud800", "\udfff", "\x00", "<image_placeholder>", "\n", "/", ".."]) | CHARS
+
+
+def json_slots(node: dict | list) -> list[tuple[dict | list, str | int]]:
+    """(container, key) of every value inside a JSON value, depth first."""
+    out: list[tuple[dict | list, str | int]] = []
+    for k, v in list(node.items() if isinstance(node, dict) else enumerate(node)):
+        out.append((node, k))
+        if isinstance(v, (dict, list)):
+            out += json_slots(v)
+    return out
+
+
+@st.composite
+def mutated_records(draw) -> dict:
+    """A valid record with 1-3 edits anywhere inside it: a value replaced (by anything, or by a known
+    troublemaker), a character inserted into a string, a number (a VQ id) or an image path changed, a key
+    or item removed, one added."""
+    rec = copy.deepcopy(draw(st.sampled_from(VALID)))  # edited in place: never the shared originals
+    for _ in range(draw(st.integers(1, 3))):
+        slots = json_slots(rec)
+        strings = [(c, k) for c, k in slots if isinstance(c[k], str)]
+        numbers = [(c, k) for c, k in slots if isinstance(c[k], int)]
+        op = draw(st.sampled_from(["replace", "tricky", "insert", "number", "path", "delete", "add"]))
+        if op == "add" or not slots:
+            node = draw(st.sampled_from([rec] + [c[k] for c, k in slots if isinstance(c[k], (dict, list))]))
+            if isinstance(node, dict):
+                node[draw(st.sampled_from(FIELDS))] = draw(JSON_VALUES)
+            else:
+                node.append(draw(JSON_VALUES))
+        elif op == "insert" and strings:
+            node, key = draw(st.sampled_from(strings))
+            i = draw(st.integers(0, len(node[key])))
+            node[key] = node[key][:i] + draw(TRICKY_INSERTS) + node[key][i:]
+        elif op == "number" and numbers:
+            node, key = draw(st.sampled_from(numbers))
+            node[key] = draw(NUMBERS)
+        elif op == "path":  # where the file system gets involved
+            if isinstance(rec.get("images"), list) and rec["images"]:
+                rec["images"][draw(st.integers(0, len(rec["images"]) - 1))] = draw(PATHS)
+            else:
+                rec["image"] = draw(PATHS)
+        else:
+            node, key = draw(st.sampled_from(slots))
+            if op == "delete":
+                del node[key]
+            else:
+                node[key] = copy.deepcopy(draw(JSON_VALUES if op == "replace" else st.sampled_from(TRICKY_VALUES)))
+    return rec
+
+
+RECORDS = st.one_of(  # edited valid records; VQ ids of any size; known fields of any type; any JSON at all
+    mutated_records(),
+    st.lists(st.integers(0, 20000) | BIG_INTS, max_size=70).map(  # wrong types: the "number" edit above
+        lambda ids: {"kind": "generation", "caption": "c", "vq_ids": ids}),
+    st.fixed_dictionaries({"kind": st.sampled_from(["understanding", "text", "generation"])},
+                          optional={f: JSON_VALUES for f in FIELDS if f != "kind"}),
+    JSON_VALUES,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(ref=PATHS)
+def test_fuzz_image_references_give_an_image_or_a_data_error(ref, hostile_root):
+    where = "fuzz.jsonl:3"
+    for obj in ({"kind": "generation", "caption": "c", "image": ref}, {"kind": "understanding", "messages": HI,
+                                                                       "images": ["img/ok.png", ref]}):
+        try:
+            s = parse_record(obj, where, file_fetch(hostile_root, where))
+        except DataError as e:
+            assert e.where == where and e.reason in ("path", "image"), str(e)
+            continue
+        assert all(im.mode == "RGB" for im in s.images) and len(s.images) == len(obj.get("images", [1]))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(obj=RECORDS)
+def test_fuzz_parse_record_gives_a_sample_or_a_data_error(obj, hostile_root, encoder):
+    where = "fuzz.jsonl:7"
+    try:
+        s = parse_record(obj, where, file_fetch(hostile_root, where))
+    except DataError as e:
+        assert e.where == where and e.reason in REASONS and str(e).startswith(f"{where}: ")
+        return
+    assert isinstance(s, Sample) and s.key == where
+    try:
+        encoder(s)
+    except DataError as e:
+        assert e.where == where and e.reason in REASONS
+
+
+LINES = st.one_of(
+    st.text(CHARS, max_size=40),
+    st.integers(1, 5000).map(lambda n: "[" * n),  # past ~1000 the JSON decoder runs out of recursion
+    st.integers(1, 6000).map(lambda n: "7" * n),  # past 4300 digits int() refuses
+    st.integers(1, 3000).map(lambda n: '{"kind": "text", "text": ' + "[" * n + "]" * n + "}"),
+    st.builds(lambda obj, ascii: json.dumps(obj, ensure_ascii=ascii), RECORDS, st.booleans()),  # raw surrogates too
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(lines=st.lists(LINES, min_size=1, max_size=6))
+def test_fuzz_raw_jsonl_lines_are_skipped_and_counted(lines, hostile_root, encoder, tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "fuzz-lines.jsonl"
+    with open(path, "w", encoding="utf-8", errors="surrogatepass", newline="\n") as fh:  # lone surrogates -> bad UTF-8
+        fh.write('{"kind": "text", "text": "fine"}\n' + "".join(line + "\n" for line in lines))
+    src = ManifestSource(path, root=hostile_root, shuffle=False, epochs=1, on_error="skip", transform=encoder)
+    good = list(src)
+    assert good[0].key == f"{path}:1" and len(good) + src.n_skipped == len(src)
+    assert set(src.skipped) <= REASONS
+    try:
+        for _ in jsonl_rows(path):
+            pass
+    except DataError as e:
+        assert e.reason == "json" and e.where.startswith(f"{path}:")
 
 
 # ------------------------------------------------------------------------------------------------ VQ cache

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import JanusConfig, preset, preset_style
+from ..config import JanusConfig, preset, preset_style, read_json_object
 from ..models.janus import JanusModel
 from ..processing.tokenizer import BOS_TOKEN, EOS_TOKEN, TextTokenizer, special_tokens_for_style
 from .init import processor_files, randomize
@@ -133,10 +133,7 @@ def _check_llm_config(llm_dir: Path, c: JanusConfig) -> None:
     path = llm_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (expected an HF LlamaForCausalLM folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    raw = read_json_object(path, CheckpointError)
     bad = []
     for hf, ours in _HF_LLM_FIELDS.items():
         if raw.get(hf) is not None and raw[hf] != getattr(c.llm, ours):

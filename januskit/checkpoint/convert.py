@@ -2,8 +2,8 @@
 load an HF-layout folder directly. Tensors stream shard by shard: a 7B conversion holds at most one
 output shard in memory. Values and dtypes are copied as they are (no casting).
 
-Everything is validated (key names and shapes against the config) before the destination is
-created, and the destination is written through `atomic_folder`, so a failed conversion leaves no
+Everything is validated (key names, shapes and floating dtypes against the config, and every file
+copied along) before the destination is created, and the destination is written through `atomic_folder`, so a failed conversion leaves no
 half-written folder behind.
 
 official -> hf -> official is bit-identical: the official entries HF has no place for (attention-pool
@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ConfigError, JanusConfig
+from ..config import ConfigError, JanusConfig, folder_file, parse_json_object
 from .official_config import detect_arch, janus_from_official, read_config_json, read_guidance_scale, to_official
 from ..models.janus import JanusModel
 from ..processing.tokenizer import PAD_TOKEN, TextTokenizer
@@ -28,7 +28,7 @@ from .hf import (SIDE_FILE, hf_generation_config, hf_to_official_plan, is_unused
                  janus_to_hf_config, official_to_hf_plan, same_model, Plan)
 from .io import (MAX_SHARD_BYTES, CheckpointError, Entry, atomic_folder, iter_tensors, load_into,
                  materialize_buffers, weight_files, write_shards)
-from .official import OfficialExtras, copy_side_files, official_key_order, unused_official_shapes
+from .official import OfficialExtras, check_side_files, copy_side_files, official_key_order, unused_official_shapes
 
 SIDE_CONFIG_KEY = "official_config_json"  # side-file metadata: the source official config.json, verbatim
 _HF_ONLY_FILES = (SIDE_FILE, "generation_config.json")  # not carried back to the official layout
@@ -133,6 +133,7 @@ def official_to_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     tok_path = src / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{tok_path}: not found (the HF config needs the special-token ids from it)")
+    check_side_files(src, c.vision.image_size)  # before anything is written
     tok = TextTokenizer.from_file(tok_path)
     pad = tok.pad_id if tok.has_token(PAD_TOKEN) else tok.eos_id
     hf_cfg = janus_to_hf_config(c, image_token_id=tok.image_id, pad_token_id=pad, bos_token_id=tok.bos_id,
@@ -159,6 +160,7 @@ def _side_config(src: Path, c_hf: JanusConfig) -> tuple[JanusConfig, str | None]
     side = src / SIDE_FILE
     if not side.is_file():
         return c_hf, None
+    folder_file(src, SIDE_FILE, CheckpointError)
     try:
         with safe_open(str(side), framework="pt") as h:
             text = (h.metadata() or {}).get(SIDE_CONFIG_KEY)
@@ -166,7 +168,8 @@ def _side_config(src: Path, c_hf: JanusConfig) -> tuple[JanusConfig, str | None]
         raise CheckpointError(f"{side}: unreadable side file ({e})") from e
     if text is None:
         return c_hf, None
-    c_off = janus_from_official(json.loads(text), f"{side} (stored official config.json)")
+    where = f"{side} (stored official config.json)"
+    c_off = janus_from_official(parse_json_object(text, where), where)
     if not same_model(c_off, c_hf):
         warnings.warn(f"{side}: the stored official config no longer matches {src / 'config.json'}; "
                       "deriving the official config from the HF config instead", stacklevel=3)
@@ -222,6 +225,7 @@ def hf_to_official(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     zeros (the reference never reads them) and config.json is derived from the HF config."""
     src, dst = Path(src), Path(dst)
     c, entries, config_text = hf_official_entries(src)
+    check_side_files(src, c.vision.image_size, skip=_HF_ONLY_FILES)  # before anything is written
     dtype = next(e for e in entries.values() if not _set_aside(c, e[0]))[1]().dtype
     zeros = {k: (lambda s=s, k=k: torch.zeros(s, dtype=torch.float32 if "codebook_used" in k else dtype))
              for k, s in unused_official_shapes(c).items()}

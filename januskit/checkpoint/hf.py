@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import AlignerConfig, ConfigError, GenHeadConfig, JanusConfig, SigLIPConfig, VQConfig
-from .official_config import VIT_PRESETS, llama_from_hf, llama_to_hf
+from ..config import (MAX_IMAGE_SIZE, MAX_LAYERS, MAX_VOCAB, AlignerConfig, ConfigError, Fields, GenHeadConfig,
+                      JanusConfig, JanusFlowConfig, SigLIPConfig, VQConfig, check_janus)
+from .official_config import (MAX_BLOCKS, MAX_MLP_RATIO, VIT_PRESETS, check_siglip, check_vq, detect_arch,
+                              llama_from_hf, llama_to_hf, model_from_official, read_config_json)
 from .io import CheckpointError
 
 SIDE_FILE = "januskit-official-extras.safetensors"
@@ -171,53 +174,70 @@ def hf_generation_config(boi_token_id: int, pad_token_id: int | None, bos_token_
             "generation_kwargs": {"boi_token_id": boi_token_id}}
 
 
-def _text_config(t: dict[str, Any], where: str) -> dict[str, Any]:
+def _text_config(t: Fields) -> Fields:
     """transformers >= 5 saves RoPE as `rope_parameters` (no top-level rope_theta): fold it back."""
-    t = dict(t)
-    rp = t.get("rope_parameters")
-    if rp:
-        if rp.get("rope_type", "default") != "default":
-            raise ConfigError(f"{where}: text_config.rope_parameters.rope_type {rp['rope_type']!r} is not supported "
-                              "(no Janus model uses RoPE scaling)")
-        if "rope_theta" in rp:
-            t["rope_theta"] = rp["rope_theta"]
-    hd = t.get("head_dim")
-    if hd is not None and "hidden_size" in t and "num_attention_heads" in t \
-            and hd != t["hidden_size"] // t["num_attention_heads"]:
-        raise ConfigError(f"{where}: text_config.head_dim {hd} != hidden_size / num_attention_heads")
+    rp = t.obj("rope_parameters", required=False)
+    if (rt := rp.string("rope_type", "default")) != "default":
+        rp.fail("rope_type", f"{rt!r} is not supported (no Janus model uses RoPE scaling)")
+    if rp.has("rope_theta"):
+        return Fields({**t.d, "rope_theta": rp.number("rope_theta", lo=1.0)}, t.file, t.prefix)
     return t
 
 
+# Our field -> the HF config's, for the checks' messages.
+_HF_VISION_NAMES = {"width": "hidden_size", "heads": "num_attention_heads", "patch_size": "patch_size",
+                    "image_size": "image_size", "mlp_ratio": "mlp_ratio"}
+_HF_VQ_NAMES = {"ch": "base_channels", "ch_mult": "channel_multiplier", "image_size": "num_patches"}
+_HF_JANUS_NAMES = {"aligner_config.params.n_embed": "vision_config.projection_dim",
+                   "gen_aligner_config.params.n_embed": "vq_config.projection_dim",
+                   "gen_head_config.params.n_embed": "vq_config.image_token_embed_dim"}
+
+
 def janus_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig:
-    try:
-        v, q, t = cfg["vision_config"], cfg["vq_config"], cfg["text_config"]
-    except KeyError as e:
-        raise ConfigError(f"{where}: HF Janus config lacks {e.args[0]!r}") from e
-    for name, sub in (("vision_config", v), ("vq_config", q)):
-        if sub.get("hidden_act", "gelu") != "gelu":
-            raise ConfigError(f"{where}: {name}.hidden_act {sub['hidden_act']!r} is not supported (Janus uses exact 'gelu')")
-    if v.get("use_qk_norm"):
-        raise ConfigError(f"{where}: vision_config.use_qk_norm is not supported (no Janus model uses it)")
-    llm = llama_from_hf(_text_config(t, where))
-    dims = dict(width=v.get("hidden_size", 1024), layers=v.get("num_hidden_layers", 24),
-                heads=v.get("num_attention_heads", 16), patch_size=v.get("patch_size", 16),
-                mlp_ratio=float(v.get("mlp_ratio", 4.0)))
+    f = Fields(cfg, where)
+    v, q, t = f.obj("vision_config"), f.obj("vq_config"), f.obj("text_config")
+    for sub in (v, q):
+        if (act := sub.string("hidden_act", "gelu")) != "gelu":
+            sub.fail("hidden_act", f"{act!r} is not supported (Janus uses exact 'gelu')")
+    if v.d.get("use_qk_norm"):
+        v.fail("use_qk_norm", "is not supported (no Janus model uses it)")
+    llm = llama_from_hf(_text_config(t))
+    if (hd := t.integer("head_dim", None)) is not None and hd != llm.head_dim:
+        t.fail("head_dim", f"{hd} != hidden_size / num_attention_heads = {llm.head_dim}")
+    dims = dict(width=v.integer("hidden_size", 1024), layers=v.integer("num_hidden_layers", 24, hi=MAX_LAYERS),
+                heads=v.integer("num_attention_heads", 16), patch_size=v.integer("patch_size", 16, hi=MAX_IMAGE_SIZE),
+                mlp_ratio=v.number("mlp_ratio", 4.0, hi=MAX_MLP_RATIO))
     name = next((n for n, p in VIT_PRESETS.items() if p == dims), "januskit_vit")
-    vision = SigLIPConfig(image_size=v.get("image_size", 384), model_name=name, select_layer=-1, **dims)
-    ch_mult = tuple(q.get("channel_multiplier", (1, 1, 2, 2, 4)))
+    vision = SigLIPConfig(image_size=v.integer("image_size", 384, hi=MAX_IMAGE_SIZE), model_name=name, select_layer=-1,
+                          **dims)
+    check_siglip(vision, where, lambda k: v.name(_HF_VISION_NAMES[k]))
+    ch_mult = q.integers("channel_multiplier", (1, 1, 2, 2, 4), hi=MAX_BLOCKS, max_len=8)
     # HF overwrites vq num_patches with the SigLIP grid; the VQ image side is that grid times the VQ factor.
     vq_size = (vision.image_size // vision.patch_size) * 2 ** (len(ch_mult) - 1)
-    vq = VQConfig(codebook_size=q.get("num_embeddings", 16384), codebook_dim=q.get("embed_dim", 8),
-                  ch=q.get("base_channels", 128), ch_mult=ch_mult,
-                  z_channels=q.get("latent_channels", 256), num_res_blocks=q.get("num_res_blocks", 2),
-                  image_size=vq_size)
-    return JanusConfig(
+    vq = VQConfig(codebook_size=q.integer("num_embeddings", 16384, hi=MAX_VOCAB), codebook_dim=q.integer("embed_dim", 8),
+                  ch=q.integer("base_channels", 128), ch_mult=ch_mult, z_channels=q.integer("latent_channels", 256),
+                  num_res_blocks=q.integer("num_res_blocks", 2, hi=MAX_BLOCKS), image_size=vq_size)
+    check_vq(vq, where, lambda k: q.name(_HF_VQ_NAMES[k]))
+    projection = q.integer("projection_dim", 2048)
+    c = JanusConfig(
         llm=llm, vision=vision, vq=vq,
-        aligner=AlignerConfig(input_dim=vision.width, n_embed=v.get("projection_dim", 2048), depth=v.get("depth", 2)),
-        gen_aligner=AlignerConfig(input_dim=vq.codebook_dim, n_embed=q.get("projection_dim", 2048),
-                                  depth=q.get("num_hidden_layers", 2)),
-        gen_head=GenHeadConfig(n_embed=q.get("image_token_embed_dim", 2048),
-                               image_token_embed=q.get("projection_dim", 2048), image_token_size=vq.codebook_size))
+        aligner=AlignerConfig(input_dim=vision.width, n_embed=v.integer("projection_dim", 2048),
+                              depth=v.integer("depth", 2, hi=MAX_BLOCKS)),
+        gen_aligner=AlignerConfig(input_dim=vq.codebook_dim, n_embed=projection,
+                                  depth=q.integer("num_hidden_layers", 2, hi=MAX_BLOCKS)),
+        gen_head=GenHeadConfig(n_embed=q.integer("image_token_embed_dim", 2048), image_token_embed=projection,
+                               image_token_size=vq.codebook_size))
+    check_janus(c, where, _HF_JANUS_NAMES)
+    return c
+
+
+def read_model_config(folder: str | Path) -> tuple[str, JanusConfig | JanusFlowConfig]:
+    """(arch, config) from a checkpoint folder's config.json, official or HF layout: the config is
+    checked (types, bounds, geometry), and every refusal is a ConfigError naming config.json."""
+    path = Path(folder) / "config.json"
+    raw = read_config_json(path)
+    arch = detect_arch(raw, str(path))
+    return arch, janus_from_hf_config(raw, str(path)) if arch == "hf-janus" else model_from_official(raw, str(path))
 
 
 def same_model(a: JanusConfig, b: JanusConfig) -> bool:

@@ -5,9 +5,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..config import JanusConfig, JanusFlowConfig, PRESET_NAMES, preset
-from .official_config import detect_arch, flow_from_official, janus_from_official, read_config_json
-from .hf import janus_from_hf_config
+from ..config import JanusConfig, JanusFlowConfig, PRESET_NAMES, folder_file, preset
+from .hf import read_model_config
 from .io import iter_tensors, weight_files
 from .vae import read_vae_config
 
@@ -56,16 +55,11 @@ def describe(model: str | Path) -> dict[str, Any]:
             c = preset(str(model))
             return {"source": f"preset:{model}", "layout": "preset (random weights)", "arch": c.arch, **_summary(c)}
         raise FileNotFoundError(f"{model}: no such checkpoint folder, and not a preset")
-    raw = read_config_json(p / "config.json")
-    arch = detect_arch(raw, str(p / "config.json"))
-    info: dict[str, Any] = {"source": str(p), "layout": "hf" if arch == "hf-janus" else "official", "arch": arch}
-    if arch == "janus":
-        info.update(_summary(janus_from_official(raw, str(p / "config.json"))))
-    elif arch == "janusflow":
-        info.update(_summary(flow_from_official(raw, str(p / "config.json"))))
+    arch, c = read_model_config(p)
+    info: dict[str, Any] = {"source": str(p), "layout": "hf" if arch == "hf-janus" else "official", "arch": arch,
+                            **_summary(c)}
+    if arch == "janusflow":
         info["vae"] = _vae(p / "vae")
-    elif arch == "hf-janus":
-        info.update(_summary(janus_from_hf_config(raw, str(p / "config.json"))))
     files = weight_files(p)
     info["weight_files"] = ", ".join(f"{f.name} ({f.stat().st_size / 1e6:.1f} MB)" for f in files)
     counts: Counter[str] = Counter()
@@ -89,7 +83,7 @@ def describe(model: str | Path) -> dict[str, Any]:
     tok = p / "tokenizer.json"
     if tok.is_file():
         from ..processing.tokenizer import TextTokenizer
-        t = TextTokenizer.from_file(tok)
+        t = TextTokenizer.from_file(folder_file(p, tok.name))
         names = {"bos": "bos_id", "eos": "eos_id", "pad": "pad_id", "image": "image_id", "boi": "boi_id", "eoi": "eoi_id"}
         ids = {}
         for k, attr in names.items():

@@ -5,12 +5,18 @@ the meta device, so loading never holds a second full copy. Loading is strict: m
 wrong-shape keys are reported by name, except the entries a layout declares as known-unused.
 Writing goes to a temporary folder renamed into place, so a crash never leaves a half-written
 checkpoint where a complete one is expected.
+
+A folder is untrusted input: every file read must resolve inside it (config.folder_file), and every
+tensor must be floating point (no Janus checkpoint holds another kind; an integer tensor would only
+fail later, or be copied on by a conversion).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from ..config import folder_file, read_json_object
 
 
 class CheckpointError(ValueError):
@@ -34,15 +42,23 @@ def weight_files(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder, in the order the index (if any) lists them."""
     folder = Path(folder)
     for name in WEIGHT_FILES:
-        p = folder / name
-        if not p.is_file():
+        if not (folder / name).is_file():
             continue
+        p = folder_file(folder, name, CheckpointError)
         if name.endswith(".index.json"):
-            try:
-                index = json.loads(p.read_text())
-                shards = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{p}: not a valid weight index ({e!r})") from e
+            weight_map = read_json_object(p, CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(s, str) for s in weight_map.values()):
+                raise CheckpointError(f"{p}: weight_map must be a non-empty object of key -> shard file name")
+            shards = sorted(set(weight_map.values()))
+            suffix = ".safetensors" if name.startswith("model.") else ".bin"
+            if bad := [s for s in shards if not s.endswith(suffix)]:
+                raise CheckpointError(f"{p}: weight_map lists shard(s) that are not {suffix} files: {bad[:5]}")
+            for s in shards:
+                try:
+                    folder_file(folder, s, CheckpointError)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{p}: weight_map lists a shard outside the folder ({e})") from None
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{p}: lists shard(s) that do not exist: {missing}")
@@ -61,8 +77,9 @@ def iter_tensors(files: list[Path]) -> Iterator["Entry"]:
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e}); is it truncated?") from e
             for k in keys:
-                shape = tuple(handle.get_slice(k).get_shape())
-                yield k, (lambda h=handle, k=k, f=f: _get(h, k, f)), shape, f
+                sl = handle.get_slice(k)
+                _check_floating(f, k, sl.get_dtype(), sl.get_dtype().startswith(("F", "BF")))  # F32, BF16, F8_E4M3, ...
+                yield k, (lambda h=handle, k=k, f=f: _get(h, k, f)), tuple(sl.get_shape()), f
         else:
             try:
                 sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
@@ -73,7 +90,13 @@ def iter_tensors(files: list[Path]) -> Iterator["Entry"]:
             for k, t in sd.items():
                 if not isinstance(t, torch.Tensor):
                     raise CheckpointError(f"{f}: entry {k!r} is a {type(t).__name__}, not a tensor")
+                _check_floating(f, k, str(t.dtype).removeprefix("torch."), t.is_floating_point())
                 yield k, (lambda t=t: t), tuple(t.shape), f
+
+
+def _check_floating(f: Path, key: str, dtype: str, floating: bool) -> None:
+    if not floating:
+        raise CheckpointError(f"{f}: tensor {key!r} has dtype {dtype}; checkpoint weights must be floating point")
 
 
 def _get(handle, key: str, f: Path) -> torch.Tensor:
@@ -156,6 +179,38 @@ def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu") ->
 MAX_SHARD_BYTES = 5 * 1024**3  # like transformers' default shard size for large models
 
 
+# Staging folders are named .<dst>.staging-<host>-<pid>-<random>, beside the destination. The next
+# write to the same destination removes those whose writer is gone: same host, and no process with
+# that pid. A live writer's folder (here, or on another host sharing the filesystem) is never touched;
+# a reused pid only delays the cleanup. Loaders refuse these names (is_staging): a staging folder may
+# look complete without being so.
+_STAGING = re.compile(r"^\.(?P<dst>.+)\.staging-(?P<host>\w*)-(?P<pid>\d+)-[a-z0-9_]+$")
+_HOST = re.sub(r"\W", "_", socket.gethostname())[:32]  # \w only: the name must parse back
+
+
+def is_staging(folder: str | Path) -> bool:
+    """Whether `folder` is an atomic_folder staging folder (an unfinished or ongoing write)."""
+    return _STAGING.match(Path(folder).resolve().name) is not None
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a pid we never write: keep both
+        return True
+    return True
+
+
+def _remove_stale_staging(dst: Path) -> None:
+    for d in dst.parent.iterdir():
+        m = _STAGING.match(d.name)
+        if (m and m["dst"] == dst.name and m["host"] == _HOST and d.is_dir() and not d.is_symlink()
+                and not _writer_alive(int(m["pid"]))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @contextmanager
 def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename."""
@@ -163,7 +218,8 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if dst.exists() and not overwrite and any(dst.iterdir()):
         raise FileExistsError(f"{dst}: exists and is not empty (refusing to overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    _remove_stale_staging(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.staging-{_HOST}-{os.getpid()}-", dir=dst.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder

@@ -10,12 +10,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, JanusConfig, JanusFlowConfig
-from .official_config import detect_arch, janus_from_official, model_from_official, read_config_json, to_official
+from ..config import ConfigError, JanusConfig, JanusFlowConfig, folder_file, read_json_object
+from .official_config import (detect_arch, janus_from_official, model_from_official, read_config_json,
+                              read_guidance_scale, to_official)
 from ..models import build_model, vision_prefix
 from ..models.janus import JanusModel
+from ..processing.chat import read_processor_files
+from ..processing.tokenizer import TextTokenizer
 from .hf import is_unused_official
 from .io import CheckpointError, atomic_folder, iter_tensors, load_into, materialize_buffers, save_tensors, weight_files
+from .vae import read_vae_config
 
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage-statistics buffer, saved but never read at inference
 
@@ -166,15 +170,46 @@ def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path
 RUN_RECORDS = ("metrics.jsonl", "loss.png", "reward.png", "kl.png", "run_config.json", "RECIPE_DONE")
 
 
-def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy everything that is not weights, config.json or a run record (tokenizer.json, processor
-    configs, ...), and a JanusFlow folder's VAE (the vae/ subfolder)."""
+def side_files(src: Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    """What copy_side_files copies: every file that is not weights, config.json or a run record
+    (tokenizer.json, processor configs, ...), and a JanusFlow folder's VAE (the vae/ subfolder).
+    Each must resolve inside `src` (a symlink out of it would copy an outside file along)."""
+    out = []
     for f in sorted(src.iterdir()):
         if (f.is_file() and f.name != "config.json" and f.name not in skip + RUN_RECORDS
                 and not _is_weight(f.name)):
-            shutil.copy2(f, dst / f.name)
+            out.append(folder_file(src, f.name, CheckpointError))
         elif f.is_dir() and f.name == "vae" and f.name not in skip:
+            for g in (f, *sorted(f.rglob("*"))):  # symlinked folders too: copytree would follow them
+                folder_file(src, g.relative_to(src), CheckpointError)
+            out.append(f)
+    return out
+
+
+def check_side_files(src: Path, image_size: int, skip: tuple[str, ...] = ()) -> None:
+    """Read everything copy_side_files would copy as januskit.load reads it (tokenizer.json, the
+    processor configs, generation_config.json, vae/), and any other JSON file as a JSON object, so a
+    conversion refuses a broken folder before it writes anything."""
+    files = side_files(src, skip)
+    names = {f.name for f in files}
+    if "tokenizer.json" in names:
+        TextTokenizer.from_file(src / "tokenizer.json")
+    read_processor_files(src, image_size)
+    read_guidance_scale(src)
+    if "vae" in names:
+        read_vae_config(src / "vae")
+    for f in files:
+        if f.suffix == ".json" and f.name != "tokenizer.json":  # tokenizer_config.json, special_tokens_map.json, ...
+            read_json_object(f, CheckpointError)
+
+
+def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy side_files(src, skip) into `dst`."""
+    for f in side_files(src, skip):
+        if f.is_dir():
             shutil.copytree(f, dst / f.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(f, dst / f.name)
 
 
 def _is_weight(name: str) -> bool:

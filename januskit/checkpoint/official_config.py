@@ -9,12 +9,14 @@ in the same schema (the reference would ignore them; real checkpoints never carr
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import (AlignerConfig, ConfigError, GenHeadConfig, JanusConfig, JanusFlowConfig, LlamaConfig,
-                      SigLIPConfig, UViTDecoderConfig, UViTEncoderConfig, VQConfig, check_flow, check_janus)
+from ..config import (MAX_DIM, MAX_IMAGE_SIZE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, AlignerConfig, ConfigError, Fields,
+                      GenHeadConfig, JanusConfig, JanusFlowConfig, LlamaConfig, SigLIPConfig, UViTDecoderConfig,
+                      UViTEncoderConfig, VQConfig, check_flow, check_janus, read_json_object, shown)
+from .io import CheckpointError, is_staging
 
 # LlamaConfig defaults the reference inherits for any field `language_config` omits.
 _HF_LLAMA_DEFAULTS = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -23,25 +25,50 @@ _HF_LLAMA_DEFAULTS = dict(hidden_size=4096, intermediate_size=11008, num_hidden_
 
 # timm presets the reference knows by name (width, depth, heads, patch, mlp_ratio).
 VIT_PRESETS = {"siglip_large_patch16_384": dict(width=1024, layers=24, heads=16, patch_size=16, mlp_ratio=4.0)}
+MAX_MLP_RATIO = 64.0
+MAX_BLOCKS = 64  # aligner depth, VQ res blocks, entries of ch_mult: a handful in every real model
 
 
-def _need(d: dict, key: str, where: str) -> Any:
-    if key not in d:
-        raise ConfigError(f"{where}: missing field {key!r}")
-    return d[key]
+def llama_from_hf(lc: Fields) -> LlamaConfig:
+    """Our LlamaConfig from an HF LlamaConfig block (official `language_config`, HF `text_config`)."""
+    for k in ("rope_scaling", "attention_bias", "mlp_bias"):
+        if lc.d.get(k):
+            lc.fail(k, f"= {shown(lc.d[k])} is not supported (no Janus model uses it)")
+    d = _HF_LLAMA_DEFAULTS
+    dim = lc.integer("hidden_size", d["hidden_size"])
+    heads = lc.integer("num_attention_heads", d["num_attention_heads"])
+    kv = lc.integer("num_key_value_heads", heads)
+    # The head geometry, checked here: the tensor shapes would report it only as a confusing mismatch.
+    if dim % heads:
+        lc.fail("num_attention_heads", f"{heads} does not divide hidden_size {dim}")
+    if dim // heads % 2:
+        lc.fail("num_attention_heads", f"{heads} gives an odd head_dim {dim // heads} (RoPE rotates channel pairs)")
+    if heads % kv:
+        lc.fail("num_key_value_heads", f"{kv} does not divide num_attention_heads {heads}")
+    return LlamaConfig(dim=dim, n_layers=lc.integer("num_hidden_layers", d["num_hidden_layers"], hi=MAX_LAYERS),
+                       n_heads=heads, n_kv_heads=kv, intermediate_size=lc.integer("intermediate_size", d["intermediate_size"]),
+                       vocab_size=lc.integer("vocab_size", d["vocab_size"], hi=MAX_VOCAB),
+                       max_seq_len=lc.integer("max_position_embeddings", d["max_position_embeddings"], hi=MAX_POSITIONS),
+                       norm_eps=lc.number("rms_norm_eps", d["rms_norm_eps"], hi=1.0),
+                       rope_theta=lc.number("rope_theta", d["rope_theta"], lo=1.0))
 
 
-def llama_from_hf(lc: dict[str, Any]) -> LlamaConfig:
-    v = {**_HF_LLAMA_DEFAULTS, **{k: lc[k] for k in _HF_LLAMA_DEFAULTS if k in lc and lc[k] is not None}}
-    rope_scaling = lc.get("rope_scaling")
-    if rope_scaling:
-        raise ConfigError(f"language_config: rope_scaling {rope_scaling!r} is not supported (no Janus model uses it)")
-    if lc.get("attention_bias") or lc.get("mlp_bias"):
-        raise ConfigError("language_config: attention_bias / mlp_bias are not supported (no Janus model uses them)")
-    return LlamaConfig(dim=v["hidden_size"], n_layers=v["num_hidden_layers"], n_heads=v["num_attention_heads"],
-                       n_kv_heads=v["num_key_value_heads"] or v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-                       vocab_size=v["vocab_size"], max_seq_len=v["max_position_embeddings"],
-                       norm_eps=float(v["rms_norm_eps"]), rope_theta=float(v["rope_theta"]))
+def check_siglip(v: SigLIPConfig, file: str, name: Callable[[str], str]) -> None:
+    """SigLIP geometry the shapes would report only as a mismatch; `name` gives a field's name in the file."""
+    if v.width % v.heads:
+        raise ConfigError(f"{file}: {name('heads')} {v.heads} does not divide {name('width')} {v.width}")
+    if v.patch_size > v.image_size:
+        raise ConfigError(f"{file}: {name('patch_size')} {v.patch_size} is larger than {name('image_size')} {v.image_size}")
+    if int(v.width * v.mlp_ratio) < 1:
+        raise ConfigError(f"{file}: {name('mlp_ratio')} {v.mlp_ratio} gives an MLP of width 0")
+
+
+def check_vq(q: VQConfig, file: str, name: Callable[[str], str]) -> None:
+    if q.ch % 32:  # models/vq.py normalises every level with GroupNorm(32)
+        raise ConfigError(f"{file}: {name('ch')} {q.ch} is not a multiple of 32 (the VQ's GroupNorm groups)")
+    if q.image_size % q.factor:
+        raise ConfigError(f"{file}: {name('image_size')} {q.image_size} is not a multiple of the VQ downsampling "
+                          f"factor {q.factor} (from {name('ch_mult')})")
 
 
 def llama_to_hf(c: LlamaConfig, dtype: str = "bfloat16") -> dict[str, Any]:
@@ -51,24 +78,29 @@ def llama_to_hf(c: LlamaConfig, dtype: str = "bfloat16") -> dict[str, Any]:
                 rope_theta=c.rope_theta, hidden_act="silu", torch_dtype=dtype)
 
 
-def vision_from_official(vc: dict[str, Any], where: str) -> SigLIPConfig:
+def vision_from_official(vc: Fields) -> SigLIPConfig:
     """SigLIP config from an official CLIPVisionTower config block (Janus `vision_config`, JanusFlow
     `vision_und_enc_config`)."""
-    vp = dict(vc.get("params", {}))
-    if "CLIPVisionTower" not in vc.get("cls", ""):
-        raise ConfigError(f"{where}.cls {vc.get('cls')!r} is not CLIPVisionTower")
-    name = vp.get("model_name", "siglip_large_patch16_384")
-    vit = dict(VIT_PRESETS.get(name, {}))
-    for k in ("width", "layers", "heads", "patch_size", "mlp_ratio"):  # januskit extension (tiny models)
-        if k in vp:
-            vit[k] = vp[k]
+    cls = vc.string("cls", "")
+    if "CLIPVisionTower" not in cls:
+        vc.fail("cls", f"{cls!r} is not CLIPVisionTower")
+    vp = vc.obj("params", required=False)
+    name = vp.string("model_name", "siglip_large_patch16_384")
+    vit: dict[str, Any] = dict(VIT_PRESETS.get(name, {}))
+    for k, hi in (("width", MAX_DIM), ("layers", MAX_LAYERS), ("heads", MAX_DIM), ("patch_size", MAX_IMAGE_SIZE)):
+        if vp.has(k):  # januskit extension (tiny models)
+            vit[k] = vp.integer(k, hi=hi)
+    if vp.has("mlp_ratio"):
+        vit["mlp_ratio"] = vp.number("mlp_ratio", hi=MAX_MLP_RATIO)
     missing = [k for k in ("width", "layers", "heads", "patch_size") if k not in vit]
     if missing:
-        raise ConfigError(f"{where}.params.model_name {name!r} is unknown and params lack {missing}")
-    if vp.get("select_feature", "same") != "same":
-        raise ConfigError(f"{where}.params.select_feature {vp['select_feature']!r} is not supported")
-    return SigLIPConfig(image_size=int(vp.get("image_size", 384)), select_layer=int(vp.get("select_layer", -1)),
-                        model_name=name, **vit)
+        vp.fail("model_name", f"{name!r} is unknown and params lack {missing}")
+    if (sf := vp.string("select_feature", "same")) != "same":
+        vp.fail("select_feature", f"{sf!r} is not supported")
+    v = SigLIPConfig(image_size=vp.integer("image_size", 384, hi=MAX_IMAGE_SIZE), model_name=name,
+                     select_layer=vp.integer("select_layer", -1, lo=-vit["layers"], hi=vit["layers"]), **vit)
+    check_siglip(v, vp.file, vp.name)
+    return v
 
 
 def vision_to_official(v: SigLIPConfig) -> dict[str, Any]:
@@ -80,32 +112,35 @@ def vision_to_official(v: SigLIPConfig) -> dict[str, Any]:
 
 
 def janus_from_official(cfg: dict[str, Any], where: str = "config.json") -> JanusConfig:
-    """Parse an official Janus / Janus-Pro config.json (already loaded as a dict)."""
-    vision = vision_from_official(_need(cfg, "vision_config", where), f"{where}: vision_config")
+    """Parse an official Janus / Janus-Pro config.json (already loaded as a dict); `where` names the file."""
+    f = Fields(cfg, where)
+    vision = vision_from_official(f.obj("vision_config"))
 
-    gvc = _need(cfg, "gen_vision_config", where)
-    if "VQ" not in gvc.get("cls", ""):
-        raise ConfigError(f"{where}: gen_vision_config.cls {gvc.get('cls')!r} is not a VQ tokenizer")
-    gp = gvc.get("params", {})
+    gvc = f.obj("gen_vision_config")
+    if "VQ" not in (cls := gvc.string("cls", "")):
+        gvc.fail("cls", f"{cls!r} is not a VQ tokenizer")
+    gp = gvc.obj("params", required=False)
     # The reference builds VQ-16 with its defaults whatever params say; only image_token_size and
     # n_embed size gen_embed (and they equal the defaults in every real checkpoint).
-    vq = VQConfig(codebook_size=int(gp.get("image_token_size", 16384)), codebook_dim=int(gp.get("n_embed", 8)),
-                  ch=int(gp.get("ch", 128)), ch_mult=tuple(gp.get("ch_mult", (1, 1, 2, 2, 4))),
-                  z_channels=int(gp.get("z_channels", 256)), num_res_blocks=int(gp.get("num_res_blocks", 2)),
-                  image_size=int(gp.get("image_size", vision.image_size)))
+    vq = VQConfig(codebook_size=gp.integer("image_token_size", 16384, hi=MAX_VOCAB),
+                  codebook_dim=gp.integer("n_embed", 8), ch=gp.integer("ch", 128),
+                  ch_mult=gp.integers("ch_mult", (1, 1, 2, 2, 4), hi=MAX_BLOCKS, max_len=8),
+                  z_channels=gp.integer("z_channels", 256), num_res_blocks=gp.integer("num_res_blocks", 2, hi=MAX_BLOCKS),
+                  image_size=gp.integer("image_size", vision.image_size, hi=MAX_IMAGE_SIZE))
+    check_vq(vq, gp.file, gp.name)
 
-    llm = llama_from_hf(_need(cfg, "language_config", where))
+    llm = llama_from_hf(f.obj("language_config"))
 
     def aligner(key: str) -> AlignerConfig:
-        p = _need(_need(cfg, key, where), "params", f"{where}: {key}")
-        if p.get("projector_type", "mlp_gelu") != "mlp_gelu":
-            raise ConfigError(f"{where}: {key}.params.projector_type {p['projector_type']!r} is not supported "
-                              "(every released checkpoint uses mlp_gelu)")
-        return AlignerConfig(input_dim=int(p["input_dim"]), n_embed=int(p["n_embed"]), depth=int(p.get("depth", 2)))
+        p = f.obj(key).obj("params")
+        if (pt := p.string("projector_type", "mlp_gelu")) != "mlp_gelu":
+            p.fail("projector_type", f"{pt!r} is not supported (every released checkpoint uses mlp_gelu)")
+        return AlignerConfig(input_dim=p.integer("input_dim"), n_embed=p.integer("n_embed"),
+                             depth=p.integer("depth", 2, hi=MAX_BLOCKS))
 
-    hp = _need(_need(cfg, "gen_head_config", where), "params", f"{where}: gen_head_config")
-    head = GenHeadConfig(n_embed=int(hp["n_embed"]), image_token_embed=int(hp["image_token_embed"]),
-                         image_token_size=int(hp["image_token_size"]))
+    hp = f.obj("gen_head_config").obj("params")
+    head = GenHeadConfig(n_embed=hp.integer("n_embed"), image_token_embed=hp.integer("image_token_embed"),
+                         image_token_size=hp.integer("image_token_size", hi=MAX_VOCAB))
     c = JanusConfig(llm=llm, vision=vision, vq=vq, aligner=aligner("aligner_config"),
                     gen_aligner=aligner("gen_aligner_config"), gen_head=head)
     check_janus(c, where)
@@ -139,31 +174,42 @@ def janus_to_official(c: JanusConfig, dtype: str = "bfloat16") -> dict[str, Any]
     }
 
 
-def _uvit_params(block: dict[str, Any], cls_name: str, dataclass_: type, where: str) -> Any:
-    if block.get("cls") != cls_name:
-        raise ConfigError(f"{where}.cls {block.get('cls')!r} is not {cls_name}")
-    p = dict(block.get("params", {}))
-    known = {f.name for f in dataclasses.fields(dataclass_)}
-    kw = {}
-    for k, v in p.items():
-        if k in known:  # the reference ignores the rest (elementwize_affine [sic], num_extra_tensors, ...)
-            kw[k] = tuple(int(x) for x in v) if k == "block_out_channels" else v
-    try:
-        return dataclass_(**kw)
-    except TypeError as e:
-        raise ConfigError(f"{where}.params: {e}") from e
+# (lo, hi) of the ShallowUViT integer params that are not widths (those are in [1, MAX_DIM]).
+_UVIT_INT_BOUNDS = {"padding": (0, 64), "kernel_size": (1, 64), "stride": (1, 64), "upsamples": (1, 8),
+                    "layers_in_middle": (0, MAX_LAYERS)}
+
+
+def _uvit_params(block: Fields, cls_name: str, dataclass_: type) -> Any:
+    if (cls := block.string("cls", "")) != cls_name:
+        block.fail("cls", f"{cls!r} is not {cls_name}")
+    p = block.obj("params", required=False)
+    kw: dict[str, Any] = {}
+    for fd in dataclasses.fields(dataclass_):  # the reference ignores the rest (elementwize_affine [sic], ...)
+        if not p.has(fd.name):
+            continue
+        default = fd.default  # every field has a plain default; its type is the field's type
+        if isinstance(default, bool):
+            kw[fd.name] = p.flag(fd.name)
+        elif isinstance(default, int):
+            lo, hi = _UVIT_INT_BOUNDS.get(fd.name, (1, MAX_DIM))
+            kw[fd.name] = p.integer(fd.name, lo=lo, hi=hi)
+        elif isinstance(default, float):  # norm_eps
+            kw[fd.name] = p.number(fd.name, hi=1.0)
+        else:  # block_out_channels
+            kw[fd.name] = p.integers(fd.name, max_len=8)
+    return dataclass_(**kw)
 
 
 def flow_from_official(cfg: dict[str, Any], where: str = "config.json") -> JanusFlowConfig:
     """Parse an official JanusFlow config.json. `latent_size` is a januskit extension in
     vision_gen_enc_config.params (the reference hard-codes 48 = 384 / 8)."""
-    vision = vision_from_official(_need(cfg, "vision_und_enc_config", where), f"{where}: vision_und_enc_config")
-    enc_block = _need(cfg, "vision_gen_enc_config", where)
-    enc = _uvit_params(enc_block, "ShallowUViTEncoder", UViTEncoderConfig, f"{where}: vision_gen_enc_config")
-    dec = _uvit_params(_need(cfg, "vision_gen_dec_config", where), "ShallowUViTDecoder", UViTDecoderConfig,
-                       f"{where}: vision_gen_dec_config")
-    llm = llama_from_hf(_need(cfg, "language_config", where))
-    latent = int(enc_block.get("params", {}).get("latent_size", 48))
+    f = Fields(cfg, where)
+    vision = vision_from_official(f.obj("vision_und_enc_config"))
+    enc_block = f.obj("vision_gen_enc_config")
+    enc = _uvit_params(enc_block, "ShallowUViTEncoder", UViTEncoderConfig)
+    dec = _uvit_params(f.obj("vision_gen_dec_config"), "ShallowUViTDecoder", UViTDecoderConfig)
+    llm = llama_from_hf(f.obj("language_config"))
+    latent = enc_block.obj("params", required=False).integer("latent_size", 48, hi=MAX_IMAGE_SIZE)
     c = JanusFlowConfig(llm=llm, vision=vision, gen_enc=enc, gen_dec=dec, latent_size=latent)
     check_flow(c, where)
     return c
@@ -203,7 +249,7 @@ def model_from_official(cfg: dict[str, Any], where: str = "config.json") -> Janu
 
 def detect_arch(cfg: dict[str, Any], where: str = "config.json") -> str:
     """'janus', 'janusflow' or 'hf-janus' from a config.json dict; anything else raises."""
-    mt = cfg.get("model_type")
+    mt = Fields(cfg, where).d.get("model_type")
     if mt == "multi_modality":
         if "vision_gen_enc_config" in cfg:
             return "janusflow"
@@ -213,21 +259,21 @@ def detect_arch(cfg: dict[str, Any], where: str = "config.json") -> str:
                           "nor vision_gen_enc_config (JanusFlow) is present")
     if mt == "janus":
         return "hf-janus"
-    raise ConfigError(f"{where}: unknown architecture: model_type {mt!r} (expected 'multi_modality' for the "
-                      "official Janus / Janus-Pro / JanusFlow layout, or 'janus' for the HF transformers layout)")
+    raise ConfigError(f"{where}: unknown architecture: model_type {repr(mt)[:60]} (expected "
+                      "'multi_modality' for the official Janus / Janus-Pro / JanusFlow layout, or 'janus' for the HF "
+                      "transformers layout)")
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json as a dict: refused (naming the file) when it is missing, lies
+    outside the folder, is not a UTF-8 JSON object, or the folder is an unfinished atomic_folder write."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config.json not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-
-
-#END
+    if is_staging(path.parent):
+        raise CheckpointError(f"{path.parent}: a staging folder of an unfinished (or ongoing) januskit write, "
+                              "not a checkpoint; load the destination folder instead")
+    return read_json_object(path)
 
 
 def to_official(c: JanusConfig | JanusFlowConfig, dtype: str = "bfloat16") -> dict[str, Any]:
@@ -241,12 +287,4 @@ def read_guidance_scale(folder: str | Path) -> float | None:
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return None
-    try:
-        w = json.loads(path.read_text()).get("guidance_scale")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{path}: not a JSON object ({e})") from None
-    if w is None:
-        return None
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < float("inf")):
-        raise ConfigError(f"{path}: guidance_scale must be a number >= 0, got {w!r}")
-    return float(w)
+    return Fields(read_json_object(path), path).number("guidance_scale", None, lo_open=False)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..config import folder_file
 from ..models.vae import CLASS_NAME, LatentVAE, autoencoder_kl
 from .io import atomic_folder
 
@@ -32,6 +33,9 @@ def read_vae_config(folder: str | Path) -> dict[str, Any]:
         what = "is not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(f"VAE folder {folder} {what}: {FOLDER_HINT}")
     cfg_path = folder / CONFIG_NAME
+    for name in (CONFIG_NAME, *WEIGHT_NAMES):  # what diffusers reads: never a file outside the folder
+        if (folder / name).exists():
+            folder_file(folder, name, ValueError)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"VAE folder {folder}: no {CONFIG_NAME} (not a diffusers model folder); {FOLDER_HINT}")
     try:

@@ -8,13 +8,13 @@ Each "<image_placeholder>" becomes <begin_of_image> + n x <image_placeholder> + 
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..config import MAX_IMAGE_SIZE, Fields, folder_file, read_json_object
 from .image import ImageTransform
 from .tokenizer import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, TextTokenizer
 
@@ -47,6 +47,28 @@ class ChatBatch:
         return not bool(self.valid.all())
 
 
+def read_processor_files(folder: str | Path, image_size: int) -> tuple[ImageTransform, str]:
+    """The image transform of preprocessor_config.json and the system prompt of processor_config.json
+    (both optional), every field type-checked: a ConfigError names the file and field. `image_size`
+    is the vision encoder's, which the preprocessor's must equal (other sizes do not fit its grid)."""
+    folder = Path(folder)
+    cfg: dict = {}
+    if (path := folder / "preprocessor_config.json").is_file():
+        pre = Fields(read_json_object(path), path)
+        size = pre.integer("image_size", image_size, hi=MAX_IMAGE_SIZE)
+        if size != image_size:
+            pre.fail("image_size", f"{size} does not match the vision encoder's image_size {image_size}")
+        cfg = {"image_size": size, "min_size": pre.integer("min_size", 14, hi=size),
+               "image_mean": pre.numbers("image_mean", 3, (0.5, 0.5, 0.5), lo=-1e6, hi=1e6),
+               "image_std": pre.numbers("image_std", 3, (0.5, 0.5, 0.5), lo=0.0, hi=1e6, lo_open=True),
+               "rescale_factor": pre.number("rescale_factor", 1 / 255, hi=1.0),
+               "do_normalize": pre.flag("do_normalize", True)}
+    system = SYSTEM_PROMPT
+    if (path := folder / "processor_config.json").is_file():
+        system = Fields(read_json_object(path), path).string("system_prompt", SYSTEM_PROMPT)
+    return ImageTransform.from_preprocessor_config(cfg, image_size), system
+
+
 class Processor:
     def __init__(self, tokenizer: TextTokenizer, transform: ImageTransform, n_image_tokens: int,
                  pro_format: bool | None = None, system_prompt: str = SYSTEM_PROMPT) -> None:
@@ -62,22 +84,9 @@ class Processor:
     @classmethod
     def from_folder(cls, folder: str | Path, image_size: int, n_image_tokens: int) -> "Processor":
         folder = Path(folder)
-        tok = TextTokenizer.from_file(folder / "tokenizer.json")
-        pre = folder / "preprocessor_config.json"
-        cfg = {}
-        if pre.is_file():
-            try:
-                cfg = json.loads(pre.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{pre}: not valid JSON ({e})") from e
-        proc = folder / "processor_config.json"
-        try:
-            system = json.loads(proc.read_text()).get("system_prompt", SYSTEM_PROMPT) if proc.is_file() else SYSTEM_PROMPT
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{proc}: not valid JSON ({e})") from e
-        if not isinstance(system, str):
-            raise ValueError(f"{proc}: system_prompt must be a string, got {type(system).__name__}")
-        return cls(tok, ImageTransform.from_preprocessor_config(cfg, image_size), n_image_tokens, system_prompt=system)
+        tok = TextTokenizer.from_file(folder_file(folder, "tokenizer.json"))
+        transform, system = read_processor_files(folder, image_size)
+        return cls(tok, transform, n_image_tokens, system_prompt=system)
 
     # -- text ---------------------------------------------------------------------------------
     def render(self, messages: Sequence[Message], system_prompt: str | None = None) -> str:

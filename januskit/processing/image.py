@@ -16,15 +16,51 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-
+# What any image may cost before it is decoded. Every model here resizes to at most 384 px, so 16.8M
+# pixels (4096²) is a hundred times what it can use; the side limit bounds the bicubic resize, whose
+# coefficient tables grow with the long side (a 16,000,000 x 1 strip of 31 KB costs most of a GB).
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_SIDE = 8192
+# Formats whose header states the size that decoding produces. ICO is not one (an entry can wrap a PNG
+# of any size), nor are the rarer formats whose decoders are less exercised.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_MIME_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "pjpeg": "JPEG", "webp": "WEBP", "gif": "GIF",
+                 "bmp": "BMP", "x-ms-bmp": "BMP"}
 
 
 class ImageError(ValueError):
-    """An image that cannot be read; the message names the source."""
+    """An image that cannot be read, or may not be: the message names the source and the problem."""
 
 
-def load_image(src: Image.Image | str | Path | bytes) -> Image.Image:
-    """PIL image, a path, raw bytes, or a `data:image/...;base64,` URI -> RGB PIL image."""
+class ImageTooLarge(ImageError):
+    pass
+
+
+def mime_format(mime: str) -> str | None:
+    """'image/png' -> 'PNG'; None for a type that is not accepted."""
+    kind, _, sub = mime.strip().lower().partition("/")
+    return _MIME_FORMATS.get(sub) if kind == "image" else None
+
+
+def _decode_data_uri(s: str) -> tuple[bytes, str]:
+    """`data:image/<type>;base64,<payload>` -> (bytes, declared MIME type)."""
+    header, sep, payload = s.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise ImageError(f"image data URI: expected 'data:image/...;base64,<data>', got {s[:40]!r}...")
+    try:  # line breaks and spaces inside the payload are common in pasted URIs
+        return base64.b64decode("".join(payload.split()), validate=True), header[5:-7]
+    except ValueError as e:
+        raise ImageError(f"image data URI: not valid base64 ({e})") from e
+
+
+def load_image(src: Image.Image | str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_side: int = MAX_IMAGE_SIDE, formats: tuple[str, ...] = IMAGE_FORMATS,
+               declared: str | None = None) -> Image.Image:
+    """PIL image, a path, raw bytes, or a `data:image/...;base64,` URI -> RGB PIL image.
+
+    Bytes are checked before any pixel is decoded: the format must be one of `formats` (and match the
+    `declared` MIME type, or a data URI's own), and the size read from the header must be within
+    `max_pixels` and `max_side`. Every failure is an `ImageError` naming the source."""
     if isinstance(src, Image.Image):
         return src.convert("RGB")
     name = "<bytes>"
@@ -32,15 +68,11 @@ def load_image(src: Image.Image | str | Path | bytes) -> Image.Image:
         s = str(src)
         if s.startswith("data:"):
             name = "data URI"
-            header, sep, payload = s.partition(",")
-            if not sep or not header.endswith(";base64"):
-                raise ImageError(f"image data URI: expected 'data:image/...;base64,<data>', got {s[:40]!r}...")
-            try:  # line breaks and spaces inside the payload are common in pasted URIs
-                data = base64.b64decode("".join(payload.split()), validate=True)
-            except ValueError as e:
-                raise ImageError(f"image data URI: not valid base64 ({e})") from e
+            data, declared = _decode_data_uri(s)
         else:
             name = s
+            if "\0" in s:
+                raise ImageError(f"image {s!r}: the path contains a NUL byte")
             p = Path(s)
             if p.is_dir():
                 raise ImageError(f"image {s}: is a directory, not an image file")
@@ -53,12 +85,38 @@ def load_image(src: Image.Image | str | Path | bytes) -> Image.Image:
         raise TypeError(f"image: expected a PIL image, a path, bytes or a data URI, got {type(src).__name__}")
     if len(data) == 0:
         raise ImageError(f"image {name}: empty (0 bytes)")
+    want = None
+    if declared is not None:
+        want = mime_format(declared)
+        if want is None or want not in formats:
+            raise ImageError(f"image {name}: type {declared!r} is not accepted (accepted: "
+                             f"{', '.join('image/' + f.lower() for f in formats)})")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"image {name}: not a readable image ({e})") from e
-    return img.convert("RGB")
+        img = Image.open(io.BytesIO(data), formats=list(formats))  # reads the header only
+    except UnidentifiedImageError:
+        raise ImageError(f"image {name}: not a readable image in an accepted format ({', '.join(formats)})") from None
+    except Image.DecompressionBombError:  # Pillow's own check, far above ours
+        raise ImageTooLarge(f"image {name}: the header declares over {2 * Image.MAX_IMAGE_PIXELS} pixels, "
+                            f"over the limit of {max_pixels}") from None
+    except Exception as e:  # a malformed header surfaces as any of ValueError, OSError, SyntaxError, struct.error
+        raise ImageError(f"image {name}: not a readable image ({type(e).__name__}: {e})") from None
+    with img:
+        if want is not None and img.format != want:
+            raise ImageError(f"image {name}: declared {declared!r} but the bytes are {img.format}")
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLarge(f"image {name}: {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        if max(w, h) > max_side:
+            raise ImageTooLarge(f"image {name}: {w}x{h} has a side of {max(w, h)} px, over the limit of {max_side}")
+        try:
+            img.load()
+            return img.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise ImageTooLarge(f"image {name}: {e}") from None
+        except MemoryError:
+            raise ImageTooLarge(f"image {name}: out of memory decoding {w}x{h}") from None
+        except Exception as e:  # truncated data, bad chunks, unsupported modes
+            raise ImageError(f"image {name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from .media import png_base64
 from .protocol import ChatCompletionRequest, ImageGenerationRequest, field_path, to_messages
 from .specs import chat_spec, image_spec
 
+log = logging.getLogger("januskit.serving")
+
 
 class AsyncSink:
     """Engine events (worker thread) -> an asyncio queue on the server's loop."""
@@ -44,8 +47,8 @@ class BodyLimit:
     The body is buffered (it is small by construction) and replayed to the app; later receive()
     calls go to the client, so disconnects are still seen."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, read_timeout_s: float) -> None:
+        self.app, self.limit, self.read_timeout_s = app, limit, read_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -56,7 +59,12 @@ class BodyLimit:
             return await self._refuse(send, int(declared))
         body, more = b"", True
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                return await self._send(send, APIError(408, f"request body: nothing received for "
+                                                            f"{self.read_timeout_s:g} s", param="body",
+                                                       code="timeout", type="timeout_error"))
             if msg["type"] == "http.disconnect":
                 return
             body += msg.get("body", b"")
@@ -75,18 +83,56 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send, size: int) -> None:
-        err = APIError(413, f"request body is {size} bytes, over the limit of {self.limit}", code="request_too_large")
+        await self._send(send, APIError(413, f"request body is {size} bytes, over the limit of {self.limit}",
+                                        param="body", code="request_too_large"))
+
+    @staticmethod
+    async def _send(send, err: APIError) -> None:
+        """The refusal, then the connection is closed: the rest of the body is never read."""
         payload = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.start", "status": err.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})
+
+
+class CatchAll:
+    """ASGI middleware, the last line of defence: an exception that escapes a handler (a bug) is logged
+    and answered with a 500 in OpenAI's shape, and the connection stays open (Starlette's own handler
+    answers in plain text and re-raises, so uvicorn drops the keep-alive connection)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(msg) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.exception("januskit: %s %s failed", scope.get("method"), scope.get("path"))
+            if started:  # too late for a status; the client sees a cut response
+                raise
+            payload = json.dumps(APIError(500, f"internal error ({type(e).__name__})", type="server_error").body())
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload.encode()})
 
 
 def create_app(engine: Engine, model_id: str) -> FastAPI:
     pipe, limits = engine.pipe, engine.limits
     app = FastAPI(title="januskit", version=__version__)
     app.state.engine = engine
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, read_timeout_s=limits.read_timeout_s)
+    app.add_middleware(CatchAll)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -95,18 +141,29 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
+        errors = e.errors()
+        first = errors[0]
         if first.get("type") == "json_invalid":
-            return JSONResponse(APIError(400, f"request body is not valid JSON: {first.get('msg')}").body(), 400)
+            at = next((f" at character {x}" for x in first.get("loc", ())[1:] if isinstance(x, int)), "")
+            return JSONResponse(APIError(400, f"request body is not valid JSON{at}: {first.get('msg')}", param="body",
+                                         code="invalid_json").body(), 400)
+        # A union (content: str | list of parts) fails once per branch; the deepest error is the one the
+        # client meant (a bad text part, not "content should be a string").
+        first = max(errors, key=lambda x: len(x.get("loc", ())))
         param = field_path(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid value")
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             msg = "unknown or unsupported field"
-        return JSONResponse(APIError(400, f"{param or 'body'}: {msg}", param=param or None).body(), 400)
+        return JSONResponse(APIError(400, f"{param or 'body'}: {msg}", param=param or "body").body(), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
+        # FastAPI's own refusals: a body it cannot parse (e.g. JSON nested past the parser's depth), an
+        # unknown route or method.
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = ("request body could not be parsed as JSON (malformed or nested too deeply)"
+               if e.status_code == 400 else str(e.detail))
+        return JSONResponse(APIError(e.status_code, msg, code=code, param="body" if e.status_code == 400 else None)
                             .body(), e.status_code, headers=getattr(e, "headers", None))
 
     def check_model(name: str | None) -> None:
@@ -214,8 +271,9 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
     @app.post("/v1/images/generations")
     async def images_generations(req: ImageGenerationRequest, request: Request):
         check_model(req.model)
-        spec = image_spec(engine, req.prompt, n=req.n, seed=req.seed, cfg_weight=req.cfg_weight, steps=req.steps,
-                          temperature=req.temperature, size=req.size)
+        spec = await run_in_threadpool(
+            lambda: image_spec(engine, req.prompt, n=req.n, seed=req.seed, cfg_weight=req.cfg_weight, steps=req.steps,
+                               temperature=req.temperature, size=req.size))
         sink = AsyncSink()
         job = Job(spec, sink)
         submit(job)

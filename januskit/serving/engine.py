@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from ..processing.chat import EncodedChat
+from ..processing.image import MAX_IMAGE_PIXELS
 from ..processing.tokenizer import StreamDecoder
 from ..sampling.logits import row_generator
 from ..sampling.text import generate_text
@@ -43,9 +44,11 @@ class Limits:
     max_n: int = 8  # images per request
     max_tokens: int = 512  # completion tokens per request (also the default)
     max_images_per_request: int = 4
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_prompt_chars: int = 131072  # text per request, checked before tokenising (~0.1 s of it)
     max_body_bytes: int = 16 * 2**20
     timeout_s: float = 600.0  # from submission to the last byte
+    read_timeout_s: float = 30.0  # for a request's headers, and between pieces of its body
     batch_window_s: float = 0.025  # how long a fresh job waits for concurrent ones to join its batch
     retry_after_s: int = 2
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from ..processing.chat import Message
 from ..processing.tokenizer import IMAGE_TOKEN
@@ -16,22 +16,42 @@ from .errors import APIError
 from .media import decode_image_url
 
 
+_TYPE_TAGS = ("str", "int", "float", "bool", "none", "list", "dict")
+_PART_TYPES = ("text", "image_url")
+
+
 def field_path(loc: tuple) -> str:
     """pydantic's error location -> the field path a client wrote: ('body', 'messages', 0, 'content')
-    -> 'messages[0].content'."""
+    -> 'messages[0].content'. Union-branch tags (a type name, or a content part's `type` value after its
+    index) are not fields and are dropped."""
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if part in ("body", "query"):
             continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not any(c in str(part) for c in "[(,"):  # pydantic's union-branch tags are not fields
+        elif any(c in str(part) for c in "[(,") or part in _TYPE_TAGS:
+            continue
+        elif part in _PART_TYPES and i and isinstance(loc[i - 1], int) and i + 1 < len(loc):
+            continue
+        else:
             out += ("." if out else "") + str(part)
     return out
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode(cls, v: object) -> object:
+        # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer (or UTF-8 response) takes.
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode (a lone surrogate at character {e.start})") from None
+        return v
 
 
 class ImageURL(_Strict):

@@ -1,6 +1,7 @@
 """Putting it together: engine + API (+ UI at /ui) under uvicorn, in the foreground or in a thread."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -9,6 +10,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
 from .engine import Engine, Limits
@@ -34,6 +36,58 @@ def build_server(pipe, *, model_id: str, limits: Limits = Limits(), threads: int
     return app, engine
 
 
+def deadline_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request's headers. uvicorn times out an idle
+    keep-alive connection (timeout_keep_alive), but not one that has sent nothing since it opened, nor
+    one that has sent half a header, so either would hold its socket forever. The deadline runs from the
+    connection's opening and from the first byte of each later request; an idle keep-alive connection
+    stays uvicorn's to time out, so a client that pauses between requests is not cut off mid-send.
+    (Stalled bodies are BodyLimit's.)"""
+
+    class DeadlineH11(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _headers_late(self) -> None:
+            self._deadline = None
+            if self._idle() and not self.transport.is_closing():
+                self.transport.close()  # a request's headers did not arrive in time
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and self._idle():
+                self._arm()  # the first bytes of a new request on a kept-alive connection
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return DeadlineH11
+
+
+def _uvicorn_options(limits: Limits) -> dict:
+    return dict(timeout_keep_alive=30, http=deadline_protocol(limits.read_timeout_s))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -49,7 +103,7 @@ class ServerThread:
         self.app, self.engine = build_server(pipe, model_id=model_id, limits=limits, threads=threads, ui=ui)
         self.host, self.port = host, port or free_port(host)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2, timeout_keep_alive=30))
+                                                    timeout_graceful_shutdown=2, **_uvicorn_options(limits)))
         self._thread = threading.Thread(target=self.server.run, name="januskit-uvicorn", daemon=True)
 
     @property
@@ -77,6 +131,6 @@ def serve(pipe, *, model_id: str, host: str = "127.0.0.1", port: int = 8000, lim
     log.warning("januskit: serving %s on http://%s:%d (API under /v1%s)", model_id, host, port,
                 ", web UI at /ui" if ui else "")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, timeout_keep_alive=30)
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, **_uvicorn_options(limits))
     finally:
         engine.close()

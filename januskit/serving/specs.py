@@ -17,6 +17,7 @@ def image_spec(engine: Engine, prompt: str, *, n: int = 1, seed: int | None = No
     pipe, c, limits = engine.pipe, engine.pipe.config, engine.limits
     if not prompt.strip():
         raise APIError(400, "prompt: empty", param="prompt")
+    _check_chars(len(prompt), limits.max_prompt_chars, "prompt")
     if n > limits.max_n:
         raise APIError(400, f"n: {n} is over this server's limit of {limits.max_n}", param="n")
     side = pipe.image_size
@@ -46,6 +47,7 @@ def chat_spec(engine: Engine, messages: Sequence[Message], system: str | None, *
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"{max_tokens_field}: {max_tokens} is over this server's limit of {limits.max_tokens}",
                        param=max_tokens_field)
+    _check_chars(sum(len(m.content) for m in messages) + len(system or ""), limits.max_prompt_chars, "messages")
     try:
         encoded = pipe.processor.encode_chat(messages, system)
     except ValueError as e:
@@ -55,3 +57,11 @@ def chat_spec(engine: Engine, messages: Sequence[Message], system: str | None, *
         raise APIError(400, f"messages: the prompt is {len(encoded.ids)} tokens; the model's context is {ctx}",
                        param="messages", code="context_length_exceeded")
     return ChatSpec(encoded, max_tokens, temperature, top_p, secrets.randbelow(2**31) if seed is None else seed)
+
+
+def _check_chars(n: int, limit: int, param: str) -> None:
+    """Tokenising holds the GIL (megabytes take seconds and would stall every request), so text is
+    measured in characters first."""
+    if n > limit:
+        raise APIError(400, f"{param}: {n} characters of text, over this server's limit of {limit}", param=param,
+                       code="context_length_exceeded")

@@ -9,10 +9,12 @@ shard:member; with on_error="skip" it is logged and counted instead (`source.ski
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
 import re
+import reprlib
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ...processing.chat import Message
-from ...processing.image import ImageError, load_image
+from ...processing.image import MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, load_image
 from ...processing.tokenizer import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,10 @@ _FIELDS = {  # known fields each kind may carry; other known fields are an error
     "generation": {"caption", "image", "vq_ids"},
 }
 _KNOWN = set().union(*_FIELDS.values())
-_IMAGE_MEMBER = re.compile(r"^(\d+)\.(png|jpe?g|webp|bmp|gif|tiff?)$", re.IGNORECASE)
+# The extensions of load_image's default formats (PNG, JPEG, WEBP, GIF, BMP). TIFF is left out on purpose:
+# load_image refuses it (multi-page, many codecs, a less exercised decoder), so a .tif member is not an image.
+_IMAGE_MEMBER = re.compile(r"^(\d+)\.(png|jpe?g|webp|bmp|gif)$", re.IGNORECASE)
+_MAX_VQ_ID = 2**31  # far above any codebook (16384); bounds ids before they become int64 tensors
 _LOG_FIRST, _LOG_EVERY = 20, 1000  # skip logging: every one of the first 20, then every 1000th
 
 
@@ -49,6 +54,44 @@ class DataError(ValueError):
     def __init__(self, where: str, message: str, reason: str) -> None:
         super().__init__(f"{where}: {message}")
         self.where, self.reason = where, reason
+
+
+_REPR = reprlib.Repr()  # values from the data go into error messages and logs: keep them short
+_REPR.maxstring, _REPR.maxother = 80, 80
+
+
+def _show(v: Any) -> str:
+    """repr of a value from the data, for an error message: bounded in size and depth, surrogates escaped."""
+    try:
+        return _REPR.repr(v)
+    except (ValueError, RecursionError):  # an int past Python's 4300-digit str() limit; depth is capped already
+        return f"<{type(v).__name__}>"
+
+
+def _text(v: str, what: str, where: str, reason: str = "field") -> str:
+    """`v` if it is valid Unicode. JSON's "\\ud800" decodes to a lone surrogate, which no encoder (tokenizer,
+    file system, log) accepts; caught here, it is a DataError naming the field instead of a crash later."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(where, f"{what} is not valid Unicode: lone surrogate {v[e.start]!r} at character "
+                               f"{e.start}", reason) from None
+    return v
+
+
+def _loads(raw: bytes, where: str) -> Any:
+    """One JSON document (a manifest line, a shard's .json member) -> its value, or DataError naming `where`."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(where, f"not UTF-8 ({e})", "json") from None
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+        raise DataError(where, f"malformed JSON: {e.msg} at {at}", "json") from None
+    except RecursionError:  # the C decoder recurses per bracket: "[" * 200000 overflows the stack
+        raise DataError(where, "malformed JSON: nested too deeply", "json") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits (Python's int-from-str limit)
+        raise DataError(where, f"malformed JSON: {e}", "json") from None
 
 
 @dataclass
@@ -77,8 +120,8 @@ def parse_record(obj: Any, where: str, fetch: ImageFetch, expect_kind: str | Non
     if "kind" not in obj:
         raise DataError(where, "missing field 'kind' (understanding, text or generation)", "field")
     kind = obj["kind"]
-    if kind not in KINDS:
-        raise DataError(where, f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}", "kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise DataError(where, f"unknown kind {_show(kind)}; expected one of {', '.join(KINDS)}", "kind")
     if expect_kind is not None and kind != expect_kind:
         raise DataError(where, f"kind {kind!r} in a source of {expect_kind!r} samples", "kind")
     extra = sorted((_KNOWN - _FIELDS[kind]) & obj.keys())
@@ -86,8 +129,12 @@ def parse_record(obj: Any, where: str, fetch: ImageFetch, expect_kind: str | Non
         raise DataError(where, f"field(s) {', '.join(extra)} are not used by {kind} samples "
                                f"(allowed: {', '.join(sorted(_FIELDS[kind]))})", "field")
     system = obj.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataError(where, "'system' must be a string", "field")
+    if system is not None:
+        if not isinstance(system, str):
+            raise DataError(where, f"'system' must be a string, got {type(system).__name__}", "field")
+        _text(system, "'system'", where)
+        if IMAGE_TOKEN in system:
+            raise DataError(where, f"'system' contains {IMAGE_TOKEN}, which only user messages may use", "field")
     if kind == "understanding":
         refs = _str_list(obj, "images", where)
         msgs = _messages(obj, where, allow_images=True)
@@ -108,12 +155,20 @@ def parse_record(obj: Any, where: str, fetch: ImageFetch, expect_kind: str | Non
     caption = _plain(obj, "caption", where)
     vq = obj.get("vq_ids")
     if vq is not None:
-        if not isinstance(vq, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vq):
-            raise DataError(where, "'vq_ids' must be a list of integers", "vq_ids")
+        if not isinstance(vq, list):
+            raise DataError(where, f"'vq_ids' must be a list of integers, got {type(vq).__name__}", "vq_ids")
+        for i, v in enumerate(vq):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise DataError(where, f"'vq_ids' must be a list of integers; item {i} is {_show(v)}", "vq_ids")
+            if not 0 <= v < _MAX_VQ_ID:  # the codebook size is checked when the sample is encoded
+                raise DataError(where, f"'vq_ids' are codebook indices in [0, 2**31); item {i} is {_show(v)}",
+                                "vq_ids")
         return Sample(kind, where, epoch, caption=caption, vq_ids=vq)  # cached ids: the image is not needed
     ref = obj.get("image")
-    if ref is not None and not isinstance(ref, str):
-        raise DataError(where, "'image' must be a string (a path relative to the dataset root)", "field")
+    if ref is not None:
+        if not isinstance(ref, str):
+            raise DataError(where, "'image' must be a string (a path relative to the dataset root)", "field")
+        _text(ref, "'image'", where, "path")
     images = fetch(None if ref is None else [ref], "image")
     if len(images) != 1:
         raise DataError(where, f"a generation sample needs one image (or 'vq_ids'), found {len(images)}", "field")
@@ -126,6 +181,7 @@ def _plain(obj: dict, name: str, where: str) -> str:
         raise DataError(where, f"missing field {name!r}", "field")
     if not isinstance(v, str) or not v.strip():
         raise DataError(where, f"{name!r} must be a non-empty string", "field")
+    _text(v, repr(name), where)
     if IMAGE_TOKEN in v:
         raise DataError(where, f"{name!r} contains {IMAGE_TOKEN}, which only understanding messages may use", "field")
     return v
@@ -135,6 +191,8 @@ def _str_list(obj: dict, name: str, where: str) -> list[str] | None:
     v = obj.get(name)
     if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
         raise DataError(where, f"{name!r} must be a list of strings", "field")
+    for i, x in enumerate(v or []):
+        _text(x, f"{name!r} item {i}", where, "path")
     return v
 
 
@@ -151,10 +209,11 @@ def _messages(obj: dict, where: str, allow_images: bool) -> list[Message]:
         role, content = m.get("role"), m["content"]
         want = "user" if i % 2 == 0 else "assistant"
         if role != want:
-            raise DataError(where, f"message {i}: role {role!r}, expected {want!r} (turns alternate, user first)",
-                            "field")
+            raise DataError(where, f"message {i}: role {_show(role)}, expected {want!r} (turns alternate, user "
+                                   f"first)", "field")
         if not content.strip():
             raise DataError(where, f"message {i}: empty content", "field")
+        _text(content, f"message {i}: content", where)
         if IMAGE_TOKEN in content and (role == "assistant" or not allow_images):
             where_ok = "user turns of understanding samples" if allow_images else "understanding samples"
             raise DataError(where, f"message {i}: {IMAGE_TOKEN} is only allowed in {where_ok}", "field")
@@ -164,38 +223,65 @@ def _messages(obj: dict, where: str, allow_images: bool) -> list[Message]:
     return out
 
 
-def _decode(data: bytes, where: str, name: str) -> Image.Image:
+def _decode(data: bytes, where: str, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Image bytes -> RGB, or DataError. load_image checks format and size from the header before decoding,
+    so a tiny file that would decode to gigabytes costs nothing."""
     try:
-        return load_image(data)
-    except (ImageError, Image.DecompressionBombError, ValueError) as e:
-        msg = "empty file (0 bytes)" if not data else f"not a readable image ({e})"
-        raise DataError(where, f"image {name!r}: {msg}", "image") from e
+        return load_image(data, max_pixels=max_pixels)
+    except ImageError as e:
+        detail = str(e).removeprefix("image <bytes>: ")  # load_image names its source; `where` does here
+        if not data:
+            msg = "empty file (0 bytes)"
+        else:  # load_image says what is wrong: "not a readable image ...", or the size and the limit
+            msg = f"too large: {detail}" if isinstance(e, ImageTooLarge) else detail
+        raise DataError(where, f"image {_show(name)}: {msg}", "image") from None
 
 
 def resolve_image_path(root: Path, ref: str, where: str) -> Path:
-    """`ref` relative to the dataset root -> its path; DataError for absolute paths, '..' and symlinks out."""
+    """`ref` relative to the dataset root -> its path; DataError for absolute paths, '..', symlinks out and
+    strings that are no path at all (NUL bytes, lone surrogates, symlink loops)."""
     if not ref:
         raise DataError(where, "empty image path", "path")
+    if "\0" in ref:  # the OS cannot even look it up: os.stat raises ValueError("embedded null byte")
+        raise DataError(where, f"image path {_show(ref)} contains a NUL byte", "path")
+    _text(ref, f"image path {_show(ref)}", where, "path")
     if PurePosixPath(ref).is_absolute() or PureWindowsPath(ref).is_absolute() or PureWindowsPath(ref).drive:
-        raise DataError(where, f"image path {ref!r} is absolute; paths must be relative to the dataset root", "path")
+        raise DataError(where, f"image path {_show(ref)} is absolute; paths must be relative to the dataset root",
+                        "path")
     if ".." in PurePosixPath(ref.replace("\\", "/")).parts:
-        raise DataError(where, f"image path {ref!r} contains '..'; paths must stay inside the dataset root", "path")
+        raise DataError(where, f"image path {_show(ref)} contains '..'; paths must stay inside the dataset root",
+                        "path")
     path = root / ref
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise DataError(where, f"image path {ref!r} leads outside the dataset root (symlink to "
-                               f"{path.resolve()})", "path")
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (pathlib before Python 3.13)
+        raise DataError(where, f"image path {_show(ref)} cannot be resolved ({e})", "path") from None
+    if not real.is_relative_to(root.resolve()):
+        raise DataError(where, f"image path {_show(ref)} leads outside the dataset root (symlink to {real})", "path")
     return path
 
 
-def read_image_file(root: Path, ref: str, where: str) -> Image.Image:
+def read_image_file(root: Path, ref: str, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     path = resolve_image_path(root, ref, where)
-    if not path.is_file():
-        raise DataError(where, f"image {ref!r} not found (looked for {path})", "image")
     try:
+        if not path.is_file():
+            raise DataError(where, f"image {_show(ref)} not found (looked for {path})", "image")
         data = path.read_bytes()
     except OSError as e:
-        raise DataError(where, f"image {ref!r} cannot be read ({e})", "image") from e
-    return _decode(data, where, ref)
+        if e.errno == errno.ENAMETOOLONG:  # a name the file system cannot hold: a bad path, not a bad file
+            raise DataError(where, f"image path {_show(ref)} is too long ({e.strerror})", "path") from None
+        raise DataError(where, f"image {_show(ref)} cannot be read ({e.strerror or e})", "image") from None
+    return _decode(data, where, ref, max_pixels)
+
+
+def file_fetch(root: Path, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageFetch:
+    """The ImageFetch of a manifest line at `where`: references are image files under the dataset root."""
+    def fetch(refs: list[str] | None, name: str) -> list[Image.Image]:
+        if refs is None and name == "image":
+            raise DataError(where, "missing field 'image' (or 'vq_ids')", "field")
+        return [read_image_file(root, r, where, max_pixels) for r in refs or []]
+
+    return fetch
 
 
 # ------------------------------------------------------------------------------------------- readers
@@ -203,13 +289,16 @@ class _Source:
     """Shared by both readers: error policy, per-sample transform, epochs, counters, common state."""
 
     def __init__(self, *, kind: str | None, seed: int, shuffle: bool, rank: int, world_size: int, on_error: str,
-                 transform: Callable[[Sample], Any] | None, epochs: int | None) -> None:
+                 transform: Callable[[Sample], Any] | None, epochs: int | None, max_image_pixels: int) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if kind is not None and kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)} or None, got {kind!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
+        self.max_image_pixels = max_image_pixels  # images are refused from their header above this
         self.kind, self.seed, self.shuffle, self.rank, self.world_size = kind, seed, shuffle, rank, world_size
         self.on_error, self.transform, self.epochs = on_error, transform, epochs
         self.epoch = 0
@@ -290,17 +379,12 @@ def _files(paths: str | Path | Sequence[str | Path], suffix: str, what: str) -> 
 
 def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     """("file:LINE", parsed value) for every non-blank line of a JSON-lines file, read as it goes; a line
-    that is not JSON is a DataError naming it."""
-    with open(path, encoding="utf-8") as fh:
+    that is not UTF-8 JSON is a DataError naming it. Lines are split at b"\\n" only, as ManifestSource counts them."""
+    with open(path, "rb") as fh:  # decoded per line, so a bad byte is reported with its line
         for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "json") from None
-            yield where, obj
+            if line.strip():
+                where = f"{path}:{n}"
+                yield where, _loads(line, where)
 
 
 def _jsonl_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -315,9 +399,9 @@ class ManifestSource(_Source):
     def __init__(self, paths: str | Path | Sequence[str | Path], *, root: str | Path | None = None,
                  kind: str | None = None, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  on_error: str = "raise", transform: Callable[[Sample], Any] | None = None,
-                 epochs: int | None = None) -> None:
+                 epochs: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
         super().__init__(kind=kind, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, on_error=on_error,
-                         transform=transform, epochs=epochs)
+                         transform=transform, epochs=epochs, max_image_pixels=max_image_pixels)
         self.files = _jsonl_files(paths)
         self.roots = [Path(root) if root is not None else f.parent for f in self.files]
         file_idx, offsets, lines = [], [], []
@@ -370,19 +454,8 @@ class ManifestSource(_Source):
         with open(self.files[self._file[i]], "rb") as fh:
             fh.seek(int(self._offset[i]))
             raw = fh.readline()
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(where, f"not UTF-8 ({e})", "json") from e
-        except json.JSONDecodeError as e:
-            raise DataError(where, f"malformed JSON: {e.msg} at column {e.colno}", "json") from e
-
-        def fetch(refs: list[str] | None, name: str) -> list[Image.Image]:
-            if refs is None and name == "image":
-                raise DataError(where, "missing field 'image' (or 'vq_ids')", "field")
-            return [read_image_file(root, r, where) for r in refs or []]
-
-        return parse_record(obj, where, fetch, self.kind, self.epoch)
+        obj = _loads(raw, where)
+        return parse_record(obj, where, file_fetch(root, where, self.max_image_pixels), self.kind, self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._common_state(), "pos": self.pos}
@@ -406,7 +479,10 @@ def _tar_groups(path: Path) -> Iterator[_Group]:
         for m in tf:
             if m.isdir():
                 continue
-            folder, _, base = m.name.rpartition("/")
+            # tarfile decodes names with surrogateescape; a non-UTF-8 name would carry lone surrogates into
+            # the sample key (hashed as UTF-8 for CFG drop) and the logs, so show those bytes escaped instead
+            mname = m.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            folder, _, base = mname.rpartition("/")
             stem, _, suffix = base.partition(".")
             k = f"{folder}/{stem}" if folder else stem
             if k != key:
@@ -414,7 +490,7 @@ def _tar_groups(path: Path) -> Iterator[_Group]:
                     yield key, members
                 key, members = k, {}
             f = tf.extractfile(m) if m.isfile() else None
-            members[suffix] = (m.name, f.read() if f is not None else None)
+            members[suffix] = (mname, f.read() if f is not None else None)
     if key is not None:
         yield key, members
 
@@ -444,9 +520,9 @@ class TarSource(_Source):
     def __init__(self, paths: str | Path | Sequence[str | Path], *, kind: str | None = None, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 512, rank: int = 0, world_size: int = 1,
                  on_error: str = "raise", transform: Callable[[Sample], Any] | None = None,
-                 epochs: int | None = None) -> None:
+                 epochs: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
         super().__init__(kind=kind, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size, on_error=on_error,
-                         transform=transform, epochs=epochs)
+                         transform=transform, epochs=epochs, max_image_pixels=max_image_pixels)
         self.shards = _tar_files(paths)
         if len(self.shards) < world_size:  # shard-level split: each rank needs at least one shard
             raise ValueError(f"{len(self.shards)} tar shard(s) cannot be split over {world_size} ranks; "
@@ -507,20 +583,15 @@ class TarSource(_Source):
             raise DataError(where, f"no {key}.json member (members: {', '.join(sorted(members))})", "field")
         name, data = members["json"]
         jwhere = f"{shard}:{name}"
-        try:
-            obj = json.loads((data or b"").decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(jwhere, f"not UTF-8 ({e})", "json") from e
-        except json.JSONDecodeError as e:
-            raise DataError(jwhere, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", "json") from e
+        obj = _loads(data or b"", jwhere)
 
         def member(suffix: str) -> Image.Image:
             if suffix not in members:
-                raise DataError(where, f"image member {key}.{suffix} not found in the shard", "image")
+                raise DataError(where, f"image member {_show(f'{key}.{suffix}')} not found in the shard", "image")
             mname, mdata = members[suffix]
             if mdata is None:
                 raise DataError(f"{shard}:{mname}", "not a regular file", "image")
-            return _decode(mdata, f"{shard}:{mname}", mname)
+            return _decode(mdata, f"{shard}:{mname}", mname, self.max_image_pixels)
 
         def fetch(refs: list[str] | None, name: str) -> list[Image.Image]:
             if refs is not None:  # given as member suffixes, e.g. ["0.png", "1.jpg"]
