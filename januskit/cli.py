@@ -26,11 +26,22 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    help="weights and compute dtype (bfloat16 halves memory; float32 is the most exact on CPU)")
     p.add_argument("--fast", action="store_true",
                    help="prepack weights for oneDNN (CPU): about 2x faster decoding, last-bit differences in float32")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile; the first image or answer waits for it, tens of "
+                        "seconds on CPU): same tokens in float32")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads; default: torch's, or 1 for tiny models (narrow matrices gain nothing from "
                         "threads, and on a busy machine idle-spinning workers slow them down many times)")
     p.add_argument("--vae", default=None, help="JanusFlow only: VAE folder (diffusers AutoencoderKL, e.g. "
                    "stabilityai/sdxl-vae); default: the checkpoint's vae/ subfolder if it has one")
+    _quantize_args(p, "--quantize", "quantise the LLM and its heads while loading (weight-only; "
+                   "docs/quantization.md); a folder written by `januskit quantize` is quantised already")
+
+
+def _quantize_args(p: argparse.ArgumentParser, flag: str, help_: str, required: bool = False) -> None:
+    p.add_argument(flag, default=None, required=required, choices=["int8", "int4"], help=help_)
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128, 256],
+                   help="int4: input columns sharing one scale and minimum (smaller: more exact, larger files)")
 
 
 def _load(args: argparse.Namespace):
@@ -46,9 +57,11 @@ def _load(args: argparse.Namespace):
         model = DEFAULT_MODEL
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        pipe = januskit.load(model, dtype=args.dtype, vae=getattr(args, "vae", None))
+        pipe = januskit.load(model, dtype=args.dtype, vae=getattr(args, "vae", None), quantize=args.quantize,
+                             group_size=args.group_size)
     if args.fast:
         pipe.pack_for_cpu()
+    pipe.compile_decode = bool(getattr(args, "compile", False))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif pipe.config.llm.dim < 1024:
@@ -73,12 +86,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sjd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sjd", action="store_true", help="Janus: speculative Jacobi decoding, several image tokens per "
+                   "LLM forward, the same distribution (docs/speculative-decoding.md)")
+    p.add_argument("--sjd-window", type=int, default=None, help="SJD: tokens verified per LLM forward (default 16)")
+    p.add_argument("--sjd-coupling", action="store_true", help="SJD: MC-SJD's draft refresh (maximal coupling with "
+                   "the old draft: more drafts survive, fewer forwards)")
+
+
+def _speculative(args: argparse.Namespace) -> dict:
+    """The --sjd flags as generate_batch options; not filtered by own_options, so JanusFlow refuses them."""
+    if not args.sjd:
+        if args.sjd_window is not None or args.sjd_coupling:
+            raise SystemExit(f"januskit {args.command}: --sjd-window and --sjd-coupling need --sjd")
+        return {}
+    return {"speculative": "mc-sjd" if args.sjd_coupling else "sjd", "window": args.sjd_window}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    sjd = _speculative(args)
     pipe = _load(args)
     # The flags of the other architecture (--steps for Janus, --temperature... for JanusFlow) do not apply.
     options = pipe.own_options(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps)
+    options |= sjd
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -101,13 +133,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         info = dict(model=pipe.source, arch=pipe.arch, prompt=args.prompt, n=args.n, seed=args.seed,
                     cfg=res.info["cfg_weight"], files=files, seconds=round(seconds, 3))
-        info.update({k: res.info[k] for k in ("temperature", "tokens_per_image", "steps", "latent_shape")
-                     if k in res.info})
+        info.update({k: res.info[k] for k in ("temperature", "tokens_per_image", "steps", "latent_shape",
+                                              "speculative", "window", "llm_forwards") if k in res.info})
         if res.tokens is not None:
             info.update(image_tokens_per_second=round(res.tokens.numel() / seconds, 2))
         print(json.dumps(info))
     else:
         print("\n".join(files))
+        if "speculative" in res.info:
+            f = res.info["llm_forwards"]
+            print(f"{res.info['speculative']} (window {res.info['window']}): {res.tokens.shape[1]} tokens per image in "
+                  f"{sum(f) / len(f):.1f} LLM forwards on average", file=sys.stderr)
     return 0
 
 
@@ -116,6 +152,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     dst = convert(args.src, args.dst, args.to, overwrite=args.overwrite)
     print(f"wrote {args.to} layout to {dst}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantization import quantize_folder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the layers kept in float are reported
+        spec = quantize_folder(args.src, args.dst, args.to, args.group_size, strict=args.strict,
+                               overwrite=args.overwrite)
+    kept = f", {len(spec.kept)} kept in float" if spec.kept else ""
+    print(f"wrote {spec.describe()} checkpoint ({len(spec.modules)} layers quantised{kept}) to {args.dst}")
     return 0
 
 
@@ -284,10 +332,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_eval_world(args: argparse.Namespace) -> int:
     from .eval.world import EvalSettings, evaluate, format_report
 
+    sjd = _speculative(args)
     pipe = _load(args)
     s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg_weight=args.cfg_weight, temperature=args.temperature,
                      steps=args.steps, seed=args.seed, prompts_per_category=args.prompts_per_category,
-                     questions_per_type=args.questions_per_type)
+                     questions_per_type=args.questions_per_type, **sjd)
     save_dir = args.save_images
     if args.grid and save_dir is None:
         save_dir = tempfile.mkdtemp(prefix="januskit-grid-")
@@ -338,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--memory-budget-gb", type=float, default=4.0, help="Janus: images are generated in chunks that fit this")
+    _sjd_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -347,6 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write an int8 / int4 copy of a float checkpoint folder (official layout)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    _quantize_args(p, "--to", "weight-only quantisation of the LLM and its heads (docs/quantization.md)", required=True)
+    p.add_argument("--strict", action="store_true", help="refuse a layer the kernels cannot run, instead of "
+                   "keeping it in float with a warning")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("init", help="write a random-weight checkpoint folder in the official layout")
     p.add_argument("dir")
@@ -497,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts-per-category", type=int, default=None, help="evaluate a subset: first K per category")
     p.add_argument("--questions-per-type", type=int, default=None, help="evaluate a subset: first K per type")
+    _sjd_args(p)
     p.add_argument("--save-images", default=None, help="folder to save the generated images in")
     p.add_argument("--grid", default=None, help="PNG file: the first 2 prompts of each category, their images and "
                    "the judge's verdicts")

@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),
     ("models", "processing"),
     ("checkpoint", "sampling"),
-    ("pipelines",),
+    ("pipelines", "quantization"),  # quantization: QuantLinear layers, streaming quantised load and save
     ("",),  # the package root, januskit/__init__.py: load() reads a folder and builds its pipeline
     ("world",),
     ("train", "eval"),

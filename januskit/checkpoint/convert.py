@@ -34,7 +34,8 @@ SIDE_CONFIG_KEY = "official_config_json"  # side-file metadata: the source offic
 _HF_ONLY_FILES = (SIDE_FILE, "generation_config.json")  # not carried back to the official layout
 
 
-def _entries(folder: Path) -> dict[str, Entry]:
+def entries_by_key(folder: Path) -> dict[str, Entry]:
+    """A folder's lazy entries by key; a key in two weight files is refused."""
     out: dict[str, Entry] = {}
     for e in iter_tensors(weight_files(folder)):
         if e[0] in out:
@@ -126,7 +127,7 @@ def official_to_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     if arch != "janus":
         raise ConfigError(f"{cfg_path}: architecture {arch!r} is not an official Janus / Janus-Pro checkpoint")
     c = janus_from_official(raw, str(cfg_path))
-    entries = _entries(src)
+    entries = entries_by_key(src)
     _check_official(c, entries, src)
     plan, extras = official_to_hf_plan([k for k in entries if not _is_dropped_block(c, k)])
     extras += [k for k in entries if _is_dropped_block(c, k)]
@@ -188,7 +189,7 @@ def hf_official_entries(src: Path) -> tuple[JanusConfig, dict[str, Entry], str |
                           "(model_type 'janus')")
     c_hf = janus_from_hf_config(raw, str(cfg_path))
     c, config_text = _side_config(src, c_hf)
-    hf = _entries(src)
+    hf = entries_by_key(src)
     order = official_key_order(c)
     plan = hf_to_official_plan(list(hf), order)
     want = official_shapes(c)

@@ -8,6 +8,7 @@ from typing import Any
 from ..config import JanusConfig, JanusFlowConfig, PRESET_NAMES, folder_file, preset
 from .hf import read_model_config
 from .io import iter_tensors, weight_files
+from .official_config import read_config_json
 from .vae import read_vae_config
 
 
@@ -60,12 +61,16 @@ def describe(model: str | Path) -> dict[str, Any]:
                             **_summary(c)}
     if arch == "janusflow":
         info["vae"] = _vae(p / "vae")
+    quant = read_config_json(p / "config.json").get("quantization")  # januskit.quantization's folders
+    if isinstance(quant, dict):
+        info["quantization"] = {k: quant.get(k) for k in ("method", "bits", "group_size")} | {
+            "layers": len(quant.get("modules") or []), "kept_in_float": len(quant.get("kept_in_float") or {})}
     files = weight_files(p)
     info["weight_files"] = ", ".join(f"{f.name} ({f.stat().st_size / 1e6:.1f} MB)" for f in files)
     counts: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
     n_tensors = 0
-    for key, load, shape, f in iter_tensors(files):
+    for key, load, shape, f in iter_tensors(files, integer=lambda k: quant is not None and k.endswith(".qweight")):
         n = 1
         for s in shape:
             n *= s
@@ -77,7 +82,7 @@ def describe(model: str | Path) -> dict[str, Any]:
             with safe_open(str(f), framework="pt") as h:
                 dtypes[str(h.get_slice(key).get_dtype())] += 1
     info["tensors"] = n_tensors
-    info["parameters_millions"] = {k: round(v / 1e6, 2) for k, v in sorted(counts.items())}
+    info["parameters_millions"] = {k: round(v / 1e6, 2) for k, v in sorted(counts.items())}  # stored elements
     if dtypes:
         info["dtypes"] = dict(dtypes)
     tok = p / "tokenizer.json"

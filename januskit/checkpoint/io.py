@@ -67,19 +67,24 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
 
-def iter_tensors(files: list[Path]) -> Iterator["Entry"]:
-    """Yield (key, load_fn, shape, file) for every tensor, without reading any tensor data yet."""
+def iter_tensors(files: list[Path], integer: Callable[[str], bool] = lambda key: False) -> Iterator["Entry"]:
+    """Yield (key, load_fn, shape, file) for every tensor, without reading any tensor data yet.
+
+    Each load_fn maps its safetensors file afresh: the mapping (and the pages it made resident) goes
+    away with the tensor, so a loader that converts tensor by tensor (januskit.quantization) never
+    holds the whole file in memory. `integer(key)` names the keys that may be int8 / uint8 (a
+    quantised folder's packed weights); every other tensor must be floating point."""
     for f in files:
         if f.suffix == ".safetensors":
             try:
-                handle = safe_open(str(f), framework="pt")
-                keys = list(handle.keys())
+                with safe_open(str(f), framework="pt") as handle:
+                    listing = [(k, handle.get_slice(k)) for k in handle.keys()]
+                    listing = [(k, sl.get_dtype(), tuple(sl.get_shape())) for k, sl in listing]
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e}); is it truncated?") from e
-            for k in keys:
-                sl = handle.get_slice(k)
-                _check_floating(f, k, sl.get_dtype(), sl.get_dtype().startswith(("F", "BF")))  # F32, BF16, F8_E4M3, ...
-                yield k, (lambda h=handle, k=k, f=f: _get(h, k, f)), tuple(sl.get_shape()), f
+            for k, dtype, shape in listing:
+                _check_dtype(f, k, dtype, dtype.startswith(("F", "BF")), dtype in ("I8", "U8"), integer)  # F32, BF16, ...
+                yield k, (lambda k=k, f=f: _get(f, k)), shape, f
         else:
             try:
                 sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
@@ -90,18 +95,22 @@ def iter_tensors(files: list[Path]) -> Iterator["Entry"]:
             for k, t in sd.items():
                 if not isinstance(t, torch.Tensor):
                     raise CheckpointError(f"{f}: entry {k!r} is a {type(t).__name__}, not a tensor")
-                _check_floating(f, k, str(t.dtype).removeprefix("torch."), t.is_floating_point())
+                _check_dtype(f, k, str(t.dtype).removeprefix("torch."), t.is_floating_point(),
+                             t.dtype in (torch.int8, torch.uint8), integer)
                 yield k, (lambda t=t: t), tuple(t.shape), f
 
 
-def _check_floating(f: Path, key: str, dtype: str, floating: bool) -> None:
-    if not floating:
-        raise CheckpointError(f"{f}: tensor {key!r} has dtype {dtype}; checkpoint weights must be floating point")
+def _check_dtype(f: Path, key: str, dtype: str, floating: bool, byte: bool, integer: Callable[[str], bool]) -> None:
+    if floating or (byte and integer(key)):
+        return
+    raise CheckpointError(f"{f}: tensor {key!r} has dtype {dtype}; checkpoint weights must be floating point"
+                          + (" (int8 / uint8 only where a quantised folder declares them)" if byte else ""))
 
 
-def _get(handle, key: str, f: Path) -> torch.Tensor:
+def _get(f: Path, key: str) -> torch.Tensor:
     try:
-        return handle.get_tensor(key)
+        with safe_open(str(f), framework="pt") as handle:
+            return handle.get_tensor(key)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from e
 
@@ -115,23 +124,34 @@ def load_into(model: nn.Module, entries: Iterable[Entry], dtype: torch.dtype, sk
 
     `skip(key)` marks known-unused checkpoint entries; everything else must match a parameter or
     persistent buffer by name and shape, and every one of those must be present."""
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    plan, skipped = match_entries(shapes, entries, skip, where)
+    for name, load, _, _ in plan:
+        t = load()
+        if t.is_floating_point():
+            t = t.to(dtype)
+        assign_tensor(model, name, t)
+    return skipped
+
+
+def match_entries(shapes: dict[str, tuple[int, ...]], entries: Iterable[Entry], skip: Callable[[str], bool],
+                  where: str | Path) -> tuple[list[Entry], list[str]]:
+    """The strict check of load_into against a key -> shape table: the entries to load (nothing read
+    yet) and the skipped keys; missing, unexpected and wrong-shape keys raise, all of them named."""
     seen: set[str] = set()
     unexpected, wrong, skipped = [], [], []
     plan = []
-    for key, load, shape, f in entries:
+    for e in entries:
+        key, _, shape, f = e
         if skip(key):
             skipped.append(key)
-            continue
-        name = key
-        if name not in shapes:
+        elif key not in shapes:
             unexpected.append(f"{key} ({f.name})")
-        elif shape != shapes[name]:
-            wrong.append(f"{key}: checkpoint {shape} vs model {shapes[name]} ({f.name})")
+        elif shape != shapes[key]:
+            wrong.append(f"{key}: checkpoint {shape} vs model {shapes[key]} ({f.name})")
         else:
-            seen.add(name)
-            plan.append((name, load))
+            seen.add(key)
+            plan.append(e)
     missing = sorted(set(shapes) - seen)
     if missing or unexpected or wrong:
         lines = []
@@ -142,15 +162,11 @@ def load_into(model: nn.Module, entries: Iterable[Entry], dtype: torch.dtype, sk
         if wrong:
             lines.append(f"wrong shapes ({len(wrong)}): " + "; ".join(wrong[:20]))
         raise CheckpointError(f"{where}: checkpoint does not match the model:\n  " + "\n  ".join(lines))
-    for name, load in plan:
-        t = load()
-        if t.is_floating_point():
-            t = t.to(dtype)
-        _assign(model, name, t)
-    return skipped
+    return plan, skipped
 
 
-def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Put `t` in place of the (meta) parameter or buffer `name`, keeping a parameter's requires_grad."""
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
     old = getattr(mod, attr)

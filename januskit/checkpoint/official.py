@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,14 @@ class OfficialExtras:
         return out
 
 
+def official_skip(c: JanusConfig | JanusFlowConfig) -> Callable[[str], bool]:
+    """The entries of an official folder that loading leaves on disk: the known-unused ones, and the
+    SigLIP blocks a select_layer=-2 style config does not build."""
+    vp = vision_prefix(c)
+    extra_blocks = tuple(f"{vp}vision_tower.blocks.{i}." for i in range(c.vision.depth, c.vision.layers))
+    return lambda key: is_unused_official(key) or key.startswith(extra_blocks)
+
+
 def load_official(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     """A Janus / Janus-Pro (JanusModel) or JanusFlow (JanusFlowModel) folder in the official layout:
     build on meta, then fill strictly from the folder's weights (mmap, one tensor at a time)."""
@@ -103,14 +112,8 @@ def load_official_with_extras(folder: str | Path, dtype: torch.dtype = torch.flo
     c = read_official_config(folder)
     with torch.device("meta"):
         model = build_model(c)
-    vp = vision_prefix(c)
-    extra_blocks = {f"{vp}vision_tower.blocks.{i}." for i in range(c.vision.depth, c.vision.layers)}
-
-    def skip(key: str) -> bool:  # select_layer=-2 style configs drop the last blocks' weights
-        return is_unused_official(key) or any(key.startswith(p) for p in extra_blocks)
-
     entries = list(iter_tensors(weight_files(folder)))  # lazy: nothing read yet
-    load_into(model, entries, dtype, skip, folder)
+    load_into(model, entries, dtype, official_skip(c), folder)
     materialize_buffers(model, device)
     extras = OfficialExtras({k: str(f) for k, _, _, f in entries if is_unused_official(k)})
     return model.to(device).eval(), extras

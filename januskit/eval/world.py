@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..processing.image import to_uint8
 from ..sampling.logits import row_generator
+from ..sampling.speculative import DEFAULT_WINDOW
 from ..world.dataset import held_out, read_prompts, write_split
 from ..world.judge import detect, score
 from ..world.prompts import CATEGORIES, Prompt
@@ -35,6 +36,8 @@ class EvalSettings:
     cfg_weight: float | None = None  # None: the pipeline's default_cfg_weight (Janus 5, JanusFlow 2)
     temperature: float = 1.0  # Janus only
     steps: int = 30  # JanusFlow only: Euler steps
+    speculative: str | None = None  # Janus only: "sjd" or "mc-sjd" (speculative Jacobi decoding), None: ordinary
+    window: int | None = None  # SJD's tokens per LLM forward (None: sampling.speculative.DEFAULT_WINDOW)
     seed: int = 0
     batch: int = 64  # images decoded together (2 CFG rows each)
     prompts_per_category: int | None = None  # a subset: the first k prompts of each category
@@ -85,18 +88,25 @@ def cfg_weight_of(pipe, s: EvalSettings) -> float:
 
 
 @torch.inference_mode()
-def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[int], None] | None = None) -> np.ndarray:
+def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[int], None] | None = None,
+                 llm_forwards: list[int] | None = None) -> np.ndarray:
     """(len(prompts) * images_per_prompt, S, S, 3) uint8 images; image j of prompt i uses generator
-    (seed, i * images_per_prompt + j), so any subset or batch size gives the same images."""
+    (seed, i * images_per_prompt + j), so any subset or batch size gives the same images. `llm_forwards`
+    (Janus) collects the LLM forward passes of each image."""
     rows = [(i, j) for i in range(len(prompts)) for j in range(s.images_per_prompt)]
     ids = [pipe.processor.generation_prompt(p) for p in prompts]
     options = pipe.own_options(temperature=s.temperature, steps=s.steps)  # the settings of this architecture
+    if s.speculative is not None:  # asked for explicitly: JanusFlow refuses it rather than ignoring it
+        options |= dict(speculative=s.speculative, window=s.window)
     out = []
     for start in range(0, len(rows), s.batch):
         chunk = rows[start:start + s.batch]
         gens = [row_generator(s.seed, i * s.images_per_prompt + j) for i, j in chunk]
-        out.append(pipe.generate_batch([ids[i] for i, _ in chunk], generators=gens, cfg_weight=cfg_weight_of(pipe, s),
-                                       **options).uint8())
+        batch = pipe.generate_batch([ids[i] for i, _ in chunk], generators=gens, cfg_weight=cfg_weight_of(pipe, s),
+                                    **options)
+        out.append(batch.uint8())
+        if llm_forwards is not None:
+            llm_forwards += batch.info.get("llm_forwards", [])
         if progress:
             progress(len(chunk))
     return np.concatenate(out)
@@ -106,7 +116,8 @@ def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, s
                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     if pipe.image_size is None:
         raise ValueError(f"{pipe.source}: a JanusFlow model needs its VAE to be evaluated (--vae DIR)")
-    pixels = generate_for(pipe, [p.text for p, _ in prompts], s, progress)  # (n, S, S, 3) uint8
+    forwards: list[int] = []
+    pixels = generate_for(pipe, [p.text for p, _ in prompts], s, progress, forwards)  # (n, S, S, 3) uint8
     by_cat: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
     records = []
@@ -121,9 +132,12 @@ def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, s
             save_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(save_dir / f"{k // s.images_per_prompt:04d}_{k % s.images_per_prompt}.png")
     cats = {c: float(np.mean(by_cat[c])) for c in CATEGORIES if by_cat[c]}
-    return {"overall": float(np.mean(list(cats.values()))), "categories": cats,
-            "position_color_attr": {k: float(np.mean(v)) for k, v in held.items()},
-            "images": len(records), "prompts": len(prompts), "records": records}
+    out = {"overall": float(np.mean(list(cats.values()))), "categories": cats,
+           "position_color_attr": {k: float(np.mean(v)) for k, v in held.items()},
+           "images": len(records), "prompts": len(prompts), "records": records}
+    if forwards:  # Janus: n_tokens per image, fewer with speculative decoding
+        out["llm_forwards_per_image"] = float(np.mean(forwards))
+    return out
 
 
 @torch.inference_mode()
@@ -210,6 +224,9 @@ def format_report(rep: WorldReport) -> str:
     if g:
         how = (f"{rep.settings['steps']} Euler steps" if rep.settings.get("arch") == "janusflow"
                else f"temperature {rep.settings['temperature']}")
+        if rep.settings.get("speculative"):
+            how += (f", {rep.settings['speculative']} window {rep.settings['window'] or DEFAULT_WINDOW}: "
+                    f"{g['llm_forwards_per_image']:.1f} LLM forwards per image")
         lines.append(f"GenEval-style generation ({g['prompts']} prompts x {rep.settings['images_per_prompt']} images, "
                      f"cfg {rep.settings['cfg']}, {how})")
         lines += [f"  {c:<14} {v:6.3f}" for c, v in g["categories"].items()]

@@ -29,8 +29,15 @@ class KVCache:
     def nbytes(c: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
         return 2 * c.n_layers * batch * c.kv_heads * max_len * c.head_dim * torch.finfo(dtype).bits // 8
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, h, S, d) at slots start..start+S; return views of slots 0..start+S."""
+    def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, h, S, d) at slots start..start+S; return views of slots 0..start+S. A tensor
+        `start` (a compiled decode step's: one graph for every position) writes one slot in place and
+        returns the whole cache."""
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start.reshape(1), k)
+            self.v[layer].index_copy_(2, start.reshape(1), v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache: position {end} exceeds the cache length {self.max_len}")
@@ -70,6 +77,49 @@ def attention_mask(start: int, length: int, key_valid: torch.Tensor | None) -> t
     # A padding query would see nothing and give NaN; let it see itself (its output is never used).
     mask |= _diag(length, end, q.device)
     return mask[:, None]
+
+
+class CacheBias:
+    """A one-token decode step's attention over the whole static cache: (B|1, 1, 1, max_len) float32, 0 on
+    the slots the new query sees (written, not padding) and -inf elsewhere. Used for bf16/fp16, where
+    SDPA's CPU kernels take ~1 ms per layer for one query against a few hundred keys (5x the weight
+    reads of a 1B layer) and two plain matmuls over the contiguous cache take ~0.3 ms. The shapes do not
+    change from step to step, so a compiled step needs no recompiles. Scores are rounded to the
+    compute dtype before the float32 softmax, as in transformers' eager attention; float32 keeps SDPA
+    (and with it bitwise parity with transformers)."""
+
+    def __init__(self, end: int | torch.Tensor, key_valid: torch.Tensor | None, max_len: int,
+                 device: torch.device) -> None:
+        seen = torch.arange(max_len, device=device)[None] < end
+        if key_valid is not None:
+            seen = seen & F.pad(key_valid[:, :max_len], (0, max(0, max_len - key_valid.shape[1])), value=False)
+        self.bias = torch.zeros(seen.shape, device=device).masked_fill(~seen, float("-inf"))[:, None, None]
+
+    @staticmethod
+    def applies(cache: "KVCache | None", h: torch.Tensor, start: int | torch.Tensor) -> bool:
+        """One new token on a cache, in bf16/fp16 or at a tensor `start` (compiled steps, any dtype)."""
+        return cache is not None and h.shape[1] == 1 and (h.dtype != torch.float32 or isinstance(start, torch.Tensor))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, h, 1, d), the layer's whole cache k / v (B, kv, max_len, d) -> (B, 1, h * d)."""
+        return cache_attention(q, k, v, self.bias)
+
+
+# An opaque op to torch.compile: inductor would otherwise fuse these two matmuls and the softmax into one
+# generated loop, several times slower on CPU than the two library matmuls.
+@torch.library.custom_op("januskit::cache_attention", mutates_args=())
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    B, h, _, d = q.shape
+    kv = k.shape[1]
+    q = q.reshape(B, kv, h // kv, d)  # a kv head's query heads as rows of one matmul (GQA without copies)
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * d ** -0.5 + bias
+    y = torch.matmul(torch.softmax(s, -1).to(v.dtype), v)  # (B, kv, h / kv, d)
+    return y.reshape(B, 1, h * d)
+
+
+@cache_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
 
 
 def packed_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -202,7 +252,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache | None, start: int, mask: torch.Tensor | PackedSegments | None) -> torch.Tensor:
+                cache: KVCache | None, start: int, mask: torch.Tensor | PackedSegments | CacheBias | None) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
@@ -211,6 +261,9 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if isinstance(mask, PackedSegments):
             return self.o_proj(mask.attend(q, k, v, self.n_kv != self.n_heads))
+        if isinstance(mask, CacheBias):
+            cache.write(layer, start, k, v)
+            return self.o_proj(mask.attend(q, cache.k[layer], cache.v[layer]))
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
         causal = mask is None and S > 1
@@ -239,7 +292,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache | None, start: int, mask: torch.Tensor | PackedSegments | None) -> torch.Tensor:
+                cache: KVCache | None, start: int, mask: torch.Tensor | PackedSegments | CacheBias | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -255,15 +308,19 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False  # set from outside (training); recompute each layer in backward
         self.packed_attention = "mask"  # set from outside: "mask" (packed_mask) or "segments" (PackedSegments)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """h: (B, S, dim) input embeddings; positions: (B, S) RoPE positions; writes cache slots
-        start..start+S; key_valid: (B, start+S) bool, False on padding (None = no padding).
+        start..start+S (a 1-element tensor `start`: one new token, as in a compiled decode step);
+        key_valid: (B, start+S) bool, False on padding (None = no padding).
         Returns the final-normed hidden states (B, S, dim)."""
-        if cache is None and start != 0:
+        if cache is None and not (isinstance(start, int) and start == 0):
             raise ValueError("start > 0 needs a KV cache holding the earlier positions")
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
-        mask = attention_mask(start, h.shape[1], key_valid)
+        if CacheBias.applies(cache, h, start):
+            mask = CacheBias(start + 1, key_valid, cache.max_len, h.device)
+        else:
+            mask = attention_mask(start, h.shape[1], key_valid)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, i, cache, start, mask)
         return self.norm(h)

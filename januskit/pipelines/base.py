@@ -71,6 +71,7 @@ class Pipeline:
         self.model = model
         self.processor = processor
         self.source = str(source)
+        self.compile_decode = False  # run each decode step as one compiled graph (sampling.compile)
 
     @property
     def config(self):
@@ -89,7 +90,9 @@ class Pipeline:
 
     def pack_for_cpu(self, rows_hint: int = 2) -> int:
         """Prepack the LLM, aligners and gen head for faster CPU inference (januskit.models.cpu_pack);
-        returns the number of layers packed (0 where the oneDNN ops are unavailable). Inference only."""
+        returns the number of layers packed (0 where the oneDNN ops are unavailable). Inference only.
+        Only float nn.Linear layers are packed: quantised ones (januskit.quantization.QuantLinear, not
+        Linear subclasses) keep their own kernels, and the float layers beside them are packed."""
         from ..models.cpu_pack import pack_linears
 
         return sum(pack_linears(part, rows_hint) for part in self._packable())
@@ -168,7 +171,8 @@ class Pipeline:
         gens = [row_generator(seed, i) for i in range(len(convs))]
         eos = proc.tokenizer.eos_id
         return generate_text(self.model, batch, max_new_tokens=max_new_tokens, stop_ids=[eos],
-                             temperature=temperature, top_k=top_k, top_p=top_p, generators=gens), eos
+                             temperature=temperature, top_k=top_k, top_p=top_p, generators=gens,
+                             compile=self.compile_decode), eos
 
     def _chat_stream(self, convs: list[list[Message]], **kw) -> Iterator[list[str]]:
         """Per-step lists of new text pieces, one per conversation."""
@@ -215,11 +219,14 @@ class Pipeline:
                        cfg_weight: float | Sequence[float] | None = None, temperature: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, steps: int | None = None,
                        latents: torch.Tensor | None = None, reuse_prompt_kv: bool | None = None,
+                       speculative: str | None = None, window: int | None = None,
                        memory_budget_gb: float = 4.0, progress: Progress | None = None) -> ImageBatch:
         """One image per generation prompt (repeat a prompt for several images); image i is sampled with
         generators[i] alone, so it does not depend on the other rows or on how they are chunked.
         `cfg_weight`: one weight, or one per row (None: `default_cfg_weight`).
-        Janus: `temperature` (default 1, 0 = argmax), `top_k`, `top_p`; the rows run in chunks that fit
+        Janus: `temperature` (default 1, 0 = argmax), `top_k`, `top_p`; `speculative` ("sjd" or "mc-sjd":
+        speculative Jacobi decoding, the same distribution in fewer LLM forwards, `window` tokens verified
+        per forward; sampling/speculative.py); the rows run in chunks that fit
         `memory_budget_gb` (KV cache and activations). JanusFlow: `steps` (default 30 Euler steps),
         `latents` (the initial noise (n, C, H, W); default: drawn from the generators), `reuse_prompt_kv`
         (default True; False recomputes the prompt at every step, as the reference); all rows run in
@@ -230,7 +237,8 @@ class Pipeline:
         if len(generators) != len(prompt_ids):
             raise ValueError(f"generators: {len(generators)} for {len(prompt_ids)} prompts")
         options = self.image_option_values(temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
-                                           latents=latents, reuse_prompt_kv=reuse_prompt_kv)
+                                           latents=latents, reuse_prompt_kv=reuse_prompt_kv,
+                                           speculative=speculative, window=window)
         w = self._cfg_weight(cfg_weight)
         out = self._generate(prompt_ids, generators, w, options, memory_budget_gb, progress)
         out.info = {"cfg_weight": w} | out.info

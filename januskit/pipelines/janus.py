@@ -12,13 +12,15 @@ from PIL import Image
 from ..models.janus import JanusModel
 from ..processing.image import to_gen_pixels, to_pil, to_uint8
 from ..sampling.image_ar import cfg_weights, generate_image_tokens, rows_per_chunk
+from ..sampling.speculative import DEFAULT_WINDOW, MODES, check_window, speculative_image_tokens
 from .base import ImageBatch, Pipeline, Progress
 
 
 class JanusPipeline(Pipeline):
     model: JanusModel
     default_cfg_weight = 5.0  # the reference's CFG weight on the logits
-    image_options = {"temperature": 1.0, "top_k": None, "top_p": None}
+    # speculative: None, "sjd" or "mc-sjd" (sampling/speculative.py); window: its tokens per forward (None: 16)
+    image_options = {"temperature": 1.0, "top_k": None, "top_p": None, "speculative": None, "window": None}
     unsupported_option = "only JanusFlow (rectified flow) takes {option}; this model is {arch}"
     progress_unit = ("tok", "image tokens")  # tokens sampled, summed over the images
 
@@ -38,24 +40,45 @@ class JanusPipeline(Pipeline):
     def _generate(self, prompt_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
                   cfg_weight: float | Sequence[float], options: dict[str, Any], memory_budget_gb: float,
                   progress: Progress | None) -> ImageBatch:
-        """The reference algorithm, in chunks of rows that fit `memory_budget_gb`; progress counts the
-        tokens of all rows."""
+        """The reference algorithm (or speculative Jacobi decoding of it), in chunks of rows that fit
+        `memory_budget_gb`; progress counts the tokens of all rows (SJD: of each chunk's slowest image).
+        info["llm_forwards"]: the LLM forward passes each image took (ordinary sampling: n_tokens)."""
         if not 0 <= memory_budget_gb < float("inf"):  # also catches NaN
             raise ValueError(f"memory_budget_gb must be a finite number >= 0, got {memory_budget_gb!r}")
+        options = dict(options)
+        mode, window = options.pop("speculative"), options.pop("window")
+        if mode not in (None, *MODES):
+            raise ValueError(f"speculative must be None, {' or '.join(map(repr, MODES))}, got {mode!r}")
+        if mode is None and window is not None:
+            raise ValueError("window: only speculative decoding (speculative='sjd' or 'mc-sjd') takes a window")
+        window = DEFAULT_WINDOW if window is None else check_window(window)
         n, n_tok = len(prompt_ids), self.config.vq.n_tokens
         longest = max(len(p) for p in prompt_ids)  # the KV cache of a big model bounds how many rows run together
+        if mode is not None:  # SJD's cache also holds the holes of rejected drafts: n_tokens + window slots more
+            longest += n_tok + window
         chunk = min(n, rows_per_chunk(self.model, longest, int(memory_budget_gb * 1024**3)))
         weights = cfg_weights(cfg_weight, n)[:, 0]  # checked, one per row, so that chunks can slice them
-        tokens = []
+        tokens, forwards = [], []
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
             cb = None if progress is None else (lambda i, t, s=start, m=m: progress(s * t + i * m, n * t))
-            tokens.append(generate_image_tokens(
-                self.model, prompt_ids[start:start + m], pad_id=self.processor.pad_id,
-                cfg_weight=weights[start:start + m], generators=generators[start:start + m], progress=cb, **options))
+            rows = dict(pad_id=self.processor.pad_id, cfg_weight=weights[start:start + m],
+                        generators=generators[start:start + m], progress=cb)
+            if mode is None:
+                tokens.append(generate_image_tokens(self.model, prompt_ids[start:start + m], **rows,
+                                                    compile=self.compile_decode, **options))
+                forwards.append(torch.full((m,), n_tok))
+            else:
+                out = speculative_image_tokens(self.model, prompt_ids[start:start + m], **rows, window=window,
+                                               coupling=mode == "mc-sjd", **options)
+                tokens.append(out.tokens)
+                forwards.append(out.forwards)
         tokens = torch.cat(tokens)
-        return ImageBatch(pixels=self.decode_image_pixels(tokens), tokens=tokens,
-                          info=dict(tokens_per_image=n_tok, chunk=chunk, temperature=options["temperature"]))
+        info = dict(tokens_per_image=n_tok, chunk=chunk, temperature=options["temperature"],
+                    llm_forwards=torch.cat(forwards).tolist())
+        if mode is not None:
+            info |= dict(speculative=mode, window=window)
+        return ImageBatch(pixels=self.decode_image_pixels(tokens), tokens=tokens, info=info)
 
     # -- VQ tokenizer -------------------------------------------------------------------------
     @torch.inference_mode()

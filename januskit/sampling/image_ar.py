@@ -14,6 +14,7 @@ import torch
 
 from ..models.janus import JanusModel
 from ..models.llama import KVCache
+from .compile import WarmupTimer, cache_length, compiled_step
 from .logits import check_filters, check_temperature, sample
 
 
@@ -39,9 +40,10 @@ def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *
                           cfg_weight: float | Sequence[float],
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                           generators: Sequence[torch.Generator] | None = None,
-                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                          progress: Callable[[int, int], None] | None = None, compile: bool = False) -> torch.Tensor:
     """One image per prompt (repeat a prompt for several images) -> (n, n_tokens) VQ ids.
-    `cfg_weight`: one weight for all rows, or one per prompt (a server batches requests that differ)."""
+    `cfg_weight`: one weight for all rows, or one per prompt (a server batches requests that differ).
+    `compile`: run each decode step as one compiled graph (sampling.compile); same tokens, in float32."""
     llm, c = model.llm, model.config
     n, n_tokens = len(prompts), c.vq.n_tokens
     if n == 0:
@@ -55,10 +57,10 @@ def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *
         raise ValueError(f"prompt is {L} tokens; with {n_tokens} image tokens that exceeds the model context "
                          f"of {c.llm.max_seq_len} tokens")
     dtype = llm.embed_tokens.weight.dtype
-    cache = KVCache(c.llm, 2 * n, L + n_tokens, dtype)
+    cache = KVCache(c.llm, 2 * n, cache_length(L + n_tokens, compile), dtype)
     key_valid = None
     if valid is not None:
-        key_valid = torch.ones(2 * n, L + n_tokens, dtype=torch.bool)
+        key_valid = torch.ones(2 * n, cache.max_len, dtype=torch.bool)
         key_valid[:, :L] = valid
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     else:
@@ -66,20 +68,37 @@ def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *
     out = torch.empty(n, n_tokens, dtype=torch.long)
 
     hidden = llm(llm.embed_tokens(ids), positions, cache, 0, key_valid)[:, -1]
+    guided = _guide(model, hidden, w, n)
+    step = compiled_step(_image_step) if compile else _image_step
+    warmup = WarmupTimer("image decode", compile)
     pos = positions[:, -1:]
     for i in range(n_tokens):
-        logits = model.image_logits(hidden).float()
-        cond, uncond = logits[:n], logits[n:]
-        tok = sample(uncond + w * (cond - uncond), temperature, top_k, top_p, generators)
+        tok = sample(guided, temperature, top_k, top_p, generators)
         out[:, i] = tok
         if progress is not None:
             progress(i + 1, n_tokens)
         if i == n_tokens - 1:
             break
         pos = pos + 1
-        e = model.gen_embeds(torch.cat([tok, tok]))[:, None]  # same token to the cond and uncond row
-        hidden = llm(e, pos, cache, L + i, key_valid)[:, -1]
+        slot = torch.tensor([L + i]) if compile else L + i
+        guided = step(model, tok, pos, cache, slot, key_valid, w)
+        warmup.first_step_done()
     return out
+
+
+def _guide(model: JanusModel, hidden: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """Last hidden states of the [cond; uncond] rows -> (n, codebook) CFG logits, float32."""
+    logits = model.image_logits(hidden).float()
+    cond, uncond = logits[:n], logits[n:]
+    return uncond + w * (cond - uncond)
+
+
+def _image_step(model: JanusModel, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                slot: int | torch.Tensor, key_valid: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+    """One decode step: the sampled tokens' gen embeddings (same token to the cond and uncond row)
+    through the LLM at `slot`, then the CFG logits of the next token."""
+    e = model.gen_embeds(torch.cat([tok, tok]))[:, None]
+    return _guide(model, model.llm(e, pos, cache, slot, key_valid)[:, -1], w, tok.shape[0])
 
 
 def cfg_weights(cfg_weight: float | Sequence[float], n: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ..checkpoint.init import random_model
 from ..checkpoint.official import OfficialExtras, load_official_with_extras
 from ..config import PRESET_NAMES, preset, resolve_dtype
 from ..models.janus import JanusModel
+from ..quantization import check_trainable
 from . import parallel
 from .data.batch import IGNORE, TrainBatch
 from .checkpoints import export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
@@ -139,6 +140,7 @@ def build_model(spec: ModelSection) -> tuple[JanusModel, OfficialExtras]:
     and the folder's unused official entries (for the export; none for a preset)."""
     p = Path(spec.source)
     if p.is_dir():
+        check_trainable(p)  # a quantised folder: refused with the reason, not as a key mismatch
         return load_official_with_extras(p, torch.float32)
     if spec.source in PRESET_NAMES:
         return random_model(preset(spec.source), spec.seed), OfficialExtras()
@@ -246,6 +248,7 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
     loss = LossForward(model, cfg.flow if flow else None, seed=cfg.train.seed)
     if prepare is not None:
         prepare(model)
+        check_trainable(model)
     set_trainable(loss, stage, cfg.lora, cfg.train.seed)
     if ckpt is not None:
         load_weights(loss, ckpt)
