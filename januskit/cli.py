@@ -49,6 +49,9 @@ def _load(args: argparse.Namespace):
 
     import januskit
 
+    if args.fast and getattr(args, "compile", False):
+        raise SystemExit("januskit: --fast and --compile are alternatives (the compiled step prepacks the "
+                         "weights itself); pass one of them")
     model = args.model
     if model is None:
         if not (DEFAULT_MODEL / "config.json").is_file():

@@ -108,3 +108,23 @@ def test_compiled_chat_gives_the_eager_answer_in_float32(tiny_f32):
     assert len(eager) > 0
     assert compiled == eager
     assert compiled_batch == tiny_f32.chat_batch(["hi", "a longer question here"], max_new_tokens=8, seed=1)
+
+
+def test_compile_refuses_a_prepacked_model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = januskit.load("tiny-janus-pro", dtype="float32")
+    if not pipe.pack_for_cpu():
+        pytest.skip("oneDNN prepacking is not available in this torch build")
+    with pytest.raises(ValueError, match="prepacked with pack_for_cpu"):
+        generate_image_tokens(pipe.model, [[1, 5, 6]], pad_id=0, cfg_weight=5.0, compile=True)
+    pipe.compile_decode = True
+    with pytest.raises(ValueError, match="prepacked with pack_for_cpu"):
+        pipe.chat("hi", max_new_tokens=2)
+
+
+def test_cli_refuses_fast_with_compile():
+    from januskit.cli import main
+
+    with pytest.raises(SystemExit, match="--fast and --compile are alternatives"):
+        main(["chat", "--model", "tiny-janus-pro", "--fast", "--compile", "hi"])

@@ -38,6 +38,14 @@ def compiled_step(fn: F) -> F:
     return _compiled[fn]  # type: ignore[return-value]
 
 
+def check_compilable(model: torch.nn.Module) -> None:
+    """Weights prepacked by pack_for_cpu are opaque buffers inductor cannot freeze (it fails deep in its
+    lowering); the compiled step prepacks the weights itself, so the two are alternatives."""
+    if any(getattr(m, "packed_for_cpu", False) for m in model.modules()):
+        raise ValueError("compile: this model was prepacked with pack_for_cpu (CLI --fast); the compiled step "
+                         "prepacks its weights itself, so use one or the other")
+
+
 def cache_length(n: int, compile: bool, step: int = 128) -> int:
     """A compiled step's graph depends on the cache length, so compiled decodes round it up to a multiple
     of `step`: prompts of similar length share one graph instead of compiling one each."""

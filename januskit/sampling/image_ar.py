@@ -14,7 +14,7 @@ import torch
 
 from ..models.janus import JanusModel
 from ..models.llama import KVCache
-from .compile import WarmupTimer, cache_length, compiled_step
+from .compile import WarmupTimer, cache_length, check_compilable, compiled_step
 from .logits import check_filters, check_temperature, sample
 
 
@@ -51,6 +51,8 @@ def generate_image_tokens(model: JanusModel, prompts: Sequence[Sequence[int]], *
     check_temperature(temperature)
     check_filters(top_k, top_p)
     w = cfg_weights(cfg_weight, n)
+    if compile:
+        check_compilable(model)
     ids, valid = cfg_rows(prompts, pad_id)
     L = ids.shape[1]
     if L + n_tokens > c.llm.max_seq_len:

@@ -14,7 +14,7 @@ import torch
 from ..models.janus import JanusModel
 from ..models.llama import KVCache
 from ..processing.chat import ChatBatch
-from .compile import WarmupTimer, cache_length, compiled_step
+from .compile import WarmupTimer, cache_length, check_compilable, compiled_step
 from .logits import check_filters, check_temperature, sample
 
 
@@ -40,6 +40,8 @@ def generate_text(model: JanusModel, batch: ChatBatch, *, max_new_tokens: int, s
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     check_temperature(temperature)
     check_filters(top_k, top_p)
+    if compile:
+        check_compilable(model)
     return _decode(model, batch, min(n_new, c.max_seq_len - T), list(stop_ids), temperature, top_k, top_p,
                    generators, compile)
 
