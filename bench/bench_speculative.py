@@ -13,7 +13,7 @@ process (a machine-dependent figure, and on a shared machine a noisy one).
 tokens at cache slot 300, S = 1 (an ordinary decode step) against S = 4, 8, 16; interleaved repeats,
 medians. A speculative round is worth its tokens per forward divided by this cost ratio.
 
-    python bench/bench_speculative.py --forward-cost --threads 2
+    python bench/bench_speculative.py --forward-cost --threads 2 [--packed | --quantize int4]
 """
 from __future__ import annotations
 
@@ -67,9 +67,14 @@ def acceptance(k: int, ipp: int, windows: list[int], seed: int) -> None:
 
 
 @torch.inference_mode()
-def forward_cost(repeats: int, start: int = 300) -> None:
-    pipe = januskit.load("janus-pro-1b", dtype="bfloat16")
+def forward_cost(repeats: int, start: int = 300, quantize: str | None = None, packed: bool = False) -> None:
+    pipe = januskit.load("janus-pro-1b", dtype="bfloat16", quantize=quantize)
     m, c = pipe.model, pipe.config
+    if packed:
+        from januskit.models.cpu_pack import pack_linears
+
+        for part in (m.llm, m.gen_aligner, m.gen_head):
+            pack_linears(part, 2)
     cache = KVCache(c.llm, 2, 600, torch.bfloat16)  # an ordinary decode's cache: a short prompt + 576 tokens
     x = torch.randint(0, c.vq.codebook_size, (2, start))
     m.llm(m.gen_embeds(x), torch.arange(start).expand(2, -1), cache, 0)  # slots 0..start hold keys
@@ -81,7 +86,8 @@ def forward_cost(repeats: int, start: int = 300) -> None:
             m.image_logits(m.llm(h, torch.arange(start, start + S).expand(2, -1), cache, start)).float()
             times[S].append(time.perf_counter() - t0)
     base = statistics.median(times[1])
-    print(f"Janus-Pro-1B widths (random weights), bfloat16, 2 rows, cache slot {start}, {torch.get_num_threads()} "
+    kind = quantize or ("bfloat16 packed" if packed else "bfloat16")
+    print(f"Janus-Pro-1B widths (random weights), {kind}, 2 rows, cache slot {start}, {torch.get_num_threads()} "
           f"thread(s), medians of {repeats}")
     for S, t in times.items():
         print(f"S={S:2d}: {statistics.median(t) * 1000:7.1f} ms  ({statistics.median(t) / base:.2f}x a 1-token step)")
@@ -96,11 +102,13 @@ def main() -> None:
     ap.add_argument("--forward-cost", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quantize", choices=("int8", "int4"), default=None, help="--forward-cost: weight-only quantised")
+    ap.add_argument("--packed", action="store_true", help="--forward-cost: oneDNN-prepacked bf16 linears")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # the random-weight preset's warning
     if args.forward_cost:
-        forward_cost(args.repeats)
+        forward_cost(args.repeats, quantize=args.quantize, packed=args.packed)
     else:
         acceptance(args.prompts_per_category, args.images_per_prompt, args.windows, args.seed)
 

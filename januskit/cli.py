@@ -298,7 +298,7 @@ def cmd_world_scaling(args: argparse.Namespace) -> int:
 
     _log_to_stderr()
     study = Study(sizes=tuple(args.sizes.split(",")), budgets=tuple(int(b) for b in args.budgets.split(",")),
-                  threads=args.threads, seed=args.seed)
+                  threads=args.threads, seed=args.seed, lr=args.lr)
     for row in run_study(args.work, args.components or DEFAULT_MODEL, study):
         print(json.dumps({k: row[k] for k in ("size", "step", "samples", "geneval", "qa")}))
     return 0
@@ -519,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "from (default: the bundled default model)")
     p.add_argument("--sizes", default="S,M,L", help="LLM sizes of januskit.recipes.scaling.SIZES")
     p.add_argument("--budgets", default="500,1000,2000", help="steps (x 32 samples) at which to evaluate")
+    p.add_argument("--lr", type=float, default=2e-3, help="the constant LR after warm-up (every size; use a "
+                   "separate --work folder per LR)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_world_scaling)

@@ -9,7 +9,7 @@ import torch
 
 import januskit
 from januskit.config import LlamaConfig
-from januskit.models.llama import CacheBias, KVCache, LlamaModel
+from januskit.models.llama import SLOT_STEP, CacheBias, KVCache, LlamaModel
 from januskit.sampling.image_ar import generate_image_tokens
 from januskit.sampling.logits import row_generator
 
@@ -67,10 +67,18 @@ def test_bf16_decode_takes_the_cache_path_and_stays_close_to_float32():
 
 def test_cache_bias_hides_unwritten_and_padding_slots():
     kv = torch.tensor([[False, True, True, True, True, True], [True] * 6])
-    b = CacheBias(4, kv, 6, torch.device("cpu")).bias
-    assert b.shape == (2, 1, 1, 6)
-    assert torch.isinf(b[0, 0, 0]).tolist() == [True, False, False, False, True, True]
-    assert torch.isinf(b[1, 0, 0]).tolist() == [False, False, False, False, True, True]
+    b = CacheBias(4, kv, 6, torch.device("cpu"))
+    assert b.slots == 6 and b.bias.shape == (2, 1, 1, 6)  # slots rounded up to SLOT_STEP, capped by the cache
+    assert torch.isinf(b.bias[0, 0, 0]).tolist() == [True, False, False, False, True, True]
+    assert torch.isinf(b.bias[1, 0, 0]).tolist() == [False, False, False, False, True, True]
+    # an eager step attends over the written slots rounded up to SLOT_STEP (few matmul shapes), not the cache
+    for end, slots in ((4, SLOT_STEP), (SLOT_STEP, SLOT_STEP), (SLOT_STEP + 1, 2 * SLOT_STEP), (999, 1000)):
+        assert CacheBias(end, None, 1000, torch.device("cpu")).slots == slots
+    b = CacheBias(SLOT_STEP + 1, None, 1000, torch.device("cpu")).bias
+    assert b.shape == (1, 1, 1, 2 * SLOT_STEP) and torch.isinf(b[0, 0, 0]).sum() == SLOT_STEP - 1
+    # a compiled step (tensor end) attends over the whole cache: unwritten slots are hidden by the bias
+    b = CacheBias(torch.tensor(4), kv, 6, torch.device("cpu"))
+    assert b.slots == 6 and torch.isinf(b.bias[0, 0, 0]).tolist() == [True, False, False, False, True, True]
     assert torch.equal(CacheBias(torch.tensor(2), None, 4, torch.device("cpu")).bias,
                        torch.tensor([0.0, 0.0, float("-inf"), float("-inf")]).view(1, 1, 1, 4))
 

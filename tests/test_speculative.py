@@ -231,14 +231,15 @@ def test_a_confident_model_takes_fewer_forwards_than_tokens():
 def test_compact_squeezes_out_holes_in_order():
     c = preset("tiny-janus-pro").llm
     cache = KVCache(c, 2, 8, torch.float32)
-    cache.k[:] = torch.arange(8.0)[:, None]  # a slot's keys hold its index
-    cache.v[:] = -torch.arange(8.0)[:, None]
+    for k, v in zip(cache.k, cache.v):
+        k[:] = torch.arange(8.0)[:, None]  # a slot's keys hold its index
+        v[:] = -torch.arange(8.0)[:, None]
     valid = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 0], [0, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
     assert _compact(cache, valid, 7) == 5
     assert valid.tolist() == [[False, True, True, True, True, False, False, False], [True] * 5 + [False] * 3]
-    assert cache.k[0, 0, 0, 1:5, 0].tolist() == [0, 1, 3, 6]  # row 0's visible slots, in order, right-aligned
-    assert cache.k[0, 1, 0, :5, 0].tolist() == [1, 2, 3, 4, 5]
-    assert cache.v[1, 1, 1, :5, 0].tolist() == [-1, -2, -3, -4, -5]
+    assert cache.k[0][0, 0, 1:5, 0].tolist() == [0, 1, 3, 6]  # row 0's visible slots, in order, right-aligned
+    assert cache.k[0][1, 0, :5, 0].tolist() == [1, 2, 3, 4, 5]
+    assert cache.v[1][1, 1, :5, 0].tolist() == [-1, -2, -3, -4, -5]
 
 
 # -- the pipeline, the CLI, the evaluation ---------------------------------------------------------

@@ -17,12 +17,15 @@ from .layers import RMSNorm
 
 
 class KVCache:
-    """Keys/values of every layer for `batch` rows and up to `max_len` positions, allocated once."""
+    """Keys/values of every layer for `batch` rows and up to `max_len` positions, allocated once: one
+    (batch, kv_heads, max_len, head_dim) tensor per layer. Separate tensors, not one stacked buffer: a
+    compiled step that writes a slot of a view of a shared buffer makes inductor copy the whole buffer
+    every step (3x slower than eager at Janus-Pro-1B widths); a layer's own tensor is written in place."""
 
     def __init__(self, c: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (c.n_layers, batch, c.kv_heads, max_len, c.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, c.kv_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
         self.max_len = max_len
 
     @staticmethod
@@ -41,9 +44,9 @@ class KVCache:
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache: position {end} exceeds the cache length {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def rope_inv_freq(c: LlamaConfig) -> torch.Tensor:
@@ -79,20 +82,27 @@ def attention_mask(start: int, length: int, key_valid: torch.Tensor | None) -> t
     return mask[:, None]
 
 
+SLOT_STEP = 64
+
+
 class CacheBias:
-    """A one-token decode step's attention over the whole static cache: (B|1, 1, 1, max_len) float32, 0 on
-    the slots the new query sees (written, not padding) and -inf elsewhere. Used for bf16/fp16, where
-    SDPA's CPU kernels take ~1 ms per layer for one query against a few hundred keys (5x the weight
-    reads of a 1B layer) and two plain matmuls over the contiguous cache take ~0.3 ms. The shapes do not
-    change from step to step, so a compiled step needs no recompiles. Scores are rounded to the
-    compute dtype before the float32 softmax, as in transformers' eager attention; float32 keeps SDPA
-    (and with it bitwise parity with transformers)."""
+    """A one-token decode step's attention over the static cache: (B|1, 1, 1, slots) float32, 0 on the
+    slots the new query sees (written, not padding) and -inf elsewhere. Used for bf16/fp16, where SDPA's
+    CPU kernels take ~4 ms per layer for one query against 640 keys at 1B widths and two plain matmuls
+    ~1 ms. An eager step (int `end`) attends over slots 0..end (rounded up); a compiled one (tensor `end`) over
+    the whole cache, so that its shapes never change and it needs no recompiles. Scores are rounded to
+    the compute dtype before the float32 softmax, as in transformers' eager attention; float32 keeps
+    SDPA (and with it bitwise parity with transformers)."""
 
     def __init__(self, end: int | torch.Tensor, key_valid: torch.Tensor | None, max_len: int,
                  device: torch.device) -> None:
-        seen = torch.arange(max_len, device=device)[None] < end
+        # Eager: slots 0..end rounded up to a multiple of SLOT_STEP. oneDNN builds (and keeps, with its
+        # scratch memory) a kernel per matmul shape: a shape per step cost 40% more time and 2 GB at 1B.
+        self.slots = max_len if isinstance(end, torch.Tensor) else min(max_len, -(-end // SLOT_STEP) * SLOT_STEP)
+        seen = torch.arange(self.slots, device=device)[None] < end
         if key_valid is not None:
-            seen = seen & F.pad(key_valid[:, :max_len], (0, max(0, max_len - key_valid.shape[1])), value=False)
+            n = self.slots
+            seen = seen & F.pad(key_valid[:, :n], (0, max(0, n - key_valid.shape[1])), value=False)
         self.bias = torch.zeros(seen.shape, device=device).masked_fill(~seen, float("-inf"))[:, None, None]
 
     @staticmethod
@@ -102,7 +112,8 @@ class CacheBias:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, h, 1, d), the layer's whole cache k / v (B, kv, max_len, d) -> (B, 1, h * d)."""
-        return cache_attention(q, k, v, self.bias)
+        n = self.slots
+        return cache_attention(q, k[:, :, :n], v[:, :, :n], self.bias)
 
 
 # An opaque op to torch.compile: inductor would otherwise fuse these two matmuls and the softmax into one

@@ -154,7 +154,7 @@ def run_study(work: str | Path, components: str | Path, s: Study = Study()) -> l
             m = checkpoint_model(ckpt, src, work / "eval-model")
             rep = evaluate(januskit.load(m), world, s.eval)
             g, u = rep.generation, rep.understanding
-            row = {"size": size, "step": step, "samples": step * s.batch_size,
+            row = {"size": size, "step": step, "samples": step * s.batch_size, "lr": s.lr,
                    "params": sum(p.numel() for p in load_janus(m, torch.float32).language_model.parameters()),
                    "geneval": g["overall"], "categories": g["categories"], "qa": u["accuracy"],
                    "qa_types": u["types"], "pope": u.get("pope", {}).get("accuracy"),

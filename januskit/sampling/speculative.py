@@ -236,9 +236,9 @@ def _compact(cache: KVCache, valid: torch.Tensor, end: int) -> int:
     count = v.sum(1)
     c = int(count.max())
     order = torch.sort(v.to(torch.uint8), dim=1, stable=True).indices[:, end - c:]  # masked first, then visible
-    for buf in (cache.k, cache.v):
-        nl, _, h, _, d = buf.shape
-        buf[:, :, :, :c] = buf[:, :, :, :end].gather(3, order[None, :, None, :, None].expand(nl, -1, h, -1, d))
+    for buf in (*cache.k, *cache.v):
+        _, h, _, d = buf.shape
+        buf[:, :, :c] = buf[:, :, :end].gather(2, order[:, None, :, None].expand(-1, h, -1, d))
     valid[:, :c] = torch.arange(c) >= (c - count)[:, None]
     valid[:, c:] = False
     return c
