@@ -333,7 +333,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_world(args: argparse.Namespace) -> int:
-    from .eval.world import EvalSettings, evaluate, format_report
+    from .eval.world import EvalSettings, evaluate, format_report, test_split
+
+    if args.export_benchmarks:
+        from .eval.geneval import write_world_benchmarks
+
+        split = test_split(args.world)
+        files = write_world_benchmarks(split, Path(args.export_benchmarks))
+        print(f"januskit eval geneval --data {files['geneval']} --detector world\n"
+              f"januskit eval pope --data {files['pope']} --images {split}")
+        return 0
 
     sjd = _speculative(args)
     pipe = _load(args)
@@ -354,6 +363,140 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
         print(json.dumps(rep.to_json() | {"model": str(pipe.source)}))
     else:
         print(format_report(rep))
+    return 0
+
+
+def cmd_eval_bench(args: argparse.Namespace) -> int:
+    """POPE, MME, GQA from their release files (januskit.eval.<bench>), through the shared harness."""
+    from .eval import gqa, mmbench, mme, pope
+    from .eval.harness import SHORT_ANSWER, RunOptions, answer_items, chat_answerer, known_release, write_summary
+
+    bench, data = args.command_bench, Path(args.data)
+    instruction = {"default": SHORT_ANSWER if bench in ("pope", "gqa") else None, "none": None,
+                   "short": SHORT_ANSWER}[args.instruction]
+    if bench in ("pope", "gqa") and not args.images:
+        raise SystemExit(f"januskit eval {bench}: --images is required (the folder of the benchmark's images)")
+    if bench == "pope":
+        items = pope.load_items(data, Path(args.images), instruction)
+    elif bench == "gqa":
+        items = gqa.load_items(data, Path(args.images), instruction)
+    elif bench == "mmbench":  # its own option-letter instruction is part of the prompt
+        items = mmbench.load_items(data, circular=not args.no_circular)
+    else:
+        items = mme.load_items(data, instruction)
+    out = Path(args.out or f"runs/eval-{bench}")
+    opts = RunOptions(out=out, batch=args.batch, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                      system_prompt=None if args.system_prompt == "default" else "", progress=not args.json)
+    pipe = _load(args)
+    answers = answer_items(chat_answerer(pipe, opts), items, opts, bench)
+    if answers is None:  # not rank 0: rank 0 scores
+        return 0
+    items = items[: args.limit] if args.limit else items
+    if bench == "pope":
+        rep = pope.score(items, answers)
+        rows = [(f"{s} acc / F1 / yes-ratio", f"{m['accuracy']:.4f} / {m['f1']:.4f} / {m['yes_ratio']:.3f}")
+                for s, m in rep["splits"].items()]
+    elif bench == "gqa":
+        rep = gqa.score(items, answers, out)
+        rows = [("accuracy", rep["accuracy"])]
+    elif bench == "mmbench":
+        rep = mmbench.score(items, answers)
+        rows = [("single pass", rep["single_pass"])] + [(f"category: {k}", v) for k, v in rep["categories"].items()]
+    else:
+        rep = mme.score(items, answers)
+        rows = [(k, f"{v['score']:.2f} (acc {v['acc']:.2f}, acc+ {v['acc_plus']:.2f})") for k, v in rep["subtasks"].items()]
+        rows += [("perception", rep["perception"]), ("cognition", rep["cognition"])]
+    settings = {"instruction": instruction, "system_prompt": args.system_prompt, "limit": args.limit,
+                "max_new_tokens": args.max_new_tokens, "model": str(pipe.source)}
+    md = write_summary(out, bench, rep | {"settings": settings}, rep["headline"], rows,
+                       args.release or known_release(args.model))
+    print(json.dumps(json.loads((out / "summary.json").read_text())) if args.json else md)
+    return 0
+
+
+def _plugin(spec: str | None, what: str):
+    """`world` (the miniature world's judge) or `package.module:factory`, called with no arguments."""
+    if spec is None:
+        return None
+    if spec == "world":
+        from .eval.geneval import WorldDetector
+
+        return WorldDetector() if what == "detector" else None
+    import importlib
+
+    mod, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"januskit eval: --{what} {spec!r}: give 'package.module:factory'"
+                         + (" or 'world'" if what == "detector" else ""))
+    try:
+        return getattr(importlib.import_module(mod), name)()
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"januskit eval: --{what} {spec!r}: {e}") from None
+
+
+def _generation_options(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("cfg_weight", args.cfg_weight), ("temperature", args.temperature),
+                              ("steps", args.steps)) if v is not None}
+
+
+def _all_ranks_done() -> bool:
+    """After each rank generated its share: wait for the others (torchrun); True on the rank that scores."""
+    from .eval.harness import barrier, rank_world
+
+    rank, world = rank_world()
+    barrier(world)
+    return rank == 0
+
+
+def cmd_eval_geneval(args: argparse.Namespace) -> int:
+    """Generate in GenEval's layout, then (with a detector) score with its rules."""
+    from .eval.geneval import generate, read_metadata, score_folder
+    from .eval.harness import known_release, write_summary
+
+    metas = read_metadata(Path(args.data))
+    out = Path(args.out or "runs/eval-geneval")
+    detector, colour = _plugin(args.detector, "detector"), _plugin(args.colour_classifier, "colour-classifier")
+    if not args.score_only:
+        pipe = _load(args)
+        generate(pipe, metas, out, n=args.images_per_prompt, seed=args.seed, limit=args.limit, progress=not args.json,
+                 **_generation_options(args))
+        if not _all_ranks_done():
+            return 0
+    if detector is None:
+        print(f"images in {out} (GenEval's layout); score them with GenEval's evaluate_images.py, or pass --detector")
+        return 0
+    rep = score_folder(out, detector, colour)
+    md = write_summary(out, "geneval", rep, rep["overall"], [(t, v) for t, v in rep["tags"].items()],
+                       args.release or known_release(args.model))
+    print(json.dumps(json.loads((out / "summary.json").read_text())) if args.json else md)
+    return 0
+
+
+def cmd_eval_dpg(args: argparse.Namespace) -> int:
+    """DPG-Bench: 2x2 grids per prompt, then (with a judge) the dependency-aware VQA score."""
+    from .eval import dpg
+    from .eval.harness import known_release, write_summary
+
+    prompts = dpg.read_dpg(Path(args.data))
+    prompts = prompts[: args.limit] if args.limit else prompts
+    out = Path(args.out or "runs/eval-dpg")
+    pipe = None
+    if not args.score_only:
+        pipe = _load(args)
+        dpg.generate(pipe, prompts, out, seed=args.seed, progress=not args.json, **_generation_options(args))
+        if not _all_ranks_done():
+            return 0
+    if args.judge is None:
+        print(f"grids in {out} (the official layout); score them with compute_dpg_bench.py, or pass --judge")
+        return 0
+    if args.judge == "chat":
+        judge = dpg.ChatJudge(pipe or _load(args))
+    else:
+        judge = _plugin(args.judge, "judge")
+    rep = dpg.score(prompts, out, judge)
+    md = write_summary(out, "dpg", rep, rep["overall"], list(rep["categories"].items()),
+                       args.release or known_release(args.model))
+    print(json.dumps(json.loads((out / "summary.json").read_text())) if args.json else md)
     return 0
 
 
@@ -565,8 +708,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-images", default=None, help="folder to save the generated images in")
     p.add_argument("--grid", default=None, help="PNG file: the first 2 prompts of each category, their images and "
                    "the judge's verdicts")
+    p.add_argument("--export-benchmarks", default=None, metavar="DIR", help="write the test split as GenEval's "
+                   "evaluation_metadata.jsonl and a POPE file in DIR (for `eval geneval` / `eval pope`) and exit")
     p.set_defaults(func=cmd_eval_world)
+    for bench, what in (("pope", "POPE: the three coco_pope_*.json files (--data folder) on COCO val2014 (--images)"),
+                        ("mme", "MME: the MME_Benchmark_release_version folder (--data)"),
+                        ("gqa", "GQA: testdev_balanced_questions.json (--data) and the images folder (--images)"),
+                        ("mmbench", "MMBench: the TSV with base64 images (--data), circular evaluation")):
+        p = esub.add_parser(bench, help=what + "; docs/evaluation.md")
+        _model_arg(p)
+        p.add_argument("--data", required=True, help="the benchmark's files, as the release lays them out")
+        p.add_argument("--images", default=None, help="images folder (POPE: COCO val2014; GQA: images/)")
+        p.add_argument("--out", default=None, help=f"answers, summary.json, summary.md (default runs/eval-{bench}); "
+                       "a rerun with the same folder skips what is answered")
+        p.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
+        p.add_argument("--batch", type=int, default=8, help="questions answered in one batch")
+        p.add_argument("--max-new-tokens", type=int, default=16)
+        p.add_argument("--instruction", choices=["default", "short", "none"], default="default",
+                       help="default: the Janus authors' (POPE, GQA: 'Answer the question using a single word or "
+                       "phrase.'; MME: none, its questions ask for yes or no; MMBench: always its option-letter line, whatever this says); short: always that line; none: never")
+        p.add_argument("--system-prompt", choices=["none", "default"], default="none",
+                       help="none: no system prompt (the authors' evaluation); default: the processor's")
+        p.add_argument("--release", default=None, help="print this release's paper figure beside ours (default: "
+                       "from the model folder's name, e.g. Janus-Pro-7B)")
+        p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+        if bench == "mmbench":
+            p.add_argument("--no-circular", action="store_true", help="ask each question once (rotation 0 only)")
+        p.set_defaults(func=cmd_eval_bench, command_bench=bench)
+    p = _generation_bench_args(esub, "geneval", "GenEval: generate for evaluation_metadata.jsonl in the official "
+                               "layout, score with a plugged-in detector", "evaluation_metadata.jsonl (or its folder)",
+                               "<out>/<index>/samples/<k>.png (default runs/eval-geneval); a rerun skips prompts whose "
+                               "images are all there")
+    p.add_argument("--images-per-prompt", "-n", type=int, default=4)
+    p.add_argument("--detector", default=None, help="'world' (the miniature world's judge) or package.module:factory "
+                   "returning a callable image -> [januskit.eval.geneval.Box]; without it, images are only generated")
+    p.add_argument("--colour-classifier", default=None, help="package.module:factory returning a callable "
+                   "(image, box, colours) -> colour (not needed when the detector gives colours, as 'world' does)")
+    p.set_defaults(func=cmd_eval_geneval)
+    p = _generation_bench_args(esub, "dpg", "DPG-Bench: 2x2 grids per prompt (the official layout), scored by a "
+                               "plugged-in VQA judge with the dependency rule", "the dpg_bench folder: dpg_bench.csv "
+                               "and prompts/", "<out>/<item_id>.png grids (default runs/eval-dpg); a rerun skips grids "
+                               "already written")
+    p.add_argument("--judge", default=None, help="'chat' (this model's own chat answers the questions) or "
+                   "package.module:factory returning a callable (image, question) -> bool; without it, only grids")
+    p.set_defaults(func=cmd_eval_dpg)
     return ap
+
+
+def _generation_bench_args(esub, name: str, what: str, data: str, out: str) -> argparse.ArgumentParser:
+    """The options GenEval and DPG-Bench share: what to read, where to write, how to generate."""
+    p = esub.add_parser(name, help=what + "; docs/evaluation.md")
+    _model_arg(p)
+    p.add_argument("--data", required=True, help=data)
+    p.add_argument("--out", default=None, help=out)
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--cfg-weight", "--cfg", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="Janus only")
+    p.add_argument("--steps", type=int, default=None, help="JanusFlow only")
+    p.add_argument("--score-only", action="store_true", help="score what is already in --out")
+    p.add_argument("--release", default=None, help="print this release's paper figure beside ours")
+    p.add_argument("--json", action="store_true")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

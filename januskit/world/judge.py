@@ -100,6 +100,13 @@ def classify(pts: np.ndarray) -> str:
 
 
 def detect(img: Image.Image | np.ndarray) -> list[Detection]:
+    return [d for d, _, _ in detect_regions(img)]
+
+
+def detect_regions(img: Image.Image | np.ndarray
+                   ) -> list[tuple[Detection, tuple[float, float, float, float], np.ndarray]]:
+    """detect(), with each object's box (x1, y1, x2, y2, pixel edges) and (H, W) boolean mask: what a
+    GenEval detector returns (januskit.eval.geneval.WorldDetector)."""
     a = _pixels(img)
     size = a.shape[0]
     min_area = MIN_AREA * (size / SIZE) ** 2
@@ -114,9 +121,12 @@ def detect(img: Image.Image | np.ndarray) -> list[Detection]:
         big = [k for k, n in counts.items() if n >= max(min_area, SPLIT * len(comp))]
         parts = [(k, comp[labels == k]) for k in big] if len(big) > 1 else [(counts.most_common(1)[0][0], comp)]
         for k, pts in parts:
-            out.append(Detection(classify(pts), COLOUR_NAMES[k], float(pts[:, 1].mean()), float(pts[:, 0].mean()),
-                                 len(pts), size))
-    return sorted(out, key=lambda d: (d.cell, d.cy, d.cx))
+            d = Detection(classify(pts), COLOUR_NAMES[k], float(pts[:, 1].mean()), float(pts[:, 0].mean()), len(pts), size)
+            box = (float(pts[:, 1].min()), float(pts[:, 0].min()), float(pts[:, 1].max() + 1), float(pts[:, 0].max() + 1))
+            mask = np.zeros(a.shape[:2], dtype=bool)
+            mask[pts[:, 0], pts[:, 1]] = True
+            out.append((d, box, mask))
+    return sorted(out, key=lambda r: (r[0].cell, r[0].cy, r[0].cx))
 
 
 def holds(rel: str, a: Detection, b: Detection) -> bool:
