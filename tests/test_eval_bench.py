@@ -516,3 +516,21 @@ def test_the_world_test_split_exports_to_geneval_and_pope_files_that_the_harness
                  str(tmp_path / "run"), "--limit", "8", "--json"]) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["splits"]["coco_pope_random"]["questions"] == 8
+
+
+def test_geneval_on_two_ranks_splits_the_prompts_and_rank_zero_scores_them_all(tmp_path):
+    metas = [{"tag": "single_object", "prompt": f"a photo of a circle {i}", "include": [{"class": "circle", "count": 1}]}
+             for i in range(3)]
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text("".join(json.dumps(m) + "\n" for m in metas))
+    out = tmp_path / "gen"
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29519", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "januskit.cli", "eval", "geneval", "--model", "tiny-janus-pro", "--data", str(meta),
+           "--out", str(out), "-n", "2", "--detector", "world", "--json"]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    s = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert s["images"] == 6 and outs[1][0].strip() == ""  # rank 1 generated prompt 1; rank 0 scored all three
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00000", "00001", "00002"]
