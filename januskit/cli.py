@@ -721,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--images", default=None, help="images folder (POPE: COCO val2014; GQA: images/)")
         p.add_argument("--out", default=None, help=f"answers, summary.json, summary.md (default runs/eval-{bench}); "
                        "a rerun with the same folder skips what is answered")
-        p.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
+        p.add_argument("--limit", type=int, default=None,
+                       help="only the first N questions as asked (a quick look; in MMBench each rotation is one)")
         p.add_argument("--batch", type=int, default=8, help="questions answered in one batch")
         p.add_argument("--max-new-tokens", type=int, default=16)
         p.add_argument("--instruction", choices=["default", "short", "none"], default="default",
