@@ -534,3 +534,18 @@ def test_geneval_on_two_ranks_splits_the_prompts_and_rank_zero_scores_them_all(t
     s = json.loads(outs[0][0].strip().splitlines()[-1])
     assert s["images"] == 6 and outs[1][0].strip() == ""  # rank 1 generated prompt 1; rank 0 scored all three
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00000", "00001", "00002"]
+
+
+def test_eval_world_reports_geneval_rules_beside_the_world_judge():
+    import januskit
+    from januskit.cli import DEFAULT_MODEL
+    from januskit.eval.world import EvalSettings, evaluate, format_report
+
+    rep = evaluate(januskit.load(DEFAULT_MODEL), None, EvalSettings(prompts_per_category=2, questions_per_type=0,
+                                                                     images_per_prompt=2))
+    g = rep.generation
+    assert set(g["geneval_rules"]["categories"]) == set(g["categories"]) and len(g["categories"]) == 6
+    assert all(isinstance(r["correct_geneval_rules"], bool) for r in g["records"]) and len(g["records"]) == 24
+    mean = sum(g["geneval_rules"]["categories"].values()) / 6
+    assert g["geneval_rules"]["overall"] == pytest.approx(mean)
+    assert f"by GenEval's own rules (januskit eval geneval --detector world): {mean:.3f}" in format_report(rep)

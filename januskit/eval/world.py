@@ -28,6 +28,8 @@ from ..world.dataset import held_out, read_prompts, write_split
 from ..world.judge import detect, score
 from ..world.prompts import CATEGORIES, Prompt
 from ..world.questions import QTYPES, normalise
+from .geneval import WorldDetector, world_metadata
+from .geneval import judge as geneval_judge
 
 
 @dataclass(frozen=True)
@@ -119,20 +121,31 @@ def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, s
     forwards: list[int] = []
     pixels = generate_for(pipe, [p.text for p, _ in prompts], s, progress, forwards)  # (n, S, S, 3) uint8
     by_cat: dict[str, list[bool]] = defaultdict(list)
+    by_cat_geneval: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
     records = []
+    detector = WorldDetector()
     for k, img in enumerate(pixels):
         p, is_held = prompts[k // s.images_per_prompt]
         ok = score(p, detect(img))
+        # GenEval's own rules on the same image (januskit.eval.geneval), reported beside the world judge's
+        ok_geneval = None  # training captions' own categories (color_position, objects, ...) have no GenEval form
+        if p.category in CATEGORIES:
+            ok_geneval = geneval_judge(Image.fromarray(img), world_metadata(p), detector)[0]
+            by_cat_geneval[p.category].append(ok_geneval)
         by_cat[p.category].append(ok)
         if p.category in ("position", "color_attr"):
             held["held_out" if is_held else "seen"].append(ok)
-        records.append({"prompt": p.text, "category": p.category, "held_out": is_held, "correct": ok})
+        records.append({"prompt": p.text, "category": p.category, "held_out": is_held, "correct": ok,
+                        "correct_geneval_rules": ok_geneval})
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(save_dir / f"{k // s.images_per_prompt:04d}_{k % s.images_per_prompt}.png")
     cats = {c: float(np.mean(by_cat[c])) for c in CATEGORIES if by_cat[c]}
+    cats_geneval = {c: float(np.mean(by_cat_geneval[c])) for c in CATEGORIES if by_cat_geneval[c]}
     out = {"overall": float(np.mean(list(cats.values()))), "categories": cats,
+           "geneval_rules": {"overall": float(np.mean(list(cats_geneval.values()))) if cats_geneval else None,
+                             "categories": cats_geneval},
            "position_color_attr": {k: float(np.mean(v)) for k, v in held.items()},
            "images": len(records), "prompts": len(prompts), "records": records}
     if forwards:  # Janus: n_tokens per image, fewer with speculative decoding
@@ -231,6 +244,9 @@ def format_report(rep: WorldReport) -> str:
                      f"cfg {rep.settings['cfg']}, {how})")
         lines += [f"  {c:<14} {v:6.3f}" for c, v in g["categories"].items()]
         lines.append(f"  {'overall':<14} {g['overall']:6.3f}")
+        if g.get("geneval_rules", {}).get("overall") is not None:
+            lines.append(f"  the same images by GenEval's own rules (januskit eval geneval --detector world): "
+                         f"{g['geneval_rules']['overall']:.3f}")
         for k, v in g["position_color_attr"].items():
             lines.append(f"  position + colour attribution, {k.replace('_', '-')} combinations: {v:.3f}")
         if "judge" in g:
