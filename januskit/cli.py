@@ -727,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=16)
         p.add_argument("--instruction", choices=["default", "short", "none"], default="default",
                        help="default: the Janus authors' (POPE, GQA: 'Answer the question using a single word or "
-                       "phrase.'; MME: none, its questions ask for yes or no; MMBench: always its option-letter line, whatever this says); short: always that line; none: never")
+                       "phrase.'; MME: none, its questions ask for yes or no; MMBench: always its option-letter "
+                       "line, whatever this says); short: always that line; none: never")
         p.add_argument("--system-prompt", choices=["none", "default"], default="none",
                        help="none: no system prompt (the authors' evaluation); default: the processor's")
         p.add_argument("--release", default=None, help="print this release's paper figure beside ours (default: "

@@ -75,8 +75,8 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
             ok = False
         if not ok:
             raise BenchmarkDataError(f"{path}:{n}: not a GenEval record (tag, prompt, include with class and count)")
-        for r in m["include"]:
-            if "position" in r and (r["position"][0] not in RELATIONS or not 0 <= r["position"][1] < m["include"].index(r)):
+        for i, r in enumerate(m["include"]):
+            if "position" in r and (r["position"][0] not in RELATIONS or not 0 <= r["position"][1] < i):
                 raise BenchmarkDataError(f"{path}:{n}: position {r['position']} must be [relation, an earlier include]")
         metas.append(m)
     return metas
@@ -154,7 +154,8 @@ def judge(image: Image.Image, meta: dict[str, Any], detector: Detector,
             seen = [b.colour if b.colour is not None else _classify(colour_of, image, b, colours) for b in objs]
             if seen.count(req["color"]) < count:
                 matched = False
-                reasons.append(f"expected {req['color']} {cls}>={count}, found {seen.count(req['color'])} {req['color']}")
+                n = seen.count(req["color"])
+                reasons.append(f"expected {req['color']} {cls}>={count}, found {n} {req['color']}")
         if matched and "position" in req:
             rel, j = req["position"]
             if groups[j] is None:
@@ -206,7 +207,12 @@ class WorldDetector:
     def __call__(self, image: Image.Image) -> list[Box]:
         from ..world.judge import detect_regions
 
-        return [Box(d.shape, box, 1.0, mask, d.colour) for d, box, mask in detect_regions(image)]
+        return world_boxes(detect_regions(image))
+
+
+def world_boxes(regions) -> list[Box]:
+    """world.judge.detect_regions' output as GenEval boxes (shape as the class, score 1, the judge's colour)."""
+    return [Box(d.shape, box, 1.0, mask, d.colour) for d, box, mask in regions]
 
 
 def world_metadata(prompt) -> dict[str, Any]:

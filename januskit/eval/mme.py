@@ -26,7 +26,7 @@ def _pairs(sub: Path) -> list[tuple[Path, Path]]:
     if (sub / "images").is_dir() and (sub / "questions_answers_YN").is_dir():
         out = []
         for txt in sorted((sub / "questions_answers_YN").glob("*.txt")):
-            img = next((sub / "images" / (txt.stem + e) for e in IMAGE_EXT if (sub / "images" / (txt.stem + e)).is_file()), None)
+            img = next((p for e in IMAGE_EXT if (p := sub / "images" / (txt.stem + e)).is_file()), None)
             if img is None:
                 raise BenchmarkDataError(f"MME: {txt} has no image {txt.stem}.jpg/.png in {sub / 'images'}")
             out.append((img, txt))
@@ -84,5 +84,6 @@ def score(items: list[Item], answers: dict[str, str]) -> dict[str, Any]:
                          "images": len(images)}
     perception = sum(v["score"] for k, v in subtasks.items() if k in PERCEPTION)
     cognition = sum(v["score"] for k, v in subtasks.items() if k in COGNITION)
+    complete = {"perception": all(s in subtasks for s in PERCEPTION), "cognition": all(s in subtasks for s in COGNITION)}
     return {"subtasks": subtasks, "perception": perception, "cognition": cognition, "headline": perception,
-            "complete": {"perception": all(s in subtasks for s in PERCEPTION), "cognition": all(s in subtasks for s in COGNITION)}}
+            "complete": complete}

@@ -25,10 +25,10 @@ from ..processing.image import to_uint8
 from ..sampling.logits import row_generator
 from ..sampling.speculative import DEFAULT_WINDOW
 from ..world.dataset import held_out, read_prompts, write_split
-from ..world.judge import detect, score
+from ..world.judge import detect, detect_regions, score
 from ..world.prompts import CATEGORIES, Prompt
 from ..world.questions import QTYPES, normalise
-from .geneval import WorldDetector, world_metadata
+from .geneval import world_boxes, world_metadata
 from .geneval import judge as geneval_judge
 
 
@@ -124,14 +124,15 @@ def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, s
     by_cat_geneval: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
     records = []
-    detector = WorldDetector()
     for k, img in enumerate(pixels):
         p, is_held = prompts[k // s.images_per_prompt]
-        ok = score(p, detect(img))
-        # GenEval's own rules on the same image (januskit.eval.geneval), reported beside the world judge's
+        regions = detect_regions(img, masks=False)  # one detection serves both judges
+        ok = score(p, [d for d, _, _ in regions])
+        # GenEval's own rules on the same objects (januskit.eval.geneval), reported beside the world judge's
         ok_geneval = None  # training captions' own categories (color_position, objects, ...) have no GenEval form
         if p.category in CATEGORIES:
-            ok_geneval = geneval_judge(Image.fromarray(img), world_metadata(p), detector)[0]
+            boxes = world_boxes(regions)
+            ok_geneval = geneval_judge(img, world_metadata(p), lambda _: boxes)[0]
             by_cat_geneval[p.category].append(ok_geneval)
         by_cat[p.category].append(ok)
         if p.category in ("position", "color_attr"):

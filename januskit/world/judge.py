@@ -100,13 +100,13 @@ def classify(pts: np.ndarray) -> str:
 
 
 def detect(img: Image.Image | np.ndarray) -> list[Detection]:
-    return [d for d, _, _ in detect_regions(img)]
+    return [d for d, _, _ in detect_regions(img, masks=False)]
 
 
-def detect_regions(img: Image.Image | np.ndarray
-                   ) -> list[tuple[Detection, tuple[float, float, float, float], np.ndarray]]:
-    """detect(), with each object's box (x1, y1, x2, y2, pixel edges) and (H, W) boolean mask: what a
-    GenEval detector returns (januskit.eval.geneval.WorldDetector)."""
+def detect_regions(img: Image.Image | np.ndarray, masks: bool = True
+                   ) -> list[tuple[Detection, tuple[float, float, float, float], np.ndarray | None]]:
+    """detect(), with each object's box (x1, y1, x2, y2, pixel edges) and, if `masks`, its (H, W) boolean
+    mask: what a GenEval detector returns (januskit.eval.geneval.WorldDetector)."""
     a = _pixels(img)
     size = a.shape[0]
     min_area = MIN_AREA * (size / SIZE) ** 2
@@ -121,10 +121,13 @@ def detect_regions(img: Image.Image | np.ndarray
         big = [k for k, n in counts.items() if n >= max(min_area, SPLIT * len(comp))]
         parts = [(k, comp[labels == k]) for k in big] if len(big) > 1 else [(counts.most_common(1)[0][0], comp)]
         for k, pts in parts:
-            d = Detection(classify(pts), COLOUR_NAMES[k], float(pts[:, 1].mean()), float(pts[:, 0].mean()), len(pts), size)
-            box = (float(pts[:, 1].min()), float(pts[:, 0].min()), float(pts[:, 1].max() + 1), float(pts[:, 0].max() + 1))
-            mask = np.zeros(a.shape[:2], dtype=bool)
-            mask[pts[:, 0], pts[:, 1]] = True
+            rows, cols = pts[:, 0], pts[:, 1]
+            d = Detection(classify(pts), COLOUR_NAMES[k], float(cols.mean()), float(rows.mean()), len(pts), size)
+            box = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
+            mask = None
+            if masks:
+                mask = np.zeros(a.shape[:2], dtype=bool)
+                mask[rows, cols] = True
             out.append((d, box, mask))
     return sorted(out, key=lambda r: (r[0].cell, r[0].cy, r[0].cx))
 
