@@ -349,16 +349,18 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
     s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg_weight=args.cfg_weight, temperature=args.temperature,
                      steps=args.steps, seed=args.seed, prompts_per_category=args.prompts_per_category,
                      questions_per_type=args.questions_per_type, **sjd)
-    save_dir = args.save_images
+    save_dir = args.out
     if args.grid and save_dir is None:
         save_dir = tempfile.mkdtemp(prefix="januskit-grid-")
     rep = evaluate(pipe, args.world, s, save_dir=save_dir, progress=not args.json)
-    if args.grid:
+    if args.grid and rep.generation:
         from .eval.grid import verdict_grid
 
         verdict_grid(rep.generation["records"], save_dir, s.images_per_prompt, args.grid)
-        if args.save_images is None:
-            shutil.rmtree(save_dir, ignore_errors=True)
+    if args.grid and args.out is None:
+        shutil.rmtree(save_dir, ignore_errors=True)
+    if not (rep.generation or rep.understanding):  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(rep.to_json() | {"model": str(pipe.source)}))
     else:
@@ -439,6 +441,10 @@ def _generation_options(args: argparse.Namespace) -> dict:
                               ("steps", args.steps)) if v is not None}
 
 
+def _image_batch(args: argparse.Namespace, pipe, per_prompt: int) -> int:
+    return args.batch or (64 if pipe.arch == "janus" else per_prompt)
+
+
 def _all_ranks_done() -> bool:
     """After each rank generated its share: wait for the others (torchrun); True on the rank that scores."""
     from .eval.harness import barrier, rank_world
@@ -458,7 +464,8 @@ def cmd_eval_geneval(args: argparse.Namespace) -> int:
     detector, colour = _plugin(args.detector, "detector"), _plugin(args.colour_classifier, "colour-classifier")
     if not args.score_only:
         pipe = _load(args)
-        generate(pipe, metas, out, n=args.images_per_prompt, seed=args.seed, limit=args.limit, progress=not args.json,
+        generate(pipe, metas, out, n=args.images_per_prompt, seed=args.seed, limit=args.limit,
+                 batch=_image_batch(args, pipe, args.images_per_prompt), progress=not args.json,
                  **_generation_options(args))
         if not _all_ranks_done():
             return 0
@@ -483,7 +490,8 @@ def cmd_eval_dpg(args: argparse.Namespace) -> int:
     pipe = None
     if not args.score_only:
         pipe = _load(args)
-        dpg.generate(pipe, prompts, out, seed=args.seed, progress=not args.json, **_generation_options(args))
+        dpg.generate(pipe, prompts, out, seed=args.seed, batch=_image_batch(args, pipe, 4), progress=not args.json,
+                     **_generation_options(args))
         if not _all_ranks_done():
             return 0
     if args.judge is None:
@@ -705,7 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-category", type=int, default=None, help="evaluate a subset: first K per category")
     p.add_argument("--questions-per-type", type=int, default=None, help="evaluate a subset: first K per type")
     _sjd_args(p)
-    p.add_argument("--save-images", default=None, help="folder to save the generated images in")
+    p.add_argument("--out", "--save-images", dest="out", default=None, help="the run folder: images in GenEval's "
+                   "layout, answers as JSONL, run.json; a rerun with the same folder resumes (default: a temporary "
+                   "folder, removed afterwards; needed under torchrun)")
     p.add_argument("--grid", default=None, help="PNG file: the first 2 prompts of each category, their images and "
                    "the judge's verdicts")
     p.add_argument("--export-benchmarks", default=None, metavar="DIR", help="write the test split as GenEval's "
@@ -763,8 +773,11 @@ def _generation_bench_args(esub, name: str, what: str, data: str, out: str) -> a
     _model_arg(p)
     p.add_argument("--data", required=True, help=data)
     p.add_argument("--out", default=None, help=out)
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="image k of prompt i is sampled with generator (seed, i*n + k)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--batch", type=int, default=None, help="images generated together, across prompts (default: 64 "
+                   "for Janus, whose sampler splits them to fit 4 GB; one prompt's for JanusFlow, which runs "
+                   "a batch at once)")
     p.add_argument("--cfg-weight", "--cfg", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None, help="Janus only")
     p.add_argument("--steps", type=int, default=None, help="JanusFlow only")

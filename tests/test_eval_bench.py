@@ -549,3 +549,78 @@ def test_eval_world_reports_geneval_rules_beside_the_world_judge():
     mean = sum(g["geneval_rules"]["categories"].values()) / 6
     assert g["geneval_rules"]["overall"] == pytest.approx(mean)
     assert f"by GenEval's own rules (januskit eval geneval --detector world): {mean:.3f}" in format_report(rep)
+
+
+def test_geneval_images_do_not_depend_on_the_batch(tmp_path):
+    import januskit
+
+    pipe = januskit.load("tiny-janus-pro", dtype="float32")
+    metas = [{"tag": "single_object", "prompt": f"a photo of a circle {i}", "include": [{"class": "circle", "count": 1}]}
+             for i in range(3)]
+    geneval.generate(pipe, metas, tmp_path / "a", n=2, seed=3, batch=64, progress=False)  # one batch of 6
+    geneval.generate(pipe, metas, tmp_path / "b", n=2, seed=3, batch=1, progress=False)  # a prompt at a time
+    for i in range(3):
+        for k in range(2):
+            assert geneval.sample_path(tmp_path / "a", i, k).read_bytes() == geneval.sample_path(tmp_path / "b", i, k).read_bytes()
+    assert geneval.sample_path(tmp_path / "a", 0, 0).read_bytes() != geneval.sample_path(tmp_path / "a", 0, 1).read_bytes()
+
+
+def _world_args(out: Path) -> list[str]:
+    return ["eval", "world", "--prompts-per-category", "1", "--images-per-prompt", "2", "--questions-per-type", "2",
+            "--out", str(out), "--json"]
+
+
+def test_eval_world_runs_through_the_harness_resumes_and_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_world_args(out)) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    g, u = first["generation"], first["understanding"]
+    assert g["images"] == 12 and [r["image"] for r in g["records"][:2]] == ["00000/samples/0000.png",
+                                                                            "00000/samples/0001.png"]
+    assert geneval.read_metadata(out / "00005" / "metadata.jsonl")[0]["tag"] == "color_attr"
+    answers = read_jsonl(out / "answers.rank0.jsonl")
+    assert len(answers) == u["questions"] == 12 and [a["answer"] for a in answers] == [r["model"] for r in u["records"]]
+    # a kill that lost one image and the last answers: the rerun makes them again, the same
+    geneval.sample_path(out, 3, 1).unlink()
+    (out / "answers.rank0.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers[:5]))
+    assert main(_world_args(out)) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["generation"]["records"] == g["records"] and again["understanding"]["records"] == u["records"]
+    assert main(_world_args(out)[:-1] + ["--seed", "1"]) == 2
+    assert "holds a run with settings.seed = 0, this one has 1" in capsys.readouterr().err
+
+
+def test_eval_world_on_two_ranks_matches_one_process(tmp_path, capsys):
+    assert main(_world_args(tmp_path / "one")) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29521", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "januskit.cli"] + _world_args(tmp_path / "two")
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    two = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert outs[1][0].strip() == ""  # rank 1 generated and answered its half; rank 0 judged and reported all
+    ids = [r["id"] for r in read_jsonl(tmp_path / "one" / "answers.rank0.jsonl")]
+    assert [r["id"] for r in read_jsonl(tmp_path / "two" / "answers.rank1.jsonl")] == ids[1::2] and len(ids) == 12
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_dir()) == [f"{i:05d}" for i in range(6)]
+    assert two["generation"]["records"] == one["generation"]["records"]
+    assert [r["model"] for r in two["understanding"]["records"]] == [r["model"] for r in one["understanding"]["records"]]
+    assert two["generation"]["overall"] == one["generation"]["overall"]
+
+
+def test_dpg_on_two_ranks_splits_the_grids_and_rank_zero_scores_them_all(tmp_path):
+    data = _dpg_fixture(tmp_path / "dpg")
+    out = tmp_path / "grids"
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29523", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "januskit.cli", "eval", "dpg", "--data", str(data), "--out", str(out), "--judge",
+           "chat", "--json"]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    s = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert set(s["items"]) == {"item_a", "item_b"} and outs[1][0].strip() == ""
+    one = tmp_path / "one"  # item_b (prompt 1) was drawn by rank 1: the same grid one process draws
+    assert main(["eval", "dpg", "--data", str(data), "--out", str(one), "--limit", "2", "--json"]) == 0
+    assert (one / "item_b.png").read_bytes() == (out / "item_b.png").read_bytes()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from januskit.eval.geneval import sample_path
 from januskit.eval.grid import verdict_grid
 
 
@@ -14,7 +15,8 @@ def test_grid_rows_images_and_verdicts(tmp_path):
     for p, cat in enumerate(cats):
         for j in range(ipp):
             colours[p, j] = (p * 40, j * 100, 7)
-            Image.new("RGB", (8, 8), colours[p, j]).save(tmp_path / f"{p:04d}_{j}.png")
+            sample_path(tmp_path, p, j).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), colours[p, j]).save(sample_path(tmp_path, p, j))
             records.append({"prompt": f"prompt {p}", "category": cat, "held_out": False, "correct": (p + j) % 2 == 0})
     out = verdict_grid(records, tmp_path, ipp, tmp_path / "g.png", prompts_per_category=2, scale=8, label_width=100)
     g = np.asarray(Image.open(out).convert("RGB"))

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from .harness import BenchmarkDataError, rank_world
+from .harness import BenchmarkDataError, generate_sets
 
 VQAJudge = Callable[[Image.Image, str], bool]  # (image, question) -> answered yes
 
@@ -81,23 +81,20 @@ def tiles(g: Image.Image) -> list[Image.Image]:
     return [g.crop(((k % 2) * w, (k // 2) * h, (k % 2 + 1) * w, (k // 2 + 1) * h)) for k in range(4)]
 
 
-def generate(pipe, prompts: list[Prompt], out: Path, *, seed: int = 0, limit: int | None = None, progress: bool = True,
-             **options: Any) -> None:
-    """This rank's share of the prompts as grids; a grid already written is skipped. Prompt i uses seed + i."""
-    rank, world = rank_world()
+def generate(pipe, prompts: list[Prompt], out: Path, *, seed: int = 0, limit: int | None = None, batch: int = 64,
+             progress: bool = True, **options: Any) -> None:
+    """This rank's share of the prompts as grids, in batches of about `batch` images; a grid already written
+    is skipped. Image k of prompt i is sampled with generator (seed, 4i + k) (harness.generate_sets)."""
     prompts = prompts[:limit] if limit else prompts
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(i, p) for i, p in enumerate(prompts) if i % world == rank and not (out / f"{p.item_id}.png").is_file()]
-    it = todo
-    if progress:
-        from tqdm import tqdm
 
-        it = tqdm(todo, desc=f"dpg rank {rank}", unit="prompt")
-    for i, p in it:
-        g = grid(pipe.generate_images(p.text, n=4, seed=seed + i, **options).images)
-        tmp = out / f".{p.item_id}.png"
-        g.save(tmp)
-        tmp.replace(out / f"{p.item_id}.png")
+    def save(i: int, images: list[Image.Image]) -> None:
+        tmp = out / f".{prompts[i].item_id}.png"
+        grid(images).save(tmp)
+        tmp.replace(out / f"{prompts[i].item_id}.png")
+
+    generate_sets(pipe, [p.text for p in prompts], 4, lambda i: (out / f"{prompts[i].item_id}.png").is_file(), save,
+                  seed=seed, batch=batch, name="dpg", progress=progress, **options)
 
 
 def score_tile(tile: Image.Image, questions: list[Question], judge: VQAJudge) -> dict[int, float]:

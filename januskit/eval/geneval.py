@@ -6,7 +6,8 @@ index of an earlier include]}], "exclude"?: [{"class", "count"}], "prompt"}`.
 
 Layout (what GenEval's evaluate_images.py reads): `<out>/<index:05d>/metadata.jsonl` (the prompt's metadata line)
 and `<out>/<index:05d>/samples/<k:04d>.png`, 4 images per prompt by default. Image k of prompt i is drawn with
-seed `seed + i` (januskit's per-image generators make it independent of the batch).
+generator (seed, i * n + k) alone (n images per prompt), so it does not depend on the batch, the number of ranks or a resume
+(`januskit eval world` draws its images the same way, through this module).
 
 Rules, as GenEval's evaluate_images.py applies them (re-implemented from its description):
 - detections of each class above a confidence of 0.3 (0.9 for the `counting` tag), best first, at most 16;
@@ -35,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .harness import BenchmarkDataError, rank_world, read_jsonl
+from .harness import BenchmarkDataError, generate_sets, rank_world, read_jsonl
 
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, POSITION_THRESHOLD = 0.3, 0.9, 16, 0.1
 RELATIONS = ("left of", "right of", "above", "below")
@@ -82,35 +83,36 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
     return metas
 
 
+def sample_path(out: Path, i: int, k: int) -> Path:
+    """Image k of prompt i in GenEval's layout."""
+    return out / f"{i:05d}" / "samples" / f"{k:04d}.png"
+
+
 def generate(pipe, metas: list[dict[str, Any]], out: Path, *, n: int = 4, seed: int = 0, limit: int | None = None,
-             progress: bool = True, **options: Any) -> list[Path]:
-    """This rank's share of the prompts, each into its folder; folders already holding n samples are skipped
-    (a killed run redoes at most one prompt). `options`: generate_images' (cfg_weight, temperature, ...)."""
+             batch: int = 64, progress: bool = True, on_batch: Any = None, **options: Any) -> list[Path]:
+    """This rank's share of the prompts, each into its folder, in batches of about `batch` images across
+    prompts; image k of prompt i is sampled with generator (seed, i * n + k) (harness.generate_sets).
+    Folders already holding n samples are skipped (a killed run redoes at most the batch in flight).
+    `options`: generate_batch's (cfg_weight, temperature, ...). Returns this rank's folders."""
     rank, world = rank_world()
     metas = metas[:limit] if limit else metas
-    todo = [(i, m) for i, m in enumerate(metas) if i % world == rank]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    folder = [out / f"{i:05d}" for i in range(len(metas))]
 
-        bar = tqdm(total=len(todo), desc=f"geneval rank {rank}", unit="prompt")
-    folders = []
-    for i, m in todo:
-        folder = out / f"{i:05d}"
-        samples = folder / "samples"
-        folders.append(folder)
-        if not all((samples / f"{k:04d}.png").is_file() for k in range(n)):
-            samples.mkdir(parents=True, exist_ok=True)
-            (folder / "metadata.jsonl").write_text(json.dumps(m) + "\n")
-            for k, img in enumerate(pipe.generate_images(m["prompt"], n=n, seed=seed + i, **options).images):
-                tmp = samples / f".{k:04d}.png"
-                img.save(tmp)
-                tmp.replace(samples / f"{k:04d}.png")  # a sample file exists only once complete
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return folders
+    def done(i: int) -> bool:
+        return all(sample_path(out, i, k).is_file() for k in range(n))
+
+    def save(i: int, images: list[Image.Image]) -> None:
+        samples = folder[i] / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        (folder[i] / "metadata.jsonl").write_text(json.dumps(metas[i]) + "\n")
+        for k, img in enumerate(images):
+            tmp = samples / f".{k:04d}.png"
+            img.save(tmp)
+            tmp.replace(samples / f"{k:04d}.png")  # a sample file exists only once complete
+
+    generate_sets(pipe, [m["prompt"] for m in metas], n, done, save, seed=seed, batch=batch, name="geneval",
+                  progress=progress, on_batch=on_batch, **options)
+    return [folder[i] for i in range(len(metas)) if i % world == rank]
 
 
 def relative_position(a: Box, b: Box) -> set[str]:

@@ -8,13 +8,15 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .geneval import sample_path
+
 GREEN, RED = (20, 140, 40), (200, 30, 30)
 
 
 def verdict_grid(records: list[dict[str, Any]], image_dir: str | Path, images_per_prompt: int, path: str | Path, *,
                  prompts_per_category: int = 2, scale: int = 2, label_width: int = 330) -> Path:
     """`records`: the generation report's per-image records, in order (image k is prompt k //
-    images_per_prompt, saved by `evaluate(..., save_dir=image_dir)` as {prompt:04d}_{j}.png)."""
+    images_per_prompt, saved by `evaluate(..., save_dir=image_dir)` in GenEval's layout)."""
     image_dir = Path(image_dir)
     rows: list[int] = []  # prompt indices
     seen: dict[str, int] = defaultdict(int)
@@ -25,7 +27,7 @@ def verdict_grid(records: list[dict[str, Any]], image_dir: str | Path, images_pe
             rows.append(p)
     if not rows:
         raise ValueError("verdict_grid: no generation records")
-    first = Image.open(image_dir / f"{rows[0]:04d}_0.png")
+    first = Image.open(sample_path(image_dir, rows[0], 0))
     cell = first.width * scale
     row_h, pad = cell + 18, 6
     grid = Image.new("RGB", (label_width + images_per_prompt * (cell + pad) + pad, len(rows) * (row_h + pad) + pad),
@@ -42,7 +44,7 @@ def verdict_grid(records: list[dict[str, Any]], image_dir: str | Path, images_pe
         d.text((pad, y + 36), f"{right} of {images_per_prompt} correct", fill=GREEN if right else RED, font=font)
         for j in range(images_per_prompt):
             x = label_width + pad + j * (cell + pad)
-            img = Image.open(image_dir / f"{p:04d}_{j}.png").convert("RGB").resize((cell, cell), Image.NEAREST)
+            img = Image.open(sample_path(image_dir, p, j)).convert("RGB").resize((cell, cell), Image.NEAREST)
             grid.paste(img, (x, y))
             d.rectangle([x - 1, y - 1, x + cell, y + cell], outline=(200, 200, 200))
             ok = records[p * images_per_prompt + j]["correct"]

@@ -129,6 +129,43 @@ def answer_items(answer_batch: Callable[[list[Item]], list[str]], items: Sequenc
     return merged
 
 
+def generate_sets(pipe, prompts: Sequence[str], n: int, done: Callable[[int], bool],
+                  save: Callable[[int, list[Any]], None], *, seed: int = 0, batch: int = 64, name: str = "generate",
+                  progress: bool = True, on_batch: Callable[[Any], None] | None = None, **options: Any) -> None:
+    """n images for each of this rank's prompts (every world-th, by position) not yet `done(i)`, in batches
+    of about `batch` images across prompts; `save(i, images)` gets prompt i's n PIL images once they are
+    all sampled (a killed run redoes at most the batch in flight). Image k of prompt i is sampled with
+    generator (seed, i * n + k) alone: the same image whatever the batch, the rank count or a resume.
+    `on_batch(ImageBatch)` sees each batch (its info: llm_forwards, ...). `options`: generate_batch's."""
+    from ..sampling.logits import row_generator
+
+    if n < 1:
+        raise ValueError(f"images per prompt must be >= 1, got {n}")
+    rank, world = rank_world()
+    mine = [i for i in range(len(prompts)) if i % world == rank]
+    todo = [i for i in mine if not done(i)]
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine) * n, initial=(len(mine) - len(todo)) * n, desc=f"{name} rank {rank}", unit="img")
+    per = max(1, batch // n)  # prompts per batch
+    for c in range(0, len(todo), per):
+        chunk = todo[c:c + per]
+        ids = {i: pipe.processor.generation_prompt(prompts[i]) for i in chunk}
+        out = pipe.generate_batch([ids[i] for i in chunk for _ in range(n)],
+                                  generators=[row_generator(seed, i * n + k) for i in chunk for k in range(n)], **options)
+        images = out.pil()
+        for j, i in enumerate(chunk):
+            save(i, images[j * n:(j + 1) * n])
+        if on_batch is not None:
+            on_batch(out)
+        if bar is not None:
+            bar.update(len(chunk) * n)
+    if bar is not None:
+        bar.close()
+
+
 def chat_answerer(pipe, opts: RunOptions) -> Callable[[list[Item]], list[str]]:
     """Greedy answers from a januskit pipeline, one left-padded batch per call."""
     from ..processing.image import load_image

@@ -1,16 +1,18 @@
 """`januskit eval world`: the miniature world's GenEval-style and QA benchmarks, scored by the judge.
 
-Generation: each test prompt gets `images_per_prompt` samples (Janus: CFG and temperature over VQ
-tokens; JanusFlow: CFG on the velocity over `steps` Euler steps), every image is decoded, read by the
-judge and scored by its category's rule; a category's score is the fraction of
-correct images and `overall` is the mean of the six category scores (GenEval's definition).
-Understanding: greedy answers, exact match after normalisation; POPE also gets precision / recall /
-F1 with "yes" as the positive class, as the POPE paper reports it. `describe` (the full scene
-description) is reported beside the QA accuracy, not inside it.
+Runs through the paper benchmarks' harness. Generation: the test prompts as GenEval records
+(eval.geneval.world_metadata), `images_per_prompt` samples each in GenEval's layout (Janus: CFG and
+temperature over VQ tokens; JanusFlow: CFG on the velocity over `steps` Euler steps); every image is read
+once by the judge's detector and scored by its category's rule (the headline) and by GenEval's rules; a
+category's score is the fraction of correct images and `overall` the mean of the six (GenEval's
+definition). Understanding: greedy answers through eval.harness (batched, resumable, sharded), exact match
+after normalisation; the POPE questions also get accuracy / precision / recall / F1 / yes-ratio by the
+official POPE rule. `describe` (the full scene description) is reported beside the QA accuracy, not in it.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,14 +24,16 @@ import torch
 from PIL import Image
 
 from ..processing.image import to_uint8
-from ..sampling.logits import row_generator
 from ..sampling.speculative import DEFAULT_WINDOW
 from ..world.dataset import held_out, read_prompts, write_split
 from ..world.judge import detect, detect_regions, score
 from ..world.prompts import CATEGORIES, Prompt
 from ..world.questions import QTYPES, normalise
-from .geneval import world_boxes, world_metadata
+from .geneval import generate, sample_path, world_boxes, world_metadata
 from .geneval import judge as geneval_judge
+from .harness import Item, RunOptions, answer_items, barrier, rank_world
+from .pope import metrics as pope_metrics
+from .pope import to_yes_no
 
 
 @dataclass(frozen=True)
@@ -89,69 +93,78 @@ def cfg_weight_of(pipe, s: EvalSettings) -> float:
     return s.cfg_weight if s.cfg_weight is not None else pipe.default_cfg_weight
 
 
-@torch.inference_mode()
-def generate_for(pipe, prompts: list[str], s: EvalSettings, progress: Callable[[int], None] | None = None,
-                 llm_forwards: list[int] | None = None) -> np.ndarray:
-    """(len(prompts) * images_per_prompt, S, S, 3) uint8 images; image j of prompt i uses generator
-    (seed, i * images_per_prompt + j), so any subset or batch size gives the same images. `llm_forwards`
-    (Janus) collects the LLM forward passes of each image."""
-    rows = [(i, j) for i in range(len(prompts)) for j in range(s.images_per_prompt)]
-    ids = [pipe.processor.generation_prompt(p) for p in prompts]
+def _geneval_record(p: Prompt) -> dict[str, Any]:
+    """GenEval metadata for a test prompt; training captions' own categories (color_position, objects, ...)
+    have no GenEval form and get a record with the tag and prompt only."""
+    return world_metadata(p) if p.category in CATEGORIES else {"tag": p.category, "prompt": p.text, "include": []}
+
+
+def _generation_options(pipe, s: EvalSettings) -> dict[str, Any]:
     options = pipe.own_options(temperature=s.temperature, steps=s.steps)  # the settings of this architecture
     if s.speculative is not None:  # asked for explicitly: JanusFlow refuses it rather than ignoring it
         options |= dict(speculative=s.speculative, window=s.window)
-    out = []
-    for start in range(0, len(rows), s.batch):
-        chunk = rows[start:start + s.batch]
-        gens = [row_generator(s.seed, i * s.images_per_prompt + j) for i, j in chunk]
-        batch = pipe.generate_batch([ids[i] for i, _ in chunk], generators=gens, cfg_weight=cfg_weight_of(pipe, s),
-                                    **options)
-        out.append(batch.uint8())
-        if llm_forwards is not None:
-            llm_forwards += batch.info.get("llm_forwards", [])
-        if progress:
-            progress(len(chunk))
-    return np.concatenate(out)
+    return options | {"cfg_weight": cfg_weight_of(pipe, s)}
 
 
+@torch.inference_mode()
 def eval_generation(pipe, prompts: list[tuple[Prompt, bool]], s: EvalSettings, save_dir: Path | None = None,
-                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    progress: bool = False) -> dict[str, Any]:
+    """Generate through GenEval's harness (eval.geneval.generate: its layout in `save_dir`, or a temporary
+    folder; image k of prompt i from generator (seed, i * n + k)), then judge every image twice from one
+    detection: by the world judge (the headline) and by GenEval's rules. Under torchrun each rank generates
+    its share into the shared `save_dir`; rank 0 judges them all, the others return {}."""
     if pipe.image_size is None:
         raise ValueError(f"{pipe.source}: a JanusFlow model needs its VAE to be evaluated (--vae DIR)")
+    rank, world = rank_world()
+    if world > 1 and save_dir is None:
+        raise ValueError("eval world under torchrun: pass --out DIR, a folder every rank can write")
+    out = Path(save_dir) if save_dir is not None else Path(tempfile.mkdtemp(prefix="januskit-eval-world-"))
+    n = s.images_per_prompt
     forwards: list[int] = []
-    pixels = generate_for(pipe, [p.text for p, _ in prompts], s, progress, forwards)  # (n, S, S, 3) uint8
+    try:
+        generate(pipe, [_geneval_record(p) for p, _ in prompts], out, n=n, seed=s.seed, batch=s.batch,
+                 progress=progress, on_batch=lambda b: forwards.extend(b.info.get("llm_forwards", [])),
+                 **_generation_options(pipe, s))
+        barrier(world)
+        if rank != 0:
+            return {}
+        return _judge_folder(out, prompts, n, forwards)
+    finally:
+        if save_dir is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _judge_folder(out: Path, prompts: list[tuple[Prompt, bool]], n: int, forwards: list[int]) -> dict[str, Any]:
     by_cat: dict[str, list[bool]] = defaultdict(list)
     by_cat_geneval: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
     records = []
-    for k, img in enumerate(pixels):
-        p, is_held = prompts[k // s.images_per_prompt]
-        regions = detect_regions(img, masks=False)  # one detection serves both judges
-        ok = score(p, [d for d, _, _ in regions])
-        # GenEval's own rules on the same objects (januskit.eval.geneval), reported beside the world judge's
-        ok_geneval = None  # training captions' own categories (color_position, objects, ...) have no GenEval form
-        if p.category in CATEGORIES:
-            boxes = world_boxes(regions)
-            ok_geneval = geneval_judge(img, world_metadata(p), lambda _: boxes)[0]
-            by_cat_geneval[p.category].append(ok_geneval)
-        by_cat[p.category].append(ok)
-        if p.category in ("position", "color_attr"):
-            held["held_out" if is_held else "seen"].append(ok)
-        records.append({"prompt": p.text, "category": p.category, "held_out": is_held, "correct": ok,
-                        "correct_geneval_rules": ok_geneval})
-        if save_dir is not None:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(save_dir / f"{k // s.images_per_prompt:04d}_{k % s.images_per_prompt}.png")
+    for i, (p, is_held) in enumerate(prompts):
+        for k in range(n):
+            path = sample_path(out, i, k)
+            img = np.asarray(Image.open(path).convert("RGB"))
+            regions = detect_regions(img, masks=False)  # one detection serves both judges
+            ok = score(p, [d for d, _, _ in regions])
+            ok_geneval = None
+            if p.category in CATEGORIES:
+                boxes = world_boxes(regions)
+                ok_geneval = geneval_judge(img, world_metadata(p), lambda _: boxes)[0]
+                by_cat_geneval[p.category].append(ok_geneval)
+            by_cat[p.category].append(ok)
+            if p.category in ("position", "color_attr"):
+                held["held_out" if is_held else "seen"].append(ok)
+            records.append({"prompt": p.text, "category": p.category, "held_out": is_held, "correct": ok,
+                            "correct_geneval_rules": ok_geneval, "image": str(path.relative_to(out))})
     cats = {c: float(np.mean(by_cat[c])) for c in CATEGORIES if by_cat[c]}
     cats_geneval = {c: float(np.mean(by_cat_geneval[c])) for c in CATEGORIES if by_cat_geneval[c]}
-    out = {"overall": float(np.mean(list(cats.values()))), "categories": cats,
+    res = {"overall": float(np.mean(list(cats.values()))), "categories": cats,
            "geneval_rules": {"overall": float(np.mean(list(cats_geneval.values()))) if cats_geneval else None,
                              "categories": cats_geneval},
            "position_color_attr": {k: float(np.mean(v)) for k, v in held.items()},
            "images": len(records), "prompts": len(prompts), "records": records}
-    if forwards:  # Janus: n_tokens per image, fewer with speculative decoding
-        out["llm_forwards_per_image"] = float(np.mean(forwards))
-    return out
+    if forwards:  # Janus: LLM forwards per image (the images generated in this call), fewer with SJD
+        res["llm_forwards_per_image"] = float(np.mean(forwards))
+    return res
 
 
 @torch.inference_mode()
@@ -175,61 +188,95 @@ def eval_judge(pipe, prompts: list[tuple[Prompt, bool]], seed: int = 0) -> dict[
     return out
 
 
-def eval_understanding(pipe, split_dir: Path, rows: list[dict], batch: int = 32) -> dict[str, Any]:
-    answers: list[str] = []
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        answers += pipe.chat_batch([r["question"] for r in chunk], [[split_dir / r["image"]] for r in chunk],
-                                   max_new_tokens=96 if any(r["qtype"] == "describe" for r in chunk) else 8)
+def eval_understanding(pipe, split_dir: Path, rows: list[dict], batch: int = 32, out: Path | None = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """Greedy answers through the benchmark harness (eval.harness.answer_items: batched, sharded under
+    torchrun, appended to `out`/answers.rank<r>.jsonl so a rerun skips them), with the processor's system
+    prompt, the one the world's models are trained with. Exact match after normalisation; the POPE block is
+    scored by the official POPE rule (eval.pope). Rank 0 returns the report, the others {}."""
+    items = [Item(str(r.get("id", n)), split_dir / r["image"], r["question"], r) for n, r in enumerate(rows)]
+    tmp = out is None
+    opts = RunOptions(out=Path(tempfile.mkdtemp(prefix="januskit-eval-world-")) if tmp else out, batch=batch,
+                      progress=progress)
+
+    def answer(chunk: list[Item]) -> list[str]:
+        describe = any(it.meta["qtype"] == "describe" for it in chunk)
+        return pipe.chat_batch([it.prompt for it in chunk], [[it.image] for it in chunk],
+                               max_new_tokens=96 if describe else 8)
+    try:
+        answers = answer_items(answer, items, opts, "world QA")
+    finally:
+        if tmp:
+            shutil.rmtree(opts.out, ignore_errors=True)
+    if answers is None:
+        return {}
     by_type: dict[str, list[bool]] = defaultdict(list)
-    pope = {"tp": 0, "fp": 0, "fn": 0, "tn": 0, "other": 0}
     records = []
-    for r, a in zip(rows, answers):
+    for it in items:
+        r, a = it.meta, answers[it.id]
         ok = normalise(a) == normalise(r["answer"])
         by_type[r["qtype"]].append(ok)
         records.append({"qtype": r["qtype"], "question": r["question"], "answer": r["answer"], "model": a, "correct": ok})
-        if r["qtype"] == "pope":
-            said = normalise(a)
-            truth = r["answer"] == "yes"
-            key = "other" if said not in ("yes", "no") else \
-                {(True, True): "tp", (True, False): "fn", (False, True): "fp", (False, False): "tn"}[(truth, said == "yes")]
-            pope[key] += 1
     qa = [ok for t in QTYPES for ok in by_type.get(t, [])]
-    out: dict[str, Any] = {"accuracy": float(np.mean(qa)) if qa else float("nan"),
+    res: dict[str, Any] = {"accuracy": float(np.mean(qa)) if qa else float("nan"),
                            "types": {t: float(np.mean(v)) for t, v in by_type.items()}, "questions": len(rows)}
-    if by_type.get("pope"):
-        prec = pope["tp"] / max(1, pope["tp"] + pope["fp"])
-        rec = pope["tp"] / max(1, pope["tp"] + pope["fn"])
-        out["pope"] = {"accuracy": out["types"]["pope"], "precision": prec, "recall": rec,
-                       "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-                       "yes_ratio": (pope["tp"] + pope["fp"]) / max(1, len(by_type["pope"]))}
-    out["records"] = records
-    return out
+    pope = [it for it in items if it.meta["qtype"] == "pope"]
+    if pope:
+        m = pope_metrics([it.meta["answer"] for it in pope], [to_yes_no(answers[it.id]) for it in pope])
+        res["pope"] = {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    res["records"] = records
+    return res
 
 
 def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = EvalSettings(), *,
              generation: bool = True, understanding: bool = True, save_dir: str | Path | None = None,
              progress: bool = False) -> WorldReport:
+    """`save_dir`: the run folder (GenEval's layout for the images, the answers' JSONL, run.json); a rerun with
+    the same folder and settings skips what is done, other settings or another model are refused. Without
+    it, a temporary folder. Under torchrun (a shared `save_dir`) rank 0 returns the report, the others an
+    empty one."""
     split = test_split(world)
     # The report keeps the key "cfg" for the guidance weight, so that reports compare across versions.
     rep = WorldReport(settings={"cfg" if k == "cfg_weight" else k: v for k, v in vars(settings).items()}
                       | {"cfg": cfg_weight_of(pipe, settings), "arch": pipe.arch})
+    out = Path(save_dir) if save_dir is not None else None
+    if out is not None:
+        _claim(out, {"model": str(pipe.source), "world": str(world),  # the batch changes no image
+                     "settings": {k: v for k, v in rep.settings.items() if k != "batch"}})
     if generation and settings.prompts_per_category != 0:  # 0 prompts (or questions) a category: that half skipped
         prompts = _first_k(read_prompts(split / "prompts.jsonl"), lambda r: r[0].category, settings.prompts_per_category)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(prompts) * settings.images_per_prompt, unit="img", desc="generation")
-        rep.generation = eval_generation(pipe, prompts, settings, Path(save_dir) if save_dir else None,
-                                         bar.update if bar else None)
-        if bar:
-            bar.close()
-        rep.generation["judge"] = eval_judge(pipe, prompts, settings.seed)
+        rep.generation = eval_generation(pipe, prompts, settings, out, progress)
+        if rep.generation:
+            rep.generation["judge"] = eval_judge(pipe, prompts, settings.seed)
     if understanding and settings.questions_per_type != 0:
-        rows = [json.loads(x) for x in (split / "questions.jsonl").read_text().splitlines() if x.strip()]
+        rows = [json.loads(x) | {"id": n} for n, x in enumerate((split / "questions.jsonl").read_text().splitlines())
+                if x.strip()]
         rows = _first_k(rows, lambda r: r["qtype"], settings.questions_per_type)
-        rep.understanding = eval_understanding(pipe, split, rows)
+        rep.understanding = eval_understanding(pipe, split, rows, out=out, progress=progress)
     return rep
+
+
+def _claim(out: Path, run: dict[str, Any]) -> None:
+    """out/run.json records what the folder's images and answers are of; resuming under anything else is
+    refused, naming the first field that differs."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run.json"
+    run = json.loads(json.dumps(run))  # as it reads back
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in sorted(set(old) | set(run)):
+            a, b = old.get(key), run.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                key, a, b = (f"{key}.{diff[0]}", a.get(diff[0]), b.get(diff[0])) if diff else (key, a, a)
+            if a != b:
+                raise ValueError(f"{out}: holds a run with {key} = {a!r}, this one has {b!r}; pass a new folder "
+                                 "(or delete it) to start over")
+        return
+    if rank_world()[0] == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        tmp.replace(path)
 
 
 def format_report(rep: WorldReport) -> str:
