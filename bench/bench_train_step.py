@@ -164,7 +164,7 @@ class Stepper:
             t = time.perf_counter()
             raw = train_step(r.wrapped, self.batches, r.optimizer, r.scheduler, r.step_cfg)
             times.append(time.perf_counter() - t)
-            tokens.append(int(raw["counts"][3]))
+            tokens.append(int(raw["tokens"]))
         return {"times": times, "tokens": tokens, "cpu": time.process_time() - cpu0,
                 "samples": r.stage.batch_size}
 

@@ -107,13 +107,37 @@ def _speculative(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     sjd = _speculative(args)
     pipe = _load(args)
+    return _write_images(args, pipe, lambda **kw: pipe.generate_images(args.prompt, n=args.n, seed=args.seed,
+                                                                      cfg_weight=args.cfg_weight, **kw), sjd)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Image-conditioned generation: a trained edit (two-condition guidance), or with --strength the
+    training-free img2img (JanusFlow) / variations (Janus) of any checkpoint."""
+    pipe = _load(args)
+    if args.strength is None:
+        def run(**kw):
+            return pipe.edit_image(args.prompt, args.image, n=args.n, seed=args.seed, cfg_text=args.cfg_weight,
+                                   cfg_image=args.cfg_image, **kw)
+    else:
+        if len(args.image) != 1 or args.cfg_image is not None:
+            raise ValueError("--strength (img2img / variations) takes one --image and no --cfg-image")
+
+        def run(**kw):
+            return pipe.image_to_image(args.prompt, args.image[0], strength=args.strength, n=args.n, seed=args.seed,
+                                       cfg_weight=args.cfg_weight, **kw)
+    return _write_images(args, pipe, run, {})
+
+
+def _write_images(args: argparse.Namespace, pipe, run, extra: dict) -> int:
+    """Run an image command with a progress bar and write its PNGs (and, with --json, a summary)."""
+    from tqdm import tqdm
+
     # The flags of the other architecture (--steps for Janus, --temperature... for JanusFlow) do not apply.
     options = pipe.own_options(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps)
-    options |= sjd
+    options |= extra
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -125,8 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 bar.refresh()
             bar.update(done - bar.n)
 
-        res = pipe.generate_images(args.prompt, n=args.n, seed=args.seed, cfg_weight=args.cfg_weight,
-                                   memory_budget_gb=args.memory_budget_gb, progress=progress, **options)
+        res = run(memory_budget_gb=args.memory_budget_gb, progress=progress, **options)
     seconds = time.perf_counter() - t0
     files = []
     for i, img in enumerate(res.images):
@@ -137,7 +160,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         info = dict(model=pipe.source, arch=pipe.arch, prompt=args.prompt, n=args.n, seed=args.seed,
                     cfg=res.info["cfg_weight"], files=files, seconds=round(seconds, 3))
         info.update({k: res.info[k] for k in ("temperature", "tokens_per_image", "steps", "latent_shape",
-                                              "speculative", "window", "llm_forwards") if k in res.info})
+                                              "speculative", "window", "llm_forwards", "cfg_image", "strength",
+                                              "kept_tokens", "start_step") if k in res.info})
         if res.tokens is not None:
             info.update(image_tokens_per_second=round(res.tokens.numel() / seconds, 2))
         print(json.dumps(info))
@@ -348,7 +372,8 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
     pipe = _load(args)
     s = EvalSettings(images_per_prompt=args.images_per_prompt, cfg_weight=args.cfg_weight, temperature=args.temperature,
                      steps=args.steps, seed=args.seed, prompts_per_category=args.prompts_per_category,
-                     questions_per_type=args.questions_per_type, **sjd)
+                     questions_per_type=args.questions_per_type, edits_per_task=args.edits_per_task,
+                     cfg_image=args.cfg_image, **sjd)
     save_dir = args.out
     if args.grid and save_dir is None:
         save_dir = tempfile.mkdtemp(prefix="januskit-grid-")
@@ -359,7 +384,7 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
         verdict_grid(rep.generation["records"], save_dir, s.images_per_prompt, args.grid)
     if args.grid and args.out is None:
         shutil.rmtree(save_dir, ignore_errors=True)
-    if not (rep.generation or rep.understanding):  # a rank other than 0 under torchrun: rank 0 reports
+    if not (rep.generation or rep.understanding or rep.edits):  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     if args.json:
         print(json.dumps(rep.to_json() | {"model": str(pipe.source)}))
@@ -528,22 +553,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="text-to-image with classifier-free guidance")
-    _model_arg(p)
-    p.add_argument("prompt")
-    p.add_argument("-n", type=int, default=1, help="images to generate")
-    p.add_argument("--seed", "-s", type=int, default=0)
-    p.add_argument("--out", "-o", default="out", help="folder for the PNG files")
-    p.add_argument("--prefix", default="img_", help="file name prefix")
-    p.add_argument("--cfg-weight", "--cfg", type=float, default=None,
-                   help="classifier-free guidance weight (default: the reference's, 5 for Janus, 2 for JanusFlow)")
-    p.add_argument("--steps", type=int, default=30, help="JanusFlow: Euler steps of the ODE (reference 30)")
-    p.add_argument("--temperature", type=float, default=1.0, help="Janus: 0 = argmax")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--memory-budget-gb", type=float, default=4.0, help="Janus: images are generated in chunks that fit this")
+    _image_args(p, "prompt")
     _sjd_args(p)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("edit", help="image-to-image: an edit by instruction (models trained on edit samples), or "
+                       "with --strength img2img (JanusFlow) / variations (Janus) of any model; docs/editing.md")
+    _image_args(p, "instruction (or, with --strength, the prompt)", cfg="text guidance weight s_txt (default: the "
+                "model's CFG weight, 5 for Janus, 2 for JanusFlow)")
+    p.add_argument("--image", "-i", action="append", required=True, help="a source image (repeat for several)")
+    p.add_argument("--cfg-image", type=float, default=None, help="image guidance weight s_img (default 1.5)")
+    p.add_argument("--strength", type=float, default=None, help="training-free instead: how much of the image to "
+                   "replace, in (0, 1] (JanusFlow: the ODE starts at t = 1 - strength; Janus: the source's top "
+                   "(1 - strength) of rows are kept)")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("convert", help="convert a checkpoint folder between layouts")
     p.add_argument("--to", required=True, choices=["hf", "official"])
@@ -712,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts-per-category", type=int, default=None, help="evaluate a subset: first K per category")
     p.add_argument("--questions-per-type", type=int, default=None, help="evaluate a subset: first K per type")
+    p.add_argument("--edits-per-task", type=int, default=None, help="edits: first K of each task (default all; "
+                   "0 skips them)")
+    p.add_argument("--cfg-image", type=float, default=None, help="edits: image guidance weight (default 1.5)")
     _sjd_args(p)
     p.add_argument("--out", "--save-images", dest="out", default=None, help="the run folder: images in GenEval's "
                    "layout, answers as JSONL, run.json; a rerun with the same folder resumes (default: a temporary "
@@ -765,6 +791,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "package.module:factory returning a callable (image, question) -> bool; without it, only grids")
     p.set_defaults(func=cmd_eval_dpg)
     return ap
+
+
+def _image_args(p: argparse.ArgumentParser, prompt: str, cfg: str = "classifier-free guidance weight (default: the "
+                "reference's, 5 for Janus, 2 for JanusFlow)") -> None:
+    """What `generate` and `edit` share: the prompt, how many, where, and the sampler's options."""
+    _model_arg(p)
+    p.add_argument("prompt", help=prompt)
+    p.add_argument("-n", type=int, default=1, help="images to generate")
+    p.add_argument("--seed", "-s", type=int, default=0)
+    p.add_argument("--out", "-o", default="out", help="folder for the PNG files")
+    p.add_argument("--prefix", default="img_", help="file name prefix")
+    p.add_argument("--cfg-weight", "--cfg", type=float, default=None, help=cfg)
+    p.add_argument("--steps", type=int, default=30, help="JanusFlow: Euler steps of the ODE (reference 30)")
+    p.add_argument("--temperature", type=float, default=1.0, help="Janus: 0 = argmax")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--memory-budget-gb", type=float, default=4.0, help="Janus: images are generated in chunks that fit this")
+    p.add_argument("--json", action="store_true")
 
 
 def _generation_bench_args(esub, name: str, what: str, data: str, out: str) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The HTTP API against a live server on 127.0.0.1, driven by the official `openai` client: chat with
-an image (equal to the pipeline's answer), streaming, image generation (pixel-equal to the pipeline),
-batching of concurrent requests (each equal to the same request alone), and the refusals: bad image,
-bad field, oversize body, queue full, timeout, a client that disconnects."""
+an image (equal to the pipeline's answer), streaming, image generation and image edits (pixel-equal to
+the pipeline), batching of concurrent requests (each equal to the same request alone), and the refusals:
+bad image, bad field, oversize body, queue full, timeout, a client that disconnects."""
 from __future__ import annotations
 
 import base64
@@ -49,6 +49,13 @@ def png_url(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def png_file(img: Image.Image, name: str = "source.png") -> tuple[str, bytes, str]:
+    """An upload as the openai client takes it: (filename, bytes, content type)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return name, buf.getvalue(), "image/png"
 
 
 def decode(b64: str) -> np.ndarray:
@@ -123,6 +130,52 @@ def test_image_generation_equals_pipeline(client, pipe):
     assert not np.array_equal(decode(r.data[0].b64_json), decode(r.data[1].b64_json))
 
 
+@pytest.fixture(scope="module")
+def other_image() -> Image.Image:
+    return render((Obj("triangle", "green", 1), Obj("circle", "yellow", 2)))
+
+
+def test_image_edit_equals_pipeline(client, pipe, scene_image):
+    instruction = "make the circle green"
+    r = client.images.edit(model="mini", image=png_file(scene_image), prompt=instruction, n=2, response_format="b64_json",
+                           extra_body={"seed": 3})
+    assert len(r.data) == 2 and r.model_extra["seed"] == 3
+    ref = pipe.edit_image(instruction, [scene_image], n=2, seed=3)  # cfg_text: the model's own, cfg_image 1.5
+    for d, im in zip(r.data, ref.images):
+        got = decode(d.b64_json)
+        assert got.shape == (64, 64, 3)
+        np.testing.assert_array_equal(got, np.asarray(im))
+    assert not np.array_equal(decode(r.data[0].b64_json), decode(r.data[1].b64_json))
+    again = client.images.edit(model="mini", image=png_file(scene_image), prompt=instruction, n=2, extra_body={"seed": 3})
+    assert [d.b64_json for d in again.data] == [d.b64_json for d in r.data]  # same seed: the same PNG bytes
+    other = client.images.edit(model="mini", image=png_file(scene_image), prompt=instruction, n=1, extra_body={"seed": 4})
+    assert not np.array_equal(decode(other.data[0].b64_json), decode(r.data[0].b64_json))
+
+
+def test_image_edit_of_several_images_with_weights_equals_pipeline(client, pipe, scene_image, other_image):
+    instruction = "put the triangle of the second image in the first"
+    # a list of files goes as repeated `image[]` fields; cfg_text is cfg_weight's other name
+    r = client.images.edit(model="mini", image=[png_file(scene_image), png_file(other_image, "b.png")],
+                           prompt=instruction, n=1, extra_body={"seed": 5, "cfg_text": 3.5, "cfg_image": 2.0,
+                                                                "temperature": 0.8})
+    ref = pipe.edit_image(instruction, [scene_image, other_image], n=1, seed=5, cfg_text=3.5, cfg_image=2.0,
+                          temperature=0.8)
+    np.testing.assert_array_equal(decode(r.data[0].b64_json), np.asarray(ref.images[0]))
+
+
+def test_image_to_image_with_strength_equals_pipeline(client, pipe, scene_image):
+    prompt = "a green circle to the left of a blue square"
+    r = client.images.edit(model="mini", image=png_file(scene_image), prompt=prompt, n=2,
+                           extra_body={"seed": 2, "strength": 0.5, "cfg_weight": 3.0})
+    ref = pipe.image_to_image(prompt, scene_image, strength=0.5, n=2, seed=2, cfg_weight=3.0)
+    assert len(r.data) == 2
+    for d, im in zip(r.data, ref.images):
+        np.testing.assert_array_equal(decode(d.b64_json), np.asarray(im))
+    # Janus keeps the source's top rows of VQ tokens: strength 0.5 keeps half of them
+    assert ref.info["kept_tokens"] == 32
+    assert not np.array_equal(decode(r.data[0].b64_json), decode(r.data[1].b64_json))
+
+
 # -- batching ---------------------------------------------------------------------------------------
 
 def _concurrently(fns):
@@ -157,6 +210,35 @@ def test_concurrent_image_requests_share_one_batch_and_equal_alone(client, serve
         ref = pipe.generate_images(p, n=n, cfg_weight=g, seed=s)
         for d, im in zip(r.data, ref.images, strict=True):
             np.testing.assert_array_equal(decode(d.b64_json), np.asarray(im))
+
+
+def test_concurrent_edits_share_one_batch_and_equal_alone(client, server, pipe, scene_image, other_image):
+    """Edits of different instructions, sources (one or two), seeds and weights decode together; a
+    generation and an image-to-image request waiting beside them do not join (their rows differ)."""
+    reqs = [("make the circle green", [scene_image], 1, 5.0, 1.5, 2),
+            ("swap the shapes of the two images", [scene_image, other_image], 9, 4.0, 1.0, 1)]
+    with server.engine.paused():
+        ts, out, errs = _concurrently([
+            lambda p=p, im=im, s=s, g=g, gi=gi, n=n: client.images.edit(
+                model="mini", prompt=p, image=[png_file(x) for x in im], n=n,
+                extra_body={"seed": s, "cfg_weight": g, "cfg_image": gi})
+            for p, im, s, g, gi, n in reqs] + [
+            lambda: client.images.generate(model="mini", prompt="a blue circle", extra_body={"seed": 1}),
+            lambda: client.images.edit(model="mini", prompt="a red square", image=png_file(scene_image),
+                                       extra_body={"seed": 1, "strength": 0.75})])
+        wait_for(lambda: server.engine.waiting == 4)  # the queue's limit here
+    for t in ts:
+        t.join(60)
+    assert not errs
+    # (in the order the requests arrived, which the threads do not fix)
+    assert sorted(list(server.engine.batches)[-3:]) == [("edit", 2, 3), ("image", 1, 1), ("image-to-image", 1, 1)]
+    for (p, im, s, g, gi, n), r in zip(reqs, out):
+        ref = pipe.edit_image(p, im, n=n, seed=s, cfg_text=g, cfg_image=gi)
+        for d, want in zip(r.data, ref.images, strict=True):
+            np.testing.assert_array_equal(decode(d.b64_json), np.asarray(want))
+    np.testing.assert_array_equal(decode(out[3].data[0].b64_json),
+                                  np.asarray(pipe.image_to_image("a red square", scene_image, strength=0.75, seed=1)
+                                             .images[0]))
 
 
 def test_concurrent_chats_share_one_batch_and_equal_alone(client, server, pipe, scene_image):
@@ -243,6 +325,31 @@ def test_bad_conversation_is_400(client, messages, param, words):
 def test_bad_image_field_is_400_naming_it(client, kw, param, words):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(model="mini", prompt="a red circle", **kw)
+    assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
+
+
+@pytest.mark.parametrize("kw, param, words", [
+    (dict(n=5), "n", "5 is over this server's limit of 4"),
+    (dict(n=0), "n", "greater than or equal to 1"),
+    (dict(size="1024x1024"), "size", "makes 64x64 images only"),
+    (dict(response_format="url"), "response_format", "Input should be 'b64_json'"),
+    (dict(extra_body={"steps": 10}), "steps", "only JanusFlow"),
+    (dict(extra_body={"cfg_image": -1}), "cfg_image", "greater than or equal to 0"),
+    (dict(extra_body={"cfg_text": 1, "cfg_weight": 2}), "cfg_text", "unknown or unsupported field"),  # one of them
+    (dict(extra_body={"strength": 0}), "strength", "greater than 0"),
+    (dict(extra_body={"strength": 2}), "strength", "less than or equal to 1"),
+    (dict(extra_body={"strength": "abc"}), "strength", "valid number"),
+    (dict(extra_body={"strength": 0.5, "cfg_image": 2}), "cfg_image", "image guidance is for edits by instruction"),
+    (dict(extra_body={"seed": "abc"}), "seed", "valid integer"),
+    (dict(extra_body={"guidance": 2}), "guidance", "unknown or unsupported field"),
+    (dict(prompt=""), "prompt", "at least 1 character"),
+    (dict(prompt="   "), "prompt", "prompt: empty"),
+    (dict(mask=("mask.png", b"\x89PNG", "image/png")), "mask", "inpainting masks are not supported"),
+])
+def test_bad_edit_field_is_400_naming_it(client, scene_image, kw, param, words):
+    kw = {"prompt": "make it green", **kw}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(model="mini", image=png_file(scene_image), **kw)
     assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
 
 
@@ -349,6 +456,37 @@ def test_janusflow_images_batch_and_equal_alone(flow_pipe):
         assert e.value.body["param"] == "temperature" and "JanusFlow samples no tokens" in e.value.body["message"]
         r = c.chat.completions.create(model="flow", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
         assert r.choices[0].message.content == flow_pipe.chat("hello", max_new_tokens=4)
+
+
+def test_janusflow_edits_batch_and_equal_alone_and_image_to_image(flow_pipe, scene_image, other_image):
+    with ServerThread(flow_pipe, model_id="flow") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        reqs = [("make the circle blue", [scene_image], 2, 2.0), ("merge them", [scene_image, other_image], 5, 3.5)]
+        with s.engine.paused():
+            ts, out, errs = _concurrently([
+                lambda p=p, im=im, sd=sd, g=g: c.images.edit(model="flow", prompt=p, image=[png_file(x) for x in im],
+                                                             extra_body={"seed": sd, "cfg_weight": g, "steps": 3})
+                for p, im, sd, g in reqs])
+            wait_for(lambda: s.engine.waiting == 2)
+        for t in ts:
+            t.join(60)
+        assert not errs and s.engine.batches[-1] == ("edit", 2, 2)
+        for (p, im, sd, g), r in zip(reqs, out):
+            # continuous latents: batched rows may move a pixel by one level (as for generations above)
+            ref = np.asarray(flow_pipe.edit_image(p, im, steps=3, cfg_text=g, seed=sd).images[0]).astype(int)
+            diff = np.abs(decode(r.data[0].b64_json).astype(int) - ref)
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+        r = c.images.edit(model="flow", prompt="a red circle", image=png_file(scene_image), n=2,
+                          extra_body={"seed": 4, "strength": 0.6, "steps": 5})
+        ref = flow_pipe.image_to_image("a red circle", scene_image, strength=0.6, n=2, seed=4, steps=5)
+        assert s.engine.batches[-1] == ("image-to-image", 1, 2)
+        for d, im in zip(r.data, ref.images, strict=True):  # run alone, as the pipeline runs it: equal
+            got = decode(d.b64_json)
+            assert got.shape == (128, 128, 3)
+            np.testing.assert_array_equal(got, np.asarray(im))
+        with pytest.raises(openai.BadRequestError) as e:
+            c.images.edit(model="flow", prompt="x", image=png_file(scene_image), extra_body={"temperature": 0.5})
+        assert e.value.body["param"] == "temperature" and "JanusFlow samples no tokens" in e.value.body["message"]
 
 
 def test_januskit_serve_command(tmp_path):

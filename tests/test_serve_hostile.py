@@ -1,7 +1,8 @@
 """The server against hostile and careless clients: every refusal is a 4xx in OpenAI's error shape naming
 the field, never a 500 or a dropped connection; images are checked from their header before decoding;
 text is measured before tokenising; stalled sockets are closed. The property-based tests (hypothesis,
-fixed seed, bounded) throw random request bodies and random image bytes at the same checks."""
+fixed seed, bounded) throw random request bodies, random image bytes and random edit forms at the same
+checks. Image edits (multipart/form-data) get the same refusals for their uploads, fields and bodies."""
 from __future__ import annotations
 
 import base64
@@ -34,7 +35,7 @@ from januskit.world.scene import Obj
 DEFAULT = Path(januskit.__file__).parent / "assets" / "default-model"
 LIMITS = Limits(max_queue=8, max_n=2, max_tokens=4, max_body_bytes=4 * 2**20, timeout_s=120, read_timeout_s=1.0,
                 max_prompt_chars=20_000)
-CHAT, IMAGES = "/v1/chat/completions", "/v1/images/generations"
+CHAT, IMAGES, EDITS = "/v1/chat/completions", "/v1/images/generations", "/v1/images/edits"
 IMG = "messages[0].content[0].image_url.url"
 
 
@@ -196,6 +197,96 @@ def test_load_image_limits_are_parameters(tmp_path):
         load_image("a\0b.png")
 
 
+# -- image edits (multipart) ----------------------------------------------------------------------
+
+SCENE_PNG = encoded(SCENE, "PNG")
+BOMB = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAATiAAAE4gAQAAAADLC3uUAAAAAElFTkSuQmCC")  # declares 20000 x 20000
+
+
+def edit(http: httpx.Client, images: list[tuple[str, tuple]] = (), **fields: str | list[str]) -> httpx.Response:
+    """A multipart edit request: `images` as (field, (filename, bytes, type)), then the text fields (a
+    part without a filename is a text field; a list repeats the field). Always multipart, even with no file."""
+    fields = {"prompt": "make the circle green", **fields}
+    parts = list(images) + [(k, (None, v)) for k, vs in fields.items() for v in (vs if isinstance(vs, list) else [vs])]
+    return http.post(EDITS, files=parts)
+
+
+def img(data: bytes = SCENE_PNG, mime: str = "image/png", field: str = "image") -> tuple[str, tuple]:
+    return field, ("source.png", data, mime)
+
+
+@pytest.mark.parametrize("images, fields, param, code, words", [
+    ([], {}, "image", None, "no source image"),
+    ([img(b"")], {}, "image", "invalid_image", "image: empty (0 bytes)"),
+    ([img(b"just some text, not a picture", "text/plain")], {}, "image", "invalid_image",
+     "not a readable image in an accepted format"),
+    ([img(BOMB)], {}, "image", "image_too_large", "over the limit of 16777216"),
+    ([img(png(12000, 12000, rows=1))], {}, "image", "image_too_large", "12000x12000 = 144000000 pixels"),
+    ([img(png(16_000_000, 1))], {}, "image", "image_too_large", "has a side of 16000000 px"),
+    ([img(encoded(SCENE, "JPEG"))], {}, "image", "invalid_image", "declared 'image/png' but the bytes are JPEG"),
+    ([img(encoded(SCENE, "ICO"), "image/x-icon")], {}, "image", "invalid_image", "type 'image/x-icon' is not accepted"),
+    ([img(encoded(SCENE, "ICO"), "application/octet-stream")], {}, "image", "invalid_image",
+     "not a readable image in an accepted format"),
+    ([img(field="image[]"), img(SCENE_PNG[:60], field="image[]")], {}, "image[1]", "invalid_image", "not a readable image"),
+    ([img()] * 5, {}, "image", None, "5 source images, over this server's limit of 4"),
+    ([img()] * 2, {"strength": "0.5"}, "image", None, "image-to-image (strength) takes one source image, got 2"),
+    ([img()], {"image": "aGVsbG8="}, "image", "invalid_image", "expected an image file (a multipart file part)"),
+    ([img(), img(field="mask")], {}, "mask", None, "inpainting masks are not supported"),
+    ([img(), img(field="picture")], {}, "picture", None, "unknown or unsupported field"),
+    ([img()], {"frobnicate": "1"}, "frobnicate", None, "unknown or unsupported field"),
+    ([img()], {"n": ["1", "2"]}, "n", None, "n: given more than once"),
+    ([img()], {"n": "3"}, "n", None, "3 is over this server's limit of 2"),
+    ([img()], {"n": "0"}, "n", None, "greater than or equal to 1"),
+    ([img()], {"n": "two"}, "n", None, "valid integer"),
+    ([img()], {"strength": "0"}, "strength", None, "greater than 0"),
+    ([img()], {"strength": "2"}, "strength", None, "less than or equal to 1"),
+    ([img()], {"strength": "abc"}, "strength", None, "valid number"),
+    ([img()], {"strength": "nan"}, "strength", None, "strength: Input should be"),
+    ([img()], {"cfg_image": "inf"}, "cfg_image", None, "less than or equal to 100"),
+    ([img()], {"prompt": "red " * 6000}, "prompt", "context_length_exceeded", "over this server's limit of 20000"),
+    ([img()], {"prompt": "the <image_placeholder> here"}, "prompt", None, "must not contain <image_placeholder>"),
+    ([img()], {"prompt": []}, "prompt", None, "Field required"),
+    ([img()], {"model": "dall-e-2"}, "model", "model_not_found", "is not served here"),
+])
+def test_hostile_edits_are_refused_by_name(server, http, images, fields, param, code, words):
+    r = edit(http, images, **fields)
+    err = refused(r, 404 if code == "model_not_found" else 400)
+    assert err["param"] == param and err["code"] == code and words in err["message"], err
+    assert http.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("content, ctype, status, code, words", [
+    (b'{"prompt": "x"}', "application/json", 415, "unsupported_media_type", "image edits take multipart/form-data"),
+    (b"", None, 415, "unsupported_media_type", "got content-type ''"),
+    (b"prompt=make+it+green", "application/x-www-form-urlencoded", 400, None, "image: no source image"),
+    (b"--b\r\nnot a header\r\n\r\n", "multipart/form-data; boundary=b", 400, "invalid_multipart",
+     "not valid multipart/form-data"),
+    (b"garbage", "multipart/form-data", 400, "invalid_multipart", "Missing boundary"),
+    (b'--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n', "multipart/form-data; boundary=b", 400,
+     "invalid_multipart", '"name" must be provided'),
+])
+def test_edit_bodies_that_are_not_forms_are_refused(http, content, ctype, status, code, words):
+    r = http.post(EDITS, content=content, headers={} if ctype is None else {"content-type": ctype})
+    err = refused(r, status)
+    assert err["code"] == code and words in err["message"], err
+    assert http.get("/health").json()["status"] == "ok"
+
+
+def test_edit_over_the_body_limit_is_413(server, http):
+    big = SCENE_PNG + b"\0" * (5 * 2**20)  # valid PNG, trailing zeros past the 4 MB limit
+    err = refused(edit(http, [img(big)]), 413)
+    assert err["code"] == "request_too_large" and "over the limit of 4194304" in err["message"]
+    r = http.post(EDITS, content=iter([b"x" * 2**20] * 5), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert refused(r, 413)["param"] == "body"  # chunked, no Content-Length: refused while it streams
+    assert http.get("/health").json()["status"] == "ok"
+
+
+def test_a_valid_edit_after_the_refusals_is_answered(http):
+    r = edit(http, [img()], n="2", seed="1")
+    assert r.status_code == 200, r.text
+    assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(64, 64)] * 2
+
+
 # -- sockets -----------------------------------------------------------------------------------
 
 def recv_all(s: socket.socket, timeout: float) -> bytes:
@@ -299,6 +390,39 @@ def image_bytes(draw) -> bytes:
         i = draw(st.integers(0, min(len(b), 80) - 1))
         b[i] = draw(st.integers(0, 255))
     return bytes(b[:draw(st.integers(0, len(b)))]) if draw(st.booleans()) else bytes(b)
+
+
+FORM_VALUE = st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=20),  # httpx sends UTF-8
+                       st.integers(-2**70, 2**70).map(str), st.floats().map(str),
+                       st.sampled_from(["", "0", "1", "2", "0.5", "-1", "nan", "inf", "1e309", "true", "b64_json",
+                                        "64x64", "mini"]))
+
+
+@st.composite
+def edit_forms(draw) -> list[tuple[str, tuple]]:
+    parts = [(draw(st.sampled_from(["image", "image", "image[]", "mask", "prompt"])),
+              ("f.png", draw(st.one_of(image_bytes(), st.binary(max_size=100))),
+               draw(st.sampled_from(["image/png", "image/jpeg", "application/octet-stream", "text/plain", "image/x-icon"]))))
+             for _ in range(draw(st.integers(0, 5)))]
+    if draw(st.integers(0, 9)):
+        parts.append(("prompt", (None, draw(st.one_of(st.just("make the circle green"), FORM_VALUE)))))
+    for key in draw(st.lists(st.sampled_from(["model", "n", "seed", "cfg_weight", "cfg_text", "cfg_image", "strength",
+                                               "temperature", "steps", "size", "response_format", "image", "user",
+                                               "frobnicate"]), max_size=3)):
+        parts.append((key, (None, draw(FORM_VALUE))))
+    return parts
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(parts=edit_forms())
+def test_fuzzed_edit_forms_get_an_answer_or_a_shaped_4xx(http, parts):
+    r = http.post(EDITS, files=parts) if parts else http.post(EDITS, content=b"", headers={
+        "content-type": "multipart/form-data; boundary=x"})
+    if r.status_code == 200:
+        return
+    assert r.status_code in (400, 404, 413, 429), (r.status_code, r.text, parts)
+    err = refused(r, r.status_code)
+    assert err["message"] and (err["param"] is not None or r.status_code in (404, 429)), (err, parts)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -145,7 +145,8 @@ def test_repa_value_and_gradients(ckpt):
     grid = batch.flow_mask & ~flow_starts(batch.flow_mask)
     rf, repa = flow_loss_sums(m, hidden, captured, grid, skip, t_emb, target, batch.repa_pixels, loss.repa_head,
                               loss.flow.repa_weight)
-    assert rf.requires_grad
+    assert rf.requires_grad and rf.shape == repa.shape == (2,)  # per sample
+    repa = repa.sum()
     # the value: 0.5 * sum over positions of (1 - cos(h_phi(layer-1 output), SigLIP(clean image)))
     with torch.no_grad():
         feats = m.vision_und_enc_model(batch.repa_pixels)

@@ -199,7 +199,7 @@ def test_loss_equals_hand_computation_and_ignores_unlabelled_slots(cfg_tiny):
     sums = batch_losses(model, batch)
     hand = {k: _hand_sample_ce(model, s) for k, s in (("und", und), ("gen", gen), ("text", txt))}
     every = [x for t, i in hand.values() for x in t + i]
-    assert sums.count.tolist() == [4, 11, 6]
+    assert sums.count.tolist() == [4, 11, 6, 0]  # und, text, gen, edit
     assert sums.total.item() == pytest.approx(sum(every), rel=1e-5)
     loss, per = batch_loss(model, batch)
     assert loss.item() == pytest.approx(sum(every) / len(every), rel=1e-5)
@@ -210,7 +210,7 @@ def test_loss_equals_hand_computation_and_ignores_unlabelled_slots(cfg_tiny):
     # Slots with -100 contribute nothing: unlabel the text sample -> exactly its CEs disappear.
     batch.text_labels[1] = IGNORE
     s2 = batch_losses(model, batch)
-    assert s2.count.tolist() == [4, 0, 6]
+    assert s2.count.tolist() == [4, 0, 6, 0]
     assert s2.total.item() == pytest.approx(sum(every) - sum(hand["text"][0]), rel=1e-5)
     # ... and what sits at unlabelled slots never matters: scribble over the padding inputs.
     pad = batch.doc_ids == -1

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..processing.image import to_uint8
+from ..sampling.logits import row_generator
 from ..sampling.speculative import DEFAULT_WINDOW
 from ..world.dataset import held_out, read_prompts, write_split
 from ..world.judge import detect, detect_regions, score
@@ -48,6 +49,8 @@ class EvalSettings:
     batch: int = 64  # images decoded together (2 CFG rows each)
     prompts_per_category: int | None = None  # a subset: the first k prompts of each category
     questions_per_type: int | None = None  # a subset: the first k questions of each type
+    edits_per_task: int | None = 0  # edits: the first k of each task (None: all; 0: none, the default here)
+    cfg_image: float | None = None  # edits: the image guidance weight (None: 1.5)
 
 
 @dataclass
@@ -55,9 +58,11 @@ class WorldReport:
     generation: dict[str, Any] = field(default_factory=dict)
     understanding: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    edits: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"generation": self.generation, "understanding": self.understanding, "settings": self.settings}
+        out = {"generation": self.generation, "understanding": self.understanding, "settings": self.settings}
+        return out | ({"edits": self.edits} if self.edits else {})
 
 
 def test_split(world: str | Path | None, split: str = "test", seed: int = 0) -> Path:
@@ -72,7 +77,7 @@ def test_split(world: str | Path | None, split: str = "test", seed: int = 0) -> 
     from ..world.dataset import SIZES
 
     root = Path(tempfile.mkdtemp(prefix="januskit-world-"))
-    sizes = {k: v for k, v in SIZES[split].items() if k in ("n_prompts", "n_questions")}
+    sizes = {k: v for k, v in SIZES[split].items() if k in ("n_prompts", "n_questions", "n_edits")}
     write_split(root, split, seed, held_out(), n_gen=0, n_und=0, n_text=0, **sizes)
     return root / split
 
@@ -228,6 +233,46 @@ def eval_understanding(pipe, split_dir: Path, rows: list[dict], batch: int = 32,
     return res
 
 
+@torch.inference_mode()
+def eval_edits(pipe, split_dir: Path, rows: list[dict], s: EvalSettings, save_dir: Path | None = None) -> dict[str, Any]:
+    """Each edit's source image and instruction through pipe.edit_image's rows (generate_batch with
+    sources), `images_per_prompt` images per edit, image k of edit i from generator (seed, i * n + k);
+    an image is correct when the judge finds exactly the target scene (world.edits.score_edit). Per task,
+    held-out vs seen combinations, and the mean over tasks."""
+    from ..processing.image import load_image
+    from ..world.edits import TASKS, Edit, score_edit
+
+    if pipe.image_size is None:
+        raise ValueError(f"{pipe.source}: a JanusFlow model needs its VAE to be evaluated (--vae DIR)")
+    n = s.images_per_prompt
+    edits = [Edit.from_json(r) for r in rows]
+    srcs = [[load_image(split_dir / r["image"])] for r in rows]
+    ids = [pipe.processor.edit_prompt(e.instruction, 1) for e in edits]
+    rowsn = [(i, k) for i in range(len(edits)) for k in range(n)]
+    options = _generation_options(pipe, s) | {"cfg_image": s.cfg_image}
+    options.pop("speculative", None), options.pop("window", None)
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    held: dict[str, list[bool]] = defaultdict(list)
+    records = []
+    for start in range(0, len(rowsn), s.batch):
+        chunk = rowsn[start:start + s.batch]
+        out = pipe.generate_batch([ids[i] for i, _ in chunk], generators=[row_generator(s.seed, i * n + k) for i, k in chunk],
+                                  sources=[srcs[i] for i, _ in chunk], **options)
+        for (i, k), img in zip(chunk, out.uint8()):
+            ok = score_edit(detect(img), edits[i].target)
+            by_task[edits[i].task].append(ok)
+            held["held_out" if rows[i].get("held_out") else "seen"].append(ok)
+            records.append({"task": edits[i].task, "instruction": edits[i].instruction, "held_out": bool(rows[i].get("held_out")),
+                            "correct": ok})
+            if save_dir is not None:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(save_dir / f"edit{i:04d}_{k}.png")
+    tasks = {t: float(np.mean(by_task[t])) for t in TASKS if by_task[t]}
+    return {"overall": float(np.mean(list(tasks.values()))) if tasks else float("nan"), "tasks": tasks,
+            "held_out_vs_seen": {k: float(np.mean(v)) for k, v in held.items()}, "edits": len(edits),
+            "images": len(records), "records": records}
+
+
 def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = EvalSettings(), *,
              generation: bool = True, understanding: bool = True, save_dir: str | Path | None = None,
              progress: bool = False) -> WorldReport:
@@ -253,6 +298,10 @@ def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = Eva
                 if x.strip()]
         rows = _first_k(rows, lambda r: r["qtype"], settings.questions_per_type)
         rep.understanding = eval_understanding(pipe, split, rows, out=out, progress=progress)
+    if settings.edits_per_task != 0 and (split / "edits.jsonl").is_file() and rank_world()[0] == 0:
+        rows = [json.loads(x) for x in (split / "edits.jsonl").read_text().splitlines() if x.strip()]
+        rows = _first_k(rows, lambda r: r["task"], settings.edits_per_task)
+        rep.edits = eval_edits(pipe, split, rows, settings, out / "edits" if out is not None else None)
     return rep
 
 
@@ -302,6 +351,14 @@ def format_report(rep: WorldReport) -> str:
             lines.append(f"  judge on the prompts' own scenes: clean {j['clean']['overall']:.3f}, "
                          f"through the {'VAE' if rep.settings.get('arch') == 'janusflow' else 'VQ tokenizer'} "
                          f"{j['vq']['overall']:.3f} (the ceiling)")
+    e = rep.edits
+    if e:
+        lines.append(f"Edits ({e['edits']} edits x {rep.settings['images_per_prompt']} images, the target scene "
+                     f"exact; cfg_text {rep.settings['cfg']}, cfg_image {rep.settings.get('cfg_image') or 1.5})")
+        lines += [f"  {t:<14} {v:6.3f}" for t, v in e["tasks"].items()]
+        lines.append(f"  {'overall':<14} {e['overall']:6.3f}")
+        for k, v in e["held_out_vs_seen"].items():
+            lines.append(f"  {k.replace('_', '-')} combinations: {v:.3f}")
     if u:
         lines.append(f"Understanding ({u['questions']} questions, greedy, exact match)")
         lines += [f"  {t:<14} {v:6.3f}" for t, v in u["types"].items()]

@@ -46,15 +46,19 @@ class JanusModel(nn.Module):
     def text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(input_ids)
 
-    def splice(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def splice(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+               features: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with the image-placeholder positions (image_mask, (B, T) bool) overwritten,
-        in order, by the features of `pixel_values` (N images, N*n_tokens == image_mask.sum())."""
+        in order, by the features of `pixel_values` (N images, N*n_tokens == image_mask.sum()), or by
+        `features` (N, n_tokens, dim) from image_embeds when given (an image used by several rows)."""
         h = self.text_embeds(input_ids)
+        if features is not None:
+            pixel_values = features
         if pixel_values is None or pixel_values.shape[0] == 0:
             if image_mask.any():
                 raise ValueError("image placeholders in the prompt but no images given")
             return h
-        feats = self.image_embeds(pixel_values).to(h.dtype).reshape(-1, h.shape[-1])
+        feats = (self.image_embeds(pixel_values) if features is None else features).to(h.dtype).reshape(-1, h.shape[-1])
         if feats.shape[0] != int(image_mask.sum()):
             raise ValueError(f"{int(image_mask.sum())} image placeholder positions but {pixel_values.shape[0]} "
                              f"images give {feats.shape[0]} embeddings")

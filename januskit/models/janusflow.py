@@ -48,11 +48,15 @@ class JanusFlowModel(nn.Module):
     def text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(input_ids)
 
-    def splice(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def splice(self, input_ids: torch.Tensor, image_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+               features: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with each image's slots overwritten: `image_mask` marks the placeholders (as
         the shared processor makes them); the slot just before each run (<begin_of_image>) takes
-        beg_of_und_embed, as the reference's images_seq_mask covers it too."""
+        beg_of_und_embed, as the reference's images_seq_mask covers it too. `features`: image_embeds'
+        output, when given instead of the pixels (an image used by several rows)."""
         h = self.text_embeds(input_ids)
+        if features is not None:
+            pixel_values = features
         if pixel_values is None or pixel_values.shape[0] == 0:
             if image_mask.any():
                 raise ValueError("image placeholders in the prompt but no images given")
@@ -61,7 +65,7 @@ class JanusFlowModel(nn.Module):
         if bool(starts[:, 0].any()):
             raise ValueError("an image run starts at slot 0: no <begin_of_image> slot before it")
         mask = image_mask | starts.roll(-1, dims=1)
-        feats = self.image_embeds(pixel_values).to(h.dtype).reshape(-1, h.shape[-1])
+        feats = (self.image_embeds(pixel_values) if features is None else features).to(h.dtype).reshape(-1, h.shape[-1])
         if feats.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(image_mask.sum())} image placeholder positions but {pixel_values.shape[0]} "
                              f"images give {feats.shape[0] - pixel_values.shape[0]} embeddings")

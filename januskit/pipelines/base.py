@@ -14,13 +14,21 @@ import torch
 from PIL import Image
 
 from ..processing.chat import Message, Processor
-from ..processing.image import to_pil, to_uint8
+from ..processing.edit import DEFAULT_CFG_IMAGE, EditInputs
+from ..processing.image import load_image, to_pil, to_uint8
 from ..processing.tokenizer import StreamDecoder
 from ..sampling.logits import row_generator
 from ..sampling.text import generate_text, next_token_probs
 
 Conversation = Sequence[Message]
 Progress = Callable[[int, int], None]
+
+
+def check_strength(strength: float) -> float:
+    """Image-to-image strength: in (0, 1], how much of the source is replaced (1: none of it kept)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    return float(strength)
 
 
 @dataclass
@@ -220,6 +228,7 @@ class Pipeline:
                        top_k: int | None = None, top_p: float | None = None, steps: int | None = None,
                        latents: torch.Tensor | None = None, reuse_prompt_kv: bool | None = None,
                        speculative: str | None = None, window: int | None = None,
+                       sources: Sequence[Sequence] | None = None, cfg_image: float | Sequence[float] | None = None,
                        memory_budget_gb: float = 4.0, progress: Progress | None = None) -> ImageBatch:
         """One image per generation prompt (repeat a prompt for several images); image i is sampled with
         generators[i] alone, so it does not depend on the other rows or on how they are chunked.
@@ -231,18 +240,72 @@ class Pipeline:
         `latents` (the initial noise (n, C, H, W); default: drawn from the generators), `reuse_prompt_kv`
         (default True; False recomputes the prompt at every step, as the reference); all rows run in
         one batch, `memory_budget_gb` is not used. A value for the other architecture's option raises
-        UnsupportedOption (a ValueError). `progress(done, total)` counts `progress_unit`."""
+        UnsupportedOption (a ValueError). `progress(done, total)` counts `progress_unit`.
+        Image-to-image: `sources[i]` holds prompt i's source images (PIL, paths or bytes), and prompt i is an
+        edit prompt (Processor.edit_prompt) with as many image blocks; guidance then has two conditions,
+        `cfg_weight` on the text and `cfg_image` on the sources (default 1.5; processing/edit.py)."""
+        return self._sample(prompt_ids, generators, {"edit": self._edit_inputs(prompt_ids, sources, cfg_image)},
+                            cfg_weight=cfg_weight, temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
+                            latents=latents, reuse_prompt_kv=reuse_prompt_kv, speculative=speculative,
+                            window=window, memory_budget_gb=memory_budget_gb, progress=progress)
+
+    def _sample(self, prompt_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
+                inputs: dict[str, Any], *, cfg_weight: float | Sequence[float] | None = None,
+                memory_budget_gb: float = 4.0, progress: Progress | None = None, **given: Any) -> ImageBatch:
+        """generate_batch with the architecture's own extra `inputs` (edit sources, a token prefix,
+        img2img's start step) beside the checked options."""
         if len(prompt_ids) == 0:
             raise ValueError("generate_batch needs at least one prompt")
         if len(generators) != len(prompt_ids):
             raise ValueError(f"generators: {len(generators)} for {len(prompt_ids)} prompts")
-        options = self.image_option_values(temperature=temperature, top_k=top_k, top_p=top_p, steps=steps,
-                                           latents=latents, reuse_prompt_kv=reuse_prompt_kv,
-                                           speculative=speculative, window=window)
+        options = self.image_option_values(**given) | inputs
         w = self._cfg_weight(cfg_weight)
         out = self._generate(prompt_ids, generators, w, options, memory_budget_gb, progress)
         out.info = {"cfg_weight": w} | out.info
         return out
+
+    def _edit_inputs(self, prompt_ids: Sequence[Sequence[int]], sources: Sequence[Sequence] | None,
+                     cfg_image: float | Sequence[float] | None) -> EditInputs | None:
+        """Check the sources against the prompts' image blocks and transform them for the understanding
+        encoder; None for text-to-image."""
+        if sources is None:
+            if cfg_image is not None:
+                raise ValueError("cfg_image guides towards source images: pass sources (or use edit_image)")
+            return None
+        if len(sources) != len(prompt_ids):
+            raise ValueError(f"sources: {len(sources)} lists for {len(prompt_ids)} prompts")
+        tok = self.processor.tokenizer
+        pix, seen = [], {}  # rows sharing one list of sources share its tensor: the sampler encodes it once
+        for i, (ids, srcs) in enumerate(zip(prompt_ids, sources)):
+            blocks = sum(1 for a, b in zip(ids, ids[1:]) if a == tok.boi_id and b == tok.image_id)
+            if blocks != len(srcs) or not srcs:
+                raise ValueError(f"prompt {i}: {blocks} image block(s) but {len(srcs)} source image(s); build it "
+                                 "with processor.edit_prompt(instruction, n_images)")
+            if id(srcs) not in seen:
+                seen[id(srcs)] = torch.stack([self.processor.transform(load_image(im)) for im in srcs])
+            pix.append(seen[id(srcs)])
+        return EditInputs(pix, DEFAULT_CFG_IMAGE if cfg_image is None else cfg_image, tok.image_id, tok.boi_id,
+                          tok.eoi_id)
+
+    def edit_image(self, instruction: str, images: Sequence, *, n: int = 1, seed: int = 0,
+                   cfg_text: float | None = None, cfg_image: float | None = None, **options: Any) -> ImageResult:
+        """n images made from the source `images` as `instruction` says: the sources enter through the
+        understanding encoder, as in a chat, and guidance has two conditions (InstructPix2Pix's):
+        `cfg_text` (default: default_cfg_weight) and `cfg_image` (default 1.5). Image i from generator
+        (seed, i). A model learns this from `edit` training samples (docs/editing.md); the released
+        checkpoints were not trained for it. `options`: generate_batch's sampling options."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("edit_image needs at least one source image")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        ids = self.processor.edit_prompt(instruction, len(images))
+        srcs = [load_image(im) for im in images]  # decoded once, shared by the n rows
+        out = self.generate_batch([ids] * n, generators=[row_generator(seed, i) for i in range(n)], cfg_weight=cfg_text,
+                                  sources=[srcs] * n, cfg_image=cfg_image, **options)
+        return ImageResult(images=out.pil(), tokens=out.tokens, seed=seed, latents=out.latents,
+                           info={"prompt_tokens": len(ids), "cfg_image": DEFAULT_CFG_IMAGE if cfg_image is None
+                                 else cfg_image} | out.info)
 
     def _cfg_weight(self, cfg_weight: float | Sequence[float] | None) -> float | Sequence[float]:
         return self.default_cfg_weight if cfg_weight is None else cfg_weight

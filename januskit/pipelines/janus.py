@@ -2,7 +2,9 @@
 the image head) and the VQ tokenizer both ways."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ from ..models.janus import JanusModel
 from ..processing.image import to_gen_pixels, to_pil, to_uint8
 from ..sampling.image_ar import cfg_weights, generate_image_tokens, rows_per_chunk
 from ..sampling.speculative import DEFAULT_WINDOW, MODES, check_window, speculative_image_tokens
-from .base import ImageBatch, Pipeline, Progress
+from ..sampling.logits import row_generator
+from .base import ImageBatch, ImageResult, Pipeline, Progress, check_strength
 
 
 class JanusPipeline(Pipeline):
@@ -47,6 +50,9 @@ class JanusPipeline(Pipeline):
             raise ValueError(f"memory_budget_gb must be a finite number >= 0, got {memory_budget_gb!r}")
         options = dict(options)
         mode, window = options.pop("speculative"), options.pop("window")
+        edit, prefix = options.pop("edit", None), options.pop("prefix", None)
+        if mode is not None and (edit is not None or prefix is not None):
+            raise ValueError("speculative decoding samples text-to-image only; not with source images")
         if mode not in (None, *MODES):
             raise ValueError(f"speculative must be None, {' or '.join(map(repr, MODES))}, got {mode!r}")
         if mode is None and window is not None:
@@ -56,20 +62,26 @@ class JanusPipeline(Pipeline):
         longest = max(len(p) for p in prompt_ids)  # the KV cache of a big model bounds how many rows run together
         if mode is not None:  # SJD's cache also holds the holes of rejected drafts: n_tokens + window slots more
             longest += n_tok + window
-        chunk = min(n, rows_per_chunk(self.model, longest, int(memory_budget_gb * 1024**3)))
+        rows = 2 if edit is None else 3  # guidance rows per image
+        chunk = min(n, rows_per_chunk(self.model, longest, int(memory_budget_gb * 1024**3), rows))
         weights = cfg_weights(cfg_weight, n)[:, 0]  # checked, one per row, so that chunks can slice them
+        w_img = None if edit is None else cfg_weights(edit.cfg_image, n)[:, 0]
         tokens, forwards = [], []
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
             cb = None if progress is None else (lambda i, t, s=start, m=m: progress(s * t + i * m, n * t))
-            rows = dict(pad_id=self.processor.pad_id, cfg_weight=weights[start:start + m],
-                        generators=generators[start:start + m], progress=cb)
+            kw = dict(pad_id=self.processor.pad_id, cfg_weight=weights[start:start + m],
+                      generators=generators[start:start + m], progress=cb)
             if mode is None:
-                tokens.append(generate_image_tokens(self.model, prompt_ids[start:start + m], **rows,
-                                                    compile=self.compile_decode, **options))
+                part = None if edit is None else replace(edit, sources=edit.sources[start:start + m],
+                                                         cfg_image=w_img[start:start + m])
+                tokens.append(generate_image_tokens(self.model, prompt_ids[start:start + m], **kw,
+                                                    compile=self.compile_decode, edit=part,
+                                                    prefix=None if prefix is None else prefix[start:start + m],
+                                                    **options))
                 forwards.append(torch.full((m,), n_tok))
             else:
-                out = speculative_image_tokens(self.model, prompt_ids[start:start + m], **rows, window=window,
+                out = speculative_image_tokens(self.model, prompt_ids[start:start + m], **kw, window=window,
                                                coupling=mode == "mc-sjd", **options)
                 tokens.append(out.tokens)
                 forwards.append(out.forwards)
@@ -79,6 +91,20 @@ class JanusPipeline(Pipeline):
         if mode is not None:
             info |= dict(speculative=mode, window=window)
         return ImageBatch(pixels=self.decode_image_pixels(tokens), tokens=tokens, info=info)
+
+    def image_to_image(self, prompt: str, image: Image.Image | str | Path | bytes, *, strength: float = 0.5,
+                       n: int = 1, seed: int = 0, **options: Any) -> ImageResult:
+        """Variations of `image`, training-free: its VQ tokens are the first round((1 - strength) x rows)
+        rows of every image (given, not sampled), the rest is sampled from `prompt` with CFG as in
+        generate_images (strength 1: text-to-image; an empty prompt: the unconditional continuation).
+        Image i from generator (seed, i). `options`: generate_batch's (cfg_weight, temperature, ...)."""
+        side = math.isqrt(self.config.vq.n_tokens)
+        keep = round((1 - check_strength(strength)) * side) * side
+        ids = self._generation_prompt(prompt, n)
+        prefix = self.encode_image_tokens(image)[:, :keep].expand(n, keep)
+        out = self._sample([ids] * n, [row_generator(seed, i) for i in range(n)], {"prefix": prefix}, **options)
+        return ImageResult(images=out.pil(), tokens=out.tokens, seed=seed,
+                           info={"prompt_tokens": len(ids), "kept_tokens": keep, "strength": strength} | out.info)
 
     # -- VQ tokenizer -------------------------------------------------------------------------
     @torch.inference_mode()

@@ -14,10 +14,10 @@ from PIL import Image
 
 from ..models.janusflow import JanusFlowModel
 from ..processing.chat import Processor
-from ..processing.image import to_gen_pixels
+from ..processing.image import load_image, to_gen_pixels
 from ..sampling.flow import generate_latents, initial_latents
 from ..sampling.logits import row_generator
-from .base import ImageBatch, Pipeline, Progress
+from .base import ImageBatch, ImageResult, Pipeline, Progress, check_strength
 
 
 class JanusFlowPipeline(Pipeline):
@@ -52,6 +52,7 @@ class JanusFlowPipeline(Pipeline):
         (seed, i). The options are generate_batch's."""
         ids = self._generation_prompt(prompt, n)
         options = self.image_option_values(steps=steps, latents=latents, reuse_prompt_kv=reuse_prompt_kv)
+        options["edit"] = None
         return self._latents([ids] * n, [row_generator(seed, i) for i in range(n)], self._cfg_weight(cfg_weight),
                              options, progress)
 
@@ -66,7 +67,8 @@ class JanusFlowPipeline(Pipeline):
                 raise ValueError(f"latents: expected shape ({n}, {', '.join(map(str, shape))}) for n={n}, "
                                  f"got {tuple(z0.shape)}")
         return generate_latents(self.model, prompt_ids, z0, steps=options["steps"], cfg_weight=cfg_weight,
-                                reuse_prompt_kv=options["reuse_prompt_kv"], progress=progress)
+                                reuse_prompt_kv=options["reuse_prompt_kv"], progress=progress,
+                                edit=options.get("edit"), pad_id=self.processor.pad_id, start=options.get("start", 0))
 
     def _generate(self, prompt_ids: Sequence[Sequence[int]], generators: Sequence[torch.Generator],
                   cfg_weight: float | Sequence[float], options: dict[str, Any], memory_budget_gb: float,
@@ -79,6 +81,26 @@ class JanusFlowPipeline(Pipeline):
         z = self._latents(prompt_ids, generators, cfg_weight, options, progress)
         return ImageBatch(pixels=self.decode_latents(z), latents=z,
                           info=dict(steps=options["steps"], latent_shape=list(z.shape[1:])))
+
+    @torch.inference_mode()
+    def image_to_image(self, prompt: str, image: Image.Image | str | Path | bytes, *, strength: float = 0.5,
+                       n: int = 1, seed: int = 0, steps: int | None = None, **options: Any) -> ImageResult:
+        """img2img, training-free (SDEdit on the rectified flow): the source's VAE latent x, noised to
+        z = t0 x + (1 - t0) noise at t0 = 1 - strength (rounded to a step), integrated from there to t = 1
+        with CFG as in generate_images (strength 1: text-to-image). Image i's noise from generator
+        (seed, i). `options`: generate_batch's (cfg_weight, reuse_prompt_kv, ...)."""
+        if self.vae is None:
+            raise ValueError(f"{self.source}: img2img encodes the source with the VAE, and none is loaded (--vae DIR)")
+        steps = self.image_options["steps"] if steps is None else steps
+        start = min(steps - 1, round((1 - check_strength(strength)) * steps))
+        x = self.vae.encode(to_gen_pixels(load_image(image), self.image_size)[None]).float()
+        gens = [row_generator(seed, i) for i in range(n)]
+        t0 = start / steps
+        z = t0 * x + (1 - t0) * initial_latents(self.config.latent_shape, gens)
+        ids = self._generation_prompt(prompt, n)
+        out = self._sample([ids] * n, gens, {"edit": None, "start": start}, steps=steps, latents=z, **options)
+        return ImageResult(images=out.pil(), seed=seed, latents=out.latents,
+                           info={"prompt_tokens": len(ids), "start_step": start, "strength": strength} | out.info)
 
     @torch.inference_mode()
     def reconstruct_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -121,15 +121,30 @@ class Processor:
         n_marks = sum(m.content.count(IMAGE_TOKEN) for m in messages)
         if n_marks != len(images):
             raise ValueError(f"the conversation has {n_marks} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)")
-        ids = self.tokenizer.encode(self.render(messages, system_prompt))
+        ids = self._expand_images(self.tokenizer.encode(self.render(messages, system_prompt)))
+        return EncodedChat(ids, [self.transform(img) for img in images])
+
+    def _expand_images(self, ids: Sequence[int]) -> list[int]:
+        """Each image placeholder -> <begin_of_image>, n_image_tokens image slots, <end_of_image>."""
         tok = self.tokenizer
         out: list[int] = []
-        for t in ids:  # expand each placeholder to the image's slots
+        for t in ids:
             if t == tok.image_id:
                 out += [tok.boi_id] + [tok.image_id] * self.n_image_tokens + [tok.eoi_id]
             else:
                 out.append(t)
-        return EncodedChat(out, [self.transform(img) for img in images])
+        return out
+
+    def edit_prompt(self, instruction: str, n_images: int) -> list[int]:
+        """Image-to-image prompt ids: like `generation_prompt` (empty system prompt, ends with
+        <begin_of_image>), the user turn holding `n_images` source images (as in a chat: their slots are
+        filled by the understanding encoder) and then the instruction. Shared by training and sampling."""
+        if n_images < 1:
+            raise ValueError(f"an edit needs at least one source image, got {n_images}")
+        if IMAGE_TOKEN in instruction:
+            raise ValueError(f"the instruction must not contain {IMAGE_TOKEN}: the source images are given apart")
+        text = self.render([Message("user", f"{IMAGE_TOKEN}\n" * n_images + instruction)], system_prompt="")
+        return self._expand_images(self.tokenizer.encode(text)) + [self.tokenizer.boi_id]
 
     def user_turn(self, prompt: str, images: Sequence = ()) -> list[Message]:
         """One user message; images without markers in the text are placed before it, one per line."""

@@ -1,4 +1,4 @@
-"""The HTTP API: OpenAI's chat completions (streaming too) and image generations over one Engine.
+"""The HTTP API: OpenAI's chat completions (streaming too), image generations and image edits over one Engine.
 
 Every request is checked before it queues (fields, images, prompt length against the context), so
 the worker only sees work it can do; refusals are 4xx with an OpenAI error body naming the field.
@@ -19,14 +19,16 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .engine import Engine, Job, QueueFull
+from .engine import Engine, ImageSpec, ImageToImageSpec, Job, QueueFull
 from .errors import APIError
 from .media import png_base64
-from .protocol import ChatCompletionRequest, ImageGenerationRequest, field_path, to_messages
-from .specs import chat_spec, image_spec
+from .protocol import (ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest, edit_form, field_path,
+                       to_messages)
+from .specs import Source, chat_spec, check_sources, edit_spec, image_spec
 
 log = logging.getLogger("januskit.serving")
 
@@ -274,6 +276,42 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
         spec = await run_in_threadpool(
             lambda: image_spec(engine, req.prompt, n=req.n, seed=req.seed, cfg_weight=req.cfg_weight, steps=req.steps,
                                temperature=req.temperature, size=req.size))
+        return await images(spec, req.prompt, request)
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        ctype = request.headers.get("content-type", "")
+        # A urlencoded form cannot hold files, but is still read: its refusal then names the missing image.
+        if ctype.split(";")[0].strip().lower() not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise APIError(415, f"body: image edits take multipart/form-data (the source images as file parts), "
+                           f"got content-type {ctype[:60]!r}", param="body", code="unsupported_media_type")
+        # The body is already within max_body_bytes (BodyLimit): a text part may be as long as that, so
+        # that an over-long prompt is refused by the character limit, naming the field.
+        try:
+            async with request.form(max_part_size=limits.max_body_bytes) as form:
+                fields, files = edit_form(form)
+                try:
+                    req = ImageEditRequest.model_validate(fields)
+                except ValidationError as e:
+                    raise RequestValidationError(e.errors()) from None
+                check_model(req.model)
+                check_sources(engine, len(files), req.strength)
+                # A declared image type must match the bytes; a generic one (application/octet-stream) is
+                # read from the bytes.
+                sources = [Source(param, await f.read(),
+                                  f.content_type if (f.content_type or "").startswith("image/") else None)
+                           for param, f in files]
+        except StarletteHTTPException as e:  # the multipart parser's refusals
+            raise APIError(400, f"body: not valid multipart/form-data ({e.detail})", param="body",
+                           code="invalid_multipart") from None
+        spec = await run_in_threadpool(
+            lambda: edit_spec(engine, req.prompt, sources, n=req.n, seed=req.seed, cfg_weight=req.cfg_weight,
+                              cfg_image=req.cfg_image, strength=req.strength, temperature=req.temperature,
+                              steps=req.steps, size=req.size))
+        return await images(spec, req.prompt, request)
+
+    async def images(spec: ImageSpec | ImageToImageSpec, prompt: str, request: Request):
+        """Queue an image job and answer with its images (OpenAI's images response, PNG base64)."""
         sink = AsyncSink()
         job = Job(spec, sink)
         submit(job)
@@ -284,7 +322,7 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
             if kind == "done":
                 data = await run_in_threadpool(lambda: [png_base64(im) for im in payload["images"]])
                 return {"created": int(time.time()), "model": model_id, "seed": spec.seed,
-                        "data": [{"b64_json": d, "revised_prompt": req.prompt} for d in data]}
+                        "data": [{"b64_json": d, "revised_prompt": prompt} for d in data]}
         return JSONResponse({}, status_code=499)
 
     return app

@@ -6,6 +6,10 @@ runs them together:
   - images: one `pipe.generate_batch` over every request's images, so all their CFG rows run side by
     side (Janus: in chunks that fit `memory_budget_gb`), each image sampled from its own generator
     (seed, i) with its request's CFG weight, so a result equals the same request run alone;
+  - edits (image-to-image by instruction): the same, with each request's source images and image
+    guidance weight; edits batch only with edits (three guidance rows per image, not two);
+  - training-free image-to-image (`strength`): one request at a time through `pipe.image_to_image`,
+    whose kept tokens / start step and source latents belong to the request;
   - chats: one left-padded batch, each row with generator (seed, 0), streamed per row.
 Results, text pieces and progress reach the caller through the job's `sink` (called on the worker
 thread). Past `max_queue` waiting jobs `submit` raises `QueueFull`; a cancelled job leaves the queue
@@ -23,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 
 from ..processing.chat import EncodedChat
-from ..processing.image import MAX_IMAGE_PIXELS
+from ..processing.image import MAX_IMAGE_PIXELS, load_image
 from ..processing.tokenizer import StreamDecoder
 from ..sampling.logits import row_generator
 from ..sampling.text import generate_text
@@ -77,28 +82,59 @@ class ImageSpec:
     seed: int
     cfg_weight: float
     options: dict[str, Any]  # the architecture's generation options, defaults filled (pipe.image_option_values)
+    # An edit (prompt_ids from processor.edit_prompt): its source images, shared by its n images, and the
+    # image guidance weight. None for text-to-image. The sources are kept encoded (checked, and decoded by
+    # the worker): a decoded 4096x4096 image is 50 MB, its file often a few KB, and max_queue jobs may wait.
+    sources: list[bytes] | None = None
+    cfg_image: float | None = None
+
+
+@dataclass
+class ImageToImageSpec:
+    """Training-free image-to-image (pipe.image_to_image): `image` (encoded, as ImageSpec.sources) kept in
+    part, by `strength` in (0, 1]."""
+    prompt: str
+    image: bytes
+    strength: float
+    n: int
+    seed: int
+    cfg_weight: float
+    options: dict[str, Any]  # the architecture's options as given (None: image_to_image's default)
+
+
+ImageKind = Literal["image", "edit", "image-to-image"]
 
 
 @dataclass(eq=False)
 class Job:
-    spec: ChatSpec | ImageSpec
+    spec: ChatSpec | ImageSpec | ImageToImageSpec
     sink: Sink
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
     @property
-    def kind(self) -> Literal["chat", "image"]:
-        return "chat" if isinstance(self.spec, ChatSpec) else "image"
+    def kind(self) -> Literal["chat"] | ImageKind:
+        s = self.spec
+        if isinstance(s, ChatSpec):
+            return "chat"
+        if isinstance(s, ImageToImageSpec):
+            return "image-to-image"
+        return "image" if s.sources is None else "edit"
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys can share a batch (per-row CFG weights and seeds are free)."""
+        """Jobs with equal keys can share a batch (per-row CFG weights, seeds and edit sources are free).
+        An image-to-image job shares with none."""
         s = self.spec
-        return ("chat", s.temperature, s.top_p) if isinstance(s, ChatSpec) else ("image", *sorted(s.options.items()))
+        if isinstance(s, ChatSpec):
+            return ("chat", s.temperature, s.top_p)
+        if isinstance(s, ImageToImageSpec):
+            return ("image-to-image", id(self))
+        return (self.kind, *sorted(s.options.items()))
 
     @property
     def rows(self) -> int:
-        return self.spec.n if isinstance(self.spec, ImageSpec) else 1
+        return 1 if isinstance(self.spec, ChatSpec) else self.spec.n
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -188,7 +224,12 @@ class Engine:
                 self.running = len(batch)
             try:
                 self.batches.append((batch[0].kind, len(batch), sum(j.rows for j in batch)))
-                self._run_chats(batch) if batch[0].kind == "chat" else self._run_images(batch)
+                if batch[0].kind == "chat":
+                    self._run_chats(batch)
+                elif batch[0].kind == "image-to-image":
+                    self._run_image_to_image(batch)
+                else:
+                    self._run_images(batch)
             except _AllCancelled:
                 log.info("batch of %d dropped: every request in it was cancelled", len(batch))
             except Exception as e:  # a failed batch fails its requests, never the server
@@ -259,8 +300,10 @@ class Engine:
             if finish[r] is None:  # the context filled up before the row stopped
                 end(r, "cancelled" if jobs[r].cancelled.is_set() else "length")
 
-    def _run_images(self, jobs: list[Job]) -> None:
-        rows = [(job, i) for job in jobs for i in range(job.spec.n)]
+    @staticmethod
+    def _progress(jobs: list[Job]) -> Callable[[int, int], None]:
+        """The sampler's progress callback: percentages to every job; stops the batch (_AllCancelled)
+        once every job in it is cancelled."""
         last = [-1]
 
         def progress(done: int, total: int) -> None:
@@ -272,12 +315,36 @@ class Engine:
                 for j in jobs:
                     j.emit("progress", (pct, 100))
 
+        return progress
+
+    def _run_images(self, jobs: list[Job]) -> None:
+        rows = [(job, i) for job in jobs for i in range(job.spec.n)]
+        edit: dict[str, Any] = {}
+        if jobs[0].kind == "edit":  # every job of the batch is (equal keys)
+            sources = {id(job): self._decode(job.spec.sources) for job in jobs}  # once per job, not per image
+            edit = dict(sources=[sources[id(job)] for job, _ in rows], cfg_image=[job.spec.cfg_image for job, _ in rows])
         out = self.pipe.generate_batch([job.spec.prompt_ids for job, _ in rows],
                                        generators=[row_generator(job.spec.seed, i) for job, i in rows],
                                        cfg_weight=[job.spec.cfg_weight for job, _ in rows],
-                                       memory_budget_gb=self.limits.memory_budget_gb, progress=progress,
-                                       **jobs[0].spec.options)
-        images = out.pil()
+                                       memory_budget_gb=self.limits.memory_budget_gb, progress=self._progress(jobs),
+                                       **edit, **jobs[0].spec.options)
+        self._deliver(jobs, out.pil())
+
+    def _run_image_to_image(self, jobs: list[Job]) -> None:
+        (job,) = jobs
+        s = job.spec
+        out = self.pipe.image_to_image(s.prompt, self._decode([s.image])[0], strength=s.strength, n=s.n, seed=s.seed,
+                                       cfg_weight=s.cfg_weight, memory_budget_gb=self.limits.memory_budget_gb,
+                                       progress=self._progress(jobs), **s.options)
+        self._deliver(jobs, out.images)
+
+    def _decode(self, images: list[bytes]) -> list[Image.Image]:
+        """Checked when the job was made (specs.edit_spec), so within the server's limits."""
+        return [load_image(b, max_pixels=self.limits.max_image_pixels) for b in images]
+
+    @staticmethod
+    def _deliver(jobs: list[Job], images: list[Image.Image]) -> None:
+        """Each job its own n images, in order."""
         at = 0
         for job in jobs:
             part = images[at:at + job.spec.n]

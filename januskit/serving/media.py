@@ -1,4 +1,4 @@
-"""Images over the wire: data: URLs (or bare base64) in, PNG base64 out.
+"""Images over the wire: data: URLs (or bare base64) and uploaded files in, PNG base64 out.
 
 A server must not fetch what a client points at: remote URLs and local paths are refused, so a
 request can neither make the server reach the network nor read its disk. The format and pixel count
@@ -35,6 +35,12 @@ def decode_image_url(url: str, param: str, max_pixels: int) -> Image.Image:
         data = base64.b64decode("".join(s.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise APIError(400, f"{param}: not valid base64 ({e})", param=param, code="invalid_image") from None
+    return decode_image_bytes(data, param, max_pixels, declared)
+
+
+def decode_image_bytes(data: bytes, param: str, max_pixels: int, declared: str | None = None) -> Image.Image:
+    """Image bytes (a data: URL's, an uploaded file's) -> RGB image; a 400 naming `param` if they are not
+    an accepted image, or one over the limits (checked from the header, by load_image)."""
     try:
         return load_image(data, max_pixels=max_pixels, declared=declared)
     except ImageTooLarge as e:

@@ -2,13 +2,16 @@
 
 Requests are pydantic models with `extra="forbid"`, so a misspelt or unsupported field is refused by
 name instead of being silently ignored. Every refusal is an `APIError`, rendered as OpenAI's
-`{"error": {"message", "type", "param", "code"}}` body.
+`{"error": {"message", "type", "param", "code"}}` body. Image edits come as multipart/form-data: the
+text fields are checked by the same kind of model (form values are strings, which pydantic converts),
+the files are the source images.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from starlette.datastructures import FormData, UploadFile
 
 from ..processing.chat import Message
 from ..processing.tokenizer import IMAGE_TOKEN
@@ -109,6 +112,52 @@ class ImageGenerationRequest(_Strict):
     response_format: Literal["b64_json"] = "b64_json"
     size: str | None = None  # only the model's own side, e.g. "384x384"
     user: str | None = None
+
+
+class ImageEditRequest(_Strict):
+    """The text fields of POST /v1/images/edits (the images are the form's files: see edit_form)."""
+    prompt: str = Field(min_length=1)  # the instruction (with strength: the prompt of the new image)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    # The text guidance weight (generations' cfg_weight; `cfg_text` is pipe.edit_image's name for it, one
+    # of the two) and the image guidance weight (default 1.5); None = the defaults.
+    cfg_weight: float | None = Field(None, ge=0.0, le=100.0, validation_alias=AliasChoices("cfg_weight", "cfg_text"))
+    cfg_image: float | None = Field(None, ge=0.0, le=100.0)
+    # Training-free image-to-image instead of an edit by instruction: how much of the one source is replaced.
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # Janus token sampling (default 1); not JanusFlow
+    steps: int | None = Field(None, ge=1, le=200)  # JanusFlow's Euler steps; None = 30
+    response_format: Literal["b64_json"] = "b64_json"
+    size: str | None = None  # only the model's own side, e.g. "384x384"
+    user: str | None = None
+
+
+IMAGE_FIELDS = ("image", "image[]")  # one source, or several as repeated fields (the openai client's image[])
+
+
+def edit_form(form: FormData) -> tuple[dict[str, str], list[tuple[str, UploadFile]]]:
+    """A multipart form -> (its text fields, for ImageEditRequest; its source images as (param, file), in
+    order). Refused by name: a text value where an image file belongs, a file in any other field (OpenAI's
+    inpainting `mask` among them), a text field given twice."""
+    fields: dict[str, str] = {}
+    files: list[UploadFile] = []
+    for key, value in form.multi_items():
+        if key in IMAGE_FIELDS:
+            if not isinstance(value, UploadFile):
+                raise APIError(400, f"{key}: expected an image file (a multipart file part), got a text value",
+                               param=key, code="invalid_image")
+            files.append(value)
+        elif isinstance(value, UploadFile):
+            why = ("inpainting masks are not supported (the instruction says what to change)" if key == "mask"
+                   else "unknown or unsupported field (the source images go in `image`)")
+            raise APIError(400, f"{key}: {why}", param=key)
+        elif key in fields:
+            raise APIError(400, f"{key}: given more than once", param=key)
+        else:
+            fields[key] = value
+    params = ["image"] if len(files) == 1 else [f"image[{i}]" for i in range(len(files))]
+    return fields, list(zip(params, files))
 
 
 def to_messages(req: ChatCompletionRequest, *, max_images: int, max_pixels: int) -> tuple[list[Message], str | None]:

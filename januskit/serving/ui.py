@@ -1,4 +1,5 @@
-"""The web UI (Gradio): chat with image upload, and image generation with a gallery and progress.
+"""The web UI (Gradio): chat with image upload, image generation with a gallery and progress, and image
+editing (by instruction, or training-free image-to-image with a strength).
 
 It submits to the same Engine as the HTTP API, so the UI's requests queue, batch and get refused
 exactly like API requests. Mounted at /ui by `januskit serve` (and by `januskit ui`).
@@ -6,17 +7,19 @@ exactly like API requests. Mounted at /ui by `januskit serve` (and by `januskit 
 from __future__ import annotations
 
 import queue
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
 from ..processing.chat import Message
+from ..processing.edit import DEFAULT_CFG_IMAGE
 from ..processing.image import load_image
 from ..processing.tokenizer import IMAGE_TOKEN
-from .engine import Engine, Job, QueueFull
+from .engine import Engine, ImageSpec, ImageToImageSpec, Job, QueueFull
 from .errors import APIError
-from .specs import chat_spec, image_spec
+from .specs import Source, chat_spec, check_sources, edit_spec, image_spec
 
 
 def _events(engine: Engine, spec) -> Any:
@@ -80,6 +83,23 @@ def build_ui(engine: Engine, model_id: str) -> gr.Blocks:
         spec = _spec_or_error(image_spec, engine, prompt, n=int(n), seed=int(seed), cfg_weight=float(cfg_weight),
                               temperature=float(temperature) if has_temperature else None,
                               steps=int(steps) if has_steps else None)
+        return run_images(spec, progress)
+
+    def edit(sources: list | None, instruction: str, n: int, seed: int, cfg_weight: float, cfg_image: float,
+             use_strength: bool, strength: float, temperature: float, steps: int,
+             progress: gr.Progress = gr.Progress()) -> list[Image.Image]:
+        strength_ = float(strength) if use_strength else None
+        paths = [item[0] if isinstance(item, (tuple, list)) else item for item in sources or []]  # (path, caption)
+        _spec_or_error(check_sources, engine, len(paths), strength_)  # before reading the files
+        # gradio only stored the uploads: the API's checks, refusals named by the file's name
+        sources = [Source(Path(p).name, Path(p).read_bytes()) for p in paths]
+        spec = _spec_or_error(edit_spec, engine, instruction, sources, n=int(n), seed=int(seed),
+                              cfg_weight=float(cfg_weight), cfg_image=None if use_strength else float(cfg_image),
+                              strength=strength_, temperature=float(temperature) if has_temperature else None,
+                              steps=int(steps) if has_steps else None)
+        return run_images(spec, progress)
+
+    def run_images(spec: ImageSpec | ImageToImageSpec, progress: gr.Progress) -> list[Image.Image]:
         progress(0, desc="queued")
         for kind, payload in _events(engine, spec):
             if kind == "progress":
@@ -118,4 +138,33 @@ def build_ui(engine: Engine, model_id: str) -> gr.Blocks:
             gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="gallery", format="png")
             go.click(generate, [prompt, n, seed, cfg_weight, temperature, steps], gallery)
             prompt.submit(generate, [prompt, n, seed, cfg_weight, temperature, steps], gallery)
+        with gr.Tab("Edit"):
+            with gr.Row():
+                # A gallery keeps the upload a file path (gr.Image would decode it before load_image's checks)
+                # and takes several sources.
+                e_sources = gr.Gallery(label=f"Source images (up to {engine.limits.max_images_per_request})",
+                                       type="filepath", interactive=True, file_types=["image"], columns=4, height=240,
+                                       format="png", elem_id="edit-sources")
+                e_gallery = gr.Gallery(label="Edited images", columns=4, height=240, elem_id="edit-gallery",
+                                       format="png")
+            instruction = gr.Textbox(label="Instruction (with strength: the prompt of the new image)",
+                                     elem_id="edit-instruction", placeholder="make the circle green")
+            with gr.Row():
+                e_n = gr.Slider(1, engine.limits.max_n, value=min(2, engine.limits.max_n), step=1, label="Images")
+                e_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                e_cfg = gr.Slider(0.0, 10.0, value=pipe.default_cfg_weight, step=0.5, label="CFG weight (text)")
+                e_cfg_image = gr.Slider(0.0, 10.0, value=DEFAULT_CFG_IMAGE, step=0.1, label="CFG weight (image)")
+            with gr.Row():
+                use_strength = gr.Checkbox(value=False, label="Training-free image-to-image (strength)",
+                                           elem_id="edit-use-strength")
+                strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength (1 = nothing of the source kept)")
+                e_temperature = gr.Slider(0.05, 2.0, value=pipe.image_options.get("temperature", 1.0), step=0.05,
+                                          label="Temperature", visible=has_temperature)
+                e_steps = gr.Slider(1, 100, value=pipe.image_options.get("steps", 30), step=1, label="Euler steps",
+                                    visible=has_steps)
+            e_go = gr.Button("Edit", variant="primary", elem_id="edit-button")
+            inputs = [e_sources, instruction, e_n, e_seed, e_cfg, e_cfg_image, use_strength, strength, e_temperature,
+                      e_steps]
+            e_go.click(edit, inputs, e_gallery)
+            instruction.submit(edit, inputs, e_gallery)
     return ui

@@ -185,7 +185,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 class DataContext:
     """What a data builder is told about the run (the rest comes from its own [data] options)."""
 
-    ratio: tuple[float, float, float]  # understanding : text : generation, from the stage
+    ratio: tuple[float, ...]  # understanding : text : generation (: edit), from the stage
     batch_size: int  # the stage's global batch per optimiser step (all ranks)
     grad_accum: int  # items the trainer takes per step from a micro-batch source (per_step sources: 1)
     micro_batch_size: int  # rows per micro-batch

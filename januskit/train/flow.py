@@ -1,6 +1,6 @@
 """JanusFlow's generation objectives: rectified flow in the VAE latent space, plus REPA.
 
-For a generation sample with clean latent x, noise z0 ~ N(0, I) and t ~ logit-normal (SD3's choice,
+For a generation (or edit) sample with clean latent x, noise z0 ~ N(0, I) and t ~ logit-normal (SD3's choice,
 which the JanusFlow paper follows; it does not give the mean and std, we default to 0 and 1):
     z_t = t * x + (1 - t) * z0            (t = 0 noise, t = 1 data)
     L_RF   = || v_theta(z_t, t | prompt) - (x - z0) ||^2, averaged over the latent
@@ -98,13 +98,13 @@ def flow_inputs(model: nn.Module, latents: torch.Tensor, seeds: torch.Tensor,
 def flow_loss_sums(model: nn.Module, hidden: torch.Tensor, captured: torch.Tensor | None, grid_mask: torch.Tensor,
                    skip: torch.Tensor, t_emb: torch.Tensor, target: torch.Tensor, repa_pixels: torch.Tensor | None,
                    head: nn.Module | None, repa_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed L_RF and L_REPA (h_phi = `head`, weighted by `repa_weight`; zero without a head) over
-    the batch's M flow samples, each counted per grid position."""
+    """L_RF and L_REPA (h_phi = `head`, weighted by `repa_weight`; zero without a head) of each of the
+    batch's M flow samples, (M,) each, summed over its grid positions (each counts as one loss token)."""
     c = model.config
     M, n = target.shape[0], c.n_gen_tokens
     v = model.velocity(hidden[grid_mask].view(M, n, -1), skip, t_emb).float()
-    rf = (v - target).pow(2).mean(dim=(1, 2, 3)).sum() * n
-    repa = hidden.new_zeros((), dtype=torch.float32)
+    rf = (v - target).pow(2).mean(dim=(1, 2, 3)) * n
+    repa = hidden.new_zeros(M, dtype=torch.float32)
     if head is not None:
         if repa_pixels is None or captured is None:
             raise ValueError("REPA is on but the batch carries no repa_pixels (build the data with the REPA model)")
@@ -112,5 +112,5 @@ def flow_loss_sums(model: nn.Module, hidden: torch.Tensor, captured: torch.Tenso
             target_feats = model.vision_und_enc_model(repa_pixels.to(hidden.dtype))
         pred = head(captured[grid_mask].view(M, n, -1))
         cos = F.cosine_similarity(pred.float(), target_feats.float(), dim=-1)  # (M, n)
-        repa = repa_weight * (1 - cos).sum()
+        repa = repa_weight * (1 - cos).sum(dim=1)
     return rf, repa

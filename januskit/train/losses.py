@@ -15,17 +15,20 @@ from torch import nn
 
 from .data.batch import IGNORE, TrainBatch
 from .data.packing import flow_starts, without_padding
-from .data.records import KINDS, SHORT
+from .data.records import IMAGE_KINDS, KIND_CODE, KINDS, SHORT
 from .flow import FlowSettings, build_repa_head, flow_inputs, flow_loss_sums
 
-REPA = 3  # by_kind's extra entry: the REPA sum (JanusFlow), counted over the gen bucket's positions
+N_KINDS = len(KINDS)  # kind buckets: records.KIND_CODE
+REPA = N_KINDS  # by_kind's extra entry: the REPA sum (JanusFlow), counted over the image kinds' grid positions
+TEXT, GEN = KIND_CODE["text"], KIND_CODE["generation"]  # the buckets of text- and image-head slots without kinds
+IMAGE_CODES = [KIND_CODE[k] for k in IMAGE_KINDS]  # buckets whose loss is on a generated image
 
 
 @dataclass
 class LossSums:
     total: torch.Tensor  # () differentiable sum of every token loss (text CE, image CE or RF, REPA)
-    by_kind: torch.Tensor  # (4,) detached sums per kind bucket (und, text, gen) and REPA
-    count: torch.Tensor  # (3,) loss tokens per kind bucket
+    by_kind: torch.Tensor  # (N_KINDS + 1,) detached sums per kind bucket (und, text, gen, edit) and REPA
+    count: torch.Tensor  # (N_KINDS,) loss tokens per kind bucket
 
     @property
     def n(self) -> torch.Tensor:
@@ -37,19 +40,25 @@ class LossSums:
 
 
 def label_counts(batch: TrainBatch) -> torch.Tensor:
-    """(3,) loss tokens per kind bucket, computed from the labels alone (host side, before forward)."""
-    out = torch.zeros(3, dtype=torch.long)
-    for labels, default in ((batch.text_labels, 1), (batch.image_labels, 2)):
-        sel = labels != IGNORE
-        kinds = _kinds(batch, sel, default)
-        out += torch.bincount(kinds.cpu(), minlength=3)[:3]
+    """(N_KINDS,) loss tokens per kind bucket, computed from the labels alone (host side, before forward)."""
+    sels = [(batch.text_labels != IGNORE, TEXT), (batch.image_labels != IGNORE, GEN)]
     if batch.flow_mask is not None:  # JanusFlow: one loss token per latent-grid position
-        out[2] += int((batch.flow_mask & ~flow_starts(batch.flow_mask)).sum())
-    return out
+        sels.append((_grid(batch.flow_mask), GEN))
+    return sum(torch.bincount(_kinds(batch, sel, default).cpu(), minlength=N_KINDS)[:N_KINDS] for sel, default in sels)
+
+
+def image_tokens(count: torch.Tensor) -> torch.Tensor:
+    """Loss tokens on generated images (generation and edit buckets) of a (N_KINDS,) count."""
+    return count[IMAGE_CODES].sum()
+
+
+def _grid(flow_mask: torch.Tensor) -> torch.Tensor:
+    """The latent-grid slots of flow runs (their first slot is the timestep token)."""
+    return flow_mask & ~flow_starts(flow_mask)
 
 
 def _kinds(batch: TrainBatch, sel: torch.Tensor, default: int) -> torch.Tensor:
-    """Kind bucket of each selected slot: from batch.kinds, else text-head -> text, image-head -> gen."""
+    """Kind bucket of each selected slot: from batch.kinds, else `default` (text-head -> text, image -> gen)."""
     if batch.kinds is None:
         return torch.full((int(sel.sum()),), default, dtype=torch.long, device=sel.device)
     return batch.kinds[sel].clamp(min=0)
@@ -78,8 +87,8 @@ def batch_losses(model: torch.nn.Module, batch: TrainBatch, flow: FlowSettings |
     image_ce = F.cross_entropy(model.image_logits(_at(hidden, i_sel)).float(), batch.image_labels[i_sel],
                                reduction="none")
     s = _text_sums(model, batch, hidden)
-    s.by_kind.index_add_(0, _kinds(batch, i_sel, 2), image_ce.detach())
-    s.count.index_add_(0, _kinds(batch, i_sel, 2), torch.ones_like(image_ce, dtype=torch.long))
+    s.by_kind.index_add_(0, _kinds(batch, i_sel, GEN), image_ce.detach())
+    s.count.index_add_(0, _kinds(batch, i_sel, GEN), torch.ones_like(image_ce, dtype=torch.long))
     # Empty selections give sum 0 but still run both heads, so both heads are always in the graph too.
     s.total = s.total + image_ce.sum() + idle
     return s
@@ -101,16 +110,17 @@ def _idle_und(model: torch.nn.Module, batch: TrainBatch, h: torch.Tensor) -> tor
 def _text_sums(model: torch.nn.Module, batch: TrainBatch, hidden: torch.Tensor) -> LossSums:
     t_sel = batch.text_labels != IGNORE
     text_ce = F.cross_entropy(model.text_logits(_at(hidden, t_sel)).float(), batch.text_labels[t_sel], reduction="none")
-    by_kind = torch.zeros(4, dtype=torch.float32, device=hidden.device)
-    by_kind.index_add_(0, _kinds(batch, t_sel, 1), text_ce.detach())
-    count = torch.zeros(3, dtype=torch.long, device=hidden.device)
-    count.index_add_(0, _kinds(batch, t_sel, 1), torch.ones_like(text_ce, dtype=torch.long))
+    by_kind = torch.zeros(N_KINDS + 1, dtype=torch.float32, device=hidden.device)
+    by_kind.index_add_(0, _kinds(batch, t_sel, TEXT), text_ce.detach())
+    count = torch.zeros(N_KINDS, dtype=torch.long, device=hidden.device)
+    count.index_add_(0, _kinds(batch, t_sel, TEXT), torch.ones_like(text_ce, dtype=torch.long))
     return LossSums(total=text_ce.sum(), by_kind=by_kind, count=count)
 
 
 def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch, settings: FlowSettings,
                        head: nn.Module | None) -> LossSums:
-    """JanusFlow: text CE, plus L_RF (+ L_REPA) of the flow samples at their grid slots."""
+    """JanusFlow: text CE, plus L_RF (+ L_REPA) of the flow samples at their grid slots; their prompts'
+    understanding slots (an edit's source images) take the understanding features, as in any sample."""
     h = model.splice(batch.input_ids, batch.und_mask, batch.pixel_values)
     c = model.config
     M = batch.n_flow
@@ -122,13 +132,15 @@ def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch, settings: Flow
     s = _text_sums(model, batch, hidden)
     idle = _idle_und(model, batch, h)
     if M:
-        grid = batch.flow_mask & ~flow_starts(batch.flow_mask)
+        grid = _grid(batch.flow_mask)
         rf, repa = flow_loss_sums(model, hidden, captured, grid, skip, t_emb, target, batch.repa_pixels, head,
                                   settings.repa_weight)
-        s.by_kind[2] += rf.detach()
-        s.by_kind[REPA] += repa.detach()
-        s.count[2] += int(grid.sum())
-        s.total = s.total + rf + repa
+        kinds = _kinds(batch, flow_starts(batch.flow_mask), GEN)  # (M,): runs in slot order, as the latents
+        s.by_kind.index_add_(0, kinds, rf.detach())
+        s.by_kind[REPA] += repa.detach().sum()
+        s.count.index_add_(0, _kinds(batch, grid, GEN), torch.ones(int(grid.sum()), dtype=torch.long,
+                                                                    device=grid.device))
+        s.total = s.total + rf.sum() + repa.sum()
     else:  # keep the generation branch in the graph (DDP / FSDP), contributing exactly zero
         z = h.new_zeros(1, *c.latent_shape)
         inputs, skip, t_emb = model.gen_inputs(z, h.new_zeros(1))
@@ -142,13 +154,13 @@ def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch, settings: Flow
 
 def batch_loss(model: torch.nn.Module, batch: TrainBatch, flow: FlowSettings | None = None,
                repa_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean loss of one batch and its per-kind means (und, text, gen; for evaluation and tests);
-    `repa` is REPA's mean over the generation positions, part of the total (`gen` is then the RF
-    term alone). `flow`, `repa_head`: as for batch_losses."""
+    """Mean loss of one batch and its per-kind means (und, text, gen, edit; for evaluation and tests);
+    `repa` is REPA's mean over the generated-image positions, part of the total (`gen` and `edit` are then
+    the RF term alone). `flow`, `repa_head`: as for batch_losses."""
     s = batch_losses(model, batch, flow, repa_head)
     per = {SHORT[k]: float(s.by_kind[i] / s.count[i]) for i, k in enumerate(KINDS) if s.count[i] > 0}
-    if repa_head is not None and s.count[2] > 0:
-        per["repa"] = float(s.by_kind[REPA] / s.count[2])
+    if repa_head is not None and image_tokens(s.count) > 0:
+        per["repa"] = float(s.by_kind[REPA] / image_tokens(s.count))
     return s.mean(), per
 
 

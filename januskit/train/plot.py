@@ -9,7 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = {"loss": (20, 20, 20), "loss_und": (31, 119, 180), "loss_text": (44, 160, 44), "loss_gen": (214, 39, 40)}
+COLORS = {"loss": (20, 20, 20), "loss_und": (31, 119, 180), "loss_text": (44, 160, 44), "loss_gen": (214, 39, 40),
+          "loss_edit": (148, 103, 189)}
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -2,7 +2,8 @@
 Table 1), as data.
 
 A stage is a row: which top-level parts train, the optimiser and schedule numbers, the step and batch
-counts and the data ratio (understanding : pure text : generation). `apply_stage` sets
+counts and the data ratio (understanding : pure text : generation, optionally : edit; the papers' rows
+have no edit data, a run adds it with a four-weight `ratio` override). `apply_stage` sets
 `requires_grad` by prefix; `lr_multiplier` is the schedule as a pure function of the step.
 Batch sizes are per optimiser step over all ranks: a per-step data source (the mixer) reads them as
 samples, and with a micro-batch source the trainer reads them as packed rows.
@@ -58,7 +59,7 @@ class Stage:
     warmup: int  # optimiser steps of linear warm-up from 0
     steps: int  # optimiser steps to run
     batch_size: int  # per optimiser step, all ranks: samples for a per-step data source, else packed rows
-    ratio: tuple[float, float, float]  # data mixture understanding : pure text : generation
+    ratio: tuple[float, ...]  # data mixture understanding : pure text : generation (: edit; 3 weights = no edit)
     horizon: int | None = None  # schedule length if not `steps` (a cosine planned longer than it ran)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW, both papers
     grad_clip: float = 1.0  # global grad-norm clip, both papers

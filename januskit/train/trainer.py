@@ -41,7 +41,7 @@ from .data.packing import split_rows
 from .data.records import KINDS, SHORT
 from .flow import FlowSettings
 from .lora import apply_lora
-from .losses import REPA, LossForward, label_counts
+from .losses import N_KINDS, REPA, LossForward, image_tokens, label_counts
 from .optim import decay_groups
 from .plot import plot_losses, read_metrics
 from .stages import Stage, apply_stage, lr_multiplier
@@ -82,7 +82,7 @@ def train_step(model: torch.nn.Module, batches: Iterator[TrainBatch], optimizer:
     # Fetch the whole step first: the loss divisor is the step's loss-token count over every
     # micro-batch and rank, and the data position stays on a step boundary for checkpoints.
     fetched = [next(batches) for _ in range(cfg.grad_accum)]
-    counts = torch.stack([label_counts(b) for b in fetched]).sum(0)  # (3,) loss tokens per kind
+    counts = torch.stack([label_counts(b) for b in fetched]).sum(0)  # (N_KINDS,) loss tokens per kind
     slots = torch.tensor([sum(b.n_tokens for b in fetched), sum(b.doc_ids.numel() for b in fetched)])
     counts = parallel.all_reduce_sum(torch.cat([counts, slots]))  # one small collective per step
     micro = [m for b in fetched for m in (split_rows(b, cfg.micro_rows, cfg.n_und_tokens) if cfg.micro_rows else [b])]
@@ -90,9 +90,9 @@ def train_step(model: torch.nn.Module, batches: Iterator[TrainBatch], optimizer:
     micro += [empty_batch()] * (parallel.all_reduce_max(len(micro)) - len(micro))
     # DDP / FSDP average gradients over ranks; scaling by world / N makes the result the gradient of
     # the global token mean, whatever the split into ranks and micro-batches.
-    scale = parallel.world() / max(1, int(counts[:3].sum()))
+    scale = parallel.world() / max(1, int(counts[:N_KINDS].sum()))
     lr = optimizer.param_groups[0]["lr"]  # the LR this step uses
-    loss_sums = torch.zeros(4, device=cfg.device)  # und, text, gen, REPA
+    loss_sums = torch.zeros(N_KINDS + 1, device=cfg.device)  # und, text, gen, edit, REPA
     for i, batch in enumerate(micro):
         batch = batch.to(cfg.device)
         with parallel.no_sync(model, enabled=i < len(micro) - 1):  # sync only on the last micro-step
@@ -106,7 +106,8 @@ def train_step(model: torch.nn.Module, batches: Iterator[TrainBatch], optimizer:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss_sums": loss_sums, "counts": counts, "grad_norm": grad_norm, "lr": lr, "repa": cfg.repa}
+    return {"loss_sums": loss_sums, "counts": counts, "tokens": counts[N_KINDS], "grad_norm": grad_norm, "lr": lr,
+            "repa": cfg.repa}
 
 
 def empty_batch() -> TrainBatch:
@@ -121,14 +122,15 @@ def reduce_metrics(raw: dict[str, Any], step: int) -> dict[str, Any]:
     """Numbers for one metrics line (collective: every rank calls it on the same steps)."""
     sums = parallel.all_reduce_sum(raw["loss_sums"].detach().float()).cpu()
     c = raw["counts"].cpu()
-    n = c[:3]
+    n = c[:N_KINDS]  # then the real slots and all slots of the step
     m: dict[str, Any] = {"step": step, "loss": float(sums.sum() / n.sum().clamp(min=1))}
     for i, k in enumerate(KINDS):
         m[f"loss_{SHORT[k]}"] = float(sums[i] / n[i]) if n[i] > 0 else None
-    if raw.get("repa"):  # JanusFlow with REPA: loss_gen is then the RF term alone
-        m["loss_repa"] = float(sums[REPA] / n[2]) if n[2] > 0 else None
+    if raw.get("repa"):  # JanusFlow with REPA: loss_gen and loss_edit are then the RF term alone
+        m["loss_repa"] = float(sums[REPA] / image_tokens(n)) if image_tokens(n) > 0 else None
+    real, slots = c[N_KINDS], c[N_KINDS + 1]
     m.update(lr=raw["lr"], grad_norm=float(parallel.local(raw["grad_norm"])), loss_tokens=int(n.sum()),
-             tokens=int(c[3]), packing=round(float(c[3] / c[4]), 6) if c[4] > 0 else None)
+             tokens=int(real), packing=round(float(real / slots), 6) if slots > 0 else None)
     return m
 
 
@@ -338,7 +340,7 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
         while step < stage.steps:
             raw = train_step(run.wrapped, batches, optimizer, scheduler, run.step_cfg)
             step += 1
-            tokens += int(raw["counts"][3])
+            tokens += int(raw["tokens"])
             if step % cfg.train.log_every == 0 or step == stage.steps:
                 m = reduce_metrics(raw, step)
                 dt = time.perf_counter() - t0

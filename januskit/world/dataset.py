@@ -4,6 +4,8 @@
     root/<split>/{generation,understanding,text}.jsonl   image paths relative to root/<split>/
     root/<split>/prompts.jsonl         GenEval-style prompts (structured, for the judge)
     root/<split>/questions.jsonl       understanding questions with exact answers
+    root/<split>/edit.jsonl            train: edit records (source image, instruction, target image)
+    root/<split>/edits.jsonl           val / test: edit tasks with their exact target scenes (edits.py)
 
 Held-out combinations: a few colour-object pairs (for colour attribution) and a few side-by-side
 shape layouts (for position) never occur together in any train or validation image, caption or
@@ -27,6 +29,7 @@ import numpy as np
 
 from ..checkpoint.io import atomic_folder
 from .captions import CaptionMix, caption_mix, draw_caption
+from .edits import TASKS, draw_edit, held_out_edits
 from .prompts import CATEGORIES, GEN_KINDS, Prompt, describe, sample_prompt, scene_for, scene_to_json
 from .questions import ALL_QTYPES, QTYPES, Question, ask, ask_some
 from .render import render
@@ -154,7 +157,7 @@ def text_document(scene: Scene, rng: np.random.Generator) -> str:
 
 def write_split(root: Path, split: str, seed: int, held: HeldOut, *, n_gen: int, n_und: int, n_text: int,
                 turns: int = 3, n_prompts: int = 0, n_questions: int = 0,
-                captions: str | dict | CaptionMix = "v1") -> dict[str, int]:
+                captions: str | dict | CaptionMix = "v1", n_edit: int = 0, n_edits: int = 0) -> dict[str, int]:
     rng = np.random.default_rng([seed, _SPLIT_SEED[split]])
     d = root / split
     (d / "img").mkdir(parents=True, exist_ok=True)
@@ -204,6 +207,25 @@ def write_split(root: Path, split: str, seed: int, held: HeldOut, *, n_gen: int,
                 rows.append(q.to_json() | {"image": save(s, f"q{len(rows):06d}.png"), "scene": scene_to_json(s)})
                 k += 1
         write("questions.jsonl", rows)
+    # Edits draw from a stream of their own, so every other file is the same with or without them.
+    edit_rng = np.random.default_rng([seed, _SPLIT_SEED[split], 2])
+    edit_held = held_out_edits()
+    if n_edit:  # training records: the tasks in turn
+        rows = []
+        for i in range(n_edit):
+            e = draw_edit(edit_rng, TASKS[i % len(TASKS)], edit_held, world_held=held)
+            rows.append({"kind": "edit", "instruction": e.instruction, "images": [save(e.source, f"e{i:06d}s.png")],
+                         "target": save(e.target, f"e{i:06d}t.png"), "task": e.task,
+                         "source_scene": scene_to_json(e.source), "target_scene": scene_to_json(e.target)})
+        write("edit.jsonl", rows)
+    if n_edits:  # evaluation: n_edits per task; on the test split half of them held-out combinations
+        rows = []
+        for task in TASKS:
+            for k in range(n_edits):
+                want = (k % 2 == 1) if split == "test" else None
+                e = draw_edit(edit_rng, task, edit_held, world_held=held, want_held=want)
+                rows.append(e.to_json() | {"image": save(e.source, f"x{len(rows):06d}.png"), "held_out": bool(want)})
+        write("edits.jsonl", rows)
     return counts
 
 
@@ -228,9 +250,9 @@ def eval_prompts(rng: np.random.Generator, per_category: int, held: HeldOut, spl
 
 
 SIZES = {  # images per split: generation, understanding (3 questions each), text documents, eval sets
-    "train": dict(n_gen=24000, n_und=12000, n_text=6000),
-    "val": dict(n_gen=200, n_und=200, n_text=100, n_prompts=10, n_questions=20),
-    "test": dict(n_gen=0, n_und=0, n_text=0, n_prompts=50, n_questions=100),
+    "train": dict(n_gen=24000, n_und=12000, n_text=6000, n_edit=6000),
+    "val": dict(n_gen=200, n_und=200, n_text=100, n_prompts=10, n_questions=20, n_edits=5),
+    "test": dict(n_gen=0, n_und=0, n_text=0, n_prompts=50, n_questions=100, n_edits=50),
 }
 
 

@@ -1,8 +1,8 @@
-"""The one batch type training consumes: packed rows of mixed understanding / text / generation samples.
+"""The one batch type training consumes: packed rows of mixed understanding / text / generation / edit samples.
 
 Labels are already shifted: `text_labels[b, t]` is the token the LM head must predict from the hidden
 state at slot t (likewise `image_labels` for the gen head); -100 means no loss at that slot.
-JanusFlow generation samples instead fill `flow_mask` slots (the timestep token, then the latent grid)
+JanusFlow generation and edit samples instead fill `flow_mask` slots (the timestep token, then the latent grid)
 from their clean latents; the noise and t are drawn in the loss from each sample's `flow_seeds`.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ class TrainBatch:
     gen_ids: torch.Tensor  # (B, T) long: VQ ids at gen_mask slots, 0 elsewhere
     text_labels: torch.Tensor  # (B, T) long: LM-head targets, IGNORE where no text loss
     image_labels: torch.Tensor  # (B, T) long: gen-head targets, IGNORE where no image loss
-    kinds: torch.Tensor | None = None  # (B, T) long: 0 understanding, 1 text, 2 generation, -1 pad (metrics)
+    kinds: torch.Tensor | None = None  # (B, T) long: records.KIND_CODE (0 und, 1 text, 2 gen, 3 edit), -1 pad
     flow_mask: torch.Tensor | None = None  # (B, T) bool: per flow sample 1 + n_gen slots [t_emb, grid tokens]
     flow_latents: torch.Tensor | None = None  # (M, C, H, W) clean (scaled) VAE latents, in slot order
     flow_seeds: torch.Tensor | None = None  # (M,) long: seed of each sample's noise and t

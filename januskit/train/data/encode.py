@@ -13,6 +13,14 @@ JanusFlow generation (`flow` given) is the layout its sampler uses: the generati
 <begin_of_image>, then 1 + n_gen slots (the timestep token, then the latent grid) whose inputs the
 loss builds from the clean latent; a dropped prompt keeps BOS and hides the rest from attention, as the
 sampler's unconditional rows do. The latent comes from the frozen VAE (`fill_latents`).
+
+Edit (image-to-image) is a generation whose prompt is `Processor.edit_prompt(instruction, n)`: the source
+images' slots take understanding features (und_mask + pixel_values, as in a chat), the target is learned
+exactly as a generation image (VQ ids, or the flow latent). Its dropout is InstructPix2Pix's: one draw
+per sample decides between dropping the text (`edit_drop_text`), the images (`edit_drop_image`), both
+(`edit_drop_both`) or nothing, and drops exactly the positions the sampler's guidance rows drop
+(`processing.edit.dropped_positions`): Janus replaces them by pad, JanusFlow hides them; a dropped
+image's slots become pad and lose their features in both.
 """
 from __future__ import annotations
 
@@ -23,9 +31,11 @@ from dataclasses import dataclass, replace
 import torch.nn.functional as F
 
 import torch
+from PIL import Image
 
 from ...config import VQConfig
 from ...processing.chat import SYSTEM_PROMPT, Message, Processor
+from ...processing.edit import dropped_positions
 from ...processing.image import to_gen_pixels
 from .batch import IGNORE
 from .records import DataError, Sample
@@ -70,12 +80,13 @@ class EncodedSample:
 
     def truncated(self, n: int, n_und_tokens: int) -> "EncodedSample":
         """The first n tokens. A cut inside an understanding image moves to before its <begin_of_image>
-        (and drops the image); a generation sample cannot lose VQ tokens."""
+        (and drops the image); generation and edit samples are never cut (not even their <end_of_image>:
+        their sources and target are one unit)."""
         if len(self) <= n:
             return self
-        if bool(self.gen_mask[n:].any()) or self.flow_mask is not None:
-            raise DataError(self.key, f"{len(self)} tokens; a generation sample cannot be truncated to {n} "
-                                      f"(its image would be cut)", "length")
+        if bool(self.gen_mask.any()) or self.flow_mask is not None:
+            raise DataError(self.key, f"{len(self)} tokens; {self.kind} samples cannot be truncated (to {n}): "
+                                      f"their image would be cut", "length")
         und = self.und_mask.tolist()
         if n > 0 and und[n - 1]:  # cut inside an image's slots: back to its first slot...
             while n > 0 and und[n - 1]:
@@ -102,6 +113,24 @@ def stable_key(key: str) -> str:
     return f"{file.replace(chr(92), '/').rsplit('/', 1)[-1]}:{rest}" if sep else key
 
 
+def _probability(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {v!r}")
+    return float(v)
+
+
+def _extended(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """`mask` followed by n False (the target's slots)."""
+    return torch.cat([mask, torch.zeros(n, dtype=torch.bool)])
+
+
+def _target(s: Sample) -> Image.Image | None:
+    """The image a generation or edit sample learns to produce (None when only its VQ ids are given)."""
+    if s.kind == "edit":
+        return s.target
+    return s.images[0] if s.images else None
+
+
 def first_sentence(text: str) -> str:
     for i, ch in enumerate(text):
         if ch in ".!?" and (i + 1 == len(text) or text[i + 1].isspace()):
@@ -124,9 +153,15 @@ class SampleEncoder:
 
     def __init__(self, processor: Processor, vq: VQConfig | None, *, seed: int = 0, cfg_drop: float = 0.1,
                  short_caption_p: float = 0.0, max_len: int | None = None, too_long: str = "error",
-                 system_prompt: str = SYSTEM_PROMPT, flow: FlowLayout | None = None) -> None:
-        if not 0.0 <= cfg_drop <= 1.0 or not 0.0 <= short_caption_p <= 1.0:
-            raise ValueError("cfg_drop and short_caption_p are probabilities in [0, 1]")
+                 system_prompt: str = SYSTEM_PROMPT, flow: FlowLayout | None = None, edit_drop_text: float = 0.05,
+                 edit_drop_image: float = 0.05, edit_drop_both: float = 0.05) -> None:
+        cfg_drop, short_caption_p = _probability("cfg_drop", cfg_drop), _probability("short_caption_p", short_caption_p)
+        # InstructPix2Pix's 5% each; exclusive outcomes of one draw, so they must fit in [0, 1] together
+        names = ("edit_drop_text", "edit_drop_image", "edit_drop_both")
+        self.edit_drop = tuple(_probability(k, v) for k, v in zip(names, (edit_drop_text, edit_drop_image,
+                                                                          edit_drop_both)))
+        if sum(self.edit_drop) > 1 + 1e-9:
+            raise ValueError(f"{' + '.join(names)} = {sum(self.edit_drop):g} > 1 (exclusive outcomes of one draw)")
         if too_long not in ("error", "truncate"):
             raise ValueError(f"too_long must be 'error' or 'truncate', got {too_long!r}")
         if (vq is None) == (flow is None):
@@ -151,6 +186,8 @@ class SampleEncoder:
     def __call__(self, s: Sample) -> EncodedSample:
         if s.kind == "generation":
             out = self.generation(s) if self.flow is None else self.flow_generation(s)
+        elif s.kind == "edit":
+            out = self.edit(s) if self.flow is None else self.flow_edit(s)
         elif s.messages is not None:
             out = self.conversation(s)
         else:
@@ -224,41 +261,89 @@ class SampleEncoder:
         return ids, dropped
 
     def generation(self, s: Sample) -> EncodedSample:
-        n = self.vq.n_tokens
         prompt, dropped = self.generation_prompt(s)
+        no = torch.zeros(len(prompt), dtype=torch.bool)
+        return self.vq_target(s, torch.tensor(prompt), no, None, dropped)
+
+    def flow_generation(self, s: Sample) -> EncodedSample:
+        prompt, dropped = self.generation_prompt(s)
+        hidden = torch.zeros(len(prompt) - 1, dtype=torch.bool)
+        if dropped:
+            hidden[1:] = True  # the sampler's unconditional row: only BOS stays visible
+        return self.flow_target(s, torch.tensor(prompt[:-1]), hidden, torch.zeros_like(hidden), None, dropped)
+
+    def vq_target(self, s: Sample, prompt: torch.Tensor, und: torch.Tensor, pix: torch.Tensor | None,
+                  dropped: bool) -> EncodedSample:
+        """Janus: `prompt` (ending with <begin_of_image>; und: its understanding slots, pix: their images),
+        then the target's n VQ ids in gen slots, then <end_of_image>. Loss only on the VQ ids."""
+        n = self.vq.n_tokens
         gen_ids, pixels = None, None
         if s.vq_ids is not None:
             gen_ids = check_vq_ids(torch.tensor(s.vq_ids, dtype=torch.long), n, self.vq.codebook_size, s.key)
         else:
-            pixels = to_gen_pixels(s.images[0], self.vq.image_size)  # short side resize, centre crop, [-1, 1]
+            pixels = to_gen_pixels(_target(s), self.vq.image_size)  # short side resize, centre crop, [-1, 1]
         P = len(prompt)
-        ids = torch.tensor(prompt + [self.image_id] * n + [self.eoi])
+        ids = torch.cat([prompt, torch.tensor([self.image_id] * n + [self.eoi])])
         gen_mask = torch.zeros(P + n + 1, dtype=torch.bool)
         gen_mask[P:P + n] = True
         no = torch.zeros(P + n + 1, dtype=torch.bool)
-        return EncodedSample(s.kind, s.key, ids, no, no.clone(), gen_mask, gen_ids, None, pixels, dropped)
+        return EncodedSample(s.kind, s.key, ids, no, _extended(und, n + 1), gen_mask, gen_ids, pix, pixels, dropped)
 
-
-    def flow_generation(self, s: Sample) -> EncodedSample:
+    def flow_target(self, s: Sample, prompt: torch.Tensor, hidden: torch.Tensor, und: torch.Tensor,
+                    pix: torch.Tensor | None, dropped: bool) -> EncodedSample:
+        """JanusFlow: `prompt` without its <begin_of_image> (that slot takes the timestep token, as in the
+        sampler; hidden: its slots no other slot sees), then 1 + n_gen flow slots for the target's latent."""
         f = self.flow
-        if s.vq_ids is not None and not s.images:
-            raise DataError(s.key, "a JanusFlow generation sample needs its image (vq_ids are for Janus)", "image")
-        prompt, dropped = self.generation_prompt(s)
-        prompt = prompt[:-1]  # <begin_of_image>'s slot takes the timestep token, as in the sampler
+        target = _target(s)
+        if target is None:
+            raise DataError(s.key, f"a JanusFlow {s.kind} sample needs its image (vq_ids are for Janus)", "image")
         P, n = len(prompt), f.n_gen_tokens
         L = P + 1 + n
-        ids = torch.tensor(prompt + [self.image_id] * (1 + n))
-        hidden = torch.zeros(L, dtype=torch.bool)
-        if dropped:
-            hidden[1:P] = True  # the sampler's unconditional row: only BOS stays visible
+        ids = torch.cat([prompt, torch.full((1 + n,), self.image_id)])
         flow_mask = torch.zeros(L, dtype=torch.bool)
         flow_mask[P:] = True
-        pixels = to_gen_pixels(s.images[0], f.image_size)
+        pixels = to_gen_pixels(target, f.image_size)
         repa = to_und_pixels(pixels, self.proc) if f.repa else None
         no = torch.zeros(L, dtype=torch.bool)
         seed = int(_unit(self.seed, "flow", s.epoch, stable_key(s.key)) * 2**62)
-        return EncodedSample(s.kind, s.key, ids, no, no.clone(), no.clone(), None, None, pixels, dropped,
-                             hidden=hidden, flow_mask=flow_mask, flow_seed=seed, repa_pixels=repa)
+        return EncodedSample(s.kind, s.key, ids, no, _extended(und, 1 + n), no.clone(), None, pix, pixels, dropped,
+                             hidden=_extended(hidden, 1 + n), flow_mask=flow_mask, flow_seed=seed, repa_pixels=repa)
+
+    # -- edit ------------------------------------------------------------------------------------
+    def edit_condition(self, key: str, epoch: int) -> tuple[bool, bool]:
+        """(keep text, keep image) of an edit sample: one reproducible draw, exclusive outcomes."""
+        u = _unit(self.seed, "edit", epoch, stable_key(key))
+        p_text, p_image, p_both = self.edit_drop
+        if u < p_text:
+            return False, True
+        if u < p_text + p_image:
+            return True, False
+        if u < p_text + p_image + p_both:
+            return False, False
+        return True, True
+
+    def edit_prompt(self, s: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """The edit prompt's ids (ending with <begin_of_image>), the positions its draw drops, its
+        understanding slots, their images, and whether anything was dropped. A dropped image's slots are
+        already pad here (no features), as in the sampler's rows; the caller pads or hides the rest."""
+        ids = self.proc.edit_prompt(s.instruction, len(s.images))
+        keep_text, keep_image = self.edit_condition(s.key, s.epoch)
+        drop = dropped_positions(ids, image_id=self.image_id, boi_id=self.boi, eoi_id=self.eoi, keep_text=keep_text,
+                                 keep_image=keep_image)
+        t = torch.tensor(ids)
+        und = t == self.image_id
+        if not keep_image:
+            return torch.where(und, self.pad, t), drop, torch.zeros_like(und), None, True
+        pix = torch.stack([self.proc.transform(im) for im in s.images])
+        return t, drop, und, pix, not keep_text
+
+    def edit(self, s: Sample) -> EncodedSample:
+        ids, drop, und, pix, dropped = self.edit_prompt(s)
+        return self.vq_target(s, torch.where(drop, self.pad, ids), und, pix, dropped)
+
+    def flow_edit(self, s: Sample) -> EncodedSample:
+        ids, drop, und, pix, dropped = self.edit_prompt(s)
+        return self.flow_target(s, ids[:-1], drop[:-1], und[:-1], pix, dropped)
 
 
 def to_und_pixels(gen_pixels: torch.Tensor, proc: Processor) -> torch.Tensor:
@@ -280,7 +365,7 @@ def fill_latents(samples: Sequence[EncodedSample], encode_images: Callable[[torc
     if not todo:
         return 0
     if encode_images is None:
-        raise ValueError(f"{todo[0].key}: JanusFlow generation sample and no VAE to encode its image "
+        raise ValueError(f"{todo[0].key}: JanusFlow {todo[0].kind} sample and no VAE to encode its image "
                          "(set [data] vae = DIR, or give the checkpoint a vae/ subfolder)")
     lat = torch.as_tensor(encode_images(torch.stack([s.gen_pixels for s in todo]))).to("cpu", torch.float32)
     if tuple(lat.shape[1:]) != tuple(shape):
@@ -319,7 +404,7 @@ def fill_vq_ids(samples: Sequence[EncodedSample], tokenize_images: Callable[[tor
     if not todo:
         return 0
     if tokenize_images is None:
-        raise ValueError(f"{todo[0].key}: generation sample without cached vq_ids and no tokenize_images given")
+        raise ValueError(f"{todo[0].key}: {todo[0].kind} sample without cached vq_ids and no tokenize_images given")
     ids = torch.as_tensor(tokenize_images(torch.stack([s.gen_pixels for s in todo]))).to("cpu", torch.long)
     for s, row in zip(todo, ids.reshape(len(todo), -1), strict=True):
         s.gen_ids = check_vq_ids(row.clone(), int(s.gen_mask.sum()), codebook_size or 2**62, s.key)

@@ -19,7 +19,7 @@ gives the costs of both.
     [data]
     builder = "januskit.train.data.fresh:build"
     captions = "v2"          # the train split's caption mix: "v1" (default), "v2" or a table of kind weights
-    kinds = ["understanding", "text", "generation"]   # the kinds drawn fresh (the default: all three)
+    kinds = ["understanding", "text", "generation"]   # the kinds drawn fresh (the default; add "edit" for edits)
     seed = 0                 # the world's seed (default: the run's seed)
 """
 from __future__ import annotations
@@ -35,15 +35,25 @@ import numpy as np
 
 from ...world.captions import CaptionMix, caption_mix
 from ...world.dataset import HeldOut, conversation, generation_pair, held_out, text_item, understanding_item
+from ...world.edits import TASKS as EDIT_TASKS
+from ...world.edits import draw_edit, held_out_edits
 from ...world.prompts import scene_to_json
 from ...world.render import render
 from .loader import TrainData
 from .loader import build as build_loader
-from .records import KIND_CODE, KINDS, DataError, Sample, parse_record
+from .records import KIND_CODE, DataError, Sample, parse_record
 
 log = logging.getLogger(__name__)
 
 _STREAM = 7919  # keeps these streams apart from write_world's (seed, split) generators
+WORLD_KINDS = ("understanding", "text", "generation", "edit")  # what the world draws
+DEFAULT_KINDS = WORLD_KINDS[:3]  # edit is asked for by name (kinds = [..., "edit"] and a fourth ratio weight)
+
+
+def _check_kinds(kinds: Sequence[str], what: str) -> None:
+    bad = [k for k in kinds if k not in WORLD_KINDS]
+    if bad:
+        raise ValueError(f"{what}: unknown kind(s) {bad}; the world draws {', '.join(WORLD_KINDS)}")
 
 
 def _mix_key(captions: str | dict | CaptionMix) -> Any:
@@ -59,8 +69,7 @@ class WorldSource:
     def __init__(self, kind: str, *, seed: int = 0, captions: str | dict | CaptionMix = "v1", turns: int = 3,
                  held: HeldOut | None = None, rank: int = 0, world_size: int = 1, on_error: str = "raise",
                  transform: Callable[[Sample], Any] | None = None) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        _check_kinds([kind], "WorldSource")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not 0 <= rank < world_size:
@@ -68,6 +77,7 @@ class WorldSource:
         self.kind, self.seed, self.turns, self.rank, self.world_size = kind, seed, turns, rank, world_size
         self.captions, self._mix = captions, _mix_key(captions)  # validates the mix now, not at the first sample
         self.held = held if held is not None else held_out()
+        self.edit_held = held_out_edits()
         self.on_error, self.transform = on_error, transform
         self.index = rank  # global index of this rank's next sample
         self.skipped: Counter[str] = Counter()
@@ -83,12 +93,20 @@ class WorldSource:
         if self.kind == "understanding":
             s, qs = understanding_item(rng, self.held, "train", self.turns)
             return conversation(qs, "0.png") | {"scene": scene_to_json(s)}, s
+        if self.kind == "edit":  # the six tasks in turn, as write_split's edit.jsonl
+            e = draw_edit(rng, EDIT_TASKS[i % len(EDIT_TASKS)], self.edit_held, world_held=self.held)
+            return {"kind": "edit", "instruction": e.instruction, "images": ["0.png"], "target": "1.png",
+                    "task": e.task}, (e.source, e.target)
         return {"kind": "text", "text": text_item(rng, self.held, "train")}, ()
 
     def sample(self, i: int) -> Sample:
-        """Sample `i`, validated like a manifest line, its image rendered (not yet encoded)."""
+        """Sample `i`, validated like a manifest line, its image(s) rendered (not yet encoded)."""
         rec, scene = self.item(i)
-        fetch = lambda refs, name: [render(scene)] if refs or name == "image" else []  # noqa: E731
+        if self.kind == "edit":
+            source, target = scene
+            fetch = lambda refs, name: [render(target)] if name == "target" else [render(source)]  # noqa: E731
+        else:
+            fetch = lambda refs, name: [render(scene)] if refs or name == "image" else []  # noqa: E731
         return parse_record(rec, f"world-{self.kind}:{i}", fetch, self.kind)
 
     def __iter__(self) -> "WorldSource":
@@ -122,17 +140,16 @@ class WorldSource:
         self.index, self.skipped = int(st["index"]), Counter(st["skipped"])
 
 
-def build(ctx: Any, *, kinds: Sequence[str] = KINDS, seed: int | None = None,
+def build(ctx: Any, *, kinds: Sequence[str] = DEFAULT_KINDS, seed: int | None = None,
           captions: str | dict | CaptionMix = "v1", turns: int = 3, **options: Any) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.fresh:build"` (ctx: train.config.DataContext).
     `kinds`: the kinds drawn fresh from the world; any other kind the stage's ratio needs comes from files,
     given as for januskit.train.data.loader:build (`generation = "world/train/generation-vq.jsonl"`).
     `seed`: the world's seed (default: the run's); `captions`: the caption mix of generation samples
     ("v1", "v2" or a table, januskit.world.captions); `turns`: questions per understanding conversation.
-    Every other option (cfg_drop, short_caption_p, too_long, on_error, prefetch, ...) is the loader's."""
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"[data] kinds: unknown kind(s) {bad}; kinds are {', '.join(KINDS)}")
+    Every other option (cfg_drop, short_caption_p, edit, edit_drop_*, too_long, on_error, prefetch, ...)
+    is the loader's."""
+    _check_kinds(kinds, "[data] kinds")
     held = held_out()
     world_seed = ctx.seed if seed is None else int(seed)
     made = {k: partial(WorldSource, k, seed=world_seed, captions=captions, turns=turns, held=held) for k in kinds}

@@ -100,14 +100,17 @@ def processor_for(source: str | Path, config: Any) -> Processor:
                      config.vision.n_tokens)
 
 
-def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: Any = None, cfg_drop: float = 0.1,
-          short_caption_p: float = 0.0, on_error: str = "raise", too_long: str = "error", shuffle: bool = True,
-          shuffle_buffer: int = 512, prefetch: int = 1, system_prompt: str | None = None,
-          vae: str | None = None, builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
+def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: Any = None, edit: Any = None,
+          cfg_drop: float = 0.1, short_caption_p: float = 0.0, edit_drop_text: float = 0.05,
+          edit_drop_image: float = 0.05, edit_drop_both: float = 0.05, on_error: str = "raise",
+          too_long: str = "error", shuffle: bool = True, shuffle_buffer: int = 512, prefetch: int = 1,
+          system_prompt: str | None = None, vae: str | None = None,
+          builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
-    Each of understanding / text / generation is a path or list of paths (JSONL manifests, tar shards or
-    folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
-    `vae`: JanusFlow only, the VAE folder that encodes generation images (default: the source's vae/).
+    Each of understanding / text / generation / edit is a path or list of paths (JSONL manifests, tar shards
+    or folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
+    cfg_drop, short_caption_p and edit_drop_*: the SampleEncoder's dropout probabilities.
+    `vae`: JanusFlow only, the VAE folder that encodes generation and edit target images (default: the source's vae/).
     `builtin` (for other builders, e.g. januskit.train.data.fresh): kind -> factory called with
     transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files."""
     c = ctx.model_config
@@ -119,11 +122,16 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
         encode_latents = vae_encoder(vae, ctx.source)
     elif vae is not None:
         raise ValueError("[data] vae is for JanusFlow models")
-    enc = SampleEncoder(proc, None if flow else c.vq, seed=ctx.seed, cfg_drop=cfg_drop, short_caption_p=short_caption_p,
-                        max_len=ctx.seq_len, too_long=too_long, flow=flow,
-                        system_prompt=proc.system_prompt if system_prompt is None else system_prompt)
+    try:
+        enc = SampleEncoder(proc, None if flow else c.vq, seed=ctx.seed, cfg_drop=cfg_drop,
+                            short_caption_p=short_caption_p, max_len=ctx.seq_len, too_long=too_long, flow=flow,
+                            edit_drop_text=edit_drop_text, edit_drop_image=edit_drop_image,
+                            edit_drop_both=edit_drop_both,
+                            system_prompt=proc.system_prompt if system_prompt is None else system_prompt)
+    except ValueError as e:  # a bad option of the [data] table: say where it is set
+        raise ValueError(f"[data] {e}") from None
     sources = {}
-    for k, (kind, spec) in enumerate(zip(KINDS, (understanding, text, generation))):
+    for k, (kind, spec) in enumerate(zip(KINDS, (understanding, text, generation, edit))):
         if (make := (builtin or {}).get(kind)) is not None:
             if spec is not None:
                 raise ValueError(f"[data] {kind}: given both as files and as a built-in source")
@@ -135,7 +143,8 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
         paths = opts.pop("paths", None)
         if paths is None:
             raise ValueError(f"[data] {kind}: a table needs 'paths' (and optionally 'root')")
-        kw = dict(kind=kind, seed=ctx.seed * len(KINDS) + k, shuffle=shuffle, rank=ctx.rank, world_size=ctx.world,
+        # stride 3, the number of kinds before edit: the older kinds keep their orders (and old runs resume)
+        kw = dict(kind=kind, seed=ctx.seed * 3 + k, shuffle=shuffle, rank=ctx.rank, world_size=ctx.world,
                   on_error=on_error, transform=enc)
         sources[kind] = open_source(paths, **{"shuffle_buffer": shuffle_buffer, **kw, **opts})
     mixer = Mixer(sources, ctx.ratio, ctx.batch_size, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world)

@@ -1,4 +1,5 @@
-"""Every optimizer step mixes the three kinds by a fixed ratio und:text:gen (Janus / Janus-Pro recipe).
+"""Every optimizer step mixes the kinds by a fixed ratio und:text:gen[:edit] (Janus / Janus-Pro recipe;
+the papers' ratios have three weights, which leave out edit samples).
 
 Each step's global batch of `batch_size` samples gets, per kind, floor or ceil of its exact share
 (so within 1 of proportional; exact when the ratio divides the batch, e.g. 5:1:4 with 10 -> 5,1,4).
@@ -41,7 +42,8 @@ def allocate(batch_size: int, weights: Sequence[Fraction], given: Sequence[int],
 
 class Mixer:
     """Iterator of per-step sample lists for this rank. `sources`: kind -> iterator of samples (None for a
-    kind with weight 0). `ratio`: und:text:gen weights, e.g. (5, 1, 4) or {"generation": 3, ...}.
+    kind with weight 0). `ratio`: und:text:gen[:edit] weights, e.g. (5, 1, 4), (5, 1, 2, 2) or
+    {"generation": 3, "edit": 1, ...}.
     `batch_size` is the GLOBAL batch (all ranks), divisible by world_size."""
 
     def __init__(self, sources: Mapping[str, Iterator | None], ratio: Sequence[float] | Mapping[str, float],
@@ -51,8 +53,10 @@ class Mixer:
             if unknown:
                 raise ValueError(f"unknown kind(s) in ratio: {sorted(unknown)}; kinds are {', '.join(KINDS)}")
             ratio = [ratio.get(k, 0) for k in KINDS]
+        if len(ratio) == len(KINDS) - 1:
+            ratio = [*ratio, 0]  # a paper's und:text:gen: no edit samples
         if len(ratio) != len(KINDS):
-            raise ValueError(f"ratio needs {len(KINDS)} weights (und:text:gen), got {list(ratio)}")
+            raise ValueError(f"ratio needs 3 or 4 weights (und:text:gen or und:text:gen:edit), got {list(ratio)}")
         self.weights = [_fraction(w) for w in ratio]
         if sum(self.weights) == 0:
             raise ValueError("ratio weights are all zero")
@@ -96,6 +100,8 @@ class Mixer:
                 "sources": {k: s.state_dict() for k, s in self.sources.items()}}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
+        old = len(KINDS) - len(st["given"])  # a checkpoint from before the edit kind: it drew none
+        st = {**st, "given": [*st["given"], *[0] * old], "ratio": [*st["ratio"], *["0"] * old]}
         for k, now in (("batch_size", self.batch_size), ("ratio", [str(w) for w in self.weights]),
                        ("world_size", self.world_size)):
             if st[k] != now:

@@ -31,18 +31,22 @@ from ...processing.tokenizer import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
-KINDS = ("understanding", "text", "generation")
+KINDS = ("understanding", "text", "generation", "edit")
 KIND_CODE = {k: i for i, k in enumerate(KINDS)}  # TrainBatch.kinds values (and the loss's metric buckets)
-SHORT = dict(zip(KINDS, ("und", "text", "gen")))  # in metric names: loss_und, loss_text, loss_gen
+SHORT = dict(zip(KINDS, ("und", "text", "gen", "edit")))  # in metric names: loss_und, loss_text, loss_gen, ...
+IMAGE_KINDS = ("generation", "edit")  # kinds whose loss is on a generated image (VQ ids or a flow latent)
 _FIELDS = {  # known fields each kind may carry; other known fields are an error, unknown ones are ignored
     "understanding": {"messages", "images", "system"},
     "text": {"messages", "text", "system"},
     "generation": {"caption", "image", "vq_ids"},
+    "edit": {"instruction", "images", "target", "vq_ids"},
 }
 _KNOWN = set().union(*_FIELDS.values())
 # The extensions of load_image's default formats (PNG, JPEG, WEBP, GIF, BMP). TIFF is left out on purpose:
 # load_image refuses it (multi-page, many codecs, a less exercised decoder), so a .tif member is not an image.
 _IMAGE_MEMBER = re.compile(r"^(\d+)\.(png|jpe?g|webp|bmp|gif)$", re.IGNORECASE)
+_TARGET_MEMBER = re.compile(r"^target\.(png|jpe?g|webp|bmp|gif)$", re.IGNORECASE)  # an edit's default target
+_SINGLE = ("image", "target")  # image fields holding one reference (the others hold a list)
 _MAX_VQ_ID = 2**31  # far above any codebook (16384); bounds ids before they become int64 tensors
 _LOG_FIRST, _LOG_EVERY = 20, 1000  # skip logging: every one of the first 20, then every 1000th
 
@@ -105,8 +109,10 @@ class Sample:
     system: str | None = None  # system prompt override; None = the default
     text: str | None = None  # text document
     caption: str | None = None  # generation prompt
-    images: list[Image.Image] = field(default_factory=list)  # RGB, in <image_placeholder> order
-    vq_ids: list[int] | None = None  # cached VQ ids of the generation image
+    images: list[Image.Image] = field(default_factory=list)  # RGB, in <image_placeholder> order (edit: sources)
+    vq_ids: list[int] | None = None  # cached VQ ids of the generation image (edit: of the target)
+    instruction: str | None = None  # edit instruction
+    target: Image.Image | None = None  # edit: the image to produce (None when vq_ids are given)
 
 
 # ----------------------------------------------------------------------------------- record validation
@@ -118,7 +124,7 @@ def parse_record(obj: Any, where: str, fetch: ImageFetch, expect_kind: str | Non
     if not isinstance(obj, dict):
         raise DataError(where, f"expected a JSON object, got {type(obj).__name__}", "json")
     if "kind" not in obj:
-        raise DataError(where, "missing field 'kind' (understanding, text or generation)", "field")
+        raise DataError(where, f"missing field 'kind' ({', '.join(KINDS)})", "field")
     kind = obj["kind"]
     if not isinstance(kind, str) or kind not in KINDS:
         raise DataError(where, f"unknown kind {_show(kind)}; expected one of {', '.join(KINDS)}", "kind")
@@ -152,27 +158,50 @@ def parse_record(obj: Any, where: str, fetch: ImageFetch, expect_kind: str | Non
         if "messages" in obj:
             return Sample(kind, where, epoch, messages=_messages(obj, where, allow_images=False), system=system)
         return Sample(kind, where, epoch, text=_plain(obj, "text", where))
+    if kind == "edit":
+        instruction = _plain(obj, "instruction", where)
+        sources = fetch(_str_list(obj, "images", where), "images")
+        if not sources:
+            raise DataError(where, "an edit sample needs at least one source image in 'images'", "field")
+        vq = _vq_ids(obj, where)
+        need = "an edit sample needs a 'target' image"
+        target = None if vq is not None else _one_image(obj, "target", where, fetch, need)  # ids: image not needed
+        return Sample(kind, where, epoch, instruction=instruction, images=sources, vq_ids=vq, target=target)
     caption = _plain(obj, "caption", where)
-    vq = obj.get("vq_ids")
+    vq = _vq_ids(obj, where)
     if vq is not None:
-        if not isinstance(vq, list):
-            raise DataError(where, f"'vq_ids' must be a list of integers, got {type(vq).__name__}", "vq_ids")
-        for i, v in enumerate(vq):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise DataError(where, f"'vq_ids' must be a list of integers; item {i} is {_show(v)}", "vq_ids")
-            if not 0 <= v < _MAX_VQ_ID:  # the codebook size is checked when the sample is encoded
-                raise DataError(where, f"'vq_ids' are codebook indices in [0, 2**31); item {i} is {_show(v)}",
-                                "vq_ids")
         return Sample(kind, where, epoch, caption=caption, vq_ids=vq)  # cached ids: the image is not needed
-    ref = obj.get("image")
+    image = _one_image(obj, "image", where, fetch, "a generation sample needs one image")
+    return Sample(kind, where, epoch, caption=caption, images=[image])
+
+
+def _vq_ids(obj: dict, where: str) -> list[int] | None:
+    """The cached 'vq_ids' of a generated image, or None; the codebook size is checked when encoding."""
+    vq = obj.get("vq_ids")
+    if vq is None:
+        return None
+    if not isinstance(vq, list):
+        raise DataError(where, f"'vq_ids' must be a list of integers, got {type(vq).__name__}", "vq_ids")
+    for i, v in enumerate(vq):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise DataError(where, f"'vq_ids' must be a list of integers; item {i} is {_show(v)}", "vq_ids")
+        if not 0 <= v < _MAX_VQ_ID:
+            raise DataError(where, f"'vq_ids' are codebook indices in [0, 2**31); item {i} is {_show(v)}", "vq_ids")
+    return vq
+
+
+def _one_image(obj: dict, name: str, where: str, fetch: ImageFetch, need: str) -> Image.Image:
+    """The single image of field `name` (a generation's 'image', an edit's 'target'), fetched; `need`
+    says what is missing when there is none."""
+    ref = obj.get(name)
     if ref is not None:
         if not isinstance(ref, str):
-            raise DataError(where, "'image' must be a string (a path relative to the dataset root)", "field")
-        _text(ref, "'image'", where, "path")
-    images = fetch(None if ref is None else [ref], "image")
+            raise DataError(where, f"{name!r} must be a string (a path relative to the dataset root)", "field")
+        _text(ref, repr(name), where, "path")
+    images = fetch(None if ref is None else [ref], name)
     if len(images) != 1:
-        raise DataError(where, f"a generation sample needs one image (or 'vq_ids'), found {len(images)}", "field")
-    return Sample(kind, where, epoch, caption=caption, images=images)
+        raise DataError(where, f"{need} (or 'vq_ids'), found {len(images)}", "field")
+    return images[0]
 
 
 def _plain(obj: dict, name: str, where: str) -> str:
@@ -277,8 +306,8 @@ def read_image_file(root: Path, ref: str, where: str, max_pixels: int = MAX_IMAG
 def file_fetch(root: Path, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageFetch:
     """The ImageFetch of a manifest line at `where`: references are image files under the dataset root."""
     def fetch(refs: list[str] | None, name: str) -> list[Image.Image]:
-        if refs is None and name == "image":
-            raise DataError(where, "missing field 'image' (or 'vq_ids')", "field")
+        if refs is None and name in _SINGLE:
+            raise DataError(where, f"missing field {name!r} (or 'vq_ids')", "field")
         return [read_image_file(root, r, where, max_pixels) for r in refs or []]
 
     return fetch
@@ -596,6 +625,12 @@ class TarSource(_Source):
         def fetch(refs: list[str] | None, name: str) -> list[Image.Image]:
             if refs is not None:  # given as member suffixes, e.g. ["0.png", "1.jpg"]
                 return [member(r) for r in refs]
+            if name == "target":  # an edit's target: the key.target.<ext> member (its sources are numbered)
+                found = sorted(s for s in members if _TARGET_MEMBER.match(s))
+                if len(found) != 1:
+                    raise DataError(where, f"missing 'target': expected one {key}.target.<png|jpg|...> member, "
+                                           f"found {len(found)}", "field")
+                return [member(found[0])]
             idx = {int(m.group(1)): s for s in members if (m := _IMAGE_MEMBER.match(s))}
             for i in range(len(idx)):
                 if i not in idx:

@@ -19,9 +19,12 @@ from ..config import DataContext
 
 
 class SyntheticData:
-    def __init__(self, *, micro_batch_size: int, seq_len: int, ratio: tuple[float, float, float], seed: int,
+    def __init__(self, *, micro_batch_size: int, seq_len: int, ratio: tuple[float, ...], seed: int,
                  vocab_size: int, codebook_size: int, n_und_tokens: int, n_gen_tokens: int, image_size: int,
                  rank: int = 0, world: int = 1, text_len: tuple[int, int] = (4, 24)) -> None:
+        if any(ratio[3:]):
+            raise ValueError(f"ratio {ratio} gives edit samples weight, but synthetic data has none")
+        ratio = tuple(ratio[:3])
         if sum(ratio) <= 0:
             raise ValueError(f"ratio {ratio} has no positive weight")
         self.rows, self.seq_len, self.seed = micro_batch_size, seq_len, seed
