@@ -382,6 +382,12 @@ def cmd_eval_world(args: argparse.Namespace) -> int:
         from .eval.grid import verdict_grid
 
         verdict_grid(rep.generation["records"], save_dir, s.images_per_prompt, args.grid)
+    if args.grid and rep.edits:
+        from .eval.grid import edit_grid
+
+        grid = Path(args.grid)
+        edit_grid(rep.edits["records"], Path(save_dir) / "edits", test_split(args.world), s.images_per_prompt,
+                  grid.with_name(grid.stem + "-edits" + grid.suffix))
     if args.grid and args.out is None:
         shutil.rmtree(save_dir, ignore_errors=True)
     if not (rep.generation or rep.understanding or rep.edits):  # a rank other than 0 under torchrun: rank 0 reports
@@ -743,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "layout, answers as JSONL, run.json; a rerun with the same folder resumes (default: a temporary "
                    "folder, removed afterwards; needed under torchrun)")
     p.add_argument("--grid", default=None, help="PNG file: the first 2 prompts of each category, their images and "
-                   "the judge's verdicts")
+                   "the judge's verdicts (and, with edits, <name>-edits.png: the first 2 edits of each task)")
     p.add_argument("--export-benchmarks", default=None, metavar="DIR", help="write the test split as GenEval's "
                    "evaluation_metadata.jsonl and a POPE file in DIR (for `eval geneval` / `eval pope`) and exit")
     p.set_defaults(func=cmd_eval_world)

@@ -263,10 +263,10 @@ def eval_edits(pipe, split_dir: Path, rows: list[dict], s: EvalSettings, save_di
             by_task[edits[i].task].append(ok)
             held["held_out" if rows[i].get("held_out") else "seen"].append(ok)
             records.append({"task": edits[i].task, "instruction": edits[i].instruction, "held_out": bool(rows[i].get("held_out")),
-                            "correct": ok})
+                            "correct": ok, "source": rows[i]["image"], "image": f"edit{i:04d}_{k}.png"})
             if save_dir is not None:
                 save_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(img).save(save_dir / f"edit{i:04d}_{k}.png")
+                Image.fromarray(img).save(save_dir / records[-1]["image"])
     tasks = {t: float(np.mean(by_task[t])) for t in TASKS if by_task[t]}
     return {"overall": float(np.mean(list(tasks.values()))) if tasks else float("nan"), "tasks": tasks,
             "held_out_vs_seen": {k: float(np.mean(v)) for k, v in held.items()}, "edits": len(edits),

@@ -88,6 +88,7 @@ def export_and_evaluate(source: Path, out: Path, world: Path, recipe_json: dict[
 def _summary(rep) -> dict[str, Any]:
     """The report without per-item records (those go to the eval command's --json)."""
     d = rep.to_json()
-    for k in ("generation", "understanding"):
-        d[k] = {a: b for a, b in d[k].items() if a != "records"}
+    for k in ("generation", "understanding", "edits"):
+        if k in d:
+            d[k] = {a: b for a, b in d[k].items() if a != "records"}
     return d

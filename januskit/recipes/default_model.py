@@ -63,7 +63,7 @@ class StagePlan:
     batch_size: int  # samples per optimiser step
     lr: float
     warmup: int = 0
-    ratio: tuple[float, float, float] | None = None  # None = the stage's own
+    ratio: tuple[float, ...] | None = None  # None = the stage's own; a fourth weight draws edits (world.edits)
     schedule: str | None = None  # None = the stage's own ("constant" in Janus-Pro); "cosine" decays to min_lr_ratio
     min_lr_ratio: float = 0.0
 
@@ -243,9 +243,13 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
     if r.data == "fresh":
         data = {"builder": "januskit.train.data.fresh:build", "captions": r.captions, "turns": r.turns,
                 "seed": r.seed, "prefetch": 1}
+        if plan.ratio is not None and len(plan.ratio) == 4:  # an edit weight: the world draws edits too
+            data["kinds"] = ["understanding", "text", "generation", "edit"]
     elif r.data == "files":
         data = {"builder": "januskit.train.data.loader:build", "understanding": str(train / "understanding.jsonl"),
                 "text": str(train / "text.jsonl"), "generation": str(train / "generation-vq.jsonl"), "prefetch": 1}
+        if plan.ratio is not None and len(plan.ratio) == 4:
+            data["edit"] = str(train / "edit.jsonl")
     else:
         raise ValueError(f"Recipe.data: {r.data!r} is not 'fresh' or 'files'")
     return RunConfig.from_dict({
@@ -320,6 +324,10 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
         cfg = choose_cfg_weight(source, world, recipe.cfg_candidates, work / "cfg-choice-rl.json")
         times["cfg_choice_rl"] = time.perf_counter() - t
     files = {} if cfg is None else {"generation_config.json": json.dumps({"guidance_scale": cfg}, indent=1) + "\n"}
+    if eval_settings is None and any(len(p.ratio or ()) == 4 for p in recipe.stages):  # it learnt edits: score them
+        from ..eval.world import EvalSettings
+
+        eval_settings = EvalSettings(edits_per_task=None)
     return export_and_evaluate(source, out, world, _recipe_json(recipe, times),
                                dtype=getattr(torch, recipe.export_dtype), evaluate_model=evaluate_model,
                                eval_settings=eval_settings, files=files)
