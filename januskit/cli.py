@@ -79,7 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if args.json:
         ids = pipe.chat_ids(args.prompt, **kw)
-        text, n = pipe.processor.tokenizer.decode(ids), len(ids)
+        text, n = pipe.processor.tokenizer.decode(ids).lstrip(), len(ids)  # as pipe.chat: no space from "Assistant:"
         print(json.dumps(dict(model=pipe.source, prompt=args.prompt, images=args.image, answer=text,
                               new_tokens=n, seconds=round(time.perf_counter() - t0, 3), seed=args.seed)))
     else:
@@ -233,6 +233,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     _log_to_stderr(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # one log under torchrun
     out = train(load_run_config(args.config, args.set), resume=args.resume)
     print(f"trained model written to {out}")
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train.image_tokenizer import RetrainSettings, retrain_image_tokenizer
+
+    _log_to_stderr()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rec = retrain_image_tokenizer(args.images, args.model or DEFAULT_MODEL, args.out, RetrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, held_out=args.held_out, seed=args.seed,
+        force=args.force, overwrite=args.overwrite), progress=not args.json)
+    if args.json:
+        print(json.dumps(rec))
+        return 0
+    b, a = rec["before"]["held_out"], rec["after"]["held_out"]
+    n = len(rec["trained_on"]["held_out"])
+    print(f"{rec['kind'].upper()} retrained on {rec['trained_on']['train']} images in {rec['seconds']:.0f} s; "
+          f"{n} held-out images: PSNR {b['psnr']:.2f} -> {a['psnr']:.2f} dB, mean abs error {b['mae_255']:.2f} -> "
+          f"{a['mae_255']:.2f} (0-255)" + (f", codebook use {b['usage']:.0%} -> {a['usage']:.0%}" if "usage" in a else ""))
+    print(f"model written to {args.out} (record: provenance.json, \"image_tokenizer\")")
+    print(f"next: {rec['next']}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train.finetune import FinetuneOptions, finetune
+
+    _log_to_stderr()
+    sources = {k: getattr(args, k) for k in ("understanding", "text", "generation", "edit") if getattr(args, k)}
+    opts = FinetuneOptions(out=args.out, model=args.model, data=args.data, sources=sources, steps=args.steps,
+                           epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                           lora=args.lora, holdout=args.holdout, seed=args.seed, threads=args.threads,
+                           time_steps=args.time_steps, eval_max=args.eval_max, evaluate=not args.no_eval,
+                           resume=args.resume, keep_checkpoints=args.keep_checkpoints, save_every=args.save_every)
+    finetune(opts)
     return 0
 
 
@@ -623,6 +661,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override a config value, e.g. --set train.out=runs/x (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-tokenizer", help="retrain a miniature model's VQ tokenizer (Janus) or VAE (JanusFlow) on "
+                       "a folder of images; a fine-tune must follow (januskit finetune)")
+    p.add_argument("images", help="folder of .png / .jpg images (any size: resized and centre-cropped; searched "
+                   "recursively)")
+    p.add_argument("--model", "-m", default=None, help="model folder (official layout); default: the bundled model")
+    p.add_argument("--out", required=True, help="output folder: the model with the new tokenizer; its "
+                   "provenance.json says what it was trained on and the reconstruction before / after")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: VQ 500, VAE 600)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: VQ 16, VAE 8)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: VQ 1e-3, VAE 2e-3)")
+    p.add_argument("--held-out", type=int, default=None, help="images kept out of training to measure on "
+                   "(default: a tenth of them, 1 to 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--force", action="store_true", help="retrain a full-size checkpoint's tokenizer too (refused by "
+                   "default: theirs are general and need no retraining)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on your JSONL data in one command: plan, train, and "
+                       "held-out figures before -> after (docs/data-format.md)")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder (official layout); default: the bundled "
+                   "model")
+    p.add_argument("--data", default=None, help="folder holding understanding.jsonl, text.jsonl, generation.jsonl "
+                   "and/or edit.jsonl")
+    for kind in ("understanding", "text", "generation", "edit"):
+        p.add_argument(f"--{kind}", action="append", default=None, metavar="JSONL", help=f"{kind} records "
+                       "(repeatable)")
+    p.add_argument("--out", required=True, help="output folder: the model, run_config.json, metrics.jsonl, "
+                   "finetune.json")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training records (default 3)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by model size)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default: by model size)")
+    p.add_argument("--seq-len", type=int, default=None, help="packed row length (default: the longest sample, "
+                   "rounded up to 64)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the output) instead of "
+                   "all weights")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of each kind kept out of training for the "
+                   "before/after evaluation (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="training and holdout seed")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: by model size)")
+    p.add_argument("--time-steps", type=int, default=4, help="steps timed for the estimate, the first not counted "
+                   "(0: no estimate)")
+    p.add_argument("--eval-max", type=int, default=200, help="held-out records evaluated per kind")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: steps / 10)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after a finished run")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tune in --out (its plan is reused)")
+    p.set_defaults(func=cmd_finetune)
 
     world = sub.add_parser("world", help="the miniature world: dataset, default-model recipe, ablation")
     wsub = world.add_subparsers(dest="world_command", required=True)

@@ -13,11 +13,12 @@ from test_pipeline import ref_text_greedy
 
 def greedy_answer(pipe, prompt: str, max_new_tokens: int, images=()) -> str:
     """What pipe.chat(prompt, images) must answer at temperature 0: the greedy ids recomputed over the
-    whole sequence every step (no cache, no batch), decoded without the stop token."""
+    whole sequence every step (no cache, no batch), decoded without the stop token and without the
+    leading whitespace the first token carries after "Assistant:"."""
     text = "".join(f"{IMAGE_TOKEN}\n" for _ in images) + prompt
     tok = pipe.processor.tokenizer
     ids = ref_text_greedy(pipe, [Message("user", text, list(images))], max_new_tokens)
-    return tok.decode([t for t in ids if t != tok.eos_id])
+    return tok.decode([t for t in ids if t != tok.eos_id]).lstrip()
 
 
 def check_world_figures(generation: dict[str, Any] | None, understanding: dict[str, Any] | None) -> None:

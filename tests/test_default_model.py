@@ -14,6 +14,8 @@ from januskit.cli import DEFAULT_MODEL, main
 from januskit.eval.world import EvalSettings, evaluate
 from januskit.world.judge import detect, score
 from januskit.world.prompts import Prompt
+from januskit.world.render import render
+from januskit.world.scene import Obj
 
 # The CI subset: the first 8 prompts of each GenEval category x 2 images (96 images), the first 20
 # questions of each type (120). Figures measured on the shipped model with exactly these settings
@@ -56,7 +58,22 @@ def test_cli_uses_the_default_model(tmp_path, capsys):
     assert out["model"] == str(DEFAULT_MODEL) and out["tokens_per_image"] == 64
     assert main(["chat", "--image", out["files"][0], "How many shapes are there?", "--json"]) == 0
     ans = json.loads(capsys.readouterr().out)
-    assert ans["answer"].strip() in {"zero", "one", "two", "three", "four"}  # the format puts a space after ":"
+    assert ans["answer"] in {"zero", "one", "two", "three", "four"}  # not " two": the space after ":" is dropped
+
+
+def test_chat_answers_start_at_their_text():
+    """The prompt ends with "Assistant:" and the model's first answer token carries the space after it;
+    what a user gets (chat, chat_stream's first piece, chat_batch) starts at the answer's text."""
+    pipe = januskit.load(DEFAULT_MODEL)
+    image = render((Obj("circle", "red", 0), Obj("square", "blue", 3)))
+    q = "How many shapes are there?"
+    raw = pipe.processor.tokenizer.decode(pipe.chat_ids(q, images=[image], max_new_tokens=8))
+    assert raw == " two"  # the token the model emits, space included
+    assert pipe.chat(q, images=[image], max_new_tokens=8) == "two"
+    pieces = list(pipe.chat_stream(q, images=[image], max_new_tokens=8))
+    assert pieces[0] and not pieces[0][0].isspace() and "".join(pieces) == "two"
+    answers = pipe.chat_batch([q, "What colour is the circle?"], [[image], [image]], max_new_tokens=8)
+    assert answers == ["two", "red"]
 
 
 README_PROMPT = Prompt("color_position", "a red circle to the left of a blue square", (("red", "circle"), ("blue", "square")),

@@ -107,6 +107,9 @@ def test_streaming_equals_non_streaming_and_pipeline(client, pipe, scene_image):
     assert text == whole == pipe.chat("What colour is the circle?", images=[scene_image], temperature=0.9, seed=11,
                                       max_new_tokens=20)
     assert chunks[0].choices[0].delta.role == "assistant"
+    # the answer starts at its text, not at the space its first token carries after "Assistant:"
+    first = next(c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content)
+    assert whole and not whole[0].isspace() and not first[0].isspace()
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 

@@ -211,6 +211,26 @@ def test_stream_decoder_reusable_after_flush(pro: TextTokenizer) -> None:
     assert (first, second) == ("猫", "dog")
 
 
+def test_stream_decoder_lstrip_drops_only_the_leading_whitespace(pro: TextTokenizer) -> None:
+    """A chat answer's first token carries the space after "Assistant:": lstrip drops it (and any
+    whitespace-only pieces before the text), keeps every later space, and starts over after flush."""
+    ids = pro.encode("  \n 4 and  five ", add_bos=False)
+    dec = StreamDecoder(pro, lstrip=True)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == "4 and  five "
+    assert not next(p for p in pieces if p)[0].isspace()
+    assert "".join([dec.push(i) for i in pro.encode(" again", add_bos=False)] + [dec.flush()]) == "again"
+    rng = random.Random(1)
+    for _ in range(20):  # random ids: still the plain decode, left-stripped
+        ids = [rng.randrange(pro.vocab_size) for _ in range(rng.randrange(1, 30))]
+        assert "".join(_stream_lstrip(pro, ids)) == pro.decode(ids).lstrip()
+
+
+def _stream_lstrip(tok: TextTokenizer, ids: list[int]) -> list[str]:
+    dec = StreamDecoder(tok, lstrip=True)
+    return [dec.push(i) for i in ids] + [dec.flush()]
+
+
 # ----------------------------------------------------------------- files & determinism
 
 

@@ -506,3 +506,108 @@ def test_janusflow_trains_on_generation_and_edit_with_repa(tmp_path, flow_ckpt):
     data = _dataset(tmp_path / "data")
     rows = _losses(train(_run(tmp_path / "out", flow_ckpt, data, 2, stage="janusflow/3", flow={"repa_layer": 1})))
     assert all(0 <= r["loss_repa"] <= 2 for r in rows)  # over the gen and edit grid positions
+
+
+# -- sources as VQ tokens ([data] edit_source = "vq") ------------------------------------------------------
+
+@pytest.fixture
+def vq_proc(janus):
+    """The tiny model's processor with VQ sources (a copy: the module fixture's stays as it is)."""
+    import copy
+
+    model, proc = janus
+    p = copy.copy(proc)
+    p.edit_source_slots = model.config.vq.n_tokens
+    return p
+
+
+def test_vq_sources_are_input_slots_before_the_target_and_carry_no_loss(janus, vq_proc, tmp_path):
+    model, proc = janus[0], vq_proc
+    n, tok = model.config.vq.n_tokens, proc.tokenizer
+    e = encoder(model, proc)(edit_sample(sources=("red", "green")))
+    prompt = proc.edit_prompt(INSTRUCTION, 2)
+    P = len(prompt)
+    und_prompt = janus[1].edit_prompt(INSTRUCTION, 2)
+    assert prompt.count(tok.image_id) == 2 * n and und_prompt.count(tok.image_id) == 2 * janus[1].n_image_tokens
+    assert INSTRUCTION in tok.decode(prompt[:prompt.index(tok.boi_id)])  # the instruction comes first
+    assert INSTRUCTION not in tok.decode(und_prompt[:und_prompt.index(tok.boi_id)])  # (a chat's order: after)
+    # the last source ends a fixed distance before the target: the same for any instruction
+    gap = lambda ids: len(ids) - 1 - max(i for i, t in enumerate(ids) if t == tok.image_id)  # noqa: E731
+    assert gap(prompt) == gap(proc.edit_prompt("swap the red circle and the blue square, please", 1))
+    slots = [i for i, t in enumerate(prompt) if t == tok.image_id]
+    assert not bool(e.und_mask.any()) and e.pixel_values is None  # nothing through the understanding encoder
+    assert e.gen_mask.nonzero().flatten().tolist() == slots + list(range(P, P + n))
+    assert e.gen_input.nonzero().flatten().tolist() == slots
+    assert fill_vq_ids([e], vq_tokenizer(model), model.config.vq.codebook_size) == 3  # 2 sources + the target
+    enc = lambda c: model.gen_vision_model.encode(to_gen_pixels(square(c), model.config.vq.image_size)[None])[0]  # noqa: E731
+    assert torch.equal(e.gen_ids, torch.cat([enc("red"), enc("green"), enc("blue")]))  # slot order
+    text_labels, image_labels = e.labels()
+    assert bool((text_labels == IGNORE).all())
+    assert image_labels.ne(IGNORE).nonzero().flatten().tolist() == list(range(P - 1, P - 1 + n))  # target only
+    assert image_labels[P - 1:P - 1 + n].tolist() == enc("blue").tolist()
+    # cached target ids: the sources still go through the tokenizer, ahead of the cached ids
+    c = encoder(model, proc)(edit_sample(sources=("red", "green"), vq_ids=enc("blue").tolist()))
+    with pytest.raises(ValueError, match="VQ ids not computed yet"):
+        c.labels()
+    assert fill_vq_ids([c], vq_tokenizer(model), model.config.vq.codebook_size) == 2
+    assert torch.equal(c.gen_ids, e.gen_ids) and torch.equal(c.labels()[1], image_labels)
+    # a dropped image: its slots are pad, no VQ input, no source to encode
+    d = encoder(model, proc, "image")(edit_sample())
+    assert d.source_pixels is None and int(d.gen_mask.sum()) == n and tok.image_id not in d.ids[:-n - 1].tolist()
+
+
+@pytest.mark.parametrize("outcome,row", [("full", 0), ("text", 1), ("both", 2)])
+def test_vq_source_training_inputs_equal_the_samplers_edit_row(janus, vq_proc, outcome, row):
+    """The prompt part of a VQ-source edit sample embeds exactly as the sampler's guidance row of its
+    dropout outcome (so what training teaches is what sampling asks)."""
+    from januskit.sampling.image_ar import edit_embeds
+
+    model, proc = janus[0], vq_proc
+    e = encoder(model, proc, outcome)(edit_sample())
+    fill_vq_ids([e], vq_tokenizer(model))
+    b = pack([e], 512, pad_id=proc.pad_id)
+    with torch.no_grad():
+        h_train = model.mixed_embeds(b.input_ids, b.und_mask, b.pixel_values, b.gen_mask, b.gen_ids)
+        prompt = proc.edit_prompt(INSTRUCTION, 1)
+        src = to_gen_pixels(square("red"), model.config.vq.image_size)[None]
+        inputs = EditInputs([src], 1.5, **ids_of(proc), via="vq")
+        ids, valid = edit_rows([prompt], proc.pad_id, inputs)
+        h_sample = edit_embeds(model, ids, inputs)
+    assert valid is None and ids.shape == (3, len(prompt))
+    assert torch.equal(b.input_ids[0, :len(prompt)], ids[row])
+    torch.testing.assert_close(h_train[0, :len(prompt)], h_sample[row], rtol=0, atol=0)
+
+
+def test_a_vq_source_model_records_it_and_edits_through_its_vq(tmp_path):
+    data = _dataset(tmp_path / "data")
+    cfg = _run(tmp_path / "out", PRESET, data, 2, stage="janus-pro/3").to_dict()
+    cfg["data"]["edit_source"] = "vq"
+    out = train(RunConfig.from_dict(cfg))
+    assert json.loads((out / "generation_config.json").read_text())["edit_source"] == "vq"
+    pipe = januskit.load(out)
+    n = pipe.config.vq.n_tokens
+    assert pipe.processor.edit_source == "vq" and pipe.processor.edit_source_slots == n
+    ids = pipe.processor.edit_prompt(INSTRUCTION, 1)
+    assert ids.count(pipe.processor.tokenizer.image_id) == n
+    a = pipe.edit_image(INSTRUCTION, [square("red")], n=2, seed=3)
+    b = pipe.edit_image(INSTRUCTION, [square("red")], n=2, seed=3)
+    c = pipe.edit_image(INSTRUCTION, [square("green")], n=2, seed=3)
+    assert a.tokens.shape == (2, n) and torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, c.tokens)  # the source matters
+    assert a.info["prompt_tokens"] == len(ids)
+    # a bad value in the folder is named; JanusFlow refuses VQ sources at training time
+    (out / "generation_config.json").write_text(json.dumps({"edit_source": "pixels"}))
+    with pytest.raises(Exception, match=r"generation_config.json: edit_source must be one of understanding, vq"):
+        januskit.load(out)
+    cfg["data"]["edit_source"] = "latents"
+    cfg["train"]["out"] = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"\[data\] edit_source must be one of understanding, vq, got 'latents'"):
+        train(RunConfig.from_dict(cfg))
+
+
+def test_janusflow_refuses_vq_sources_naming_the_option(flow_ckpt, tmp_path):
+    data = _dataset(tmp_path / "data")
+    cfg = _run(tmp_path / "out", flow_ckpt, data, 1, stage="janusflow/3", flow={"repa_layer": 1}).to_dict()
+    cfg["data"]["edit_source"] = "vq"
+    with pytest.raises(ValueError, match=r"\[data\] edit_source 'vq' is for Janus models"):
+        train(RunConfig.from_dict(cfg))

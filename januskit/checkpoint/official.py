@@ -148,9 +148,10 @@ def official_state(model: torch.nn.Module, unused: dict[str, torch.Tensor] | Non
 
 def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path | None = None,
                unused: dict[str, torch.Tensor] | None = None, extras: OfficialExtras | None = None,
-               files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+               files: dict[str, str] | None = None, overwrite: bool = False, skip: tuple[str, ...] = ()) -> Path:
     """Write config.json + safetensors in the official layout, atomically. Non-weight files of
-    `copy_from` (tokenizer, processor configs) are copied along; `files` adds text files by name.
+    `copy_from` (tokenizer, processor configs) are copied along, except those named in `skip`;
+    `files` adds text files by name.
     The known-unused entries: `unused`, else `extras` (from load_official_with_extras), else zeros."""
     dst = Path(dst)
     if any(getattr(m, "packed_for_cpu", False) for m in model.modules()):
@@ -159,7 +160,7 @@ def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path
     state = official_state(model, unused, extras)
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         if copy_from is not None:
-            copy_side_files(Path(copy_from), tmp)
+            copy_side_files(Path(copy_from), tmp, skip)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         dtype = str(next(iter(model.state_dict().values())).dtype).removeprefix("torch.")

@@ -9,6 +9,7 @@ in the same schema (the reference would ignore them; real checkpoints never carr
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,29 @@ def read_guidance_scale(folder: str | Path) -> float | None:
     if not path.is_file():
         return None
     return Fields(read_json_object(path), path).number("guidance_scale", None, lo_open=False)
+
+
+EDIT_SOURCES = ("understanding", "vq")
+
+
+def read_edit_source(folder: str | Path) -> str:
+    """How the folder's model takes an edit's source images: `edit_source` in its generation_config.json,
+    "understanding" (SigLIP -> aligner, as in a chat; the default) or "vq" (the source's VQ tokens through
+    the generation embedding, a januskit setting written by training with [data] edit_source = "vq")."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return EDIT_SOURCES[0]
+    f = Fields(read_json_object(path), path)
+    v = f.string("edit_source", EDIT_SOURCES[0])
+    if v not in EDIT_SOURCES:
+        f.fail("edit_source", f"must be one of {', '.join(EDIT_SOURCES)}, got {v!r}")
+    return v
+
+
+def write_generation_settings(folder: str | Path, settings: dict[str, Any]) -> None:
+    """Merge `settings` into the folder's generation_config.json (written whole, then renamed)."""
+    path = Path(folder) / "generation_config.json"
+    d = read_json_object(path) if path.is_file() else {}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(d | dict(settings), indent=1) + "\n")
+    tmp.replace(path)

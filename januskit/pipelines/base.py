@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..processing.chat import Message, Processor
 from ..processing.edit import DEFAULT_CFG_IMAGE, EditInputs
-from ..processing.image import load_image, to_pil, to_uint8
+from ..processing.image import load_image, to_gen_pixels, to_pil, to_uint8
 from ..processing.tokenizer import StreamDecoder
 from ..sampling.logits import row_generator
 from ..sampling.text import generate_text, next_token_probs
@@ -185,7 +185,8 @@ class Pipeline:
     def _chat_stream(self, convs: list[list[Message]], **kw) -> Iterator[list[str]]:
         """Per-step lists of new text pieces, one per conversation."""
         steps, eos = self._steps(convs, **kw)
-        return self._pieces(steps, [StreamDecoder(self.processor.tokenizer) for _ in convs], eos)
+        # lstrip: the answer's first token carries the space after "Assistant:"; answers start at their text
+        return self._pieces(steps, [StreamDecoder(self.processor.tokenizer, lstrip=True) for _ in convs], eos)
 
     @staticmethod
     def _pieces(steps: Iterator[torch.Tensor], decoders: list[StreamDecoder], eos: int) -> Iterator[list[str]]:
@@ -282,15 +283,25 @@ class Pipeline:
                 raise ValueError(f"prompt {i}: {blocks} image block(s) but {len(srcs)} source image(s); build it "
                                  "with processor.edit_prompt(instruction, n_images)")
             if id(srcs) not in seen:
-                seen[id(srcs)] = torch.stack([self.processor.transform(load_image(im)) for im in srcs])
+                seen[id(srcs)] = torch.stack([self._source_pixels(load_image(im)) for im in srcs])
             pix.append(seen[id(srcs)])
         return EditInputs(pix, DEFAULT_CFG_IMAGE if cfg_image is None else cfg_image, tok.image_id, tok.boi_id,
-                          tok.eoi_id)
+                          tok.eoi_id, via=self.processor.edit_source)
+
+    def _source_pixels(self, image: Image.Image) -> torch.Tensor:
+        """A source image as its encoder takes it: the understanding transform, or (edit_source "vq",
+        Janus only) the VQ tokenizer's crop in [-1, 1]."""
+        if self.processor.edit_source == "understanding":
+            return self.processor.transform(image)
+        if self.arch == "janusflow":
+            raise ValueError("edit_source 'vq' is for Janus models; JanusFlow takes sources through the "
+                             "understanding encoder")
+        return to_gen_pixels(image, self.config.vq.image_size)
 
     def edit_image(self, instruction: str, images: Sequence, *, n: int = 1, seed: int = 0,
                    cfg_text: float | None = None, cfg_image: float | None = None, **options: Any) -> ImageResult:
         """n images made from the source `images` as `instruction` says: the sources enter through the
-        understanding encoder, as in a chat, and guidance has two conditions (InstructPix2Pix's):
+        understanding encoder, as in a chat (or as VQ tokens, for a model trained with edit_source "vq"), and guidance has two conditions (InstructPix2Pix's):
         `cfg_text` (default: default_cfg_weight) and `cfg_image` (default 1.5). Image i from generator
         (seed, i). A model learns this from `edit` training samples (docs/editing.md); the released
         checkpoints were not trained for it. `options`: generate_batch's sampling options."""

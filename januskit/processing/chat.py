@@ -78,6 +78,9 @@ class Processor:
         self.system_prompt = system_prompt
         self.transform = transform
         self.n_image_tokens = n_image_tokens
+        # An edit's source block length when sources enter as VQ tokens (a model trained with
+        # [data] edit_source = "vq"); None: through the understanding encoder, n_image_tokens slots.
+        self.edit_source_slots: int | None = None
         pro = tokenizer.is_pro_format if pro_format is None else pro_format
         self.roles = ("<|User|>", "<|Assistant|>") if pro else ("User", "Assistant")
 
@@ -124,13 +127,14 @@ class Processor:
         ids = self._expand_images(self.tokenizer.encode(self.render(messages, system_prompt)))
         return EncodedChat(ids, [self.transform(img) for img in images])
 
-    def _expand_images(self, ids: Sequence[int]) -> list[int]:
-        """Each image placeholder -> <begin_of_image>, n_image_tokens image slots, <end_of_image>."""
+    def _expand_images(self, ids: Sequence[int], slots: int | None = None) -> list[int]:
+        """Each image placeholder -> <begin_of_image>, `slots` (default n_image_tokens) image slots, <end_of_image>."""
         tok = self.tokenizer
+        n = self.n_image_tokens if slots is None else slots
         out: list[int] = []
         for t in ids:
             if t == tok.image_id:
-                out += [tok.boi_id] + [tok.image_id] * self.n_image_tokens + [tok.eoi_id]
+                out += [tok.boi_id] + [tok.image_id] * n + [tok.eoi_id]
             else:
                 out.append(t)
         return out
@@ -138,13 +142,24 @@ class Processor:
     def edit_prompt(self, instruction: str, n_images: int) -> list[int]:
         """Image-to-image prompt ids: like `generation_prompt` (empty system prompt, ends with
         <begin_of_image>), the user turn holding `n_images` source images (as in a chat: their slots are
-        filled by the understanding encoder) and then the instruction. Shared by training and sampling."""
+        filled by the understanding encoder) and then the instruction; with `edit_source_slots` set, the
+        instruction and then the sources as VQ tokens, so the last source ends a fixed number of tokens
+        before the target starts (copying is a constant relative offset). Shared by training and sampling."""
         if n_images < 1:
             raise ValueError(f"an edit needs at least one source image, got {n_images}")
         if IMAGE_TOKEN in instruction:
             raise ValueError(f"the instruction must not contain {IMAGE_TOKEN}: the source images are given apart")
-        text = self.render([Message("user", f"{IMAGE_TOKEN}\n" * n_images + instruction)], system_prompt="")
-        return self._expand_images(self.tokenizer.encode(text)) + [self.tokenizer.boi_id]
+        if self.edit_source_slots is None:
+            turn = f"{IMAGE_TOKEN}\n" * n_images + instruction
+        else:  # VQ sources after the instruction: source token i sits a fixed distance before target token i
+            turn = instruction + f"\n{IMAGE_TOKEN}" * n_images
+        text = self.render([Message("user", turn)], system_prompt="")
+        return self._expand_images(self.tokenizer.encode(text), self.edit_source_slots) + [self.tokenizer.boi_id]
+
+    @property
+    def edit_source(self) -> str:
+        """"understanding" or "vq": how edit prompts' source blocks are filled (checkpoint.official_config)."""
+        return "understanding" if self.edit_source_slots is None else "vq"
 
     def user_turn(self, prompt: str, images: Sequence = ()) -> list[Message]:
         """One user message; images without markers in the text are placed before it, one per line."""

@@ -47,11 +47,14 @@ def guide(full: torch.Tensor, image: torch.Tensor, none: torch.Tensor, s_txt: to
 
 @dataclass
 class EditInputs:
-    """The source side of image-to-image rows: per prompt its sources' understanding pixels (k, 3, S, S),
-    in the order of the prompt's image blocks; the image guidance weight(s) s_img; the prompt's special ids."""
+    """The source side of image-to-image rows: per prompt its sources' pixels (k, 3, S, S), in the order of
+    the prompt's image blocks; the image guidance weight(s) s_img; the prompt's special ids. `via`:
+    "understanding" (the pixels are the understanding encoder's input) or "vq" (Janus: generation pixels
+    in [-1, 1], entering as their VQ tokens through gen_embed -> gen_aligner)."""
 
     sources: Sequence[torch.Tensor]
     cfg_image: float | Sequence[float]
     image_id: int
     boi_id: int
     eoi_id: int
+    via: str = "understanding"

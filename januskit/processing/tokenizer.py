@@ -208,12 +208,18 @@ class StreamDecoder:
 
     Keeps a small window of ids after the last point where the decoded text was
     complete; text ending in U+FFFD (an unfinished multi-byte char) is held back.
-    For byte-level decoders ``"".join(pushes) + flush() == tok.decode(ids)``.
+    For byte-level decoders ``"".join(pushes) + flush() == tok.decode(ids)``, or its
+    ``.lstrip()`` with ``lstrip=True``.
+
+    ``lstrip``: drop the text's leading whitespace (pieces that are only whitespace come
+    out empty). A chat answer needs it: the prompt ends with ``Assistant:`` and the
+    first answer token carries the space that follows the colon (" 4").
     """
 
-    def __init__(self, tok: TextTokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tok: TextTokenizer, skip_special_tokens: bool = True, lstrip: bool = False) -> None:
         self._tok = tok
         self._skip = skip_special_tokens
+        self._lstrip = lstrip
         self.reset()
 
     def reset(self) -> None:
@@ -222,6 +228,7 @@ class StreamDecoder:
         # so decoders that treat the first token specially stay consistent.
         self._prefix = 0
         self._read = 0
+        self._at_start = self._lstrip  # nothing but whitespace emitted yet
 
     def _new_text(self) -> tuple[str, str]:
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
@@ -237,14 +244,20 @@ class StreamDecoder:
         # Drop ids that will never be needed as context again, bounding decode cost.
         del self._ids[: self._read]
         self._prefix, self._read = 0, len(self._ids)
-        return new
+        return self._strip_start(new)
 
     def flush(self) -> str:
         """Emit whatever is held back (possibly with U+FFFD) and reset."""
         prefix_text, full_text = self._new_text()
-        new = full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+        new = self._strip_start(full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else "")
         self.reset()
         return new
+
+    def _strip_start(self, text: str) -> str:
+        if self._at_start:
+            text = text.lstrip()
+            self._at_start = not text
+        return text
 
 
 def special_tokens_for_style(style: str) -> tuple[str, ...]:

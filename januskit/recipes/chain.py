@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.official import load_official_with_extras, save_janus
+from ..train.checkpoints import PROVENANCE
 from ..train.config import RunConfig
 
 log = logging.getLogger("januskit.world")
@@ -73,7 +74,8 @@ def export_and_evaluate(source: Path, out: Path, world: Path, recipe_json: dict[
     configs, ...), its unused official entries, recipe.json and `files` (name -> text); then, with `evaluate_model`, the
     world evaluation (eval.json, and logged). Returns `out`."""
     model, extras = load_official_with_extras(source, torch.float32)
-    save_janus(model.to(dtype), out, copy_from=source, extras=extras, overwrite=True,
+    # recipe.json is the history of this folder: the last stage's provenance.json (a work folder) stays behind
+    save_janus(model.to(dtype), out, copy_from=source, extras=extras, overwrite=True, skip=(PROVENANCE,),
                files={"recipe.json": json.dumps(recipe_json, indent=1, default=str) + "\n", **(files or {})})
     if evaluate_model:
         import januskit

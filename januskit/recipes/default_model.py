@@ -312,7 +312,9 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
 
     stages = [(p.name, lambda src, dst, p=p: stage_config(p, src, dst, world, recipe)) for p in recipe.stages]
     source = run_stages(work, comp, stages, times, ranks=recipe.ranks)
-    # The last stage in the export dtype; its side files (tokenizer, processor configs, components.json) come along.
+    # The last stage in the export dtype; its side files (tokenizer, processor configs) come along. A trained
+    # folder leaves its base's records behind (train.checkpoints.BASE_RECORDS), so components.json, the report
+    # of the SigLIP and VQ this model still holds, is carried from stage 0 explicitly.
     t = time.perf_counter()
     cfg = choose_cfg_weight(source, world, recipe.cfg_candidates, work / "cfg-choice.json")
     times["cfg_choice"] = time.perf_counter() - t
@@ -324,6 +326,7 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
         cfg = choose_cfg_weight(source, world, recipe.cfg_candidates, work / "cfg-choice-rl.json")
         times["cfg_choice_rl"] = time.perf_counter() - t
     files = {} if cfg is None else {"generation_config.json": json.dumps({"guidance_scale": cfg}, indent=1) + "\n"}
+    files["components.json"] = (comp / "components.json").read_text(encoding="utf-8")
     if eval_settings is None and any(len(p.ratio or ()) == 4 for p in recipe.stages):  # it learnt edits: score them
         from ..eval.world import EvalSettings
 

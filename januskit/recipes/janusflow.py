@@ -31,6 +31,7 @@ from ..models.janusflow import JanusFlowModel
 from ..checkpoint.vae import save_vae
 from ..models.vae import LatentVAE, mini_vae_config
 from ..processing.image import to_gen_pixels
+from ..train.checkpoints import BASE_RECORDS
 from ..train.config import RunConfig
 from ..train.flow import FlowSettings
 from ..train.pretrain.vae import VAETrainConfig, reconstruction_stats, train_vae
@@ -100,7 +101,7 @@ def init_flow(text_stage: Path, vae: Path, dst: Path, r: FlowRecipe) -> Path:
         model.vision_und_enc_model.load_state_dict(janus.vision_model.state_dict())
         model.language_model.load_state_dict(janus.language_model.state_dict())
     save_janus(model, dst, overwrite=True)
-    copy_side_files(text_stage, dst)  # tokenizer and processor configs
+    copy_side_files(text_stage, dst, skip=BASE_RECORDS)  # tokenizer and processor configs; a new model: no records
     shutil.copytree(vae, dst / "vae", dirs_exist_ok=True)
     return dst
 

@@ -168,8 +168,9 @@ def run_study(work: str | Path, components: str | Path, s: Study = Study()) -> l
     return results
 
 
-def plot_scaling(results: list[dict[str, Any]], path: str | Path) -> Path:
-    """Generation loss, GenEval-style and QA against samples seen (thousands, log scale), a line per size."""
+def plot_scaling(results: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Generation loss, GenEval-style and QA against samples seen (thousands, log scale), a line per size (None
+    without matplotlib)."""
     from ..train.plot import plot_panels
 
     def series(key: str) -> dict[str, list[tuple[float, float]]]:

@@ -60,15 +60,22 @@ def edit_rows(prompts: Sequence[Sequence[int]], pad_id: int, e: EditInputs) -> t
 
 def edit_embeds(model: torch.nn.Module, ids: torch.Tensor, e: EditInputs) -> torch.Tensor:
     """Input embeddings of edit rows [full; image-only; unconditional]: the sources' understanding features
-    at the image slots of the first two groups. Each distinct source tensor is encoded once (the n images
-    of one edit share theirs), however many rows use it."""
+    (or, via "vq", their VQ tokens' generation embeddings) at the image slots of the first two groups. Each
+    distinct source tensor is encoded once (the n images of one edit share theirs), however many rows use it."""
     dtype = model.text_embeds(ids[:1, :1]).dtype
     distinct: dict[int, torch.Tensor] = {}
     for src in e.sources:
         if id(src) not in distinct:
-            distinct[id(src)] = model.image_embeds(src.to(dtype))
+            distinct[id(src)] = (model.gen_embeds(source_vq_ids(model, src)) if e.via == "vq"
+                                 else model.image_embeds(src.to(dtype)))
     feats = torch.cat([distinct[id(src)] for src in e.sources])
     return model.splice(ids, ids == e.image_id, None, features=torch.cat([feats, feats]))
+
+
+def source_vq_ids(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(k, 3, S, S) generation pixels in [-1, 1] -> (k, n_tokens) VQ ids (the frozen tokenizer)."""
+    w = model.gen_vision_model.quant_conv.weight
+    return model.gen_vision_model.encode(pixels.to(w.device, w.dtype))
 
 
 @torch.inference_mode()

@@ -261,7 +261,7 @@ class Engine:
         steps = generate_text(pipe.model, batch, max_new_tokens=max(j.spec.max_tokens for j in jobs), stop_ids=[eos],
                               temperature=s0.temperature, top_p=s0.top_p,
                               generators=[row_generator(j.spec.seed, 0) for j in jobs])
-        decoders = [StreamDecoder(tok) for _ in jobs]
+        decoders = [StreamDecoder(tok, lstrip=True) for _ in jobs]  # answers start at their text, as pipe.chat's
         counts = [0] * len(jobs)
         finish: list[str | None] = [None] * len(jobs)
 

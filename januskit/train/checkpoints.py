@@ -28,6 +28,10 @@ from .lora import ADAPTER_WEIGHTS, has_lora, load_adapter, merged_state, save_ad
 from .losses import LossForward
 
 MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
+PROVENANCE = "provenance.json"  # what a trained folder was trained from (written by export_model)
+# Records of how the base model was made and how it scored: the trained folder is another model, so the
+# export leaves them behind (its tokenizer, processor and generation configs and vae/ still come along).
+BASE_RECORDS = ("eval.json", "recipe.json", "components.json", "finetune.json", PROVENANCE)
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -150,7 +154,8 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     """Write the trained model into `out` in the official layout, with the source's tokenizer and
     processor files and unused official entries (`extras`, from build_model), so januskit.load(out)
     works; LoRA adapters are merged in first, or with `adapter_only` written alone (float32, PEFT's
-    file layout). Collective under FSDP (gathers the weights)."""
+    file layout). The source's BASE_RECORDS are not copied; provenance.json names the source instead
+    (provenance()). Collective under FSDP (gathers the weights)."""
     state = parallel.model_state(model)
     if not parallel.is_main():
         return
@@ -165,12 +170,13 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     m.load_state_dict(state, strict=True, assign=True)
     materialize_buffers(m)
     src = Path(source.source)
-    files = None
+    files = {PROVENANCE: json.dumps(provenance(source), indent=1) + "\n"}
     if not src.is_dir():  # a preset: its synthetic tokenizer and processor configs
-        files = {"tokenizer.json": synthetic_tokenizer(source.source, model.config).to_json_str(),
-                 **processor_files(model.config)}
+        files.update({"tokenizer.json": synthetic_tokenizer(source.source, model.config).to_json_str(),
+                      **processor_files(model.config)})
     tmp = out / ".export"
-    save_janus(m, tmp, copy_from=src if src.is_dir() else None, extras=extras, files=files, overwrite=True)
+    save_janus(m, tmp, copy_from=src if src.is_dir() else None, extras=extras, files=files, overwrite=True,
+               skip=BASE_RECORDS)
     for f in out.glob("model*.safetensors*"):  # a previous export's shards
         f.unlink()
     # Move file by file, config.json last: a folder without it is not (yet) a loadable checkpoint.
@@ -179,3 +185,20 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
             shutil.rmtree(out / f.name)
         os.replace(f, out / f.name)
     tmp.rmdir()
+
+
+def provenance(source: ModelSection) -> dict[str, Any]:
+    """provenance.json of a folder trained from `source` ([model]: a checkpoint folder or a preset): the
+    source as the config spelled it, its absolute path (a relative one depends on the working directory),
+    and the source's own provenance when it was trained itself, so a chain of fine-tunes stays traceable."""
+    src = Path(source.source)
+    if not src.is_dir():  # random weights of a preset
+        return {"base_model": source.source, "preset": True, "seed": source.seed}
+    out: dict[str, Any] = {"base_model": source.source, "base_model_path": str(src.resolve())}
+    try:
+        out["base_provenance"] = json.loads((src / PROVENANCE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:  # unreadable: say so rather than fail the export at the last step
+        out["base_provenance"] = f"unreadable {src / PROVENANCE}: {e}"
+    return out

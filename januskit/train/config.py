@@ -9,6 +9,8 @@
     [rl]     optional: online RL for image generation (januskit.train.rl.settings.RLSettings)
 
 Unknown keys raise with the valid names, so a typo never silently falls back to a default.
+Relative paths (model source, data files, output folder) resolve against the working directory, not the
+config file's folder: the shipped configs are written for the repository root (docs/training.md).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import JanusConfig, JanusFlowConfig
+from ..config import PRESET_NAMES, JanusConfig, JanusFlowConfig
 from .flow import FlowSettings
 from .lora import LoraSettings
 from .rl.settings import RLSettings
@@ -44,7 +46,8 @@ class StageSection:
 @dataclass(kw_only=True)
 class TrainSection:
     out: str  # output folder: final model (official layout), metrics.jsonl, loss.png, checkpoints/
-    micro_batch_size: int = 1  # packed rows per forward on each rank; accumulation fills the stage's batch
+    micro_batch_size: int = 1  # packed rows per forward on each rank: a per-step source's step (its samples, packed)
+    # runs in as many micro-batches as its rows fill; a micro-batch source (synthetic) yields this many rows per item
     seq_len: int = 4096  # packed row length in slots (both papers train at 4096)
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK if available, else cpu), "cpu" or "cuda"
     parallel: str = "auto"  # "auto" (ddp when launched with torchrun), "none", "ddp" or "fsdp"
@@ -63,7 +66,8 @@ class TrainSection:
     save_every: int = 1000  # steps between checkpoints (the last step is always saved)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one commits
     export_dtype: str = "bfloat16"  # dtype of the final model folder ("float32" keeps the exact weights)
-    plot: bool = True  # write loss.png at the end
+    plot: bool = True  # write loss.png at the end (needs matplotlib, the `plot` extra; without it only metrics.jsonl)
+    tensorboard: bool = False  # also log each metrics line to <out>/tensorboard/ (the `tensorboard` extra)
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self) -> None:
@@ -178,7 +182,68 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise ValueError(f"{path}: not valid TOML ({e})") from None
     for table, kv in parse_set(overrides or []).items():
         d.setdefault(table, {}).update(kv)
-    return RunConfig.from_dict(d, str(path))
+    cfg = RunConfig.from_dict(d, str(path))
+    check_relative_paths(cfg, path)
+    return cfg
+
+
+# [data] options naming files or folders, in the builders januskit ships (a custom builder's are its own)
+DATA_PATH_KEYS = ("understanding", "text", "generation", "edit", "vae")
+PATH_BUILDERS = ("januskit.train.data.loader:build", "januskit.train.data.fresh:build")
+
+
+def config_paths(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(key as the config spells it, path) of every file or folder the config names, except [train] out
+    (created by the run) and values that are not paths (a preset name, prompts = "world")."""
+    out: list[tuple[str, Any]] = []  # a list in [data] may hold anything: only strings are paths
+    if cfg.model.source not in PRESET_NAMES:
+        out.append(("[model] source", cfg.model.source))
+    if cfg.data.builder in PATH_BUILDERS:
+        for key in DATA_PATH_KEYS:
+            value = cfg.data.options.get(key)
+            table = value if isinstance(value, dict) else {"paths": value}
+            paths = table.get("paths")
+            for p in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []:
+                out.append((f"[data] {key}", p))
+            if isinstance(table.get("root"), str):
+                out.append((f"[data] {key}.root", table["root"]))
+    for key in ("prompts", "pairs", "pairs_root"):
+        value = getattr(cfg.rl, key)
+        if isinstance(value, str) and not (key == "prompts" and value == "world"):
+            out.append((f"[rl] {key}", value))
+    return [(k, p) for k, p in out if isinstance(p, str)]
+
+
+def check_relative_paths(cfg: RunConfig, config_file: Path) -> None:
+    """Relative paths resolve against the working directory (the shipped configs are written for the
+    repository root). One that is missing there but exists beside the config file was almost surely
+    meant that way: refuse it now, naming both folders, instead of a bare "not found" later. Paths
+    missing in both places are left to the code that opens them (a config may name what a previous
+    run will write)."""
+    for key, value in config_paths(cfg):
+        p = Path(value)
+        if p.is_absolute() or p.exists():
+            continue
+        beside = config_file.parent / p
+        if beside.exists():
+            raise FileNotFoundError(
+                f"{config_file}: {key} = {value!r}: not found in the working directory {Path.cwd()}, which relative "
+                f"paths in a config resolve against (not the config file's folder); {beside} exists: write "
+                f"{str(beside)!r}, or an absolute path")
+
+
+def describe_step(batch_size: int, world: int, accum: int, micro_batch_size: int, seq_len: int,
+                  per_step: bool) -> str:
+    """What one optimiser step holds, for the trainer's start line. A per-step source (the file loader,
+    fresh world samples) takes [stage] batch_size samples and packs them into however many rows they fill;
+    a micro-batch source (synthetic data) yields ready-packed rows, `accum` micro-batches per rank."""
+    ranks = f"{world} rank{'s' if world != 1 else ''}"
+    if per_step:
+        return (f"{batch_size} samples per optimiser step ({ranks} x {batch_size // max(1, world)}), packed into "
+                f"rows of {seq_len} tokens, micro-batches of {micro_batch_size} rows, gradient accumulation over as "
+                "many micro-batches as the step's rows fill")
+    return (f"{world * accum * micro_batch_size} packed rows of {seq_len} tokens per optimiser step ({ranks} x "
+            f"{accum} gradient accumulation steps x micro-batches of {micro_batch_size} rows)")
 
 
 @dataclass(frozen=True, kw_only=True)

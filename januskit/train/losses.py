@@ -186,3 +186,14 @@ class LossForward(nn.Module):
     def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = batch_losses(self.model, batch, self.flow, self.repa_head)
         return s.total, s.by_kind, s.count
+
+
+def progress_postfix(metrics: dict) -> dict[str, str]:
+    """The progress bar's fields of a metrics line: the mean loss, then each kind's own (the mean is over
+    tokens, so a step's hundreds of image tokens drown its answers' few: only loss_und shows them), REPA, LR."""
+    out = {"loss": f"{metrics['loss']:.4f}"}
+    for name in [*SHORT.values(), "repa"]:
+        if metrics.get(f"loss_{name}") is not None:  # None: no tokens of that kind this step
+            out[name] = f"{metrics[f'loss_{name}']:.3f}"
+    out["lr"] = f"{metrics['lr']:.2e}"
+    return out

@@ -1,16 +1,27 @@
-"""Loss curves as a PNG drawn with Pillow (no matplotlib dependency): one line per metric over steps,
-axes with a few labelled ticks, and a legend."""
+"""Training curves as PNGs, drawn with matplotlib (the optional `plot` extra, Agg backend: no display, no
+pyplot state). Without matplotlib nothing is drawn: metrics.jsonl (the source of truth) is still written, and
+one log line says the plots were skipped. `read_metrics` reads a metrics.jsonl either way."""
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+log = logging.getLogger("januskit.train.plot")
 
+# Colours as 0-255 RGB (what a test finds in the PNG); matplotlib gets them as 0-1 fractions.
 COLORS = {"loss": (20, 20, 20), "loss_und": (31, 119, 180), "loss_text": (44, 160, 44), "loss_gen": (214, 39, 40),
           "loss_edit": (148, 103, 189)}
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (20, 20, 20)]
+OTHER = (120, 120, 120)  # a plot_losses key without a colour of its own
+DPI = 100  # figure inches x DPI = the PNG's size in pixels
+INSTALL_HINT = "pip install 'januskit[plot]'"
+
+_warned = False
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -20,104 +31,90 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    for m in (1, 2, 5, 10):
-        if (hi - lo) / (step * m) <= n:
-            step *= m
-            break
-    first = math.ceil(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step) + 1)]
+def _figure(size: tuple[int, int]) -> Any:
+    """A matplotlib Figure of `size` pixels on an Agg canvas, or None (logged once) without matplotlib."""
+    global _warned
+    try:
+        importlib.import_module("matplotlib")  # the top-level package first: a missing one fails here
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _warned:
+            log.warning("plots skipped: matplotlib is not installed (%s); the metrics are in metrics.jsonl",
+                        INSTALL_HINT)
+            _warned = True
+        return None
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _rgb(c: tuple[int, int, int]) -> tuple[float, float, float]:
+    return (c[0] / 255, c[1] / 255, c[2] / 255)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+    return path
 
 
 def plot_losses(metrics: Sequence[dict], path: str | Path, keys: Sequence[str] = tuple(COLORS),
                 size: tuple[int, int] = (800, 480), title: str = "training loss") -> Path | None:
-    """Write the curves of `keys` (skipping missing / null values) to `path`; None if nothing to draw."""
+    """Write the curves of `keys` over steps (skipping missing / null / non-finite values) to `path`, a PNG of
+    `size` pixels. None if there is nothing to draw or matplotlib is not installed."""
     series = {k: [(m["step"], m[k]) for m in metrics if m.get(k) is not None and math.isfinite(m[k])] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    W, H = size
-    left, right, top, bottom = 70, 20, 40, 50
-    xs = [s for v in series.values() for s, _ in v]
-    ys = [y for v in series.values() for _, y in v]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(0.0, min(ys)), max(ys) * 1.05 or 1.0
-    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)  # noqa: E731
-    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)  # noqa: E731
-
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    d.text((left, 12), title, fill="black", font=font)
-    for t in _ticks(y0, y1):
-        d.line([(left, py(t)), (W - right, py(t))], fill=(230, 230, 230))
-        d.text((8, py(t) - 6), f"{t:g}", fill="black", font=font)
-    for t in _ticks(x0, x1):
-        d.line([(px(t), H - bottom), (px(t), H - bottom + 5)], fill="black")
-        d.text((px(t) - 10, H - bottom + 8), f"{int(t)}", fill="black", font=font)
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    d.text(((W - right + left) // 2 - 12, H - 20), "step", fill="black", font=font)
-    for i, (k, v) in enumerate(series.items()):
-        pts = [(px(x), py(y)) for x, y in v]
-        color = COLORS.get(k, (120, 120, 120))
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        else:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
-        ly = top + 8 + 14 * i
-        d.line([(W - right - 120, ly + 6), (W - right - 100, ly + 6)], fill=color, width=2)
-        d.text((W - right - 95, ly), k, fill="black", font=font)
-    path = Path(path)
-    img.save(path)
-    return path
-
-
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (20, 20, 20)]
+    fig = _figure(size)
+    if fig is None:
+        return None
+    ax = fig.add_subplot()
+    for k, v in series.items():
+        xs, ys = zip(*v)
+        ax.plot(xs, ys, color=_rgb(COLORS.get(k, OTHER)), linewidth=1.5, label=k,
+                marker="o" if len(v) == 1 else None, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=min(0.0, min(y for v in series.values() for _, y in v)))
+    ax.grid(True, color=(0.9, 0.9, 0.9))
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def plot_panels(panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]], path: str | Path, *,
-                xlabel: str = "", log2_x: bool = False, panel_size: tuple[int, int] = (420, 320)) -> Path:
-    """Side-by-side panels, each (title, {series label: [(x, y), ...]}): a few measured points per line (the
-    scaling study) get markers and a tick at each x; longer series (over 12 points) are drawn as curves."""
+                xlabel: str = "", log2_x: bool = False, panel_size: tuple[int, int] = (420, 320)) -> Path | None:
+    """Side-by-side panels, each (title, {series label: [(x, y), ...]}), in a PNG of len(panels) x
+    panel_size pixels: a few measured points per line (the scaling study) get markers and a tick at each x;
+    longer series (over 12 points) are drawn as plain curves. Each label keeps one colour across the panels
+    (PALETTE, labels sorted). None without matplotlib."""
     W, H = panel_size
-    img = Image.new("RGB", (W * len(panels), H), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    fig = _figure((W * len(panels), H))
+    if fig is None:
+        return None
     labels = sorted({k for _, series in panels for k in series})
-    color = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(labels)}
-    fx = (lambda x: math.log2(x)) if log2_x else (lambda x: x)  # noqa: E731
-    for n, (title, series) in enumerate(panels):
-        ox = n * W
-        left, right, top, bottom = ox + 55, ox + W - 15, 30, H - 45
-        pts = [(x, y) for v in series.values() for x, y in v]
-        x0, x1 = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
-        x0, x1 = (x0 - 0.5, x1 + 0.5) if log2_x else (x0, x1 if x1 > x0 else x0 + 1)
-        y0, y1 = min(0.0, min(y for _, y in pts)), max(y for _, y in pts) * 1.1 or 1.0
-        px = lambda x: left + (fx(x) - x0) / (x1 - x0) * (right - left)  # noqa: E731
-        py = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
-        d.text((left, 10), title, fill="black", font=font)
-        for t in _ticks(y0, y1):
-            d.line([(left, py(t)), (right, py(t))], fill=(230, 230, 230))
-            d.text((ox + 8, py(t) - 6), f"{t:g}", fill="black", font=font)
-        xs = sorted({x for x, _ in pts})
-        dense = len(xs) > 12  # a curve (e.g. per step): round ticks, no markers
-        for x in (_ticks(x0, x1) if dense and not log2_x else xs):
-            d.line([(px(x), bottom), (px(x), bottom + 5)], fill="black")
-            d.text((px(x) - 12, bottom + 8), f"{x:g}", fill="black", font=font)
-        d.rectangle([left, top, right, bottom], outline="black")
-        d.text(((left + right) // 2 - 3 * len(xlabel), H - 18), xlabel, fill="black", font=font)
-        for i, (k, v) in enumerate(sorted(series.items())):
-            xy = [(px(x), py(y)) for x, y in sorted(v)]
-            if len(xy) > 1:
-                d.line(xy, fill=color[k], width=2)
-            for a, b in ([] if len(v) > 12 else xy):
-                d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=color[k])
-            d.line([(left + 8, top + 12 + 14 * i), (left + 26, top + 12 + 14 * i)], fill=color[k], width=2)
-            d.text((left + 30, top + 6 + 14 * i), k, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    color = {k: _rgb(PALETTE[i % len(PALETTE)]) for i, k in enumerate(labels)}
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, series) in zip(axes, panels):
+        xs = sorted({x for v in series.values() for x, _ in v})
+        for k, v in sorted(series.items()):
+            pts = sorted(v)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], color=color[k], linewidth=1.5, label=k,
+                    marker=None if len(pts) > 12 else "o", markersize=4)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        if xs and len(xs) <= 12:
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ys = [y for v in series.values() for _, y in v]
+        if ys:
+            ax.set_ylim(bottom=min(0.0, min(ys)))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, color=(0.9, 0.9, 0.9))
+        if series:
+            ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -30,18 +30,20 @@ from tqdm import tqdm
 
 from ..checkpoint.init import random_model
 from ..checkpoint.official import OfficialExtras, load_official_with_extras
+from ..checkpoint.official_config import write_generation_settings
 from ..config import PRESET_NAMES, preset, resolve_dtype
 from ..models.janus import JanusModel
 from ..quantization import check_trainable
 from . import parallel
 from .data.batch import IGNORE, TrainBatch
 from .checkpoints import export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
-from .config import DataContext, LoraSection, ModelSection, RunConfig
+from .config import DataContext, LoraSection, ModelSection, RunConfig, describe_step
 from .data.packing import split_rows
 from .data.records import KINDS, SHORT
 from .flow import FlowSettings
+from .loggers import check_available, open_loggers
 from .lora import apply_lora
-from .losses import N_KINDS, REPA, LossForward, image_tokens, label_counts
+from .losses import N_KINDS, REPA, LossForward, image_tokens, label_counts, progress_postfix
 from .optim import decay_groups
 from .plot import plot_losses, read_metrics
 from .stages import Stage, apply_stage, lr_multiplier
@@ -146,8 +148,8 @@ def build_model(spec: ModelSection) -> tuple[JanusModel, OfficialExtras]:
         return load_official_with_extras(p, torch.float32)
     if spec.source in PRESET_NAMES:
         return random_model(preset(spec.source), spec.seed), OfficialExtras()
-    raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder, and not a preset "
-                            f"({', '.join(PRESET_NAMES)})")
+    raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder (a relative path is read "
+                            f"from the working directory, {Path.cwd()}), and not a preset ({', '.join(PRESET_NAMES)})")
 
 
 def set_trainable(loss: LossForward, stage: Stage, lora: LoraSection, seed: int) -> None:
@@ -177,12 +179,15 @@ def build_optimizer(module: torch.nn.Module, stage: Stage, fused: bool = False) 
 
 def accumulation(stage: Stage, micro_batch_size: int, world: int) -> int:
     """Micro-batches per rank per step; the stage batch is rounded up to a multiple of micro x world."""
+    return max(1, math.ceil(stage.batch_size / (micro_batch_size * world)))
+
+
+def warn_rounded_batch(stage: Stage, micro_batch_size: int, world: int, accum: int) -> None:
+    """A source of packed rows (not per_step) rounds the stage batch up to micro x world x accum rows."""
     per = micro_batch_size * world
-    accum = max(1, math.ceil(stage.batch_size / per))
     if accum * per != stage.batch_size:
-        log.warning("batch size %d is not a multiple of micro_batch_size x world = %d; using %d",
+        log.warning("batch size %d (packed rows) is not a multiple of micro_batch_size x world = %d; using %d",
                     stage.batch_size, per, accum * per)
-    return accum
 
 
 def build_data(cfg: RunConfig, stage: Stage, model: JanusModel, grad_accum: int, repa: bool = False) -> DataSource:
@@ -266,7 +271,10 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
     accum = accumulation(stage, cfg.train.micro_batch_size, info.world)
     repa = loss.repa_head is not None
     data = data if data is not None else build_data(cfg, stage, model, accum, repa)
-    accum = 1 if getattr(data, "per_step", False) else accum  # a per-step source yields whole steps
+    if getattr(data, "per_step", False):  # a per-step source yields whole steps of exactly batch_size samples
+        accum = 1
+    else:
+        warn_rounded_batch(stage, cfg.train.micro_batch_size, info.world, accum)
     step = restore_state(ckpt, loss, optimizer, scheduler, data) if ckpt is not None else 0
     if cfg.train.autocast == "bfloat16" and info.device.type == "cpu" and not cpu_has_fast_bf16():
         log.warning("train.autocast = bfloat16 on a CPU without native bf16 (%s): PyTorch's bf16 matmul falls back "
@@ -319,6 +327,7 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
             raise FileExistsError(f"{out}: holds checkpoints up to step {done[-1][0]}; pass --resume "
                                   "(resume=True) to continue, or choose another output folder")
         ckpt = done[-1][1] if resume and done else None
+        check_available(cfg.train)  # an optional logger that is not installed: stop before building
         run = build_run(cfg, ckpt=ckpt, data=data, prepare=prepare)
         stage, model, loss, data, step = run.stage, run.model, run.loss, run.data, run.step
         optimizer, scheduler = run.optimizer, run.scheduler
@@ -330,9 +339,11 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
             out.mkdir(parents=True, exist_ok=True)
             (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             _write_metrics(metrics_path, history)  # drop lines logged after the checkpoint we resume from
-            log.info("stage %s: %d steps from step %d; %d ranks x %d data items per step, micro-batches of %d rows",
-                     stage.name, stage.steps, step, info.world, accum, cfg.train.micro_batch_size)
+            log.info("stage %s: %d steps from step %d; %s", stage.name, stage.steps, step,
+                     describe_step(stage.batch_size, info.world, accum, cfg.train.micro_batch_size, cfg.train.seq_len,
+                                   per_step=getattr(data, "per_step", False)))
 
+        loggers = open_loggers(cfg.train, out, step, enabled=parallel.is_main())  # beside metrics.jsonl
         batches = iter(data)
         bar = tqdm(total=stage.steps, initial=step, unit="step", dynamic_ncols=True,
                    disable=not (parallel.is_main() and cfg.train.progress))
@@ -348,14 +359,18 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
                 if parallel.is_main():
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(m) + "\n")
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                    loggers.log(m)  # TensorBoard (loggers.py): the same line
+                    bar.set_postfix(progress_postfix(m))
             if step % cfg.train.save_every == 0 or step == stage.steps:
                 save_checkpoint(ckpt_root, step, loss, optimizer, scheduler, data, cfg)
             bar.update(1)
         bar.close()
+        loggers.close()
 
         export_model(model, out, cfg.model, resolve_dtype(cfg.train.export_dtype), run.extras,
                      adapter_only=cfg.lora.enabled and not cfg.lora.merge_on_export)
+        if parallel.is_main() and getattr(data, "model_settings", None):  # e.g. edit_source "vq"
+            write_generation_settings(out, data.model_settings)
         if parallel.is_main() and cfg.train.plot:
             plot_losses(read_metrics(metrics_path), out / "loss.png", title=f"{stage.name} ({cfg.model.source})")
         parallel.barrier()

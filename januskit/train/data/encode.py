@@ -50,8 +50,8 @@ class EncodedSample:
     ids: torch.Tensor  # (L,) long; image_id at understanding and generation slots
     text_target: torch.Tensor  # (L,) bool: this token is predicted by the LM head (from the slot before)
     und_mask: torch.Tensor  # (L,) bool: understanding-feature slots
-    gen_mask: torch.Tensor  # (L,) bool: VQ-token slots (each one is a gen-head target)
-    gen_ids: torch.Tensor | None  # (gen_mask.sum(),) long VQ ids; None until fill_vq_ids
+    gen_mask: torch.Tensor  # (L,) bool: VQ-token slots (gen-head targets, except gen_input ones)
+    gen_ids: torch.Tensor | None  # (gen_mask.sum(),) long VQ ids, in slot order; None until fill_vq_ids
     pixel_values: torch.Tensor | None  # (n_images, 3, S, S) understanding images, in slot order
     gen_pixels: torch.Tensor | None = None  # (3, S, S) in [-1, 1], waiting for the VQ encoder (or the VAE)
     cfg_dropped: bool = False
@@ -60,13 +60,15 @@ class EncodedSample:
     flow_latent: torch.Tensor | None = None  # (C, H, W) clean scaled latent; None until fill_latents
     flow_seed: int = 0  # seed of this sample's noise and t (drawn in the loss)
     repa_pixels: torch.Tensor | None = None  # (3, S, S) understanding-encoder input of the same image (REPA)
+    gen_input: torch.Tensor | None = None  # (L,) bool: VQ slots that are input only (an edit's VQ sources)
+    source_pixels: torch.Tensor | None = None  # (k, 3, S, S) in [-1, 1]: VQ sources waiting for the encoder
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     def labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Shifted (text_labels, image_labels), each (L,): slot t's target is token t+1, IGNORE if none."""
-        if bool(self.gen_mask.any()) and self.gen_ids is None:
+        if bool(self.gen_mask.any()) and (self.gen_ids is None or self.source_pixels is not None):
             raise ValueError(f"{self.key}: VQ ids not computed yet; call fill_vq_ids() before packing")
         L = len(self)
         text = torch.full((L,), IGNORE, dtype=torch.long)
@@ -74,8 +76,9 @@ class EncodedSample:
         full = torch.zeros(L, dtype=torch.long)
         if self.gen_ids is not None:
             full[self.gen_mask] = self.gen_ids
+        target = self.gen_mask if self.gen_input is None else self.gen_mask & ~self.gen_input
         image = torch.full((L,), IGNORE, dtype=torch.long)
-        image[:-1] = torch.where(self.gen_mask[1:], full[1:], IGNORE)
+        image[:-1] = torch.where(target[1:], full[1:], IGNORE)
         return text, image
 
     def truncated(self, n: int, n_und_tokens: int) -> "EncodedSample":
@@ -166,6 +169,9 @@ class SampleEncoder:
             raise ValueError(f"too_long must be 'error' or 'truncate', got {too_long!r}")
         if (vq is None) == (flow is None):
             raise ValueError("SampleEncoder needs exactly one of vq (Janus) and flow (JanusFlow)")
+        if flow is not None and processor.edit_source != "understanding":
+            raise ValueError("edit_source 'vq' is for Janus models; JanusFlow takes edit sources through the "
+                             "understanding encoder")
         self.proc, self.vq, self.flow = processor, vq, flow
         self.seed, self.cfg_drop, self.short_caption_p = seed, cfg_drop, short_caption_p
         self.max_len, self.too_long, self.system_prompt = max_len, too_long, system_prompt
@@ -334,12 +340,20 @@ class SampleEncoder:
         und = t == self.image_id
         if not keep_image:
             return torch.where(und, self.pad, t), drop, torch.zeros_like(und), None, True
-        pix = torch.stack([self.proc.transform(im) for im in s.images])
+        if self.proc.edit_source == "vq":  # the caller makes these slots VQ inputs (edit)
+            pix = torch.stack([to_gen_pixels(im, self.vq.image_size) for im in s.images])
+        else:
+            pix = torch.stack([self.proc.transform(im) for im in s.images])
         return t, drop, und, pix, not keep_text
 
     def edit(self, s: Sample) -> EncodedSample:
         ids, drop, und, pix, dropped = self.edit_prompt(s)
-        return self.vq_target(s, torch.where(drop, self.pad, ids), und, pix, dropped)
+        prompt = torch.where(drop, self.pad, ids)
+        if self.proc.edit_source == "understanding" or pix is None:
+            return self.vq_target(s, prompt, und, pix, dropped)
+        out = self.vq_target(s, prompt, torch.zeros_like(und), None, dropped)  # sources as VQ inputs, no loss
+        src = _extended(und, len(out) - len(und))
+        return replace(out, gen_mask=out.gen_mask | src, gen_input=src, source_pixels=pix)
 
     def flow_edit(self, s: Sample) -> EncodedSample:
         ids, drop, und, pix, dropped = self.edit_prompt(s)
@@ -399,14 +413,25 @@ def vq_tokenizer(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tenso
 
 def fill_vq_ids(samples: Sequence[EncodedSample], tokenize_images: Callable[[torch.Tensor], torch.Tensor] | None,
                 codebook_size: int | None = None) -> int:
-    """Compute the missing VQ ids of generation samples in one batched call; returns how many images."""
-    todo = [s for s in samples if s.gen_ids is None and bool(s.gen_mask.any())]
+    """Compute the missing VQ ids of generation samples (and of edits' VQ sources) in one batched call;
+    returns how many images. A sample's ids are in slot order: its sources', then its target's."""
+    todo = [s for s in samples if bool(s.gen_mask.any()) and (s.gen_ids is None or s.source_pixels is not None)]
     if not todo:
         return 0
     if tokenize_images is None:
         raise ValueError(f"{todo[0].key}: {todo[0].kind} sample without cached vq_ids and no tokenize_images given")
-    ids = torch.as_tensor(tokenize_images(torch.stack([s.gen_pixels for s in todo]))).to("cpu", torch.long)
-    for s, row in zip(todo, ids.reshape(len(todo), -1), strict=True):
-        s.gen_ids = check_vq_ids(row.clone(), int(s.gen_mask.sum()), codebook_size or 2**62, s.key)
-        s.gen_pixels = None
-    return len(todo)
+    images = []
+    for s in todo:
+        images += [] if s.source_pixels is None else list(s.source_pixels)
+        images += [s.gen_pixels] if s.gen_ids is None else []
+    ids = torch.as_tensor(tokenize_images(torch.stack(images))).to("cpu", torch.long).reshape(len(images), -1)
+    i = 0
+    for s in todo:
+        k = (0 if s.source_pixels is None else len(s.source_pixels)) + (s.gen_ids is None)
+        own = ids[i:i + k].reshape(-1)
+        i += k
+        if s.gen_ids is not None:  # cached target ids: the sources' come first
+            own = torch.cat([own, s.gen_ids])
+        s.gen_ids = check_vq_ids(own.clone(), int(s.gen_mask.sum()), codebook_size or 2**62, s.key)
+        s.gen_pixels = s.source_pixels = None
+    return len(images)

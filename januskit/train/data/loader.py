@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ...checkpoint.official_config import EDIT_SOURCES
 from ...processing.chat import Processor
 from ...processing.image import ImageTransform
 from .batch import TrainBatch
@@ -42,6 +43,7 @@ class TrainData:
         self._pending: list[Future] = []
         self._state = copy.deepcopy(mixer.state_dict())
         self.last: dict[str, Any] = {}  # stats of the last batch: samples per kind, rows, packing efficiency
+        self.model_settings: dict[str, Any] = {}  # generation_config.json entries the trained model needs
 
     def _produce(self) -> tuple[list[EncodedSample], dict[str, Any]]:
         items = next(self.mixer)
@@ -104,17 +106,27 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
           cfg_drop: float = 0.1, short_caption_p: float = 0.0, edit_drop_text: float = 0.05,
           edit_drop_image: float = 0.05, edit_drop_both: float = 0.05, on_error: str = "raise",
           too_long: str = "error", shuffle: bool = True, shuffle_buffer: int = 512, prefetch: int = 1,
-          system_prompt: str | None = None, vae: str | None = None,
+          system_prompt: str | None = None, vae: str | None = None, edit_source: str = "understanding",
           builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation / edit is a path or list of paths (JSONL manifests, tar shards
     or folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
     cfg_drop, short_caption_p and edit_drop_*: the SampleEncoder's dropout probabilities.
     `vae`: JanusFlow only, the VAE folder that encodes generation and edit target images (default: the source's vae/).
+    `edit_source`: how edit samples' source images enter, "understanding" (SigLIP -> aligner, as in a chat) or
+    "vq" (Janus: their VQ tokens through gen_embed -> gen_aligner, input only); the trained folder records it
+    in its generation_config.json so inference builds the same prompts (docs/editing.md).
     `builtin` (for other builders, e.g. januskit.train.data.fresh): kind -> factory called with
     transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files."""
     c = ctx.model_config
     proc = processor_for(ctx.source, c)
+    if edit_source not in EDIT_SOURCES:
+        raise ValueError(f"[data] edit_source must be one of {', '.join(EDIT_SOURCES)}, got {edit_source!r}")
+    if edit_source == "vq" and c.arch == "janusflow":
+        raise ValueError("[data] edit_source 'vq' is for Janus models; JanusFlow takes edit sources through the "
+                         "understanding encoder")
+    if edit_source == "vq":
+        proc.edit_source_slots = c.vq.n_tokens
     model = getattr(ctx, "model", None)
     flow = encode_latents = None
     if c.arch == "janusflow":
@@ -151,8 +163,11 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
     if flow is not None:
         return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, encode_latents=encode_latents,
                          latent_shape=c.latent_shape)
-    return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, codebook_size=c.vq.codebook_size,
+    data = TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, codebook_size=c.vq.codebook_size,
                      tokenize_images=vq_tokenizer(model) if model is not None else None)
+    if edit_source != "understanding":  # the exported folder must say how its edit prompts are built
+        data.model_settings = {"edit_source": edit_source}
+    return data
 
 
 def vae_encoder(vae: str | None, source: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -40,6 +40,25 @@ def allocate(batch_size: int, weights: Sequence[Fraction], given: Sequence[int],
     return out
 
 
+def missing_source_message(kind: str, weights: Sequence[Fraction]) -> str:
+    """The error for a ratio that weights `kind` with no source of it: both ways out, the ratio spelled
+    with that weight zeroed (a stage row's ratio, e.g. Stage III's 5:1:4, is easy to inherit unnoticed)."""
+    k = KINDS.index(kind)
+    w = weights[k]
+    zeroed = [0 if i == k else x for i, x in enumerate(weights)]
+    names = " : ".join(KINDS[:len(weights)])
+    msg = (f"ratio gives {kind!r} weight {_number(w)} but there is no {kind} source: add one ([data] {kind} = "
+           f"\"path/to/{kind}.jsonl\")")
+    if not any(zeroed):
+        return msg + "; the ratio weights no other kind"
+    return msg + f", or set [stage] ratio = [{', '.join(map(_number, zeroed))}] ({names}) to train without {kind}"
+
+
+def _number(w: Fraction) -> str:
+    """A ratio weight as TOML would spell it: 5, 0.5."""
+    return str(w.numerator) if w.denominator == 1 else repr(float(w))
+
+
 class Mixer:
     """Iterator of per-step sample lists for this rank. `sources`: kind -> iterator of samples (None for a
     kind with weight 0). `ratio`: und:text:gen[:edit] weights, e.g. (5, 1, 4), (5, 1, 2, 2) or
@@ -53,6 +72,7 @@ class Mixer:
             if unknown:
                 raise ValueError(f"unknown kind(s) in ratio: {sorted(unknown)}; kinds are {', '.join(KINDS)}")
             ratio = [ratio.get(k, 0) for k in KINDS]
+        given = len(ratio)  # 3 or 4 weights: an error's suggested ratio keeps the user's form
         if len(ratio) == len(KINDS) - 1:
             ratio = [*ratio, 0]  # a paper's und:text:gen: no edit samples
         if len(ratio) != len(KINDS):
@@ -65,7 +85,7 @@ class Mixer:
             raise ValueError(f"unknown source kind(s) {sorted(unknown)}; kinds are {', '.join(KINDS)}")
         for k, w in zip(KINDS, self.weights):
             if w > 0 and sources.get(k) is None:
-                raise ValueError(f"ratio gives {k!r} weight {w} but there is no {k} source")
+                raise ValueError(missing_source_message(k, self.weights[:given]))
         if batch_size < 1 or batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
         if not 0 <= rank < world_size:

@@ -401,8 +401,9 @@ def _files(paths: str | Path | Sequence[str | Path], suffix: str, what: str) -> 
             out += found
         elif p.is_file():
             out.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such {what} file or folder")
+        else:  # a relative path: say where it was looked for (configs' paths are not relative to their file)
+            where = "" if p.is_absolute() else f" (relative paths resolve against the working directory {Path.cwd()})"
+            raise FileNotFoundError(f"{p}: no such {what} file or folder{where}")
     return out
 
 

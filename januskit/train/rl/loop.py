@@ -43,6 +43,7 @@ from .. import parallel
 from ..checkpoints import export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
 from ..config import RunConfig
 from ..lora import adapters_disabled, has_lora
+from ..loggers import check_available, open_loggers
 from ..plot import plot_losses, read_metrics
 from ..stages import lr_multiplier
 from ..trainer import build_model, build_optimizer, set_trainable
@@ -223,6 +224,7 @@ def finish(cfg: RunConfig, model: nn.Module, extras: Any, out: Path, metrics_pat
 def _run(cfg: RunConfig, info, resume: bool) -> Path:
     rl, stage = cfg.rl, cfg.resolved_stage()
     arch = "janusflow" if rl.algorithm == "flow_grpo" else "janus"
+    check_available(cfg.train)  # an optional logger that is not installed: stop before loading
     out, ckpt, model, extras, proc = start(cfg, info, resume, arch)
     folder_w = read_guidance_scale(cfg.model.source) if Path(cfg.model.source).is_dir() else None
     default_w = JanusFlowPipeline.default_cfg_weight if arch == "janusflow" else JanusPipeline.default_cfg_weight
@@ -236,6 +238,7 @@ def _run(cfg: RunConfig, info, resume: bool) -> Path:
     prompts = prompt_source(rl.prompts, cfg.train.seed, rl.prompt_categories)
     amp = autocast_context(cfg, info.device)
     metrics_path = open_metrics(cfg, out, ckpt is not None, step)
+    loggers = open_loggers(cfg.train, out, step, enabled=parallel.is_main(), rl=True)  # beside metrics.jsonl
     if parallel.is_main():
         log.info("rl %s: %d steps from step %d; %d prompts x %d images per step on %d ranks, CFG %g, reward %s",
                  rl.algorithm, stage.steps, step, stage.batch_size, rl.group_size, info.world, cfg_weight,
@@ -284,6 +287,7 @@ def _run(cfg: RunConfig, info, resume: bool) -> Path:
                 if parallel.is_main():
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(m) + "\n")
+                    loggers.log(m)
                     bar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.4f}")
             # Checkpoints fall on rollout boundaries: a resumed run re-samples its next rollout from the
             # weights that sampled it the first time.
@@ -293,6 +297,7 @@ def _run(cfg: RunConfig, info, resume: bool) -> Path:
             if step >= stage.steps:
                 break
     bar.close()
+    loggers.close()
     return finish(cfg, model, extras, out, metrics_path,
                   [("reward.png", ["reward"] + [f"reward_{n}" for n in rewards.names],
                     f"{rl.algorithm} reward ({cfg.model.source})"),
