@@ -269,7 +269,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                            lora=args.lora, holdout=args.holdout, seed=args.seed, threads=args.threads,
                            time_steps=args.time_steps, eval_max=args.eval_max, evaluate=not args.no_eval,
-                           resume=args.resume, keep_checkpoints=args.keep_checkpoints, save_every=args.save_every)
+                           resume=args.resume, keep_checkpoints=args.keep_checkpoints, save_every=args.save_every,
+                           tokenizer_images=args.train_tokenizer, tokenizer_steps=args.tokenizer_steps)
     finetune(opts)
     return 0
 
@@ -712,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: steps / 10)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints/ after a finished run")
     p.add_argument("--resume", action="store_true", help="continue the fine-tune in --out (its plan is reused)")
+    p.add_argument("--train-tokenizer", default=None, metavar="IMAGES_DIR", help="first retrain the miniature "
+                   "model's VQ (or VAE) on these images (januskit train-tokenizer), into OUT-tokenizer/, and fine-tune "
+                   "that folder")
+    p.add_argument("--tokenizer-steps", type=int, default=None, help="steps of that first step (default: the "
+                   "pretrainer's)")
     p.set_defaults(func=cmd_finetune)
 
     world = sub.add_parser("world", help="the miniature world: dataset, default-model recipe, ablation")

@@ -4,10 +4,12 @@ and the error messages."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from januskit.cli import main
 
@@ -70,6 +72,33 @@ def test_janusflow_finetune(patterns: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "run_config.json").read_text())["flow"]["repa_weight"] == 0.0
     for side in ("before", "after"):  # loss_gen: the rectified-flow loss at each sample's fixed t and noise
         assert report[side]["loss_gen"] > 0 and "und_accuracy" in report[side]
+
+
+def test_tokenizer_first_then_finetune(patterns: Path, tmp_path: Path) -> None:
+    """--train-tokenizer: the VQ is retrained on the images into OUT-tokenizer/, the fine-tune starts from
+    that folder and keeps its VQ (the stage freezes it), provenance chains both steps; a rerun reuses it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    argv = ["finetune", "--data", str(patterns), "--out", str(out), "--steps", "1", "--batch-size", "2",
+            "--time-steps", "0", "--eval-max", "2", "--train-tokenizer", str(patterns / "images"),
+            "--tokenizer-steps", "2"]
+    assert main(argv) == 0
+    tok = tmp_path / "run-tokenizer"
+    assert json.loads((out / REPORT).read_text())["base_model"] == str(tok)
+    record = json.loads((tok / "provenance.json").read_text())["image_tokenizer"]
+    assert record["settings"]["steps"] == 2
+    chain = json.loads((out / "provenance.json").read_text())
+    assert chain["base_model_path"] == str(tok.resolve()) and "image_tokenizer" in chain["base_provenance"]
+    vq = lambda d: {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k.startswith("gen_vision_model.")}  # noqa: E731
+    base, retrained, tuned = vq(DEFAULT_MODEL), vq(tok), vq(out)
+    assert any(not torch.equal(base[k], retrained[k]) for k in base)  # the step retrained it...
+    assert all(torch.equal(retrained[k], tuned[k]) for k in retrained)  # ...and the fine-tune kept it
+    shutil.rmtree(out)  # a rerun (e.g. after a kill during the fine-tune) reuses the retrained folder
+    lines: list[str] = []
+    finetune(FinetuneOptions(out=str(out), data=str(patterns), steps=1, batch_size=2, time_steps=0, evaluate=False,
+                             tokenizer_images=str(patterns / "images")), echo=lines.append)
+    assert lines[0] == f"image tokenizer: reusing {tok} (retrained by an earlier run)"
 
 
 def test_mix_ratio() -> None:

@@ -101,6 +101,32 @@ class FinetuneOptions:
     resume: bool = False
     keep_checkpoints: bool = False  # checkpoints/ are deleted after a finished run unless this is set
     save_every: int | None = None
+    tokenizer_images: str | None = None  # retrain the image tokenizer on these images first (train-tokenizer)
+    tokenizer_steps: int | None = None  # its steps (None: the pretrainer's default)
+
+
+def tokenizer_folder(out: str | Path) -> Path:
+    """Where the optional first step writes the base model with its retrained tokenizer: beside --out, kept
+    (the fine-tune's provenance.json names it as the base)."""
+    out = Path(out)
+    return out.with_name(out.name + "-tokenizer")
+
+
+def retrain_tokenizer_first(opts: FinetuneOptions, echo: Callable[[str], None]) -> FinetuneOptions:
+    """The optional first step: the base model's VQ (or VAE) retrained on `opts.tokenizer_images`, written
+    to tokenizer_folder(out) (atomically; a finished one is reused by a rerun), and the options pointed at it."""
+    from .image_tokenizer import RetrainSettings, retrain_image_tokenizer
+
+    folder = tokenizer_folder(opts.out)
+    record = folder / "provenance.json"
+    if record.is_file() and "image_tokenizer" in json.loads(record.read_text()):
+        echo(f"image tokenizer: reusing {folder} (retrained by an earlier run)")
+    else:
+        echo(f"image tokenizer: retraining it on {opts.tokenizer_images} into {folder} ...")
+        base = opts.model if opts.model is not None else DEFAULT_MODEL
+        retrain_image_tokenizer(opts.tokenizer_images, base, folder,
+                                RetrainSettings(steps=opts.tokenizer_steps, seed=opts.seed), progress=False)
+    return dataclasses.replace(opts, model=str(folder), tokenizer_images=None)
 
 
 @dataclass(kw_only=True)
@@ -626,6 +652,8 @@ def finetune(opts: FinetuneOptions, *, echo: Callable[[str], None] = print,
             done = list_checkpoints(out / "checkpoints")
             hint = "; pass --resume to continue it" if (report_path.is_file() and done) else ""
             raise FileExistsError(f"--out {out}: not empty{hint}; choose a new output folder")
+        if opts.tokenizer_images is not None:
+            opts = retrain_tokenizer_first(opts, echo)
         plan = make_plan(opts)
         cfg = run_config(plan, out, progress=False)
         if opts.time_steps > 0:
