@@ -270,7 +270,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                            lora=args.lora, holdout=args.holdout, seed=args.seed, threads=args.threads,
                            time_steps=args.time_steps, eval_max=args.eval_max, evaluate=not args.no_eval,
                            resume=args.resume, keep_checkpoints=args.keep_checkpoints, save_every=args.save_every,
-                           tokenizer_images=args.train_tokenizer, tokenizer_steps=args.tokenizer_steps)
+                           tokenizer_images=args.train_tokenizer, tokenizer_steps=args.tokenizer_steps,
+                           tensorboard=args.tensorboard)
     finetune(opts)
     return 0
 
@@ -718,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "that folder")
     p.add_argument("--tokenizer-steps", type=int, default=None, help="steps of that first step (default: the "
                    "pretrainer's)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard/: losses per kind, LR, "
+                   "throughput, and the held-out figures before (step 0) and after (needs januskit[tensorboard])")
     p.set_defaults(func=cmd_finetune)
 
     world = sub.add_parser("world", help="the miniature world: dataset, default-model recipe, ablation")

@@ -101,6 +101,22 @@ def test_tokenizer_first_then_finetune(patterns: Path, tmp_path: Path) -> None:
     assert lines[0] == f"image tokenizer: reusing {tok} (retrained by an earlier run)"
 
 
+def test_tensorboard_has_the_training_curves_and_the_figures_before_and_after(patterns: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    report = finetune(FinetuneOptions(out=str(out), data=str(patterns), steps=2, batch_size=2, time_steps=0,
+                                      eval_max=2, tensorboard=True), echo=lambda _: None)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    ev = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in ev["loss/loss"]] == [m["step"] for m in lines] == [1, 2]
+    assert [v for _, v in ev["loss/loss"]] == pytest.approx([m["loss"] for m in lines])
+    for k in ("und_accuracy", "loss_und", "loss_gen"):
+        assert ev[f"eval/{k}"] == [(0, pytest.approx(report["before"][k])), (2, pytest.approx(report["after"][k]))]
+
+
 def test_mix_ratio() -> None:
     assert mix_ratio({"understanding": 180, "generation": 180}) == [1, 0, 1, 0]
     assert mix_ratio({"understanding": 500, "text": 10, "generation": 490}) == [50, 10, 49, 0]  # text 10 -> 100 (10% of 1000)

@@ -103,6 +103,7 @@ class FinetuneOptions:
     save_every: int | None = None
     tokenizer_images: str | None = None  # retrain the image tokenizer on these images first (train-tokenizer)
     tokenizer_steps: int | None = None  # its steps (None: the pretrainer's default)
+    tensorboard: bool = False  # also log to <out>/tensorboard/ (training lines, and the before/after figures)
 
 
 def tokenizer_folder(out: str | Path) -> Path:
@@ -163,6 +164,7 @@ class Plan:
     seconds_per_step: float | None = None  # measured
     estimated_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    tensorboard: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
@@ -430,7 +432,7 @@ def make_plan(opts: FinetuneOptions) -> Plan:
                 warmup=min(50, steps // 20), schedule="cosine", min_lr_ratio=0.1, seq_len=seq_len, longest=longest,
                 longest_key=longest_key, max_positions=max_pos, autocast=default_autocast(), export_dtype=export,
                 lora=opts.lora, threads=opts.threads if opts.threads is not None else tier.threads,
-                save_every=save_every, notes=notes)
+                save_every=save_every, notes=notes, tensorboard=opts.tensorboard)
 
 
 @dataclass
@@ -451,7 +453,7 @@ def run_config(plan: Plan, out: str | Path, *, progress: bool = True) -> RunConf
         "train": {"out": str(out), "micro_batch_size": plan.micro_batch_size, "seq_len": plan.seq_len,
                   "threads": plan.threads, "autocast": plan.autocast, "attention": "segments", "seed": plan.seed,
                   "log_every": max(1, min(10, plan.steps // 20)), "save_every": plan.save_every, "keep_last": 1,
-                  "export_dtype": plan.export_dtype, "progress": progress},
+                  "export_dtype": plan.export_dtype, "progress": progress, "tensorboard": plan.tensorboard},
         "data": {"builder": "januskit.train.finetune:build_data", **plan.data, "holdout": plan.holdout,
                  "holdout_seed": plan.seed},
         **({"lora": {"enabled": True}} if plan.lora else {}),
@@ -459,6 +461,23 @@ def run_config(plan: Plan, out: str | Path, *, progress: bool = True) -> RunConf
         # fine-tune would start it from random weights; the rectified-flow loss alone is the objective.
         **({"flow": {"repa_weight": 0.0}} if plan.arch == "janusflow" else {}),
     }, "finetune")
+
+
+def log_evaluation(out: Path, before: dict[str, Any], after: dict[str, Any], steps: int) -> None:
+    """The held-out figures in TensorBoard beside the training curves: eval/<figure> at step 0 (the base
+    model) and at the last step (the result), so each is a line from before to after."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .loggers import TENSORBOARD_DIR
+
+    w = SummaryWriter(str(out / TENSORBOARD_DIR))
+    try:
+        for step, figures in ((0, before), (steps, after)):
+            for k, v in figures.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    w.add_scalar(f"eval/{k}", float(v), step)
+    finally:
+        w.close()
 
 
 def measure_step_seconds(cfg: RunConfig, steps: int) -> float:
@@ -686,6 +705,8 @@ def finetune(opts: FinetuneOptions, *, echo: Callable[[str], None] = print,
     else:
         report["after"] = {}
     report["status"] = "done"
+    if plan.tensorboard and evaluating:
+        log_evaluation(out, report["before"], report["after"], plan.steps)
     _clean_output(out, Path(plan.base_model), opts.keep_checkpoints)
     _write(report_path, report)
     if evaluating:
