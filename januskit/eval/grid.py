@@ -52,6 +52,13 @@ def _draw(rows: list[Row], path: str | Path, scale: int, label_width: int) -> Pa
     return path
 
 
+def _labels(kind: str, rec: dict[str, Any], text: str, images: list[dict[str, Any]]) -> list:
+    """A row's three label lines: its category or task (marked when held out), the prompt, the verdict count."""
+    right = sum(r["correct"] for r in images)
+    return [(kind + (" (held-out combination)" if rec.get("held_out") else ""), GREY), (f'"{text}"', (0, 0, 0)),
+            (f"{right} of {len(images)} correct", GREEN if right else RED)]
+
+
 def verdict_grid(records: list[dict[str, Any]], image_dir: str | Path, images_per_prompt: int, path: str | Path, *,
                  prompts_per_category: int = 2, scale: int = 2, label_width: int = 330) -> Path:
     """`records`: the generation report's per-image records, in order (image k is prompt k //
@@ -63,10 +70,8 @@ def verdict_grid(records: list[dict[str, Any]], image_dir: str | Path, images_pe
     rows: list[Row] = []
     for p in prompts:
         rec = records[p * n]
-        right = sum(records[p * n + j]["correct"] for j in range(n))
-        labels = [(rec["category"] + (" (held-out combination)" if rec.get("held_out") else ""), GREY),
-                  (f'"{rec["prompt"]}"', (0, 0, 0)), (f"{right} of {n} correct", GREEN if right else RED)]
-        rows.append((labels, [(sample_path(image_dir, p, j), records[p * n + j]["correct"]) for j in range(n)]))
+        rows.append((_labels(rec["category"], rec, rec["prompt"], records[p * n:p * n + n]),
+                     [(sample_path(image_dir, p, j), records[p * n + j]["correct"]) for j in range(n)]))
     return _draw(rows, path, scale, label_width)
 
 
@@ -82,9 +87,7 @@ def edit_grid(records: list[dict[str, Any]], image_dir: str | Path, split_dir: s
     rows: list[Row] = []
     for i in edits:
         rec = records[i * n]
-        right = sum(records[i * n + k]["correct"] for k in range(n))
-        labels = [(rec["task"] + (" (held-out combination)" if rec.get("held_out") else ""), GREY),
-                  (f'"{rec["instruction"]}"', (0, 0, 0)), (f"{right} of {n} correct", GREEN if right else RED)]
+        labels = _labels(rec["task"], rec, rec["instruction"], records[i * n:i * n + n])
         images = [(split_dir / rec["source"], None)] + [(image_dir / records[i * n + k]["image"], records[i * n + k]["correct"])
                                                        for k in range(n)]
         rows.append((labels, images))
