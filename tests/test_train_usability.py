@@ -216,3 +216,20 @@ def test_a_missing_model_source_names_the_working_directory(tmp_path, monkeypatc
     with pytest.raises(FileNotFoundError, match=r"\[model\] source 'models/nowhere': no such checkpoint folder "
                        rf"\(a relative path is read from the working directory, {tmp_path}\), and not a preset"):
         train(cfg)
+
+
+def test_a_busy_machine_is_named_before_training(monkeypatch, caplog):
+    """Oversubscribed CPU training is many times slower: the trainer says so when other running threads
+    plus its own exceed the cores, and stays quiet otherwise."""
+    from januskit.train import trainer
+
+    monkeypatch.setattr(trainer.os, "cpu_count", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="januskit.train"):
+        assert trainer.warn_if_oversubscribed(2, busy=2.0)
+        assert not trainer.warn_if_oversubscribed(2, busy=0.0)
+        assert not trainer.warn_if_oversubscribed(1, busy=1.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the machine is busy (2 other running thread(s) on 2 cores) and this run adds 2: oversubscribed CPU "
+        "training can be many times slower; wait for the other jobs or set [train] threads lower"]
+    got = trainer.busy_threads(samples=3)  # this machine's /proc/loadavg: a count, this reader excluded
+    assert got is None or got >= 0
