@@ -595,6 +595,14 @@ def test_a_vq_source_model_records_it_and_edits_through_its_vq(tmp_path):
     assert a.tokens.shape == (2, n) and torch.equal(a.tokens, b.tokens)
     assert not torch.equal(a.tokens, c.tokens)  # the source matters
     assert a.info["prompt_tokens"] == len(ids)
+    # training from that folder keeps its way unless [data] edit_source says otherwise (the export copies
+    # the source's generation_config.json, so it must be rewritten either way)
+    def further(name: str, **data) -> dict:
+        c = _run(tmp_path / name, out, _dataset(tmp_path / "data2"), 1, stage="janus-pro/3").to_dict()
+        c["data"].update(data)
+        return json.loads((train(RunConfig.from_dict(c)) / "generation_config.json").read_text())
+    assert further("kept")["edit_source"] == "vq"
+    assert further("back", edit_source="understanding")["edit_source"] == "understanding"
     # a bad value in the folder is named; JanusFlow refuses VQ sources at training time
     (out / "generation_config.json").write_text(json.dumps({"edit_source": "pixels"}))
     with pytest.raises(Exception, match=r"generation_config.json: edit_source must be one of understanding, vq"):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoint.official_config import EDIT_SOURCES
+from ...checkpoint.official_config import EDIT_SOURCES, read_edit_source
 from ...processing.chat import Processor
 from ...processing.image import ImageTransform
 from .batch import TrainBatch
@@ -106,7 +106,7 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
           cfg_drop: float = 0.1, short_caption_p: float = 0.0, edit_drop_text: float = 0.05,
           edit_drop_image: float = 0.05, edit_drop_both: float = 0.05, on_error: str = "raise",
           too_long: str = "error", shuffle: bool = True, shuffle_buffer: int = 512, prefetch: int = 1,
-          system_prompt: str | None = None, vae: str | None = None, edit_source: str = "understanding",
+          system_prompt: str | None = None, vae: str | None = None, edit_source: str | None = None,
           builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation / edit is a path or list of paths (JSONL manifests, tar shards
@@ -114,12 +114,15 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
     cfg_drop, short_caption_p and edit_drop_*: the SampleEncoder's dropout probabilities.
     `vae`: JanusFlow only, the VAE folder that encodes generation and edit target images (default: the source's vae/).
     `edit_source`: how edit samples' source images enter, "understanding" (SigLIP -> aligner, as in a chat) or
-    "vq" (Janus: their VQ tokens through gen_embed -> gen_aligner, input only); the trained folder records it
-    in its generation_config.json so inference builds the same prompts (docs/editing.md).
+    "vq" (Janus: their VQ tokens through gen_embed -> gen_aligner, input only); default: the source folder's
+    own (its generation_config.json), else "understanding". The trained folder records it in its
+    generation_config.json so inference builds the same prompts (docs/editing.md).
     `builtin` (for other builders, e.g. januskit.train.data.fresh): kind -> factory called with
     transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files."""
     c = ctx.model_config
     proc = processor_for(ctx.source, c)
+    folder_source = read_edit_source(ctx.source) if Path(ctx.source).is_dir() else EDIT_SOURCES[0]
+    edit_source = folder_source if edit_source is None else edit_source
     if edit_source not in EDIT_SOURCES:
         raise ValueError(f"[data] edit_source must be one of {', '.join(EDIT_SOURCES)}, got {edit_source!r}")
     if edit_source == "vq" and c.arch == "janusflow":
@@ -165,8 +168,8 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
                          latent_shape=c.latent_shape)
     data = TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, codebook_size=c.vq.codebook_size,
                      tokenize_images=vq_tokenizer(model) if model is not None else None)
-    if edit_source != "understanding":  # the exported folder must say how its edit prompts are built
-        data.model_settings = {"edit_source": edit_source}
+    if edit_source != EDIT_SOURCES[0] or folder_source != EDIT_SOURCES[0]:  # the export copies the source's
+        data.model_settings = {"edit_source": edit_source}  # generation_config.json: say how prompts are built
     return data
 
 
