@@ -396,6 +396,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_or_all(v: str) -> int | None:
+    """A count >= 0, or "all" (None)."""
+    if v == "all":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {n}")
+    return n
+
+
 def cmd_eval_world(args: argparse.Namespace) -> int:
     from .eval.world import EvalSettings, evaluate, format_report, test_split
 
@@ -840,8 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts-per-category", type=int, default=None, help="evaluate a subset: first K per category")
     p.add_argument("--questions-per-type", type=int, default=None, help="evaluate a subset: first K per type")
-    p.add_argument("--edits-per-task", type=int, default=None, help="edits: first K of each task (default all; "
-                   "0 skips them)")
+    p.add_argument("--edits-per-task", type=_count_or_all, default=0, metavar="K|all", help="edits: the first K of "
+                   "each task, or all (default 0: none; a model trained on edit samples, docs/editing.md)")
     p.add_argument("--cfg-image", type=float, default=None, help="edits: image guidance weight (default 1.5)")
     _sjd_args(p)
     p.add_argument("--out", "--save-images", dest="out", default=None, help="the run folder: images in GenEval's "

@@ -115,17 +115,18 @@ def test_fine_tune_leaves_the_base_records_behind_and_names_its_base(tmp_path):
     (base / "eval.json").write_text('{"qa": 0.63}\n')
     (base / "recipe.json").write_text('{"stages": []}\n')
     (base / "components.json").write_text('{"vq": {}}\n')
+    (base / "finetune.json").write_text('{"plan": {}}\n')  # januskit finetune's report of the base's own run
     (base / "generation_config.json").write_text('{"guidance_scale": 3.0}\n')
     (base / PROVENANCE).write_text(json.dumps({"base_model": "older"}) + "\n")  # the base was fine-tuned itself
     cfg = run_config(tmp_path / "out", steps=1, batch_size=2, plot=False).to_dict()
     out = train(RunConfig.from_dict({**cfg, "model": {"source": str(base)}}))
-    for name in ("eval.json", "recipe.json", "components.json"):
+    for name in ("eval.json", "recipe.json", "components.json", "finetune.json"):
         assert not (out / name).exists(), name
     assert json.loads((out / PROVENANCE).read_text()) == {
         "base_model": str(base), "base_model_path": str(base.resolve()), "base_provenance": {"base_model": "older"}}
     for name in ("tokenizer.json", "processor_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
-    assert set(BASE_RECORDS) == {"eval.json", "recipe.json", "components.json", PROVENANCE}
+    assert set(BASE_RECORDS) == {"eval.json", "recipe.json", "components.json", "finetune.json", PROVENANCE}
     pipe = januskit.load(out)
     assert pipe.default_cfg_weight == 3.0
 

@@ -127,3 +127,22 @@ def test_the_fresh_world_source_draws_the_six_tasks_in_turn():
         assert rec["task"] == TASKS[i % 6] and s.kind == "edit" and s.instruction == rec["instruction"]
         assert np.array_equal(np.asarray(s.images[0]), np.asarray(render(source)))
         assert score_edit(detect(np.asarray(s.target)), target) and not score_edit(detect(np.asarray(s.images[0])), target)
+
+
+def test_eval_world_cli_scores_edits_only_when_asked(capsys):
+    """`--edits-per-task` is 0 by default (the default model was not trained on edits), a count or `all`;
+    anything else is refused by the parser, naming the value."""
+    from januskit.cli import main
+
+    args = ["eval", "world", "--prompts-per-category", "0", "--questions-per-type", "0", "--images-per-prompt", "1",
+            "--json"]
+    assert main(args[:5] + ["1"] + args[6:]) == 0  # one question per type, and no edits
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["understanding"]["questions"] == 6 and not rep.get("edits")
+    assert main(args + ["--edits-per-task", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["edits"]
+    assert rep["edits"] == 6 and rep["images"] == 6 and set(rep["tasks"]) == set(TASKS)
+    for bad, why in (("-1", "expected a count >= 0 or 'all', got -1"), ("some", "expected a count or 'all', got 'some'")):
+        with pytest.raises(SystemExit):
+            main(args + ["--edits-per-task", bad])
+        assert why in capsys.readouterr().err
