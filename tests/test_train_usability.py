@@ -219,7 +219,7 @@ def test_a_missing_model_source_names_the_working_directory(tmp_path, monkeypatc
         train(cfg)
 
 
-def test_a_busy_machine_is_named_before_training(monkeypatch, caplog):
+def test_a_busy_machine_is_named_before_training(monkeypatch, caplog, tmp_path):
     """Oversubscribed CPU training is many times slower: the trainer says so when other running threads
     plus its own exceed the cores, and stays quiet otherwise."""
     from januskit.train import trainer
@@ -232,5 +232,9 @@ def test_a_busy_machine_is_named_before_training(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "the machine is busy (2 other running thread(s) on 2 cores) and this run adds 2: oversubscribed CPU "
         "training can be many times slower; wait for the other jobs or set [train] threads lower"]
-    got = trainer.busy_threads(samples=3)  # this machine's /proc/loadavg: a count, this reader excluded
-    assert got is None or got >= 0
+    loadavg = tmp_path / "loadavg"  # /proc/loadavg's format: the 4th field is running/total, this reader included
+    loadavg.write_text("1.63 1.08 2.07 3/101 16808\n")
+    assert trainer.busy_threads(samples=3, source=loadavg) == 2.0
+    loadavg.write_text("garbage\n")
+    assert trainer.busy_threads(samples=1, source=loadavg) is None
+    assert trainer.busy_threads(samples=1, source=tmp_path / "absent") is None  # no /proc: no warning

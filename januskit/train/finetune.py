@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint.official_config import detect_arch, read_config_json
+from ..models import count_params
 from . import parallel
 from .checkpoints import list_checkpoints
 from .config import RunConfig
@@ -331,13 +332,6 @@ def check_model(folder: str | Path) -> tuple[str, Any]:
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise ValueError(f"{folder}: not a checkpoint folder (config.json but no weights)")
     return arch, read_official_config(p)
-
-
-def count_params(config: Any) -> int:
-    from ..models import build_model
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model(config).parameters())
 
 
 def default_autocast() -> str:

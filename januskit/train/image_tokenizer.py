@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..checkpoint.io import atomic_folder, weight_files
 from ..checkpoint.official import RUN_RECORDS, read_official_config
 from ..config import folder_file
-from ..processing.image import center_crop_square, load_image
+from ..models import count_params
+from ..processing.image import to_gen_pixels
 from .checkpoints import BASE_RECORDS, PROVENANCE, provenance
 from .config import ModelSection
 
@@ -86,11 +86,10 @@ def read_images(files: list[Path], size: int) -> torch.Tensor:
     out = []
     for f in files:
         try:
-            img = center_crop_square(load_image(f), size)
+            out.append(to_gen_pixels(f, size))  # the generation crop, as training takes images
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"{f}: cannot read this image ({e})") from None
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1).copy()))
-    return torch.stack(out) / 127.5 - 1.0
+    return torch.stack(out)
 
 
 def split_held_out(n: int, held_out: int | None, seed: int) -> tuple[list[int], list[int]]:
@@ -110,13 +109,6 @@ def _fingerprint(files: list[Path], root: Path) -> str:
     for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
-
-
-def _param_count(c: Any) -> int:
-    from ..models import build_model
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_model(c).parameters())
 
 
 # -- the VQ (Janus, Janus-Pro) ---------------------------------------------------------------------
@@ -234,7 +226,7 @@ def retrain_image_tokenizer(images_dir: str | Path, model_dir: str | Path, out_d
     c = read_official_config(src)
     flow = c.arch == "janusflow"
     what = "VAE" if flow else "VQ tokenizer"
-    params = _param_count(c)
+    params = count_params(c)
     if params > REAL_PARAMS and not settings.force:
         raise ValueError(f"{src} is a full-size checkpoint ({params / 1e9:.1f}B parameters): its {what} "
                          f"({'SDXL' if flow else 'LlamaGen VQ-16'}, trained on a large general image set) encodes any "

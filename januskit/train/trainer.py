@@ -289,14 +289,14 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
     return Run(stage, model, extras, loss, wrapped, optimizer, scheduler, data, step_cfg, step)
 
 
-def busy_threads(samples: int = 5) -> float | None:
+def busy_threads(samples: int = 5, source: Path = Path("/proc/loadavg")) -> float | None:
     """Threads of other processes running right now: the kernel's runnable count (/proc/loadavg's
     "running/total") less this reader, the median of a few samples; None where there is no /proc. Not the
     load average, which still counts this process's own previous stage for a minute."""
     counts = []
     for _ in range(samples):
         try:
-            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+            counts.append(int(source.read_text().split()[3].split("/")[0]) - 1)
         except (OSError, IndexError, ValueError):
             return None
         time.sleep(0.02)
