@@ -21,6 +21,7 @@ from januskit.train.trainer import train
 from januskit.sampling.image_ar import generate_image_tokens
 from januskit.sampling.logits import row_generator
 from januskit.world.dataset import held_out
+from januskit.world.judge import detect, score
 from januskit.world.prompts import Prompt, make_prompt, scene_for
 from januskit.world.render import render
 
@@ -150,6 +151,14 @@ def test_prompt_sources_are_pure_functions_of_the_index(tmp_path):
     assert not any(held.prompt_held_out(Prompt.from_json(p.meta["prompt"])) for p in drawn)
     only = WorldPrompts(seed=0, categories=["position"])
     assert {only(i).meta["prompt"]["category"] for i in range(50)} == {"position"}
+    # colours with a relation, the README prompt's kind: canonical wording, never held out, true of its own scene
+    cp = [WorldPrompts(seed=0, categories=["color_position"])(i) for i in range(200)]
+    parsed = [Prompt.from_json(p.meta["prompt"]) for p in cp]
+    assert {p.category for p in parsed} == {"color_position"} and len({str(p) for p in cp}) > 100
+    assert not any(held.prompt_held_out(p) or held.mentioned_by(p) for p in parsed)
+    rng = np.random.default_rng(0)
+    assert all(score(p, detect(render(scene_for(p, rng)))) for p in parsed[:50])
+    assert all(str(c) == p.text for c, p in zip(cp, parsed)) and str(cp[0]) == "a blue square to the right of a green circle"
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "meta": {"k": 1}}\n{"prompt": "a cow"}\n')
     fp = FilePrompts(f, seed=1)

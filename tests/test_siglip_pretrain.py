@@ -187,3 +187,46 @@ def test_groups_are_drawn_into_one_batch():
         sp._group_members([0] * 9 + [1], 10, 8)
     with pytest.raises(ValueError, match=r"groups: 3 group ids for 10 images"):
         sp._group_members([0, 1, 2], 10, 8)
+
+
+def test_patch_labels_name_each_cells_object():
+    from januskit.world.scene import COLOUR_NAMES, PATCH_CLASSES, SHAPES, Obj, patch_labels
+
+    scene = (Obj("circle", "red", 0), Obj("diamond", "purple", 3))
+    lab = patch_labels(scene, 4).reshape(4, 4, 3)  # 2 x 2 patches a cell; (shape, colour, cell) each
+    circle, diamond = 1 + SHAPES.index("circle"), 1 + SHAPES.index("diamond")
+    red, purple = 1 + COLOUR_NAMES.index("red"), 1 + COLOUR_NAMES.index("purple")
+    assert (circle, diamond, red, purple) == (1, 4, 1, 6) and PATCH_CLASSES == (5, 7, 4)
+    assert lab[..., 0].tolist() == [[circle, circle, 0, 0], [circle, circle, 0, 0], [0, 0, diamond, diamond],
+                                    [0, 0, diamond, diamond]]
+    assert lab[..., 1].tolist() == [[red, red, 0, 0], [red, red, 0, 0], [0, 0, purple, purple], [0, 0, purple, purple]]
+    assert lab[..., 2].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert patch_labels((), 8)[:, :2].tolist() == [[0, 0]] * 64
+    with pytest.raises(ValueError, match="per_side 3 is odd"):
+        patch_labels(scene, 3)
+
+
+def test_dense_objective_learns_patch_labels_and_checks_them(world):
+    """The dense heads learn each patch's cell object and cell (every factor right well above the empty-cell
+    share), the log carries it, and labels that do not fit are refused by name."""
+    from januskit.world.scene import PATCH_CLASSES, patch_labels
+
+    pixels, caps, pad = world
+    rng = np.random.default_rng(0)  # the fixture's scenes again, for their labels
+    scenes = [random_scene(rng) for _ in range(256)]
+    labels = torch.from_numpy(np.stack([patch_labels(s, SIZE // 8) for s in scenes]))
+    cfg = micro_cfg(steps=200, dense_classes=PATCH_CLASSES, lr=3e-3, log_every=40)
+    hist = train_siglip(tower(), pixels, caps, pad, cfg, progress=False, patch_labels=labels)
+    assert {"dense_loss", "dense_acc"} <= set(hist[-1])
+    empty = float((labels[..., 0] == 0).float().mean())  # right on empty patches only would score this
+    assert hist[-1]["dense_loss"] < 0.6 * hist[0]["dense_loss"] and hist[-1]["dense_acc"] > empty + 0.15, (hist, empty)
+    with pytest.raises(ValueError, match=r"dense_classes = \(5, 7, 4\) needs patch_labels \(256, 16, 3\)"):
+        train_siglip(tower(), pixels, caps, pad, cfg, progress=False)
+    with pytest.raises(ValueError, match=r"expected a long tensor \(256, 16, 3\).*got \(256, 15, 3\)"):
+        train_siglip(tower(), pixels, caps, pad, cfg, progress=False, patch_labels=labels[:, :15])
+    bad = labels.clone()
+    bad[3, 5, 1] = 9
+    with pytest.raises(ValueError, match=r"factor 1 spans \[0, 9\], outside \[0, 7\) \(dense_classes\[1\]\)"):
+        train_siglip(tower(), pixels, caps, pad, cfg, progress=False, patch_labels=bad)
+    with pytest.raises(ValueError, match="dense objective is off"):
+        train_siglip(tower(), pixels, caps, pad, micro_cfg(), progress=False, patch_labels=labels)

@@ -1055,3 +1055,56 @@ def test_janus_13b_role_format_masks_answers_too():
     assert e.ids.tolist() == ids and set(torch.nonzero(e.text_target).flatten().tolist()) == targets
     assert proc.tokenizer.decode(e.ids[e.text_target].tolist(), skip_special_tokens=False) == \
         " 4, of course.<｜end▁of▁sentence｜> (six) 6<｜end▁of▁sentence｜>"
+
+
+def test_turn_answer_weighting_gives_every_answer_one_share(dataset, parts):
+    """answer_weighting = "turn": every answer of a conversation carries the same total weight (the
+    conversation's answer-token count, split evenly between its answers), packing, micro-batches and the
+    padding-free layout carry the weights, and the objective is the weighted sum while the per-kind figures stay
+    plain token means; "token" (the default) leaves batches unweighted."""
+    from januskit.train.data.encode import turn_weights
+    from januskit.train.data.packing import without_padding
+    from januskit.train.losses import batch_losses
+
+    t = torch.tensor([0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)  # answers of 3, 1, 6 tokens
+    w = turn_weights(t)
+    assert w.tolist() == pytest.approx([0, 0] + [10 / 9] * 3 + [0, 0, 10 / 3, 0] + [10 / 18] * 6)
+    assert turn_weights(torch.zeros(4, dtype=torch.bool)).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="answer_weighting must be one of 'token', 'turn', got 'answer'"):
+        SampleEncoder.for_model(parts[0], parts[1], answer_weighting="answer")
+
+    model, proc = parts
+    enc = SampleEncoder.for_model(model, proc, cfg_drop=0.0, answer_weighting="turn")
+    plain = SampleEncoder.for_model(model, proc, cfg_drop=0.0)
+    convs = [s for s in ManifestSource(dataset["jsonl"]["understanding"], shuffle=False, epochs=1)][:4]
+    multi = [s for s in convs if len(answers_of(s.messages)) > 1]
+    assert multi, "the fixture needs a conversation with several answers"
+    for s in convs:
+        e = enc(s)
+        tw = e.text_weights()
+        labels, _ = e.labels()
+        assert bool(((tw > 0) == (labels != IGNORE)).all())  # weights exactly at the targets
+        assert float(tw.sum()) == pytest.approx(float((labels != IGNORE).sum()))  # the conversation's total kept
+        spans = [list(g) for k, g in itertools.groupby(range(len(tw)), key=lambda i: bool(tw[i] > 0)) if k]
+        assert len(spans) == len(answers_of(s.messages))
+        assert [float(tw[sp].sum()) for sp in spans] == pytest.approx([float(tw.sum()) / len(spans)] * len(spans))
+        assert plain(s).text_weight is None and torch.equal(plain(s).text_weights(), (labels != IGNORE).float())
+    docs = list(itertools.islice(ManifestSource(dataset["jsonl"]["text"], shuffle=False, transform=enc), 2))
+    samples = [enc(s) for s in convs] + docs
+    batch = pack(samples, 400, pad_id=proc.pad_id)
+    assert batch.text_weights is not None and pack([plain(s) for s in convs], 400, pad_id=proc.pad_id).text_weights is None
+    assert float(batch.text_weights.sum()) == pytest.approx(float((batch.text_labels != IGNORE).sum()))
+    micro = split_rows(batch, 1, proc.n_image_tokens)
+    assert torch.equal(torch.cat([m.text_weights for m in micro]), batch.text_weights)
+    flat = without_padding(batch)
+    assert torch.equal(flat.text_weights[0], batch.text_weights[batch.doc_ids >= 0])
+    with torch.no_grad():
+        s_w = batch_losses(model, batch)
+        unweighted = pack([plain(s) for s in convs] + docs, 400, pad_id=proc.pad_id)
+        s_u = batch_losses(model, unweighted)
+    assert torch.equal(s_w.by_kind, s_u.by_kind) and torch.equal(s_w.count, s_u.count)  # figures: plain means
+    assert not torch.allclose(s_w.total, s_u.total)  # the objective: weighted ...
+    import dataclasses
+    twice = dataclasses.replace(unweighted, text_weights=2.0 * (unweighted.text_labels != IGNORE).float())
+    with torch.no_grad():
+        assert float(batch_losses(model, twice).total) == pytest.approx(2 * float(s_u.total), rel=1e-5)  # ... sum w*CE

@@ -296,7 +296,7 @@ def test_siglip_variant_groups_are_minimal_contrasts_of_train_scenes(smoke):
     _, work = smoke
     c, tok = preset("mini-janus-pro"), TextTokenizer.from_file(work / "components" / "tokenizer.json")
     plain = _component_data(work / "world", 20, c, tok)
-    pixels, gen, captions, groups = _component_data(work / "world", 20, c, tok, 3, 0)
+    pixels, gen, captions, groups, _ = _component_data(work / "world", 20, c, tok, 3, 0)
     assert plain[3] is None and len(pixels) == len(captions) == len(groups) == 20
     assert torch.equal(gen, plain[1]) and torch.equal(pixels[0], plain[0][0])  # a group starts with the scene
     assert groups == sorted(groups) and max(groups.count(g) for g in groups) <= 4 and groups[:4] == [0, 0, 0, 0]

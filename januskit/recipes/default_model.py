@@ -47,6 +47,7 @@ from ..train.trainer import fastest_autocast, train
 from ..world.dataset import held_out, write_world
 from ..world.prompts import describe, scene_from_json
 from ..world.render import render
+from ..world.scene import PATCH_CLASSES, patch_labels
 from ..world.variants import variants
 from .chain import done, export_and_evaluate, log, mark_done, run_stages, step_seconds
 from .rl_world import RLPlan, rl_run_config
@@ -86,7 +87,13 @@ class Recipe:
     # (world.variants: colours swapped between objects, places traded, an object moved, recoloured or reshaped),
     # drawn into one batch, so that telling the captions apart takes which colour is which shape where.
     siglip_variants: int = 0
-    siglip: SigLIPTrainConfig = field(default_factory=lambda: SigLIPTrainConfig(steps=300, batch_size=128, lr=1e-3,
+    # SigLIP's dense objective beside the sigmoid loss (SigLIPTrainConfig.dense_classes): every patch learns the
+    # shape and colour of the object in its grid cell and the cell (world.scene.patch_labels), so each patch
+    # token carries its object whole, as web-scale pretraining gives the real SigLIP; the LLM then has a lookup
+    # to make, not a binding to work out.
+    siglip_dense: bool = True
+    # (the shipped model's build: 300 steps at LR 1e-3 without the dense heads; those reach 1.000 from ~600 steps)
+    siglip: SigLIPTrainConfig = field(default_factory=lambda: SigLIPTrainConfig(steps=800, batch_size=128, lr=2e-3,
                                                                                  warmup=30))
     vq: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(steps=1200, batch_size=8, lr=1e-3, warmup=50))
     stages: tuple[StagePlan, ...] = (
@@ -100,6 +107,9 @@ class Recipe:
     data: str = "fresh"
     captions: str = "v3"  # generation captions (world.captions): v2's kinds (colour+position, counts+colours,
     # rewording) with the binding kinds weighted up
+    # the answers' loss (train.data.encode): "token" weighs every answer token alike, so a conversation's 30-token
+    # scene description outweighs its one-word answers 30 to 1; "turn" weighs every answer alike
+    answer_weighting: str = "turn"
     turns: int = 3  # questions per understanding conversation (random type order, so every type is asked first
     # as often as the eval asks it); 1 carried a third of the questions and cost QA 0.69 -> 0.61
     # CFG weights tried on the val split after training; the best is written to the model's
@@ -184,9 +194,9 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _component_data(world: Path, n: int, c: JanusConfig, tok: TextTokenizer, variants_per_scene: int = 0,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list, list[int] | None]:
-    """n train images for SigLIP (with their scene descriptions, and group ids when `variants_per_scene`) and
-    the VQ (the written train images)."""
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list, list[int] | None, torch.Tensor]:
+    """n train images for SigLIP (with their scene descriptions, patch labels, and group ids when
+    `variants_per_scene`) and the VQ (the written train images)."""
     rows = _jsonl(world / "train" / "understanding.jsonl")[:n]
     imgs = [Image.open(world / "train" / r["images"][0]).convert("RGB") for r in rows]
     und = ImageTransform(size=c.vision.image_size)
@@ -206,7 +216,9 @@ def _component_data(world: Path, n: int, c: JanusConfig, tok: TextTokenizer, var
         imgs = [render(s) for s in scenes]
     pixels = torch.stack([und(i) for i in imgs])
     captions = [tok.encode(describe(s), add_bos=False) for s in scenes]
-    return pixels, gen, captions, groups
+    per_side = c.vision.image_size // c.vision.patch_size
+    labels = torch.from_numpy(np.stack([patch_labels(s, per_side) for s in scenes]))
+    return pixels, gen, captions, groups, labels
 
 
 def build_components(world: Path, dst: Path, r: Recipe) -> Path:
@@ -216,11 +228,13 @@ def build_components(world: Path, dst: Path, r: Recipe) -> Path:
     tok = build_synthetic_tokenizer(c.llm.vocab_size, style="pro", seed_text=world_text(world))
     torch.manual_seed(r.seed)
     model = training_init(JanusModel(c), r.seed)
-    pixels, gen, captions, groups = _component_data(world, r.component_images, c, tok, r.siglip_variants, r.seed)
+    pixels, gen, captions, groups, labels = _component_data(world, r.component_images, c, tok, r.siglip_variants,
+                                                            r.seed)
     report: dict[str, Any] = {}
     t = time.perf_counter()
-    hist = train_siglip(model.vision_model, pixels, captions, tok.pad_id,
-                        dataclasses.replace(r.siglip, seed=r.seed), progress=True, groups=groups)
+    scfg = dataclasses.replace(r.siglip, seed=r.seed, dense_classes=PATCH_CLASSES if r.siglip_dense else ())
+    hist = train_siglip(model.vision_model, pixels, captions, tok.pad_id, scfg, progress=True, groups=groups,
+                        patch_labels=labels if r.siglip_dense else None)
     report["siglip"] = {"seconds": round(time.perf_counter() - t, 1), "last": hist[-1] if hist else {}}
     t = time.perf_counter()
     hist = train_vq(model.gen_vision_model, gen, dataclasses.replace(r.vq, seed=r.seed), progress=True)
@@ -243,6 +257,8 @@ def stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: Recip
     if r.data == "fresh":
         data = {"builder": "januskit.train.data.fresh:build", "captions": r.captions, "turns": r.turns,
                 "seed": r.seed, "prefetch": 1}
+        if r.answer_weighting != "token":  # (kept out of the default's config: earlier builds' configs unchanged)
+            data["answer_weighting"] = r.answer_weighting
         if plan.ratio is not None and len(plan.ratio) == 4:  # an edit weight: the world draws edits too
             data["kinds"] = ["understanding", "text", "generation", "edit"]
     elif r.data == "files":

@@ -114,7 +114,9 @@ def _text_sums(model: torch.nn.Module, batch: TrainBatch, hidden: torch.Tensor) 
     by_kind.index_add_(0, _kinds(batch, t_sel, TEXT), text_ce.detach())
     count = torch.zeros(N_KINDS, dtype=torch.long, device=hidden.device)
     count.index_add_(0, _kinds(batch, t_sel, TEXT), torch.ones_like(text_ce, dtype=torch.long))
-    return LossSums(total=text_ce.sum(), by_kind=by_kind, count=count)
+    # per-kind figures stay plain means per token; the objective takes the answer weights when there are any
+    total = text_ce.sum() if batch.text_weights is None else (text_ce * batch.text_weights[t_sel]).sum()
+    return LossSums(total=total, by_kind=by_kind, count=count)
 
 
 def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch, settings: FlowSettings,

@@ -84,3 +84,22 @@ def random_scene(rng: np.random.Generator, n: int | None = None) -> Scene:
 def canonical(scene: Scene) -> Scene:
     """Objects in raster (cell) order; geometry jitter removed (for comparing layouts)."""
     return tuple(sorted((replace(o, r=11, dx=0, dy=0) for o in scene), key=lambda o: o.cell))
+
+
+
+# Per-patch factors: shape of the cell's object (0 = empty cell), its colour (0 = empty), the cell itself.
+PATCH_CLASSES = (1 + len(SHAPES), 1 + len(COLOUR_NAMES), 4)
+
+
+def patch_labels(scene: Scene, per_side: int) -> np.ndarray:
+    """(per_side * per_side, 3) labels of the patches of a per_side x per_side grid over the image, raster order:
+    the shape (1 + index, 0 for an empty cell) and colour (likewise) of the object in the 2x2 cell the patch lies
+    in, and that cell (0-3). An object never leaves its cell, so the cell is the object's region; the three
+    factors are separate so that each is a direction of its own in the features. per_side must be even."""
+    if per_side % 2:
+        raise ValueError(f"patch_labels: per_side {per_side} is odd; patches must tile the 2x2 grid")
+    by_cell = {o.cell: (1 + SHAPES.index(o.shape), 1 + COLOUR_NAMES.index(o.colour)) for o in scene}
+    half = per_side // 2
+    rows, cols = np.divmod(np.arange(per_side * per_side), per_side)
+    cells = 2 * (rows // half) + cols // half
+    return np.array([(*by_cell.get(int(c), (0, 0)), int(c)) for c in cells], dtype=np.int64)

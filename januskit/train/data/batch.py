@@ -30,6 +30,7 @@ class TrainBatch:
     flow_latents: torch.Tensor | None = None  # (M, C, H, W) clean (scaled) VAE latents, in slot order
     flow_seeds: torch.Tensor | None = None  # (M,) long: seed of each sample's noise and t
     repa_pixels: torch.Tensor | None = None  # (M, 3, S, S) the same images for the understanding encoder (REPA)
+    text_weights: torch.Tensor | None = None  # (B, T) float: weight of each text_labels target; None = all 1
 
     def to(self, device: torch.device | str) -> "TrainBatch":
         return TrainBatch(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)

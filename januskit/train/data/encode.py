@@ -62,6 +62,7 @@ class EncodedSample:
     repa_pixels: torch.Tensor | None = None  # (3, S, S) understanding-encoder input of the same image (REPA)
     gen_input: torch.Tensor | None = None  # (L,) bool: VQ slots that are input only (an edit's VQ sources)
     source_pixels: torch.Tensor | None = None  # (k, 3, S, S) in [-1, 1]: VQ sources waiting for the encoder
+    text_weight: torch.Tensor | None = None  # (L,) float: loss weight of each text_target slot; None = all 1
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -80,6 +81,12 @@ class EncodedSample:
         image = torch.full((L,), IGNORE, dtype=torch.long)
         image[:-1] = torch.where(target[1:], full[1:], IGNORE)
         return text, image
+
+    def text_weights(self) -> torch.Tensor:
+        """Shifted like `labels`: slot t's weight is that of target t+1 (1 without text_weight; 0 at no target)."""
+        w = torch.zeros(len(self))
+        w[:-1] = torch.where(self.text_target[1:], 1.0 if self.text_weight is None else self.text_weight[1:], 0.0)
+        return w
 
     def truncated(self, n: int, n_und_tokens: int) -> "EncodedSample":
         """The first n tokens. A cut inside an understanding image moves to before its <begin_of_image>
@@ -100,7 +107,27 @@ class EncodedSample:
         keep = int(self.und_mask[:n].sum()) // n_und_tokens
         pix = self.pixel_values[:keep] if self.pixel_values is not None and keep else None
         return replace(self, ids=self.ids[:n], text_target=self.text_target[:n], und_mask=self.und_mask[:n],
-                       gen_mask=self.gen_mask[:n], pixel_values=pix)
+                       gen_mask=self.gen_mask[:n], pixel_values=pix,
+                       text_weight=None if self.text_weight is None else self.text_weight[:n])
+
+
+ANSWER_WEIGHTINGS = ("token", "turn")
+
+
+def turn_weights(target: torch.Tensor) -> torch.Tensor:
+    """(L,) weights of a conversation's answer tokens (`target`, bool) that give every answer (a run of targets)
+    the same share of the conversation's total, which stays its number of answer tokens: a one-word answer
+    then counts as much as a 30-token description beside it, instead of 1/30 as much (answer_weighting = "turn")."""
+    t = target.to(torch.long)
+    run = torch.cumsum(torch.cat([t[:1], (t[1:] > t[:-1]).to(torch.long)]), 0) * t  # answer number, 0 elsewhere
+    n_runs = int(run.max()) if len(run) else 0
+    if n_runs == 0:
+        return torch.zeros(len(t))
+    sizes = torch.bincount(run, minlength=n_runs + 1).to(torch.float32)
+    total = float(t.sum())
+    w = total / (n_runs * sizes)  # per answer: its share / its length
+    w[0] = 0.0
+    return w[run]
 
 
 def _unit(*parts: object) -> float:
@@ -157,7 +184,11 @@ class SampleEncoder:
     def __init__(self, processor: Processor, vq: VQConfig | None, *, seed: int = 0, cfg_drop: float = 0.1,
                  short_caption_p: float = 0.0, max_len: int | None = None, too_long: str = "error",
                  system_prompt: str = SYSTEM_PROMPT, flow: FlowLayout | None = None, edit_drop_text: float = 0.05,
-                 edit_drop_image: float = 0.05, edit_drop_both: float = 0.05) -> None:
+                 edit_drop_image: float = 0.05, edit_drop_both: float = 0.05, answer_weighting: str = "token") -> None:
+        if answer_weighting not in ANSWER_WEIGHTINGS:
+            raise ValueError(f"answer_weighting must be one of {', '.join(map(repr, ANSWER_WEIGHTINGS))}, got "
+                             f"{answer_weighting!r}")
+        self.answer_weighting = answer_weighting
         cfg_drop, short_caption_p = _probability("cfg_drop", cfg_drop), _probability("short_caption_p", short_caption_p)
         # InstructPix2Pix's 5% each; exclusive outcomes of one draw, so they must fit in [0, 1] together
         names = ("edit_drop_text", "edit_drop_image", "edit_drop_both")
@@ -241,8 +272,10 @@ class SampleEncoder:
             raise DataError(s.key, f"{n_images} image slot(s) after tokenising but {len(s.images)} image(s)", "field")
         pix = torch.stack([self.proc.transform(im) for im in s.images]) if s.images else None
         L = len(out_ids)
-        return EncodedSample(s.kind, s.key, torch.tensor(out_ids), torch.tensor(out_tgt), torch.tensor(und),
-                             torch.zeros(L, dtype=torch.bool), None, pix)
+        tgt = torch.tensor(out_tgt)
+        return EncodedSample(s.kind, s.key, torch.tensor(out_ids), tgt, torch.tensor(und),
+                             torch.zeros(L, dtype=torch.bool), None, pix,
+                             text_weight=turn_weights(tgt) if self.answer_weighting == "turn" else None)
 
     def document(self, s: Sample) -> EncodedSample:
         ids = self.proc.tokenizer.encode(s.text) + [self.eos]  # EOS ends the document, as in pretraining

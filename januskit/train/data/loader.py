@@ -107,11 +107,13 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
           edit_drop_image: float = 0.05, edit_drop_both: float = 0.05, on_error: str = "raise",
           too_long: str = "error", shuffle: bool = True, shuffle_buffer: int = 512, prefetch: int = 1,
           system_prompt: str | None = None, vae: str | None = None, edit_source: str | None = None,
-          builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
+          answer_weighting: str = "token", builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation / edit is a path or list of paths (JSONL manifests, tar shards
     or folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
     cfg_drop, short_caption_p and edit_drop_*: the SampleEncoder's dropout probabilities.
+    `answer_weighting`: "token" (every answer token weighs 1, the usual SFT loss) or "turn" (each answer of a
+    conversation weighs the same, spread over its tokens; encode.turn_weights).
     `vae`: JanusFlow only, the VAE folder that encodes generation and edit target images (default: the source's vae/).
     `edit_source`: how edit samples' source images enter, "understanding" (SigLIP -> aligner, as in a chat) or
     "vq" (Janus: their VQ tokens through gen_embed -> gen_aligner, input only); default: the source folder's
@@ -141,7 +143,7 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
         enc = SampleEncoder(proc, None if flow else c.vq, seed=ctx.seed, cfg_drop=cfg_drop,
                             short_caption_p=short_caption_p, max_len=ctx.seq_len, too_long=too_long, flow=flow,
                             edit_drop_text=edit_drop_text, edit_drop_image=edit_drop_image,
-                            edit_drop_both=edit_drop_both,
+                            edit_drop_both=edit_drop_both, answer_weighting=answer_weighting,
                             system_prompt=proc.system_prompt if system_prompt is None else system_prompt)
     except ValueError as e:  # a bad option of the [data] table: say where it is set
         raise ValueError(f"[data] {e}") from None

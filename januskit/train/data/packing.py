@@ -69,6 +69,8 @@ def _batch(rows: list[list[EncodedSample]], T: int, pad_id: int) -> TrainBatch:
     gen_ids = torch.zeros((B, T), **long)
     text_labels = torch.full((B, T), IGNORE, **long)
     image_labels = torch.full((B, T), IGNORE, **long)
+    weighted = any(s.text_weight is not None for row in rows for s in row)
+    text_weights = torch.zeros((B, T)) if weighted else None
     pixels = []
     flow = any(s.flow_mask is not None for row in rows for s in row)
     flow_mask = torch.zeros((B, T), dtype=torch.bool) if flow else None
@@ -85,6 +87,8 @@ def _batch(rows: list[list[EncodedSample]], T: int, pad_id: int) -> TrainBatch:
             und_mask[b, sl] = s.und_mask
             gen_mask[b, sl] = s.gen_mask
             text_labels[b, sl], image_labels[b, sl] = s.labels()  # raises if VQ ids are still missing
+            if weighted:
+                text_weights[b, sl] = s.text_weights()
             if s.gen_ids is not None:
                 gen_ids[b, sl][s.gen_mask] = s.gen_ids
             if s.pixel_values is not None:
@@ -104,7 +108,7 @@ def _batch(rows: list[list[EncodedSample]], T: int, pad_id: int) -> TrainBatch:
                       text_labels=text_labels, image_labels=image_labels, kinds=kinds, flow_mask=flow_mask,
                       flow_latents=torch.stack(latents) if latents else None,
                       flow_seeds=torch.tensor(seeds, dtype=torch.long) if seeds else None,
-                      repa_pixels=torch.stack(repa) if repa else None)
+                      repa_pixels=torch.stack(repa) if repa else None, text_weights=text_weights)
 
 
 def flow_starts(flow_mask: torch.Tensor) -> torch.Tensor:
@@ -135,7 +139,8 @@ def split_rows(batch: TrainBatch, rows: int, n_und_tokens: int) -> list[TrainBat
                               und_mask=batch.und_mask[sl], pixel_values=pix, gen_mask=batch.gen_mask[sl],
                               gen_ids=batch.gen_ids[sl], text_labels=batch.text_labels[sl],
                               image_labels=batch.image_labels[sl],
-                              kinds=None if batch.kinds is None else batch.kinds[sl], **flow))
+                              kinds=None if batch.kinds is None else batch.kinds[sl],
+                              text_weights=None if batch.text_weights is None else batch.text_weights[sl], **flow))
     return out
 
 
@@ -159,4 +164,5 @@ def without_padding(batch: TrainBatch) -> TrainBatch:
                                doc_ids=take(d), und_mask=take(batch.und_mask), gen_mask=take(batch.gen_mask),
                                gen_ids=take(batch.gen_ids), text_labels=take(batch.text_labels),
                                image_labels=take(batch.image_labels),
-                               kinds=None if batch.kinds is None else take(batch.kinds))
+                               kinds=None if batch.kinds is None else take(batch.kinds),
+                               text_weights=None if batch.text_weights is None else take(batch.text_weights))

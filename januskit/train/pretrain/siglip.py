@@ -67,6 +67,12 @@ class SigLIPTrainConfig:
     vocab_size: int | None = None  # text embedding rows; None = largest id given (or pad_id) + 1
     init_log_t: float = math.log(10.0)
     init_bias: float = -10.0
+    # Dense objective beside the sigmoid loss: linear heads on every patch feature classify that patch's labels
+    # (train_siglip's `patch_labels`, e.g. the shape, colour and cell of the object in its grid cell), one
+    # cross-entropy per factor, summed and weighted by dense_weight. Each patch token then carries its object's
+    # attributes as separate linear directions, which is what the LLM's attention can look up.
+    dense_classes: tuple[int, ...] = ()  # classes of each factor; () = off
+    dense_weight: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +169,8 @@ class SigLIPPair(nn.Module):
         self.txt_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.log_t = nn.Parameter(torch.tensor(float(cfg.init_log_t)))
         self.bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
+        self.dense_classes = tuple(cfg.dense_classes)
+        self.patch_head = nn.Linear(width, sum(self.dense_classes)) if self.dense_classes else None
         self._init_heads(generator or torch.Generator().manual_seed(cfg.seed))
 
     @torch.no_grad()
@@ -179,7 +187,10 @@ class SigLIPPair(nn.Module):
                 p.copy_(_trunc_normal(p.shape, 0.02, g))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.tower(pixels)  # (B, N, width): what the Janus aligner reads
+        return self.embed_features(self.tower(pixels))
+
+    def embed_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, N, width) tower features (what the Janus aligner reads) -> (B, embed_dim) unit embeddings."""
         if self.pool_kind == "mean":
             pooled = feats.mean(1)
         elif self.pool_kind == "attn":
@@ -266,6 +277,27 @@ def _check_captions(captions: Sequence[Sequence[int]], n: int, pad_id: int, voca
             raise ValueError(f"{what}[{i}] has {len(c)} tokens, more than text_max_len {max_len}")
 
 
+def _check_patch_labels(tower: VisionTower, labels: torch.Tensor | None, n: int, classes: tuple[int, ...]) -> None:
+    if not classes:
+        if labels is not None:
+            raise ValueError("patch_labels given but SigLIPTrainConfig.dense_classes is empty (the dense objective "
+                             "is off)")
+        return
+    if any(int(c) < 2 for c in classes):
+        raise ValueError(f"SigLIPTrainConfig.dense_classes {tuple(classes)}: every factor needs at least 2 classes")
+    want = (n, tower.vision_tower.pos_embed.shape[1], len(classes))
+    if labels is None:
+        raise ValueError(f"SigLIPTrainConfig.dense_classes = {tuple(classes)} needs patch_labels {want} "
+                         "(images, patches, factors)")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or tuple(labels.shape) != want:
+        got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"patch_labels: expected a long tensor {want} (images, patches, factors), got {got}")
+    for k, c in enumerate(classes):
+        lo, hi = int(labels[..., k].min()), int(labels[..., k].max())
+        if lo < 0 or hi >= c:
+            raise ValueError(f"patch_labels: factor {k} spans [{lo}, {hi}], outside [0, {c}) (dense_classes[{k}])")
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -349,7 +381,8 @@ def _epoch_order(members: list[torch.Tensor] | None, n: int, g: torch.Generator)
 def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[int]], pad_id: int,
                  cfg: SigLIPTrainConfig, progress: bool = True, *, groups: Sequence[int] | None = None,
                  eval_pixels: torch.Tensor | None = None, eval_captions: list[list[int]] | None = None,
-                 eval_group: int | None = None, pair: SigLIPPair | None = None) -> list[dict]:
+                 eval_group: int | None = None, pair: SigLIPPair | None = None,
+                 patch_labels: torch.Tensor | None = None) -> list[dict]:
     """Train `tower` in place with the SigLIP loss on (pixels, captions) pairs; returns the metrics of
     every logged step (every `log_every` steps and the last): step, loss (mean since the previous log),
     t = exp(t'), b, acc (in-batch image->text top-1 of the logged step's batch), lr, and, when eval
@@ -366,6 +399,9 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
     learns little else).
     `pair`: pass a SigLIPPair built around `tower` to keep the text tower and heads (for
     retrieval_accuracy afterwards); by default one is built here and discarded.
+    `patch_labels`: (N, patches, factors) class ids, factor k in [0, cfg.dense_classes[k]), for the dense
+    objective (cfg.dense_classes needs them); the log then also carries dense_loss (summed over factors) and
+    dense_acc (patches with every factor right).
     """
     n = len(pixels) if isinstance(pixels, torch.Tensor) else -1
     _check_pixels(tower, pixels, "pixels")
@@ -384,6 +420,7 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
         _check_pixels(tower, eval_pixels, "eval_pixels")
         _check_captions(eval_captions, len(eval_pixels), pad_id, cfg.vocab_size, cfg.text_max_len,
                         "eval_captions", "eval_pixels")
+    _check_patch_labels(tower, patch_labels, n, cfg.dense_classes)
     if pair is None:
         vocab = cfg.vocab_size or max(max(max(c) for c in all_caps), pad_id) + 1
         max_len = cfg.text_max_len or max(len(c) for c in all_caps)
@@ -406,7 +443,7 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
     ref_pixels, ref_tokens, ref_lengths = pixels[ref], tokens[ref], lengths[ref]  # for refresh_center
     order, pos = _epoch_order(members, n, g), 0
     history: list[dict] = []
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, loss_n, dense_sum = 0.0, 0, 0.0
     pair.train()
     bar = tqdm(range(1, cfg.steps + 1), desc="siglip", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -418,10 +455,17 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
         for group in opt.param_groups:
             group["lr"] = lr
 
-        img = pair.encode_image(pixels[idx])
+        feats = pair.tower(pixels[idx])
+        img = pair.embed_features(feats)
         txt = pair.encode_text(tokens[idx], lengths[idx])
         labels = cid[idx][:, None] == cid[idx][None, :]  # duplicate captions are positives
         loss = sigmoid_loss(img, txt, pair.log_t, pair.bias, labels)
+        if pair.patch_head is not None:
+            logits = pair.patch_head(feats).split(pair.dense_classes, dim=-1)  # per factor (B, N, classes)
+            lab = patch_labels[idx]
+            dense = sum(F.cross_entropy(z.flatten(0, 1), lab[..., k].flatten()) for k, z in enumerate(logits))
+            dense_sum += dense.item()
+            loss = loss + cfg.dense_weight * dense
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -434,7 +478,12 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
                 hit = labels.gather(1, (img @ txt.t()).argmax(1, keepdim=True))
             m = {"step": step, "loss": loss_sum / loss_n, "t": pair.log_t.exp().item(), "b": pair.bias.item(),
                  "acc": float(hit.float().mean()), "lr": lr}
-            loss_sum, loss_n = 0.0, 0
+            if pair.patch_head is not None:
+                m["dense_loss"] = dense_sum / loss_n
+                # a patch counts when every factor is right
+                hits = torch.stack([z.argmax(-1) == lab[..., k] for k, z in enumerate(logits)]).all(0)
+                m["dense_acc"] = float(hits.float().mean())
+            loss_sum, loss_n, dense_sum = 0.0, 0, 0.0
             if eval_pixels is not None:
                 refresh_center(pair, ref_pixels, ref_tokens, ref_lengths, cfg.batch_size)
                 m["eval_acc"] = retrieval_accuracy(pair, eval_pixels, eval_captions, eval_group)

@@ -2,7 +2,8 @@
 follow from the step number alone and a resumed run draws exactly what an uninterrupted one would.
 
 - `WorldPrompts`: the miniature world's GenEval-style training prompts (its six categories, drawn as the
-  test split's are), held-out combinations never drawn, each carrying its structured prompt for the judge.
+  test split's are, and "color_position", colours with a relation as the README's prompt has them),
+  held-out combinations never drawn, each carrying its structured prompt for the judge.
 - `FilePrompts`: a .txt file (one prompt a line) or a .jsonl file ({"prompt": "...", "meta": {...}} a line,
   meta optional), visited in a new seeded order every pass.
 """
@@ -30,18 +31,20 @@ class WorldPrompts:
         from ...world.prompts import CATEGORIES
 
         cats = tuple(categories) if categories is not None else CATEGORIES
-        bad = [c for c in cats if c not in CATEGORIES]
+        valid = (*CATEGORIES, "color_position")
+        bad = [c for c in cats if c not in valid]
         if bad or not cats:
-            raise ValueError(f"[rl] prompt categories {bad or '(none)'}: valid are {', '.join(CATEGORIES)}")
+            raise ValueError(f"[rl] prompt categories {bad or '(none)'}: valid are {', '.join(valid)}")
         self.seed, self.categories, self.held = seed, cats, held_out()
 
     def __call__(self, i: int) -> RewardPrompt:
+        from ...world.captions import color_position
         from ...world.prompts import sample_prompt
 
         rng = np.random.default_rng([self.seed, _STREAM, i])
         cat = self.categories[int(rng.integers(len(self.categories)))]
         while True:  # training prompts only: a held-out combination is never asked for
-            p = sample_prompt(rng, cat)
+            p = color_position(rng, None)[0] if cat == "color_position" else sample_prompt(rng, cat)
             if not (self.held.prompt_held_out(p) or self.held.mentioned_by(p)):
                 return RewardPrompt(p.text, {"prompt": p.to_json()})
 

@@ -1,0 +1,83 @@
+"""The understanding proxy of docs/miniature-world.md ("Two levers"): the shipped model's LLM with a fresh
+aligner (and, optionally, a newly pretrained SigLIP), trained on the world's conversations only, then scored.
+
+    python examples/understanding_proxy.py siglip  --out runs/proxy/src-dense --steps 800 --lr 2e-3 --world W
+    python examples/understanding_proxy.py siglip  --out runs/proxy/src-shipped --steps 0 --world W   # arm A
+    python examples/understanding_proxy.py train   --src runs/proxy/src-dense --out runs/proxy/B3 --steps 800 --world W
+    python examples/understanding_proxy.py train   --src runs/proxy/B3 --out runs/proxy/C2 --steps 400 --lr 5e-4 \\
+        --warmup 10 --answer-weighting turn --world W
+    januskit eval world -m runs/proxy/C2 --world W --prompts-per-category 0 --questions-per-type 100
+
+W is a written world (`januskit world write W`): SigLIP reads its first 8,000 train images, as the recipe does.
+`--no-describe` draws conversations without the describe question (the dilution test's arm C1).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from januskit.checkpoint.official import load_janus, save_janus
+from januskit.cli import DEFAULT_MODEL
+from januskit.config import preset
+from januskit.processing.tokenizer import TextTokenizer
+from januskit.recipes.default_model import Recipe, StagePlan, _component_data, stage_config
+from januskit.train.pretrain.siglip import init_vision_tower, train_siglip
+from januskit.train.trainer import train
+from januskit.world.scene import PATCH_CLASSES
+
+
+def new_encoder(a: argparse.Namespace) -> None:
+    """The shipped model with a fresh aligner and, with --steps > 0, a SigLIP pretrained anew (sigmoid + dense)."""
+    model = load_janus(DEFAULT_MODEL, torch.float32)
+    if a.steps:
+        tok = TextTokenizer.from_file(DEFAULT_MODEL / "tokenizer.json")
+        pixels, _, caps, _, labels = _component_data(Path(a.world), 8000, preset("mini-janus-pro"), tok)
+        init_vision_tower(model.vision_model, 1)
+        cfg = dataclasses.replace(Recipe().siglip, seed=0, dense_classes=PATCH_CLASSES, steps=a.steps, lr=a.lr,
+                                  log_every=100)
+        for m in train_siglip(model.vision_model, pixels, caps, tok.pad_id, cfg, progress=False, patch_labels=labels):
+            print({k: round(v, 3) for k, v in m.items()})
+    g = torch.Generator().manual_seed(5)  # every arm's aligner starts the same
+    with torch.no_grad():
+        for name, p in model.aligner.named_parameters():
+            p.copy_(torch.zeros_like(p) if name.endswith("bias") else torch.randn(p.shape, generator=g) * 0.02)
+    save_janus(model, a.out, copy_from=DEFAULT_MODEL, overwrite=True, skip=("eval.json",))
+
+
+def understanding_only(a: argparse.Namespace) -> None:
+    if a.no_describe:  # conversations drawn from the five short-answer types only
+        import januskit.world.dataset as wd
+        from januskit.world.questions import QTYPES
+
+        ask = wd.ask_some
+        wd.ask_some = lambda scene, rng, k, qtypes=QTYPES: ask(scene, rng, k, QTYPES)
+    plan = StagePlan("und", "janus-pro/2", steps=a.steps, batch_size=32, lr=a.lr, warmup=a.warmup, ratio=(1, 0, 0),
+                     schedule="cosine")
+    r = dataclasses.replace(Recipe(), autocast=a.autocast, answer_weighting=a.answer_weighting)
+    train(stage_config(plan, Path(a.src), Path(a.out), Path(a.world), r))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("siglip", "train"))
+    p.add_argument("--world", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--src", help="train: the folder to start from")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 (siglip), 1e-3 (train)")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--answer-weighting", default="token", choices=("token", "turn"))
+    p.add_argument("--no-describe", action="store_true")
+    p.add_argument("--autocast", default="bfloat16")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    a.lr = a.lr if a.lr is not None else (2e-3 if a.what == "siglip" else 1e-3)
+    torch.set_num_threads(a.threads)
+    new_encoder(a) if a.what == "siglip" else understanding_only(a)
+
+
+if __name__ == "__main__":
+    main()
