@@ -86,7 +86,6 @@ def canonical(scene: Scene) -> Scene:
     return tuple(sorted((replace(o, r=11, dx=0, dy=0) for o in scene), key=lambda o: o.cell))
 
 
-
 # Per-patch factors: shape of the cell's object (0 = empty cell), its colour (0 = empty), the cell itself.
 PATCH_CLASSES = (1 + len(SHAPES), 1 + len(COLOUR_NAMES), 4)
 

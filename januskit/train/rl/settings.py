@@ -35,7 +35,7 @@ class RLSettings:
     inner_steps: int = 1  # optimiser steps on each rollout (> 1 makes the ratio and its clip matter)
     rewards: dict[str, Any] = field(default_factory=lambda: {"world": 1.0})  # name or import path -> weight / table
     prompts: str = "world"  # "world" (the miniature world's training prompts) or a .txt / .jsonl file
-    prompt_categories: list[str] | None = None  # "world" prompts: GenEval categories (or "color_position") to draw (None = the six)
+    prompt_categories: list[str] | None = None  # "world" prompts: categories to draw (None = all six)
     cfg_weight: float | None = None  # CFG while sampling; None = the model folder's guidance_scale, else 5
     temperature: float = 1.0  # sampling temperature (> 0: log-probabilities need a distribution)
     logprob: str = "cfg"  # log-prob of a CFG-sampled token: "cfg" (the guided distribution) or "cond" (grpo.py)
