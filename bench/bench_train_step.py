@@ -81,7 +81,7 @@ DEFAULT = ["baseline", "recipe", "threads2", "threads2-passive", "ddp2", "mb16",
            "segments+compile+threads2-passive", "segments+compile+ddp2", "segments+compile+fused+threads2-passive",
            "segments+compile+fused+ddp2"]
 RECIPE_KEYS = ("threads", "micro_batch_size", "seq_len", "attention", "compile", "keep_memory", "fused_optimizer",
-               "data", "autocast")
+               "data", "autocast", "answer_weighting")
 # The baseline's recipe fields (the step the issue measured); a configuration overrides them.
 BASELINE = {"threads": 1, "attention": "mask", "data": "files", "autocast": "bfloat16"}
 INT_KEYS = ("threads", "micro_batch_size", "seq_len", "ranks", "prefetch")

@@ -139,6 +139,62 @@ def test_rerun_continues_and_is_deterministic(smoke, tmp_path):
         assert second[step] == first[step] > 0, step
 
 
+def test_an_interrupted_stage_continues_from_its_checkpoint(smoke, tmp_path, monkeypatch, caplog):
+    """A build killed in the middle of a stage goes on from the stage's newest checkpoint (not from its step 0),
+    and ends with the same weights as the build that was never interrupted; a checkpoint from another run
+    config is not mixed in."""
+    import shutil
+
+    import januskit.recipes.default_model as dm
+    import januskit.train.trainer as trainer
+    from januskit.recipes.chain import resumable
+
+    out, work = smoke
+    mine = tmp_path / "work"
+    for step in ("world", "components", "text", "stage1"):
+        shutil.copytree(work / step, mine / step)
+    shutil.copy(work / "autocast.json", mine / "autocast.json")
+
+    plain_config = dm.stage_config
+
+    def every_step(*a, **k):
+        cfg = plain_config(*a, **k)
+        cfg.train.save_every = 1
+        return cfg
+
+    class Killed(Exception):
+        pass
+
+    plain_save = trainer.save_checkpoint
+
+    def save_then_die(root, step, *a, **k):
+        plain_save(root, step, *a, **k)
+        if root.parent.name == "stage2" and step == 1:
+            raise Killed
+
+    monkeypatch.setattr(dm, "stage_config", every_step)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        build(tmp_path / "out", mine, Recipe().smoke(), evaluate_model=False)
+    stage2 = mine / "stage2"
+    assert not (stage2 / "RECIPE_DONE").exists() and (stage2 / "checkpoints" / "step-00000001").is_dir()
+
+    recipe = Recipe().smoke()
+    plan = next(p for p in recipe.stages if p.name == "stage2")
+    cfg = every_step(plan, mine / "stage1", stage2, mine / "world", recipe)
+    assert resumable(stage2, cfg) == 1
+    other = every_step(dataclasses.replace(plan, lr=plan.lr / 2), mine / "stage1", stage2, mine / "world", recipe)
+    with caplog.at_level("WARNING", logger="januskit.world"):
+        assert resumable(stage2, other) == 0
+    assert "holds checkpoints up to step 1 from another run config; the stage restarts" in caplog.text
+
+    monkeypatch.setattr(trainer, "save_checkpoint", plain_save)
+    with caplog.at_level("INFO", logger="januskit.train"):
+        again = build(tmp_path / "out", mine, recipe, evaluate_model=False)
+    assert "stage janus-pro/2: 2 steps from step 1;" in caplog.text
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
 def test_from_scratch_elsewhere_is_bit_identical(smoke, tmp_path):
     """The whole chain again, in another folder: same weights, byte for byte (no per-sample choice
     may depend on where the dataset lives)."""

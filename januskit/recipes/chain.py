@@ -2,6 +2,7 @@
 done (so an interrupted build continues where it stopped), and the final export and evaluation."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.official import load_official_with_extras, save_janus
-from ..train.checkpoints import PROVENANCE
+from ..train.checkpoints import PROVENANCE, list_checkpoints
 from ..train.config import RunConfig
 
 log = logging.getLogger("januskit.world")
@@ -38,12 +39,30 @@ def step_seconds(folder: Path, measured: float) -> float:
         return measured
 
 
+def resumable(dst: Path, cfg: RunConfig) -> int:
+    """The step an interrupted stage in `dst` can continue from: its newest complete checkpoint, if the run
+    there was started with this very config (else 0: a changed recipe must not mix into old optimiser state)."""
+    ckpts = list_checkpoints(dst / "checkpoints")
+    if not ckpts:
+        return 0
+    try:
+        same = json.loads((dst / "run_config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        log.warning("%s: holds checkpoints up to step %d from another run config; the stage restarts", dst,
+                    ckpts[-1][0])
+        return 0
+    return ckpts[-1][0]
+
+
 def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[Path, Path], RunConfig]]],
                times: dict[str, float], ranks: int = 1) -> Path:
     """Train each (name, config) in turn into work/name, from the previous stage's output (the first
     from `source`); config(source, out) gives the run. A finished folder is kept; an unfinished one
-    restarts (stages are minutes long). Each stage's seconds go into `times`; returns the last folder.
-    `ranks` > 1: each stage runs as that many data-parallel processes (train.parallel.spawn)."""
+    continues from its newest complete checkpoint when it was started with the same run config, else
+    restarts. Each stage's seconds go into `times` (a continued stage: this run's part); returns the last
+    folder. `ranks` > 1: each stage runs as that many data-parallel processes (train.parallel.spawn)."""
     from ..train import parallel
     from ..train.trainer import train
 
@@ -51,15 +70,17 @@ def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[P
         dst = work / name
         t = time.perf_counter()
         if not done(dst):
-            if dst.exists():
-                shutil.rmtree(dst)
             cfg = config(source, dst)
+            resume = resumable(dst, cfg)
+            if dst.exists() and not resume:
+                shutil.rmtree(dst)
             s = cfg.resolved_stage()
-            log.info("recipe: %s (%s, %d steps x %d samples, lr %g)", name, s.name, s.steps, s.batch_size, s.lr)
+            log.info("recipe: %s (%s, %d steps x %d samples, lr %g)%s", name, s.name, s.steps, s.batch_size, s.lr,
+                     f", continued from step {resume}" if resume else "")
             if ranks > 1:
-                parallel.spawn(train, ranks, cfg)
+                parallel.spawn(functools.partial(train, resume=bool(resume)), ranks, cfg)
             else:
-                train(cfg)
+                train(cfg, resume=bool(resume))
             shutil.rmtree(dst / "checkpoints", ignore_errors=True)  # optimiser states: not needed downstream
             mark_done(dst, time.perf_counter() - t)
         times[name] = step_seconds(dst, time.perf_counter() - t)
