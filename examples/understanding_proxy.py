@@ -9,7 +9,8 @@ aligner (and, optionally, a newly pretrained SigLIP), trained on the world's con
     januskit eval world -m runs/proxy/C2 --world W --prompts-per-category 0 --questions-per-type 100
 
 W is a written world (`januskit world write W`): SigLIP reads its first 8,000 train images, as the recipe does.
-`--no-describe` draws conversations without the describe question (the dilution test's arm C1).
+`--no-describe` draws conversations without the describe question (the dilution test's arm C1); `--qtypes`
+names the types to draw from, repeats weighing one up, `where` (one object's cell) included.
 """
 from __future__ import annotations
 
@@ -48,12 +49,12 @@ def new_encoder(a: argparse.Namespace) -> None:
 
 
 def understanding_only(a: argparse.Namespace) -> None:
-    if a.no_describe:  # conversations drawn from the five short-answer types only
+    if a.no_describe or a.qtypes:  # conversations drawn from other question types (text documents unchanged)
         import januskit.world.dataset as wd
         from januskit.world.questions import QTYPES
 
-        ask = wd.ask_some
-        wd.ask_some = lambda scene, rng, k, qtypes=QTYPES: ask(scene, rng, k, QTYPES)
+        ask, mine = wd.ask_some, tuple(a.qtypes.split(",")) if a.qtypes else QTYPES
+        wd.ask_some = lambda scene, rng, k, qtypes=mine: ask(scene, rng, k, qtypes)
     plan = StagePlan("und", "janus-pro/2", steps=a.steps, batch_size=32, lr=a.lr, warmup=a.warmup, ratio=(1, 0, 0),
                      schedule="cosine")
     r = dataclasses.replace(Recipe(), autocast=a.autocast, answer_weighting=a.answer_weighting)
@@ -71,6 +72,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--answer-weighting", default="token", choices=("token", "turn"))
     p.add_argument("--no-describe", action="store_true")
+    p.add_argument("--qtypes", help="conversations' question types, comma-separated, repeats weigh a type up "
+                   "(e.g. colour,shape,count,position,position,pope,describe,where)")
     p.add_argument("--autocast", default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()

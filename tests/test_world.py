@@ -122,6 +122,13 @@ def test_questions_have_the_right_answers():
         present = q.question in {f"Is there a {n} in the image?" for n in ("red circle", "blue square", "green circle")}
         assert q.answer == ("yes" if present else "no")
     assert ask((Obj("circle", "red", 0), Obj("circle", "blue", 1)), "colour", rng) is None  # ambiguous
+    assert {(q.question, q.answer) for q in (ask(scene, "where", rng) for _ in range(50))} == {
+        ("Where is the red circle?", "at the top left"), ("Where is the blue square?", "at the top right"),
+        ("Where is the green circle?", "at the bottom right")}
+    twins = (Obj("circle", "red", 0), Obj("circle", "red", 1))
+    assert ask(twins, "where", rng) is None  # neither can be named alone
+    with pytest.raises(ValueError, match="unknown question type 'wher'; valid: .*describe, where"):
+        ask(scene, "wher", rng)
     assert normalise("To the left of.") == "to the left of"
     answers = Counter(ask(random_scene(rng), "pope", rng).answer for _ in range(2000))
     assert abs(answers["yes"] - answers["no"]) < 150  # balanced, as POPE is

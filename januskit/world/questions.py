@@ -4,6 +4,8 @@ Types mirror the QA benchmarks the papers report: colour, shape, count and relat
 questions (GQA-like), POPE-style yes/no object probes with balanced negatives (half random absent
 objects, half adversarial ones that share the shape or the colour of a present object), and
 `describe` (the full scene description; scored by object set, not part of the QA accuracy).
+`where` (one object's cell, "at the top left") is a training-only type for studies: it is in neither tuple,
+so the recipe's conversations and the test split never draw it unless asked to.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .prompts import describe, noun, plural, relation_text
-from .scene import COLOUR_NAMES, NUMBERS, SHAPES, Scene, relation
+from .scene import CELL_NAMES, COLOUR_NAMES, NUMBERS, SHAPES, Scene, relation
 
 QTYPES = ("colour", "shape", "count", "position", "pope")
 ALL_QTYPES = QTYPES + ("describe",)
+STUDY_QTYPES = ("where",)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> Question | None:
             return None
         a, b = pairs[rng.integers(len(pairs))]
         return Question(qtype, f"Where is the {a.name} relative to the {b.name}?", relation_text(relation(a, b)))
+    if qtype == "where":  # one object grounded: the first half of a position question
+        named = _unique(scene, lambda o: o.name)
+        if not named:
+            return None
+        o = named[sorted(named)[rng.integers(len(named))]]
+        return Question(qtype, f"Where is the {o.name}?", f"at the {CELL_NAMES[o.cell]}")
     if qtype == "pope":
         present = {(o.colour, o.shape) for o in scene}
         if rng.random() < 0.5:
@@ -70,7 +79,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> Question | None:
         return Question(qtype, f"Is there {noun(c, s)} in the image?", "no", variant)
     if qtype == "describe":
         return Question(qtype, "What is in this image?", describe(scene))
-    raise ValueError(f"unknown question type {qtype!r}; valid: {', '.join(ALL_QTYPES)}")
+    raise ValueError(f"unknown question type {qtype!r}; valid: {', '.join(ALL_QTYPES + STUDY_QTYPES)}")
 
 
 def ask_some(scene: Scene, rng: np.random.Generator, k: int, qtypes: tuple[str, ...] = ALL_QTYPES) -> list[Question]:
