@@ -203,3 +203,29 @@ def test_bad_config_is_refused(images):
         train_vq(model, images[:8], VQTrainConfig(steps=0), progress=False)
     with pytest.raises(ValueError, match=r"VQTrainConfig.restart_after"):
         train_vq(model, images[:8], VQTrainConfig(steps=1, batch_size=1, restart_after=0), progress=False)
+
+
+def test_attention_off_holds_every_attention_block_at_the_identity(images):
+    """VQTrainConfig.attention=False: each AttnBlock's output projection is zero and stays so, the whole block
+    is frozen (its other weights keep their initial values), and the block passes its input through exactly;
+    the layout (state-dict names) is unchanged. The default trains the blocks."""
+    from januskit.models.vq import AttnBlock
+
+    model, init = tiny_model(), tiny_model().state_dict()
+    train_vq(model, images, VQTrainConfig(steps=4, batch_size=8, warmup=1, log_every=2, attention=False),
+             progress=False)
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, AttnBlock)}
+    assert len(blocks) == 5  # encoder: last level (1) and mid (1); decoder: mid (1) and first level (2)
+    x = torch.randn(2, 64, 4, 4)
+    for n, b in blocks.items():
+        assert not b.proj_out.weight.any() and not b.proj_out.bias.any(), n
+        assert not any(p.requires_grad for p in b.parameters()), n
+        assert torch.equal(b.q.weight, init[f"{n}.q.weight"]), n
+        assert torch.equal(b(x[:, :b.q.in_channels]), x[:, :b.q.in_channels]), n
+    assert list(model.state_dict()) == list(init)
+    assert not torch.equal(model.state_dict()["encoder.conv_in.weight"], init["encoder.conv_in.weight"])  # the rest trains
+
+    on = tiny_model()
+    train_vq(on, images, VQTrainConfig(steps=4, batch_size=8, warmup=1, log_every=2), progress=False)
+    name = next(iter(blocks))
+    assert not torch.equal(on.state_dict()[f"{name}.proj_out.weight"], init[f"{name}.proj_out.weight"])

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from ...models.vq import VQModel
+from ...models.vq import AttnBlock, VQModel
 from ..optim import decay_groups
 from .common import WarmupCosine
 
@@ -59,6 +60,10 @@ class VQTrainConfig(WarmupCosine):
     restart_until: float = 0.9  # no restarts after this fraction of the steps (let the decoder settle)
     seed: int = 0
     log_every: int = 50  # metrics are means over each window of this many steps
+    # False: every attention block of the encoder and decoder is held at the identity (its output projection
+    # zeroed and frozen), so a token sees only its convolutions' receptive field: a more local tokenizer in
+    # the same checkpoint layout (the attention weights stay, unused).
+    attention: bool = True
 
     def validate(self) -> None:
         self.check_run()
@@ -143,6 +148,18 @@ def _restart_dead(model: VQModel, opt: torch.optim.Optimizer, out: VQForward, de
     return k
 
 
+def hold_attention_at_identity(model: nn.Module) -> int:
+    """Zero and freeze the output projection of every VQ attention block (x + proj_out(attn) = x) and freeze
+    the rest of the block; returns how many blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, AttnBlock)]
+    with torch.no_grad():
+        for b in blocks:
+            b.proj_out.weight.zero_()
+            b.proj_out.bias.zero_()
+            b.requires_grad_(False)
+    return len(blocks)
+
+
 def train_vq(model: VQModel, images: torch.Tensor, cfg: VQTrainConfig, progress: bool = True,
              on_log: Callable[[VQModel, dict], None] | None = None) -> list[dict]:
     """Train `model` in place on `images` ((N, 3, S, S) float in [-1, 1], S = VQConfig.image_size, on
@@ -156,6 +173,8 @@ def train_vq(model: VQModel, images: torch.Tensor, cfg: VQTrainConfig, progress:
     not counted in time_s). The model ends in eval() mode."""
     cfg.validate()
     check_images(images, model)
+    if not cfg.attention:
+        hold_attention_at_identity(model)
     n = images.shape[0]
     if cfg.batch_size > n:
         raise ValueError(f"VQ training: batch_size {cfg.batch_size} is larger than the {n} images")
