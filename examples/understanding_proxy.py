@@ -7,6 +7,7 @@ aligner (and, optionally, a newly pretrained SigLIP), trained on the world's con
     python examples/understanding_proxy.py train   --src runs/proxy/B3 --out runs/proxy/C2 --steps 400 --lr 5e-4 \\
         --warmup 10 --answer-weighting turn --world W
     januskit eval world -m runs/proxy/C2 --world W --prompts-per-category 0 --questions-per-type 100
+    python examples/understanding_proxy.py where --out runs/proxy/P1    # 100 'where' questions, own check
 
 W is a written world (`januskit world write W`): SigLIP reads its first 8,000 train images, as the recipe does.
 `--no-describe` draws conversations without the describe question (the dilution test's arm C1); `--qtypes`
@@ -61,10 +62,29 @@ def understanding_only(a: argparse.Namespace) -> None:
     train(stage_config(plan, Path(a.src), Path(a.out), Path(a.world), r))
 
 
+def where_accuracy(a: argparse.Namespace) -> None:
+    """A trained run's answers to 100 `where` questions about random scenes (greedy, exact match)."""
+    import numpy as np
+
+    import januskit
+    from januskit.world.questions import ask
+    from januskit.world.render import render
+    from januskit.world.scene import random_scene
+
+    pipe, rng, ok, n = januskit.load(a.out), np.random.default_rng(123), 0, 0
+    while n < 100:
+        s = random_scene(rng)
+        q = ask(s, "where", rng)
+        if q is not None:
+            ok += pipe.chat(q.question, images=[render(s)], max_new_tokens=8).strip().rstrip(".") == q.answer
+            n += 1
+    print(f"{a.out}: where accuracy {ok / n:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("siglip", "train"))
-    p.add_argument("--world", required=True)
+    p.add_argument("what", choices=("siglip", "train", "where"))
+    p.add_argument("--world", help="siglip, train: a written world")
     p.add_argument("--out", required=True)
     p.add_argument("--src", help="train: the folder to start from")
     p.add_argument("--steps", type=int, default=800)
@@ -77,9 +97,11 @@ def main() -> None:
     p.add_argument("--autocast", default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
+    if a.what != "where" and not a.world:
+        p.error(f"{a.what} needs --world")
     a.lr = a.lr if a.lr is not None else (2e-3 if a.what == "siglip" else 1e-3)
     torch.set_num_threads(a.threads)
-    new_encoder(a) if a.what == "siglip" else understanding_only(a)
+    {"siglip": new_encoder, "train": understanding_only, "where": where_accuracy}[a.what](a)
 
 
 if __name__ == "__main__":
