@@ -66,6 +66,11 @@ class VQConfig:
     z_channels: int = 256
     num_res_blocks: int = 2  # encoder; the decoder has one more per level (reference)
     image_size: int = 384  # generated image side; 384 / 16 = 24 -> 576 tokens
+    # "group": GroupNorm(32), the reference's (its statistics span the whole image, so every token's latent
+    # depends on every pixel); "position": the same parameters, statistics over the channels at each position
+    # only, for a tokenizer whose tokens see just their receptive field (miniature studies; no other
+    # implementation computes it, so such a model does not convert to HF transformers).
+    norm: str = "group"
 
     @property
     def factor(self) -> int:

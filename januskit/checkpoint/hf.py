@@ -135,6 +135,9 @@ def janus_to_hf_config(c: JanusConfig, image_token_id: int, pad_token_id: int | 
     one `projection_dim` for the generation aligner width and the head's hidden width, ties the VQ grid
     to the SigLIP grid (`num_patches` = image_size // patch_size) and generates `num_image_tokens`
     (a vision field) image tokens."""
+    if c.vq.norm != "group":
+        raise ConfigError(f"HF Janus layout: the VQ's norm {c.vq.norm!r} (VQConfig.norm) has no HF counterpart: "
+                          "HF's VQ normalises with GroupNorm only")
     if c.gen_head.image_token_embed != c.gen_aligner.n_embed:
         raise ConfigError(f"HF Janus layout: gen_head image_token_embed {c.gen_head.image_token_embed} must equal "
                           f"the gen_aligner width {c.gen_aligner.n_embed} (HF has one vq projection_dim)")

@@ -65,6 +65,8 @@ def check_siglip(v: SigLIPConfig, file: str, name: Callable[[str], str]) -> None
 
 
 def check_vq(q: VQConfig, file: str, name: Callable[[str], str]) -> None:
+    if q.norm not in ("group", "position"):
+        raise ConfigError(f"{file}: {name('norm')} {q.norm!r} is not 'group' or 'position'")
     if q.ch % 32:  # models/vq.py normalises every level with GroupNorm(32)
         raise ConfigError(f"{file}: {name('ch')} {q.ch} is not a multiple of 32 (the VQ's GroupNorm groups)")
     if q.image_size % q.factor:
@@ -127,7 +129,8 @@ def janus_from_official(cfg: dict[str, Any], where: str = "config.json") -> Janu
                   codebook_dim=gp.integer("n_embed", 8), ch=gp.integer("ch", 128),
                   ch_mult=gp.integers("ch_mult", (1, 1, 2, 2, 4), hi=MAX_BLOCKS, max_len=8),
                   z_channels=gp.integer("z_channels", 256), num_res_blocks=gp.integer("num_res_blocks", 2, hi=MAX_BLOCKS),
-                  image_size=gp.integer("image_size", vision.image_size, hi=MAX_IMAGE_SIZE))
+                  image_size=gp.integer("image_size", vision.image_size, hi=MAX_IMAGE_SIZE),
+                  norm=gp.string("norm", "group"))
     check_vq(vq, gp.file, gp.name)
 
     llm = llama_from_hf(f.obj("language_config"))
@@ -154,6 +157,8 @@ def janus_to_official(c: JanusConfig, dtype: str = "bfloat16") -> dict[str, Any]
             or c.vq.image_size != c.vision.image_size:
         gp.update(ch=c.vq.ch, ch_mult=list(c.vq.ch_mult), z_channels=c.vq.z_channels,
                   num_res_blocks=c.vq.num_res_blocks, image_size=c.vq.image_size)
+    if c.vq.norm != "group":  # written only when set: every official config stays as it was
+        gp["norm"] = c.vq.norm
 
     def aligner(a: AlignerConfig, model_type: str) -> dict[str, Any]:
         return dict(cls="MlpProjector", model_type=model_type,

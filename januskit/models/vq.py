@@ -166,12 +166,32 @@ class VectorQuantizer(nn.Module):
         return z.view(ids.shape[0], grid, grid, -1).permute(0, 3, 1, 2)
 
 
+class PositionNorm(nn.GroupNorm):
+    """GroupNorm's parameters (same state-dict entries), statistics over the channels at each position: no
+    statistic spans the image (VQConfig.norm = "position")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def _position_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, PositionNorm(child.num_groups, child.num_channels, eps=child.eps))
+        else:
+            _position_norms(child)
+
+
 class VQModel(nn.Module):
     def __init__(self, c: VQConfig) -> None:
         super().__init__()
+        if c.norm not in ("group", "position"):
+            raise ValueError(f"VQConfig.norm: {c.norm!r} is not 'group' or 'position'")
         self.config = c
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
+        if c.norm == "position":
+            _position_norms(self)
         self.quantize = VectorQuantizer(c)
         self.quant_conv = nn.Conv2d(c.z_channels, c.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.codebook_dim, c.z_channels, 1)
