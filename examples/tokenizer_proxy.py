@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's VQ steps (vq), 1000 (train)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--norm", default="group", choices=("group", "position"))
+    p.add_argument("--norm", default="group", choices=("group", "position", "branch"))
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--autocast", default="bfloat16")
     p.add_argument("--threads", type=int, default=2)

@@ -57,6 +57,12 @@ class SigLIPConfig:
         return min(self.layers, self.select_layer)
 
 
+# VQConfig.norm: "group" (the reference), "position" (models.vq.PositionNorm everywhere), "branch" (PositionNorm in
+# the residual branches; the two output norms on the main path keep only their affine, so no position's scale,
+# which carries its brightness, is normalised away)
+VQ_NORMS = ("group", "position", "branch")
+
+
 @dataclass(frozen=True, kw_only=True)
 class VQConfig:
     codebook_size: int = 16384
@@ -68,8 +74,9 @@ class VQConfig:
     image_size: int = 384  # generated image side; 384 / 16 = 24 -> 576 tokens
     # "group": GroupNorm(32), the reference's (its statistics span the whole image, so every token's latent
     # depends on every pixel); "position": the same parameters, statistics over the channels at each position
-    # only, for a tokenizer whose tokens see just their receptive field (miniature studies; no other
-    # implementation computes it, so such a model does not convert to HF transformers).
+    # only, for a tokenizer whose tokens see just their receptive field; "branch": the same in the residual
+    # branches, the two output norms affine only (models.vq.VQ_NORMS; miniature studies: no other
+    # implementation computes them, so such a model does not convert to HF transformers).
     norm: str = "group"
 
     @property

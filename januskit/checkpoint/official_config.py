@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import (MAX_DIM, MAX_IMAGE_SIZE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, AlignerConfig, ConfigError, Fields,
-                      GenHeadConfig, JanusConfig, JanusFlowConfig, LlamaConfig, SigLIPConfig, UViTDecoderConfig,
-                      UViTEncoderConfig, VQConfig, check_flow, check_janus, read_json_object, shown)
+from ..config import (MAX_DIM, MAX_IMAGE_SIZE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, VQ_NORMS, AlignerConfig,
+                      ConfigError, Fields, GenHeadConfig, JanusConfig, JanusFlowConfig, LlamaConfig, SigLIPConfig,
+                      UViTDecoderConfig, UViTEncoderConfig, VQConfig, check_flow, check_janus, read_json_object,
+                      shown)
 from .io import CheckpointError, is_staging
 
 # LlamaConfig defaults the reference inherits for any field `language_config` omits.
@@ -65,8 +66,8 @@ def check_siglip(v: SigLIPConfig, file: str, name: Callable[[str], str]) -> None
 
 
 def check_vq(q: VQConfig, file: str, name: Callable[[str], str]) -> None:
-    if q.norm not in ("group", "position"):
-        raise ConfigError(f"{file}: {name('norm')} {q.norm!r} is not 'group' or 'position'")
+    if q.norm not in VQ_NORMS:
+        raise ConfigError(f"{file}: {name('norm')} {q.norm!r} is not one of {', '.join(VQ_NORMS)}")
     if q.ch % 32:  # models/vq.py normalises every level with GroupNorm(32)
         raise ConfigError(f"{file}: {name('ch')} {q.ch} is not a multiple of 32 (the VQ's GroupNorm groups)")
     if q.image_size % q.factor:

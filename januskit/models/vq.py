@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VQConfig
+from ..config import VQ_NORMS, VQConfig
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -174,24 +174,34 @@ class PositionNorm(nn.GroupNorm):
         return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
-def _position_norms(module: nn.Module) -> None:
+class AffineOnly(nn.GroupNorm):
+    """GroupNorm's parameters, no statistics: x * weight + bias per channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def _position_norms(module: nn.Module, outputs: type[nn.GroupNorm]) -> None:
+    """Every GroupNorm becomes a PositionNorm, except the encoder's and decoder's norm_out (on the main path,
+    not in a residual branch), which become `outputs`."""
     for name, child in module.named_children():
         if isinstance(child, nn.GroupNorm):
-            setattr(module, name, PositionNorm(child.num_groups, child.num_channels, eps=child.eps))
+            kind = outputs if name == "norm_out" else PositionNorm
+            setattr(module, name, kind(child.num_groups, child.num_channels, eps=child.eps))
         else:
-            _position_norms(child)
+            _position_norms(child, outputs)
 
 
 class VQModel(nn.Module):
     def __init__(self, c: VQConfig) -> None:
         super().__init__()
-        if c.norm not in ("group", "position"):
-            raise ValueError(f"VQConfig.norm: {c.norm!r} is not 'group' or 'position'")
+        if c.norm not in VQ_NORMS:
+            raise ValueError(f"VQConfig.norm: {c.norm!r} is not one of {', '.join(VQ_NORMS)}")
         self.config = c
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
-        if c.norm == "position":
-            _position_norms(self)
+        if c.norm != "group":
+            _position_norms(self, PositionNorm if c.norm == "position" else AffineOnly)
         self.quantize = VectorQuantizer(c)
         self.quant_conv = nn.Conv2d(c.z_channels, c.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.codebook_dim, c.z_channels, 1)
