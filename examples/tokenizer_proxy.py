@@ -56,7 +56,8 @@ def new_tokenizer(a: argparse.Namespace) -> None:
 def generation_only(a: argparse.Namespace) -> None:
     plan = StagePlan("gen", "janus-pro/2", steps=a.steps, batch_size=32, lr=a.lr, warmup=a.warmup, ratio=(0, 0, 1),
                      schedule="cosine")
-    train(stage_config(plan, Path(a.src), Path(a.out), Path(a.world), dataclasses.replace(Recipe(), autocast=a.autocast)))
+    r = dataclasses.replace(Recipe(), autocast=a.autocast)
+    train(stage_config(plan, Path(a.src), Path(a.out), Path(a.world), r))
 
 
 def main() -> None:

@@ -223,7 +223,8 @@ def test_attention_off_holds_every_attention_block_at_the_identity(images):
         assert torch.equal(b.q.weight, init[f"{n}.q.weight"]), n
         assert torch.equal(b(x[:, :b.q.in_channels]), x[:, :b.q.in_channels]), n
     assert list(model.state_dict()) == list(init)
-    assert not torch.equal(model.state_dict()["encoder.conv_in.weight"], init["encoder.conv_in.weight"])  # the rest trains
+    # the rest trains
+    assert not torch.equal(model.state_dict()["encoder.conv_in.weight"], init["encoder.conv_in.weight"])
 
     on = tiny_model()
     train_vq(on, images, VQTrainConfig(steps=4, batch_size=8, warmup=1, log_every=2), progress=False)
