@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,13 +26,14 @@ ARCHS = ("janus", "janusflow")
 DEFAULT_PRESET = {"janus": "tiny-janus-pro", "janusflow": "tiny-janusflow"}
 
 
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int, prefixes: tuple[str, ...] | None = None) -> torch.nn.Module:
-    """Fill every parameter, in state-dict order, from one seeded generator. Matrices get std
-    1/sqrt(fan_in) so activations keep their scale through the network and outputs depend on the
+def random_values(model: torch.nn.Module, seed: int,
+                  prefixes: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, float32 value) for every parameter, in state-dict order, from one seeded generator. Matrices
+    get std 1/sqrt(fan_in) so activations keep their scale through the network and outputs depend on the
     input (at a flat std of 0.02 the heads' biases decide everything and greedy output is constant).
-    `prefixes` limits this to parameters whose names start with one of them (the others are left
-    untouched and draw nothing, so those parts' values depend only on the seed)."""
+    `prefixes` limits this to parameters whose names start with one of them (the others draw nothing, so
+    those parts' values depend only on the seed). Only shapes are read: the parameters may be on meta or
+    sharded (januskit.train.sharded fills each rank's rows from these values, one tensor at a time)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if prefixes is not None and not name.startswith(prefixes):
@@ -44,8 +46,17 @@ def randomize(model: torch.nn.Module, seed: int, prefixes: tuple[str, ...] | Non
         elif isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.Embedding) or p.ndim == 3:
             x.normal_(0.0, 1.0, generator=g)  # embedding tables, position embeddings
         else:
-            x.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-        p.copy_(x)
+            x.normal_(0.0, 1.0 / math.sqrt(math.prod(p.shape[1:])), generator=g)
+        yield name, x
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int, prefixes: tuple[str, ...] | None = None) -> torch.nn.Module:
+    """Fill every parameter (or those under `prefixes`) with random_values: norms and biases included, so a
+    key mapped to the wrong place cannot hide behind a default value of 1 or 0."""
+    params = dict(model.named_parameters())
+    for name, x in random_values(model, seed, prefixes):
+        params[name].copy_(x)
     return model
 
 

@@ -118,6 +118,19 @@ def _get(f: Path, key: str) -> torch.Tensor:
 Entry = tuple[str, Callable[[], torch.Tensor], tuple[int, ...], Path]
 
 
+def read_rows(entry: Entry, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop (first dimension) of an entry's tensor, reading only those bytes from a safetensors
+    file (a .bin file is memory-mapped, so only the rows' pages are touched)."""
+    key, load, _, f = entry
+    if f.suffix != ".safetensors":
+        return load()[start:stop].clone()
+    try:
+        with safe_open(str(f), framework="pt") as handle:
+            return handle.get_slice(key)[start:stop]
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: cannot read rows {start}:{stop} of tensor {key!r} ({e})") from e
+
+
 def load_into(model: nn.Module, entries: Iterable[Entry], dtype: torch.dtype, skip: Callable[[str], bool],
               where: str | Path) -> list[str]:
     """Strictly fill a meta-built `model` from (key, load_fn, shape, file) entries. Returns the skipped keys.

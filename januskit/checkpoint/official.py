@@ -19,7 +19,8 @@ from ..models.janus import JanusModel
 from ..processing.chat import read_processor_files
 from ..processing.tokenizer import TextTokenizer
 from .hf import is_unused_official
-from .io import CheckpointError, atomic_folder, iter_tensors, load_into, materialize_buffers, save_tensors, weight_files
+from .io import (CheckpointError, Entry, atomic_folder, iter_tensors, load_into, materialize_buffers, save_tensors,
+                 weight_files)
 from .vae import read_vae_config
 
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage-statistics buffer, saved but never read at inference
@@ -109,14 +110,21 @@ def load_official_with_extras(folder: str | Path, dtype: torch.dtype = torch.flo
                               device: str = "cpu") -> tuple[torch.nn.Module, OfficialExtras]:
     """load_official, plus the folder's unused official entries (to pass to save_janus)."""
     folder = Path(folder)
-    c = read_official_config(folder)
+    c, entries, extras = official_entries(folder)
     with torch.device("meta"):
         model = build_model(c)
-    entries = list(iter_tensors(weight_files(folder)))  # lazy: nothing read yet
     load_into(model, entries, dtype, official_skip(c), folder)
     materialize_buffers(model, device)
-    extras = OfficialExtras({k: str(f) for k, _, _, f in entries if is_unused_official(k)})
     return model.to(device).eval(), extras
+
+
+def official_entries(folder: Path) -> tuple[JanusConfig | JanusFlowConfig, list[Entry], OfficialExtras]:
+    """A folder's config, its tensors as lazy entries (nothing read yet) and its known-unused entries:
+    what loading needs, for a loader that reads whole tensors (load_official) or slices of them
+    (januskit.train.sharded)."""
+    c = read_official_config(folder)
+    entries = list(iter_tensors(weight_files(folder)))
+    return c, entries, OfficialExtras({k: str(f) for k, _, _, f in entries if is_unused_official(k)})
 
 
 def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> JanusModel:

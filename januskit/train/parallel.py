@@ -130,7 +130,8 @@ def wrap(module: nn.Module, mode: str, blocks: Sequence[nn.Module] = ()) -> nn.M
     wrappers record which parameters train. fsdp shards each of `blocks` (the decoder layers), then
     the root, so one layer's weights are gathered at a time."""
     mode = resolve_mode(mode)
-    module.to(_info.device)
+    if not any(t.is_meta for t in module.state_dict(keep_vars=True).values()):  # a meta module is sharded first
+        module.to(_info.device)
     if mode == "none":
         return module
     if mode == "ddp":

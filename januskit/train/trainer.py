@@ -36,9 +36,9 @@ from ..checkpoint.official_config import write_generation_settings
 from ..config import PRESET_NAMES, preset, resolve_dtype
 from ..models.janus import JanusModel
 from ..quantization import check_trainable
-from . import parallel
+from . import parallel, sharded
 from .data.batch import IGNORE, TrainBatch
-from .checkpoints import export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
+from .checkpoints import checkpoint_key, export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
 from .config import DataContext, LoraSection, ModelSection, RunConfig, describe_step
 from .data.packing import split_rows
 from .data.records import KINDS, SHORT
@@ -250,7 +250,10 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
     if cfg.train.keep_memory and not keep_freed_memory():
         log.warning("train.keep_memory: not glibc (no mallopt); ignored")
     parallel.seed_everything(cfg.train.seed)
-    model, extras = build_model(cfg.model)
+    # FSDP builds on meta and each rank reads only its shards (sharded.py); LoRA keeps the full build: its
+    # adapters are drawn on real base layers (FSDP still shards the frozen base once built)
+    meta = parallel.resolve_mode(cfg.train.parallel) == "fsdp" and not cfg.lora.enabled
+    model, extras = sharded.build_meta(cfg.model) if meta else build_model(cfg.model)
     flow = model.config.arch == "janusflow"
     if not flow and cfg.flow != FlowSettings():
         raise ValueError(f"[flow] is for JanusFlow models; {cfg.model.source} is {model.config.arch}")
@@ -259,7 +262,8 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
         prepare(model)
         check_trainable(model)
     set_trainable(loss, stage, cfg.lora, cfg.train.seed)
-    if ckpt is not None:
+    held = sharded.real_tensors(loss) if meta else {}
+    if ckpt is not None and not meta:
         load_weights(loss, ckpt)
     model.llm.gradient_checkpointing = cfg.train.gradient_checkpointing
     model.llm.packed_attention = cfg.train.attention
@@ -268,6 +272,8 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
             layer.compile(dynamic=True)
     loss.train()
     wrapped = parallel.wrap(loss, cfg.train.parallel, blocks=list(model.llm.layers))
+    if meta:
+        sharded.fill(loss, sharded.sources_for(loss, cfg.model, held, ckpt, checkpoint_key), info.device)
     optimizer = build_optimizer(loss, stage, fused=cfg.train.fused_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, stage))
     accum = accumulation(stage, cfg.train.micro_batch_size, info.world)

@@ -1,0 +1,146 @@
+"""The training module for FSDP2 without a full copy on any rank, in torchtitan's order: construct on meta,
+shard (parallel.wrap: fully_shard per decoder layer, then the root), allocate only this rank's shards
+(to_empty), then fill each tensor from its source, one tensor at a time:
+- a checkpoint folder in the official layout, or a run's checkpoint when resuming: this rank's rows, read
+  straight from the safetensors file (io.read_rows), so no rank reads the bytes of another rank's rows;
+- a random preset: this rank's rows of the seeded draw a single process makes (init.random_values), so a
+  sharded run starts from the very weights an unsharded one does;
+- tensors that are real before sharding (the JanusFlow REPA head, small, built from the seed): their rows.
+Peak host memory per rank: its shards, the replicated buffers, and the tensor being read (a preset draws
+whole tensors, so one full tensor at a time).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..checkpoint.init import random_values
+from ..checkpoint.io import CheckpointError, Entry, iter_tensors, match_entries, materialize_buffers, read_rows
+from ..checkpoint.official import OfficialExtras, official_entries, official_skip
+from ..config import PRESET_NAMES, preset
+from ..models import build_model
+from ..models.janus import JanusModel
+from ..quantization import check_trainable
+from .config import ModelSection
+
+Rows = Callable[[int, int], torch.Tensor]  # (start, stop) -> those rows of the full tensor
+
+
+def build_meta(spec: ModelSection) -> tuple[JanusModel, OfficialExtras]:
+    """The model of `spec` (a checkpoint folder or a preset) on meta, and the folder's unused official
+    entries (for the export); its values come later, from fill()."""
+    p = Path(spec.source)
+    if p.is_dir():
+        check_trainable(p)
+        c, _, extras = official_entries(p)
+    elif spec.source in PRESET_NAMES:
+        c, extras = preset(spec.source), OfficialExtras()
+    else:
+        raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder, and not a preset "
+                                f"({', '.join(PRESET_NAMES)})")
+    with torch.device("meta"):
+        return build_model(c), extras
+
+
+def real_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state entries of `module` that are not on meta (copies): what fill() must put back after to_empty."""
+    return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items() if not v.is_meta}
+
+
+def row_range(t: torch.Tensor) -> tuple[int, int]:
+    """The rows (first dimension) of the full tensor this rank holds: all of a plain tensor, the rank's
+    torch.chunk share of a DTensor sharded on dim 0 (FSDP2's layout: ceil(n / ranks) rows each, the last
+    ranks fewer or none)."""
+    if not isinstance(t, DTensor):
+        return 0, t.shape[0] if t.ndim else 0
+    if len(t.placements) != 1 or not t.placements[0].is_shard(0):
+        raise NotImplementedError(f"sharded fill handles a 1-D mesh sharded on dim 0, got {t.placements}")
+    n, mesh = t.shape[0], t.device_mesh
+    size = math.ceil(n / mesh.size())
+    start = min(n, mesh.get_local_rank() * size)
+    return start, min(n, start + size)
+
+
+@torch.no_grad()
+def fill(module: nn.Module, sources: dict[str, Rows], device: torch.device) -> None:
+    """Allocate this rank's part of every tensor of the (sharded, meta) `module` on `device` and copy
+    into it the rows `sources[name]` gives; every state entry must have a source. Non-persistent buffers
+    (RoPE) are rebuilt."""
+    state = module.state_dict(keep_vars=True)
+    if missing := sorted(set(state) - set(sources)):
+        raise CheckpointError(f"no source for {len(missing)} tensor(s): {', '.join(missing[:10])}")
+    module.to_empty(device=device)
+    for name, t in module.state_dict(keep_vars=True).items():
+        local = t.to_local() if isinstance(t, DTensor) else t
+        start, stop = row_range(t)
+        x = sources[name](start, stop) if t.ndim else sources[name](0, 0)
+        if tuple(x.shape) != tuple(local.shape):
+            raise CheckpointError(f"{name}: source rows {start}:{stop} have shape {tuple(x.shape)}, this rank "
+                                  f"holds {tuple(local.shape)}")
+        local.copy_(x)
+    materialize_buffers(module, device)
+
+
+def file_sources(entries: list[Entry], shapes: dict[str, tuple[int, ...]], where: str | Path,
+                 to_name: Callable[[str], str] = lambda k: k,
+                 skip: Callable[[str], bool] = lambda k: False) -> dict[str, Rows]:
+    """Sources reading rows of a folder's tensors: strictly one entry per name of `shapes` (the full
+    shapes, keyed by the file's keys), as load_into checks them; `to_name` maps a file key to the module's name."""
+    plan, _ = match_entries(shapes, entries, skip, where)
+    return {to_name(e[0]): _rows_of_entry(e) for e in plan}
+
+
+def _rows_of_entry(e: Entry) -> Rows:
+    return lambda a, b: read_rows(e, a, b) if e[2] else e[1]()  # a 0-d tensor has no rows
+
+
+def tensor_sources(tensors: dict[str, torch.Tensor]) -> dict[str, Rows]:
+    """Sources slicing tensors held in memory (small ones: the REPA head)."""
+    return {k: (lambda a, b, v=v: v[a:b] if v.ndim else v) for k, v in tensors.items()}
+
+
+def random_sources(model: nn.Module, seed: int, prefix: str = "") -> dict[str, Rows]:
+    """Sources with the values random_model(config, seed) gives every parameter, drawn in the same order from
+    the same generator. The draw is sequential, so the sources must be read in state-dict order (fill does):
+    each is drawn when it is first read, and an earlier one read after a later one is refused."""
+    draws = random_values(model, seed)
+    names = [n for n, _ in model.named_parameters()]
+    current: dict[str, torch.Tensor] = {}
+
+    def rows(name: str, a: int, b: int) -> torch.Tensor:
+        while name not in current:
+            n, x = next(draws, (None, None))
+            if n is None:
+                raise RuntimeError(f"random source {name!r} read out of order")
+            current.clear()
+            current[n] = x
+        return current[name][a:b]
+
+    return {prefix + n: (lambda a, b, n=n: rows(n, a, b)) for n in names}
+
+
+def sources_for(loss: nn.Module, spec: ModelSection, held: dict[str, torch.Tensor], ckpt: Path | None,
+                checkpoint_key: Callable[[str], str]) -> dict[str, Rows]:
+    """Where every tensor of the training module `loss` (model.*, repa_head.*) comes from: a run's checkpoint
+    (all of them) when resuming, else the model source (a folder's tensors or a preset's draw) and `held`."""
+    shapes = {k: tuple(v.shape) for k, v in loss.state_dict(keep_vars=True).items()}
+    if ckpt is not None:
+        by_key = {checkpoint_key(k): k for k in shapes}
+        f = ckpt / "model.safetensors"
+        return file_sources(list(iter_tensors([f])), {checkpoint_key(k): s for k, s in shapes.items()}, f,
+                            to_name=lambda k: by_key[k])
+    model = loss.get_submodule("model")
+    out = tensor_sources(held)
+    src = Path(spec.source)
+    if src.is_dir():
+        c, entries, _ = official_entries(src)
+        inner = {k.removeprefix("model."): s for k, s in shapes.items() if k.startswith("model.")}
+        out.update(file_sources(entries, inner, src, to_name=lambda k: "model." + k, skip=official_skip(c)))
+    else:
+        out.update(random_sources(model, spec.seed, prefix="model."))
+    return out

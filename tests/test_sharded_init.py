@@ -1,0 +1,107 @@
+"""Building the training module for FSDP2 on meta and filling each rank's shards (januskit/train/sharded.py):
+the values equal the unsharded load exactly, and each rank reads only its own rows of the checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from januskit.checkpoint import io
+from januskit.checkpoint.init import init_checkpoint, random_model
+from januskit.checkpoint.io import CheckpointError
+from januskit.checkpoint.official import load_official
+from januskit.config import preset
+from januskit.train import parallel, sharded
+from januskit.train.config import ModelSection
+from januskit.train.flow import FlowSettings
+from januskit.train.losses import LossForward
+
+PRESETS = ("tiny-janus-pro", "tiny-janusflow")
+
+
+def _state(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in m.state_dict().items()}
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    bad = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_preset_filled_on_meta_equals_random_model(name):
+    spec = ModelSection(source=name, seed=3)
+    model, extras = sharded.build_meta(spec)
+    assert next(model.parameters()).is_meta and extras.files == {}
+    loss = LossForward(model, FlowSettings(repa_layer=1) if "flow" in name else None, seed=0)
+    held = sharded.real_tensors(loss)  # the REPA head of JanusFlow, built from the seed; nothing for Janus
+    assert {k.split(".")[0] for k in held} == ({"repa_head"} if "flow" in name else set())
+    sharded.fill(loss, sharded.sources_for(loss, spec, held, None, lambda k: k), torch.device("cpu"))
+    ref = random_model(preset(name), 3)
+    _assert_equal(_state(model), _state(ref))
+    _assert_equal({k: v for k, v in _state(loss).items() if k.startswith("repa_head.")}, held)
+
+
+def test_a_folder_filled_on_meta_equals_load_official(tmp_path):
+    folder = init_checkpoint(tmp_path / "ckpt", arch="janusflow", dtype=torch.bfloat16, seed=1, vae=False)
+    spec = ModelSection(source=str(folder), seed=0)
+    model, extras = sharded.build_meta(spec)
+    assert extras.files  # the unused official entries, for the export
+    loss = LossForward(model, FlowSettings(repa_layer=1), seed=0)
+    sharded.fill(loss, sharded.sources_for(loss, spec, sharded.real_tensors(loss), None, lambda k: k),
+                 torch.device("cpu"))
+    _assert_equal(_state(model), _state(load_official(folder, torch.float32)))
+
+
+def test_fill_names_what_has_no_source_and_a_random_source_read_out_of_order():
+    spec = ModelSection(source="tiny-janus-pro", seed=0)
+    model, _ = sharded.build_meta(spec)
+    sources = sharded.random_sources(model, 0)
+    with pytest.raises(CheckpointError, match=r"no source for 1 tensor\(s\): vision_model"):
+        sharded.fill(model, {k: v for k, v in sources.items() if k != next(iter(sources))}, torch.device("cpu"))
+    names = list(sources)
+    sources[names[1]](0, 1)
+    with pytest.raises(RuntimeError, match=f"random source '{names[0]}' read out of order"):
+        sources[names[0]](0, 1)
+
+
+def _rank_reads(folder: str, out: str) -> None:
+    """One rank: shard the meta model over two ranks, fill from `folder`, and record which rows it read and
+    its local shards (to compare with the file)."""
+    parallel.init("cpu")
+    reads: list[tuple[str, int, int]] = []
+    real = io.read_rows
+
+    def counting(entry, start, stop):
+        reads.append((entry[0], start, stop))
+        return real(entry, start, stop)
+
+    sharded.read_rows = counting  # the name sharded.py calls
+    spec = ModelSection(source=folder, seed=0)
+    model, _ = sharded.build_meta(spec)
+    loss = LossForward(model)
+    loss = parallel.wrap(loss, "fsdp", blocks=list(model.llm.layers))
+    sharded.fill(loss, sharded.sources_for(loss, spec, {}, None, lambda k: k), torch.device("cpu"))
+    local = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in loss.state_dict().items()}
+    torch.save({"reads": reads, "local": local}, Path(out) / f"rank{parallel.rank()}.pt")
+    parallel.teardown()
+
+
+def test_each_rank_reads_only_its_rows(tmp_path):
+    folder = init_checkpoint(tmp_path / "ckpt", arch="janus", seed=2)
+    parallel.spawn(_rank_reads, 2, str(folder), str(tmp_path))
+    full = load_official(folder, torch.float32).state_dict()
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, t in full.items():
+        n = t.shape[0] if t.ndim else 0
+        rows = [[(a, b) for k, a, b in g["reads"] if k == key] for g in got]
+        if not rows[0] and not rows[1]:
+            continue  # a 0-d tensor (read whole)
+        # one read per rank, the two halves torch.chunk gives (ceil(n / 2) rows, then the rest)
+        half = -(-n // 2)
+        assert rows == [[(0, half)], [(half, n)]], (key, rows)
+        for r in range(2):
+            assert torch.equal(got[r]["local"]["model." + key], t[rows[r][0][0]:rows[r][0][1]]), key
