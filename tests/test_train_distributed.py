@@ -31,6 +31,7 @@ from train_helpers import DIST_LORA, PRESET, run_config
 
 WORKER = Path(__file__).parent / "dist_train.py"
 STEPS, LR = 4, 1e-3
+BF16_ATOL = 4 * LR * STEPS  # bf16 compute: a step's update differs by up to ~lr (Adam) in sign-flipped entries
 ATOL = 1e-5  # float32; observed max difference about 2e-6 (summation order of the gradient reductions)
 
 
@@ -162,3 +163,21 @@ def test_fsdp2_lora_matches_single_process(tmp_path):
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         assert (wa[k] - wb[k]).abs().max().item() <= ATOL, k
+
+
+def test_fsdp2_bf16_parameters_keep_float32_masters(single, fsdp, tmp_path):
+    """fsdp_param_dtype = "bfloat16" (FSDP2's MixedPrecisionPolicy): every layer is gathered and computed in
+    bf16, gradients reduced in float32, the sharded masters and the checkpoints stay float32. The run tracks
+    the float32 one to bf16 precision, and is not the float32 run (the policy is applied)."""
+    out = tmp_path / "fsdp-bf16"
+    torchrun("--parallel", "fsdp", "--fsdp-param-dtype", "bfloat16", "--out", str(out), "--steps", str(STEPS))
+    ckpt = load_file(str(list_checkpoints(out / "checkpoints")[-1][1] / "model.safetensors"))
+    assert {t.dtype for t in ckpt.values()} == {torch.float32}
+    wa, wb = weights(fsdp), weights(out)
+    diffs = {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
+    assert max(diffs.values()) > 100 * ATOL  # bf16 compute moved the weights otherwise than float32
+    assert max(diffs.values()) <= BF16_ATOL, max(diffs, key=diffs.get)
+    for x, y in zip(read_metrics(fsdp / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")):
+        assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
+    with pytest.raises(ValueError, match=r"fsdp_param_dtype: FSDP2 settings, but parallel resolves to 'none'"):
+        train(run_config(tmp_path / "x", steps=1, parallel="none", fsdp_param_dtype="bfloat16"))

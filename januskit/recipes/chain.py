@@ -46,8 +46,10 @@ def resumable(dst: Path, cfg: RunConfig) -> int:
     if not ckpts:
         return 0
     try:
-        same = json.loads((dst / "run_config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
-    except (OSError, ValueError):
+        # read back as a RunConfig, so a setting added since (at its default) does not count as a change
+        old = RunConfig.from_dict(json.loads((dst / "run_config.json").read_text()))
+        same = json.loads(json.dumps(old.to_dict())) == json.loads(json.dumps(cfg.to_dict()))
+    except (OSError, ValueError, TypeError):
         same = False
     if not same:
         log.warning("%s: holds checkpoints up to step %d from another run config; the stage restarts", dst,

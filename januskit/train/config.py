@@ -28,6 +28,7 @@ from .stages import Stage, get_stage
 
 ATTENTION = ("mask", "segments")
 COMPILE = ("none", "layers")
+FSDP_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,13 @@ class TrainSection:
     keep_memory: bool = False  # glibc: keep freed memory in the process (no per-buffer mmap below 32 MB, no trimming),
     # so CPU steps stop page-faulting fresh activation buffers; the resident size stays at its peak
     fused_optimizer: bool = False  # AdamW's fused kernel (about 3x faster on CPU than the default; other rounding)
+    # FSDP2's mixed-precision policy (parallel = "fsdp"): the dtype each layer's weights are all-gathered and
+    # computed in, and the dtype gradients are reduce-scattered in; the sharded master weights and the optimizer
+    # state stay float32 either way. bfloat16 parameters halve the all-gather traffic and the gathered layer.
+    fsdp_param_dtype: str = "float32"
+    fsdp_reduce_dtype: str = "float32"
+    fsdp_offload: bool = False  # FSDP2's CPUOffloadPolicy: shards, gradients and optimizer state in host memory
+    # (CUDA only), each layer copied to the GPU for its forward and backward
     threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 keeps torch's default
     seed: int = 0  # torch / numpy / python RNG seed, offset by rank
     log_every: int = 10  # steps between metrics lines (each costs a host sync)
@@ -75,6 +83,9 @@ class TrainSection:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.compile not in COMPILE:
             raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
+        for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            if getattr(self, name) not in FSDP_DTYPES:
+                raise ValueError(f"{name} must be one of {', '.join(FSDP_DTYPES)}, got {getattr(self, name)!r}")
 
 
 @dataclass(kw_only=True)

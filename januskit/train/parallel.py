@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 MODES = ("auto", "none", "ddp", "fsdp")
@@ -125,11 +125,21 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def wrap(module: nn.Module, mode: str, blocks: Sequence[nn.Module] = ()) -> nn.Module:
+def wrap(module: nn.Module, mode: str, blocks: Sequence[nn.Module] = (), *, param_dtype: str = "float32",
+         reduce_dtype: str = "float32", offload: bool = False) -> nn.Module:
     """Wrap the training module for data parallelism. Set requires_grad (apply_stage) first: both
     wrappers record which parameters train. fsdp shards each of `blocks` (the decoder layers), then
-    the root, so one layer's weights are gathered at a time."""
+    the root, so one layer's weights are gathered at a time; `param_dtype`, `reduce_dtype`, `offload`:
+    its mixed-precision and offload policies ([train] fsdp_*), refused in the other modes."""
     mode = resolve_mode(mode)
+    fsdp_opts = {"fsdp_param_dtype": param_dtype != "float32", "fsdp_reduce_dtype": reduce_dtype != "float32",
+                 "fsdp_offload": offload}
+    if mode != "fsdp" and any(fsdp_opts.values()):
+        raise ValueError(f"[train] {', '.join(k for k, v in fsdp_opts.items() if v)}: FSDP2 settings, but parallel "
+                         f"resolves to {mode!r}; set parallel = \"fsdp\" or leave them at their defaults")
+    if offload and _info.device.type != "cuda":
+        raise ValueError("[train] fsdp_offload: keeps the shards in host memory for CUDA devices; this run is on "
+                         f"{_info.device.type} (its shards are in host memory already)")
     if not any(t.is_meta for t in module.state_dict(keep_vars=True).values()):  # a meta module is sharded first
         module.to(_info.device)
     if mode == "none":
@@ -142,9 +152,12 @@ def wrap(module: nn.Module, mode: str, blocks: Sequence[nn.Module] = ()) -> nn.M
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(_info.device.type, (_info.world,))
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype),
+                                                reduce_dtype=getattr(torch, reduce_dtype)),
+              "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
     for b in blocks:
-        fully_shard(b, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(b, mesh=mesh, **policy)
+    fully_shard(module, mesh=mesh, **policy)
     return module
 
 

@@ -271,7 +271,9 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
         for layer in model.llm.layers:
             layer.compile(dynamic=True)
     loss.train()
-    wrapped = parallel.wrap(loss, cfg.train.parallel, blocks=list(model.llm.layers))
+    t = cfg.train
+    wrapped = parallel.wrap(loss, t.parallel, blocks=list(model.llm.layers), param_dtype=t.fsdp_param_dtype,
+                            reduce_dtype=t.fsdp_reduce_dtype, offload=t.fsdp_offload)
     if meta:
         sharded.fill(loss, sharded.sources_for(loss, cfg.model, held, ckpt, checkpoint_key), info.device)
     optimizer = build_optimizer(loss, stage, fused=cfg.train.fused_optimizer)
