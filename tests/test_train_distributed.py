@@ -41,11 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def torchrun(*args: str, expect_ok: bool = True, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     for _ in range(3):  # the free port can be taken by someone else before torchrun binds it: try another
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(WORKER), *args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         if "address already in use" not in (p.stdout + p.stderr).lower():
@@ -181,3 +181,40 @@ def test_fsdp2_bf16_parameters_keep_float32_masters(single, fsdp, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
     with pytest.raises(ValueError, match=r"fsdp_param_dtype: FSDP2 settings, but parallel resolves to 'none'"):
         train(run_config(tmp_path / "x", steps=1, parallel="none", fsdp_param_dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_fsdp2_sharded_checkpoint_resumes_at_another_world_size(fsdp, tmp_path, ranks):
+    """An FSDP run's checkpoint is each rank's shards (torch.distributed.checkpoint, dcp/; nothing gathered):
+    saved at 2 ranks, it resumes at 1 (plain, unsharded) and at 4 (re-sharded), the data positions re-split
+    (SyntheticData.reshard), and ends where the uninterrupted 2-rank run ends, to the gradient reduction's
+    rounding (the ranks sum in another order)."""
+    out = tmp_path / "run"
+    gc = "--gradient-checkpointing"
+    torchrun("--parallel", "fsdp", gc, "--out", str(out), "--steps", str(STEPS), "--crash-after", "3",
+             expect_ok=False)
+    (_, ckpt), = list_checkpoints(out / "checkpoints")
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one file of shards per rank
+    if ranks == 1:
+        train(run_config(out, stage="janus-pro/3", steps=STEPS, lr=LR, parallel="none", save_every=2),
+              resume=True)
+    else:
+        torchrun("--parallel", "fsdp", gc, "--out", str(out), "--steps", str(STEPS), "--resume", nproc=ranks)
+    assert_same_training(fsdp, out)
+    # the checkpoint written after the resume is in the resumed run's form: whole at 1 rank, 4 shard files at 4
+    last = list_checkpoints(out / "checkpoints")[-1][1]
+    assert (last / "model.safetensors").is_file() if ranks == 1 else len(list((last / "dcp").glob("*.distcp"))) == 4
+
+
+def test_a_data_source_without_reshard_is_refused_at_another_world_size(fsdp, tmp_path):
+    from januskit.train import checkpoints
+
+    class Fixed:
+        def load_state_dict(self, st):
+            raise AssertionError("not reached")
+
+    ckpt = list_checkpoints(fsdp / "checkpoints")[-1][1]
+    with pytest.raises(ValueError, match=r"saved by 2 processes, resumed with 1; the data source \(Fixed\) cannot "
+                                         r"re-split its per-rank positions \(resume with 2 processes\)"):
+        checkpoints.restore_state(ckpt, None, None, None, Fixed())

@@ -9,12 +9,15 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..checkpoint.init import processor_files, synthetic_tokenizer
 from ..checkpoint.io import atomic_folder, materialize_buffers
@@ -28,6 +31,7 @@ from .lora import ADAPTER_WEIGHTS, has_lora, load_adapter, merged_state, save_ad
 from .losses import LossForward
 
 MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
+SHARDED = "dcp"  # an FSDP run's checkpoint: model and optimizer state as torch.distributed.checkpoint shards
 PROVENANCE = "provenance.json"  # what a trained folder was trained from (written by export_model)
 # Records of how the base model was made and how it scored: the trained folder is another model, so the
 # export leaves them behind (its tokenizer, processor and generation configs and vae/ still come along).
@@ -80,32 +84,64 @@ def _manifest_ok(d: Path) -> bool:
         return False
 
 
+def is_sharded_checkpoint(ckpt: Path) -> bool:
+    """A checkpoint of an FSDP run: model and optimizer state as torch.distributed.checkpoint shards in dcp/."""
+    return (ckpt / SHARDED).is_dir()
+
+
+@contextmanager
+def _shared_staging(dst: Path) -> Iterator[Path]:
+    """atomic_folder(dst) made on rank 0, its staging folder known to every rank (each writes its shards
+    there); rank 0 commits it once every rank is done."""
+    if not parallel.is_main():
+        yield Path(parallel.broadcast_object(None))
+        parallel.barrier()
+        return
+    with atomic_folder(dst, overwrite=True) as tmp:
+        parallel.broadcast_object(str(tmp))
+        yield tmp
+        parallel.barrier()
+
+
 def save_checkpoint(root: Path, step: int, loss: LossForward, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, data, cfg: RunConfig) -> Path | None:
-    """Collective (state gathering); rank 0 writes. Returns the folder on rank 0. The weights and the
-    optimizer state are the model's and the REPA head's (checkpoint_key names)."""
+    """Collective; returns the folder on rank 0. The weights and the optimizer state are the model's and
+    the REPA head's (checkpoint_key names). Under FSDP (without LoRA) every rank writes its own shards of
+    both (torch.distributed.checkpoint, dcp/): nothing is gathered, and the checkpoint loads at any number
+    of ranks. Otherwise rank 0 writes them whole (model.safetensors, or the LoRA adapters; optimizer.pt)."""
     model = loss.model
-    weights = {checkpoint_key(k): v for k, v in parallel.model_state(loss).items()}
-    optim = _rename_optimizer_state(parallel.optimizer_state(loss, optimizer), checkpoint_key)
+    sharded = parallel.is_sharded(loss) and not has_lora(model)
+    if not sharded:
+        weights = {checkpoint_key(k): v for k, v in parallel.model_state(loss).items()}
+        optim = _rename_optimizer_state(parallel.optimizer_state(loss, optimizer), checkpoint_key)
     ranks = parallel.gather_objects({"rng": parallel.rng_state(), "data": data.state_dict()})
-    path = None
-    if parallel.is_main():
-        path = root / f"step-{step:08d}"
-        with atomic_folder(path, overwrite=True) as tmp:
-            if has_lora(model):  # the adapters are all that trains; the frozen base comes from [model]
-                save_adapter(model, tmp, weights, base=cfg.model.source)
-            else:
-                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-            torch.save(optim, tmp / "optimizer.pt")
+    path = root / f"step-{step:08d}"
+    if not sharded and not parallel.is_main():
+        parallel.barrier()
+        return None
+    with (_shared_staging(path) if sharded else atomic_folder(path, overwrite=True)) as tmp:
+        if sharded:
+            msd, osd = get_state_dict(loss, optimizer)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / SHARDED))
+        elif has_lora(model):  # the adapters are all that trains; the frozen base comes from [model]
+            save_adapter(model, tmp, weights, base=cfg.model.source)
+        else:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        if parallel.is_main():
+            if not sharded:
+                torch.save(optim, tmp / "optimizer.pt")
             torch.save({"step": step, "world": parallel.world(), "scheduler": scheduler.state_dict(), "ranks": ranks},
                        tmp / "trainer.pt")
             (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             (tmp / "config.json").write_text(json.dumps(to_official(model.config, "float32"), indent=2) + "\n")
-            files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")  # commit marker
+            # the commit marker, last: every file with its size (dcp/ shards included: dcp.save returns on rank 0
+            # only once every rank has written its shards)
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    if parallel.is_main():
         prune_checkpoints(root, cfg.train.keep_last)
     parallel.barrier()
-    return path
+    return path if parallel.is_main() else None
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
@@ -135,17 +171,30 @@ def load_weights(loss: LossForward, ckpt: Path) -> None:
 
 def restore_state(ckpt: Path, loss: LossForward, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler, data) -> int:
-    """Optimizer, scheduler, data position and RNG of this rank from a checkpoint; returns its step."""
+    """Optimizer, scheduler, data position and RNG of this rank from a checkpoint (and from a sharded one
+    the weights too); returns its step. Another number of ranks than the checkpoint's: the weights and the
+    optimizer state are re-split (a sharded checkpoint by torch.distributed.checkpoint, a whole one as it
+    is), the data positions by the source's `reshard(states, rank, world)` (a source without it is refused),
+    and each rank's RNG continues old rank `rank`'s, or its seed where the old run had fewer ranks."""
     st = torch.load(ckpt / "trainer.pt", weights_only=True)
-    if st["world"] != parallel.world():
-        raise ValueError(f"{ckpt}: saved by {st['world']} processes, resumed with {parallel.world()}; the per-rank "
-                         "data positions cannot be re-split (resume with the same number of processes)")
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    parallel.load_optimizer_state(loss, optimizer, _rename_optimizer_state(optim, _from_checkpoint_keys(loss)))
+    rank, world = parallel.rank(), parallel.world()
+    states = [r["data"] for r in st["ranks"]]
+    if st["world"] != world and not hasattr(data, "reshard"):
+        raise ValueError(f"{ckpt}: saved by {st['world']} processes, resumed with {world}; the data source "
+                         f"({type(data).__name__}) cannot re-split its per-rank positions (resume with "
+                         f"{st['world']} processes)")
+    if is_sharded_checkpoint(ckpt):
+        msd, osd = get_state_dict(loss, optimizer)
+        both = {"model": msd, "optim": osd}
+        dcp.load(both, checkpoint_id=str(ckpt / SHARDED), no_dist=world == 1)
+        set_state_dict(loss, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+    else:
+        optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        parallel.load_optimizer_state(loss, optimizer, _rename_optimizer_state(optim, _from_checkpoint_keys(loss)))
     scheduler.load_state_dict(st["scheduler"])
-    mine = st["ranks"][parallel.rank()]
-    data.load_state_dict(mine["data"])
-    parallel.set_rng_state(mine["rng"])
+    data.load_state_dict(states[rank] if st["world"] == world else data.reshard(states, rank, world))
+    if rank < len(st["ranks"]):
+        parallel.set_rng_state(st["ranks"][rank]["rng"])
     return int(st["step"])
 
 

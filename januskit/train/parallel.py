@@ -211,6 +211,20 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (identity on one process)."""
+    if _info.world == 1:
+        return obj
+    box = [obj if _info.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` was wrapped by wrap(..., "fsdp"): its state is DTensor shards, one part per rank."""
+    return isinstance(module, FSDPModule)
+
+
 def barrier() -> None:
     if _info.world > 1:
         dist.barrier()

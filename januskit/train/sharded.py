@@ -74,7 +74,7 @@ def fill(module: nn.Module, sources: dict[str, Rows], device: torch.device) -> N
     state = module.state_dict(keep_vars=True)
     if missing := sorted(set(state) - set(sources)):
         raise CheckpointError(f"no source for {len(missing)} tensor(s): {', '.join(missing[:10])}")
-    module.to_empty(device=device)
+    allocate(module, device)
     for name, t in module.state_dict(keep_vars=True).items():
         local = t.to_local() if isinstance(t, DTensor) else t
         start, stop = row_range(t)
@@ -83,6 +83,12 @@ def fill(module: nn.Module, sources: dict[str, Rows], device: torch.device) -> N
             raise CheckpointError(f"{name}: source rows {start}:{stop} have shape {tuple(x.shape)}, this rank "
                                   f"holds {tuple(local.shape)}")
         local.copy_(x)
+
+
+def allocate(module: nn.Module, device: torch.device) -> None:
+    """This rank's part of every tensor, uninitialised (a sharded checkpoint's load fills it), and the
+    non-persistent buffers (RoPE) rebuilt."""
+    module.to_empty(device=device)
     materialize_buffers(module, device)
 
 

@@ -38,7 +38,8 @@ from ..models.janus import JanusModel
 from ..quantization import check_trainable
 from . import parallel, sharded
 from .data.batch import IGNORE, TrainBatch
-from .checkpoints import checkpoint_key, export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
+from .checkpoints import (checkpoint_key, export_model, is_sharded_checkpoint, list_checkpoints, load_weights,
+                          restore_state, save_checkpoint)
 from .config import DataContext, LoraSection, ModelSection, RunConfig, describe_step
 from .data.packing import split_rows
 from .data.records import KINDS, SHORT
@@ -263,7 +264,8 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
         check_trainable(model)
     set_trainable(loss, stage, cfg.lora, cfg.train.seed)
     held = sharded.real_tensors(loss) if meta else {}
-    if ckpt is not None and not meta:
+    dcp_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)  # restore_state loads its weights
+    if ckpt is not None and not meta and not dcp_ckpt:
         load_weights(loss, ckpt)
     model.llm.gradient_checkpointing = cfg.train.gradient_checkpointing
     model.llm.packed_attention = cfg.train.attention
@@ -274,7 +276,9 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
     t = cfg.train
     wrapped = parallel.wrap(loss, t.parallel, blocks=list(model.llm.layers), param_dtype=t.fsdp_param_dtype,
                             reduce_dtype=t.fsdp_reduce_dtype, offload=t.fsdp_offload)
-    if meta:
+    if meta and dcp_ckpt:
+        sharded.allocate(loss, info.device)
+    elif meta:
         sharded.fill(loss, sharded.sources_for(loss, cfg.model, held, ckpt, checkpoint_key), info.device)
     optimizer = build_optimizer(loss, stage, fused=cfg.train.fused_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, stage))

@@ -49,6 +49,14 @@ class SyntheticData:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.index = int(state["index"])
 
+    @staticmethod
+    def reshard(states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's position among `world` ranks, from the positions of a run with len(states) ranks: the
+        micro-batches before the old ranks' lowest next index are all taken, so rank r goes on at that index + r
+        (the same micro-batches a run with `world` ranks throughout would take, when the global batch is the
+        same number of micro-batches)."""
+        return {"index": min(int(s["index"]) for s in states) + rank}
+
     def _sample(self, rng: np.random.Generator) -> tuple[int, list[int], list[bool], list[int], list[int], list[int]]:
         """(kind, input ids, gen-slot flags, gen ids, text labels, image labels) of one sample; und
         slots are the runs of id -1 (placeholders)."""
