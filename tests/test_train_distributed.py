@@ -134,6 +134,12 @@ def test_spawned_ranks_match_single_process(single, tmp_path):
 
 def test_fsdp2_matches_single_process(single, fsdp):
     assert_same_training(single, fsdp)
+    # the export was streamed (each tensor gathered in turn, rank 0 writing): the same folder as the unsharded one
+    assert sorted(f.name for f in fsdp.iterdir() if f.is_file() and f.name not in ("metrics.jsonl", "loss.png")) == \
+        sorted(f.name for f in single.iterdir() if f.is_file() and f.name not in ("metrics.jsonl", "loss.png"))
+    for name in ("config.json", "tokenizer.json", "processor_config.json"):
+        assert (fsdp / name).read_text() == (single / name).read_text(), name
+    assert list(weights(fsdp)) == list(weights(single))  # the official key order
 
 
 def test_fsdp2_resume_after_kill_is_exact(fsdp, tmp_path):
@@ -171,8 +177,11 @@ def test_fsdp2_bf16_parameters_keep_float32_masters(single, fsdp, tmp_path):
     the float32 one to bf16 precision, and is not the float32 run (the policy is applied)."""
     out = tmp_path / "fsdp-bf16"
     torchrun("--parallel", "fsdp", "--fsdp-param-dtype", "bfloat16", "--out", str(out), "--steps", str(STEPS))
-    ckpt = load_file(str(list_checkpoints(out / "checkpoints")[-1][1] / "model.safetensors"))
-    assert {t.dtype for t in ckpt.values()} == {torch.float32}
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(list_checkpoints(out / "checkpoints")[-1][1] / "dcp").read_metadata().state_dict_metadata
+    weights_meta = {k: m for k, m in meta.items() if k.startswith("model.")}
+    assert len(weights_meta) > 50 and {m.properties.dtype for m in weights_meta.values()} == {torch.float32}
     wa, wb = weights(fsdp), weights(out)
     diffs = {k: (wa[k] - wb[k]).abs().max().item() for k in wa}
     assert max(diffs.values()) > 100 * ATOL  # bf16 compute moved the weights otherwise than float32

@@ -19,8 +19,8 @@ from ..models.janus import JanusModel
 from ..processing.chat import read_processor_files
 from ..processing.tokenizer import TextTokenizer
 from .hf import is_unused_official
-from .io import (CheckpointError, Entry, atomic_folder, iter_tensors, load_into, materialize_buffers, save_tensors,
-                 weight_files)
+from .io import (CheckpointError, Entry, atomic_folder, iter_tensors, load_into, materialize_buffers, weight_files,
+                 write_shards)
 from .vae import read_vae_config
 
 CODEBOOK_USED_LEN = 65536  # LlamaGen's usage-statistics buffer, saved but never read at inference
@@ -156,24 +156,36 @@ def official_state(model: torch.nn.Module, unused: dict[str, torch.Tensor] | Non
 
 def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path | None = None,
                unused: dict[str, torch.Tensor] | None = None, extras: OfficialExtras | None = None,
-               files: dict[str, str] | None = None, overwrite: bool = False, skip: tuple[str, ...] = ()) -> Path:
+               files: dict[str, str] | None = None, overwrite: bool = False, skip: tuple[str, ...] = (),
+               dtype: torch.dtype | None = None,
+               materialize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
     """Write config.json + safetensors in the official layout, atomically. Non-weight files of
     `copy_from` (tokenizer, processor configs) are copied along, except those named in `skip`;
     `files` adds text files by name.
-    The known-unused entries: `unused`, else `extras` (from load_official_with_extras), else zeros."""
+    The known-unused entries: `unused`, else `extras` (from load_official_with_extras), else zeros.
+    `dtype`: cast floating tensors to it (default: the model's dtype). `materialize`: makes each tensor whole
+    as it is written, one at a time (a sharded model's DTensors: official_state_keys lists the order in which
+    the other ranks must take part)."""
     dst = Path(dst)
     if any(getattr(m, "packed_for_cpu", False) for m in model.modules()):
         raise ValueError("this model's Linear weights are prepacked for CPU inference (pack_for_cpu); "
                          "save the model loaded without packing")
     state = official_state(model, unused, extras)
+    dtype = dtype or next(iter(model.state_dict().values())).dtype
+    whole = materialize or (lambda t: t)
+
+    def produce(k: str) -> torch.Tensor:
+        t = whole(state[k])
+        return t.to(dtype) if t.is_floating_point() and "codebook_used" not in k else t
+
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         if copy_from is not None:
             copy_side_files(Path(copy_from), tmp, skip)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        dtype = str(next(iter(model.state_dict().values())).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(to_official(model.config, dtype), indent=2) + "\n")
-        save_tensors(state, tmp)
+        name = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(to_official(model.config, name), indent=2) + "\n")
+        write_shards(list(state), produce, tmp)
     return dst
 
 

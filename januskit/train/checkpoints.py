@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +19,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from ..checkpoint.init import processor_files, synthetic_tokenizer
 from ..checkpoint.io import atomic_folder, materialize_buffers
-from ..checkpoint.official import OfficialExtras, save_janus
+from ..checkpoint.official import OfficialExtras, official_state, save_janus
 from ..checkpoint.official_config import to_official
 from ..models import build_model as model_for_config
 from ..models.janus import JanusModel
@@ -186,7 +188,9 @@ def restore_state(ckpt: Path, loss: LossForward, optimizer: torch.optim.Optimize
     if is_sharded_checkpoint(ckpt):
         msd, osd = get_state_dict(loss, optimizer)
         both = {"model": msd, "optim": osd}
-        dcp.load(both, checkpoint_id=str(ckpt / SHARDED), no_dist=world == 1)
+        with warnings.catch_warnings():  # one process: torch warns that it loads as one, which is the intent
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(both, checkpoint_id=str(ckpt / SHARDED), no_dist=world == 1)
         set_state_dict(loss, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     else:
         optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -204,7 +208,12 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     processor files and unused official entries (`extras`, from build_model), so januskit.load(out)
     works; LoRA adapters are merged in first, or with `adapter_only` written alone (float32, PEFT's
     file layout). The source's BASE_RECORDS are not copied; provenance.json names the source instead
-    (provenance()). Collective under FSDP (gathers the weights)."""
+    (provenance()). Collective under FSDP: a sharded model without LoRA is streamed, each tensor gathered
+    whole in turn and written by rank 0 into the shard files (so no rank holds more than one tensor and one
+    output shard); with LoRA the weights are gathered on rank 0, merged and written."""
+    if any(isinstance(t, DTensor) for t in model.state_dict().values()) and not has_lora(model):
+        _export_streamed(model, out, source, dtype, extras)
+        return
     state = parallel.model_state(model)
     if not parallel.is_main():
         return
@@ -223,17 +232,41 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     if not src.is_dir():  # a preset: its synthetic tokenizer and processor configs
         files.update({"tokenizer.json": synthetic_tokenizer(source.source, model.config).to_json_str(),
                       **processor_files(model.config)})
+    _replace_export(out, lambda tmp: save_janus(m, tmp, copy_from=src if src.is_dir() else None, extras=extras,
+                                                files=files, overwrite=True, skip=BASE_RECORDS))
+
+
+def _replace_export(out: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` the export into out/.export, then move it into `out` file by file, config.json last: a
+    folder without it is not (yet) a loadable checkpoint."""
     tmp = out / ".export"
-    save_janus(m, tmp, copy_from=src if src.is_dir() else None, extras=extras, files=files, overwrite=True,
-               skip=BASE_RECORDS)
+    write(tmp)
     for f in out.glob("model*.safetensors*"):  # a previous export's shards
         f.unlink()
-    # Move file by file, config.json last: a folder without it is not (yet) a loadable checkpoint.
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         if f.is_dir() and (out / f.name).is_dir():  # a previous export's vae/
             shutil.rmtree(out / f.name)
         os.replace(f, out / f.name)
     tmp.rmdir()
+
+
+def _export_streamed(model: JanusModel, out: Path, source: ModelSection, dtype: torch.dtype,
+                     extras: OfficialExtras) -> None:
+    """export_model of a sharded model: rank 0 writes as save_janus does while every rank gathers the tensors
+    in the order it writes them (official_state's)."""
+    whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731 (collective for a DTensor)
+    if not parallel.is_main():
+        for t in official_state(model, extras=OfficialExtras()).values():  # the same keys, in the same order
+            whole(t)
+        return
+    src = Path(source.source)
+    files = {PROVENANCE: json.dumps(provenance(source), indent=1) + "\n"}
+    if not src.is_dir():
+        files.update({"tokenizer.json": synthetic_tokenizer(source.source, model.config).to_json_str(),
+                      **processor_files(model.config)})
+    _replace_export(out, lambda tmp: save_janus(model, tmp, copy_from=src if src.is_dir() else None, extras=extras,
+                                                files=files, overwrite=True, skip=BASE_RECORDS, dtype=dtype,
+                                                materialize=whole))
 
 
 def provenance(source: ModelSection) -> dict[str, Any]:
