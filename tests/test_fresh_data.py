@@ -74,6 +74,24 @@ def test_ranks_split_one_stream():
     assert got == whole
 
 
+def test_reshard_goes_on_past_every_sample_taken():
+    """Two ranks took 5 and 2 samples (indices 0, 2, ..., 8 and 1, 3); resharded to three ranks they go on at 9,
+    10, 11 with stride 3: nothing is drawn twice, and only 5 and 7 (the lagging rank's next two) are passed over."""
+    whole = WorldSource("generation", seed=1)
+    ref = [_view(next(whole)) for _ in range(20)]
+    old = [WorldSource("generation", seed=1, rank=r, world_size=2) for r in (0, 1)]
+    for r, k in ((0, 5), (1, 2)):
+        for _ in range(k):
+            next(old[r])
+    states = json.loads(json.dumps([s.state_dict() for s in old]))
+    new = [WorldSource("generation", seed=1, rank=r, world_size=3) for r in range(3)]
+    for r, s in enumerate(new):
+        s.load_state_dict(s.reshard(states, r, 3))
+    assert [s.index for s in new] == [9, 10, 11]
+    assert [_view(next(new[r])) for r in range(3)] == ref[9:12]
+    assert [_view(next(new[0]))] == [ref[12]]
+
+
 @pytest.mark.parametrize("captions", ["v1", "v2"])
 def test_no_held_out_combination_in_5000_fresh_samples(captions):
     held = held_out()

@@ -1108,3 +1108,49 @@ def test_turn_answer_weighting_gives_every_answer_one_share(dataset, parts):
     twice = dataclasses.replace(unweighted, text_weights=2.0 * (unweighted.text_labels != IGNORE).float())
     with torch.no_grad():
         assert float(batch_losses(model, twice).total) == pytest.approx(2 * float(s_u.total), rel=1e-5)  # ... sum w*CE
+
+
+def _epoch(src, epoch: int) -> list[str]:
+    """What `src` yields until it moves past `epoch` (the sample that starts the next epoch is put back by
+    reloading the state taken before it)."""
+    out = []
+    while True:
+        st = src.state_dict()
+        x = next(src)
+        if src.epoch > epoch:
+            src.load_state_dict(st)
+            return out
+        out.append(ident(x))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tar"])
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_reshard_takes_no_sample_twice_and_passes_over_only_what_lagging_ranks_had_not_reached(
+        dataset, fmt, new_world):
+    """Resuming at another number of ranks (train.checkpoints.restore_state): the new ranks go on from one past
+    the furthest sample (shard) any old rank took, so nothing is taken twice in the epoch; what a lagging old
+    rank had not reached yet is passed over. Here two old ranks took 4 and 1 understanding samples (12: one
+    permutation, or 4 shards of 3)."""
+    kind, n = "understanding", N_UND
+    old = [make_source(dataset, fmt, kind, seed=4, rank=r, world_size=2) for r in range(2)]
+    took = [ident(next(old[0])) for _ in range(4)] + [ident(next(old[1]))]
+    states = json.loads(json.dumps([s.state_dict() for s in old]))
+    new = [make_source(dataset, fmt, kind, seed=4, rank=r, world_size=new_world) for r in range(new_world)]
+    for r, s in enumerate(new):
+        s.load_state_dict(json.loads(json.dumps(s.reshard(states, r, new_world))))
+    rest = [x for s in new for x in _epoch(s, 0)]
+    seen = took + rest
+    assert len(seen) == len(set(seen))  # no sample twice in the epoch
+    # jsonl: old positions 0,2,4,6 and 1 taken; 3 and 5 passed over; 7..11 left. tar: shards 0 and 1 of the
+    # permutation opened by rank 0 (3 + 1 taken), shard 1 by rank 1 (1 taken); the new ranks read shard 3
+    assert len(rest) == (5 if fmt == "jsonl" else 3) and len(seen) == (10 if fmt == "jsonl" else 8)
+    # the next epoch is the new number of ranks' ordinary split: every sample once
+    nxt = [x for s in new for x in _epoch(s, 1)]
+    assert len(nxt) == len(set(nxt)) == n
+
+
+def test_a_mix_with_a_source_without_reshard_is_refused():
+    m = Mixer(counting_sources(), (5, 1, 4), 10, seed=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"its understanding source \(Counting\) has no reshard; resume with 2 "
+                                         r"processes"):
+        m.reshard([m.state_dict(), m.state_dict()], 0, 1)

@@ -139,6 +139,15 @@ class WorldSource:
                                  f"{now[k]!r} (the samples would differ)")
         self.index, self.skipped = int(st["index"]), Counter(st["skipped"])
 
+    def reshard(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's position among `world` ranks from a run with len(states) ranks: every sample below the
+        old ranks' furthest taken index is passed over (a few never drawn, none drawn twice); rank r goes on
+        at the next index + r with stride `world`. The skip counts go to rank 0."""
+        old = len(states)
+        base = max(int(st["index"]) for st in states) - old + 1  # one past the furthest index any rank took
+        skipped = sum((Counter(st["skipped"]) for st in states), Counter()) if rank == 0 else Counter()
+        return {**states[0], "index": base + rank, "skipped": dict(skipped), "rank": rank, "world_size": world}
+
 
 def build(ctx: Any, *, kinds: Sequence[str] = DEFAULT_KINDS, seed: int | None = None,
           captions: str | dict | CaptionMix = "v1", turns: int = 3, **options: Any) -> TrainData:

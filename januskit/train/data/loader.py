@@ -82,6 +82,10 @@ class TrainData:
         self.mixer.load_state_dict(st)
         self._state = copy.deepcopy(st)
 
+    def reshard(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """The mixer's reshard: this rank's state among `world` ranks, from a run with len(states) ranks."""
+        return self.mixer.reshard(states, rank, world)
+
     def skipped(self) -> dict[str, dict[str, int]]:
         """Bad samples skipped so far, per source kind and reason (as of the last batch handed out)."""
         return {k: dict(s.get("skipped", {})) for k, s in self._state["sources"].items()}

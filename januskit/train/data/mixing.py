@@ -132,3 +132,18 @@ class Mixer:
         self.step, self.given = st["step"], list(st["given"])
         for k, s in self.sources.items():
             s.load_state_dict(st["sources"][k])
+
+    def reshard(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's state among `world` ranks from the states of a run with len(states) ranks (train.checkpoints
+        resumes at another number of ranks): the step and the counts are global; each source re-splits its
+        position (`reshard` of its own; a source without one is refused by name)."""
+        if len({(st["step"], tuple(st["given"])) for st in states}) != 1:
+            raise ValueError("cannot re-split the data mix: the ranks' states are at different steps")
+        out = {**states[0], "world_size": world}
+        out["sources"] = {}
+        for k, src in self.sources.items():
+            if not hasattr(src, "reshard"):
+                raise ValueError(f"cannot re-split the data mix: its {k} source ({type(src).__name__}) has no "
+                                 f"reshard; resume with {len(states)} processes")
+            out["sources"][k] = src.reshard([st["sources"][k] for st in states], rank, world)
+        return out

@@ -382,6 +382,16 @@ class _Source:
                                  f"now {self._common_state()[k]!r} (the order would differ)")
         self.epoch, self._good, self.skipped = st["epoch"], st["good"], Counter(st["skipped"])
 
+    def _reshard_common(self, states: list[dict[str, Any]], rank: int, world: int) -> tuple[dict[str, Any], list[int]]:
+        """The common part of a reshard (see ManifestSource.reshard): the furthest epoch any old rank is in, the
+        skip counts (to rank 0), and which old ranks are in that epoch."""
+        epoch = max(int(st["epoch"]) for st in states)
+        current = [r for r, st in enumerate(states) if int(st["epoch"]) == epoch]
+        skipped = sum((Counter(st["skipped"]) for st in states), Counter()) if rank == 0 else Counter()
+        good = sum(int(states[r]["good"]) for r in current)
+        return {**states[0], "epoch": epoch, "good": good, "skipped": dict(skipped), "rank": rank,
+                "world_size": world}, current
+
     # subclass hooks
     def _advance(self) -> Any: ...
     def _parse(self, item: Any) -> Sample: ...
@@ -448,7 +458,8 @@ class ManifestSource(_Source):
         if len(self) < world_size:
             raise ValueError(f"{self._name()}: {len(self)} samples cannot be split over {world_size} ranks")
         self.pos = 0  # index into this rank's order for the current epoch
-        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self.offset = 0  # where this rank's stride starts in the current epoch's permutation (0 but after a reshard)
+        self._order_key, self._order = None, np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:
         """Samples in the manifest(s), all ranks together."""
@@ -461,17 +472,18 @@ class ManifestSource(_Source):
         return [len(self), [f.name for f in self.files]]
 
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's sample indices for `epoch` (the same permutation on every rank, split by stride)."""
-        if self._order_epoch != epoch:
+        """This rank's sample indices for `epoch` (the same permutation on every rank, split by stride, from
+        `offset` in the epoch a reshard continued)."""
+        if self._order_key != (epoch, self.offset):
             n = len(self)
             perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch, self._order = epoch, perm[self.rank::self.world_size]
+            self._order_key, self._order = (epoch, self.offset), perm[self.offset + self.rank::self.world_size]
         return self._order
 
     def _advance(self) -> int:
-        if self.pos >= len(self.order(self.epoch)):
+        while self.pos >= len(self.order(self.epoch)):  # (a resharded epoch may have nothing left for this rank)
             self._end_epoch()
-            self.pos = 0
+            self.pos = self.offset = 0
         i = int(self.order(self.epoch)[self.pos])
         self.pos += 1
         return i
@@ -488,11 +500,24 @@ class ManifestSource(_Source):
         return parse_record(obj, where, file_fetch(root, where, self.max_image_pixels), self.kind, self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._common_state(), "pos": self.pos}
+        return {**self._common_state(), "pos": self.pos, "offset": self.offset}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self._load_common(st)
-        self.pos = st["pos"]
+        self.pos, self.offset = st["pos"], st.get("offset", 0)  # (no offset: a checkpoint from before reshard)
+
+    def reshard(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's position among `world` ranks from the states of a run with len(states) ranks. The old
+        rank r took positions r, r + W, ... of the epoch's permutation (W old ranks); the new ranks go on in the
+        furthest epoch any old rank is in, striding from one past the furthest position taken in it. Positions
+        below that which some rank had not reached yet are passed over for this epoch (at most W per sample an
+        old rank was behind the furthest one); no sample is taken twice in an epoch."""
+        out, current = self._reshard_common(states, rank, world)
+        w = len(states)
+        offset = [int(states[r].get("offset", 0)) for r in current]  # the same for every rank in an epoch
+        ends = [o + r + w * (int(states[r]["pos"]) - 1) + 1 for o, r in zip(offset, current) if int(states[r]["pos"])]
+        out.update(pos=0, offset=max(ends, default=max(offset)))
+        return out
 
 
 def _tar_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -559,8 +584,9 @@ class TarSource(_Source):
                              f"write at least {world_size} shards (or use a JSONL manifest)")
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.shard_pos, self.taken = 0, 0  # index into this rank's shard list; samples taken from that shard
+        self.offset = 0  # where this rank's stride starts in the current epoch's shard permutation (see reshard)
         self._stream: Iterator[_Group] | None = None
-        self._order_epoch, self._order = -1, []
+        self._order_key, self._order = None, []
 
     def _name(self) -> str:
         return str(self.shards[0].parent)
@@ -569,11 +595,13 @@ class TarSource(_Source):
         return [[s.name for s in self.shards], self.shuffle_buffer]
 
     def shard_order(self, epoch: int) -> list[int]:
-        """This rank's shards for `epoch` (the same permutation on every rank, split by stride)."""
-        if self._order_epoch != epoch:
+        """This rank's shards for `epoch` (the same permutation on every rank, split by stride, from `offset` in
+        the epoch a reshard continued)."""
+        if self._order_key != (epoch, self.offset):
             n = len(self.shards)
             perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch, self._order = epoch, [int(i) for i in perm[self.rank::self.world_size]]
+            self._order_key = (epoch, self.offset)
+            self._order = [int(i) for i in perm[self.offset + self.rank::self.world_size]]
         return self._order
 
     def _open(self, shard: int, skip: int) -> Iterator[_Group]:
@@ -586,7 +614,7 @@ class TarSource(_Source):
             if self._stream is None:
                 if self.shard_pos >= len(order):
                     self._end_epoch()
-                    self.shard_pos = self.taken = 0
+                    self.shard_pos = self.taken = self.offset = 0
                     continue
                 self._stream = self._open(order[self.shard_pos], self.taken)
             shard = self.shards[order[self.shard_pos]]
@@ -642,11 +670,25 @@ class TarSource(_Source):
         return parse_record(obj, jwhere, fetch, self.kind, self.epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._common_state(), "shard_pos": self.shard_pos, "taken": self.taken}
+        return {**self._common_state(), "shard_pos": self.shard_pos, "taken": self.taken, "offset": self.offset}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self._load_common(st)
         self.shard_pos, self.taken, self._stream = st["shard_pos"], st["taken"], None
+        self.offset = st.get("offset", 0)  # (none: a checkpoint from before reshard)
+
+    def reshard(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's position among `world` ranks from the states of a run with len(states) ranks, as
+        ManifestSource.reshard does with shards for samples: the new ranks stride from one past the furthest
+        shard any old rank opened in the furthest epoch; the rest of the shards the old ranks were reading, and
+        the shards below that one they had not reached, are passed over for this epoch."""
+        out, current = self._reshard_common(states, rank, world)
+        w = len(states)
+        offset = [int(states[r].get("offset", 0)) for r in current]
+        opened = [int(states[r]["shard_pos"]) + (1 if int(states[r]["taken"]) else 0) for r in current]
+        ends = [o + r + w * (n - 1) + 1 for o, r, n in zip(offset, current, opened) if n]
+        out.update(shard_pos=0, taken=0, offset=max(ends, default=max(offset)))
+        return out
 
 
 def open_source(paths: str | Path | Sequence[str | Path], *, root: str | Path | None = None,
