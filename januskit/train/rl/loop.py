@@ -40,7 +40,8 @@ from ...processing.image import to_pil
 from ...sampling.flow import initial_latents
 from ...sampling.logits import row_generator
 from .. import parallel
-from ..checkpoints import export_model, list_checkpoints, load_weights, restore_state, save_checkpoint
+from ..checkpoints import (export_model, is_sharded_checkpoint, list_checkpoints, load_weights, restore_state,
+                           save_checkpoint)
 from ..config import RunConfig
 from ..lora import adapters_disabled, has_lora
 from ..loggers import check_available, open_loggers
@@ -169,7 +170,7 @@ def prepare(cfg: RunConfig, objective: nn.Module, ckpt: Path | None, position: A
     stage, model = cfg.resolved_stage(), objective.model
     set_trainable(objective, stage, cfg.lora, cfg.train.seed)
     reference = None if has_lora(model) else copy.deepcopy(model).requires_grad_(False).eval()
-    if ckpt is not None:
+    if ckpt is not None and not is_sharded_checkpoint(ckpt):  # a sharded one's weights: restore_state loads them
         load_weights(objective, ckpt)
     wrapped = parallel.wrap(objective, cfg.train.parallel, blocks=list(model.llm.layers))
     optimizer = build_optimizer(objective, stage, fused=cfg.train.fused_optimizer)
