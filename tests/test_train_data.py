@@ -577,6 +577,54 @@ def test_loader_resume_gives_identical_batches(dataset, parts):
             assert torch.equal(getattr(got, f), getattr(want, f)), f
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "tar"])
+def test_worker_processes_give_the_same_batches_and_resume_exactly(dataset, parts, fmt):
+    """[data] worker_processes: each kind's source in a process of its own, reading ahead; the batches and the
+    checkpointed positions are those of the in-process path, and a resume restarts the processes there."""
+    from januskit.train.data.workers import SourceProcess
+
+    model, proc = parts
+
+    def build(processes: bool) -> TrainData:
+        enc = SampleEncoder.for_model(model, proc, seed=5)
+        srcs = {k: make_source(dataset, fmt, k, seed=5, transform=enc) for k in ("understanding", "text", "generation")}
+        if processes:
+            srcs = {k: SourceProcess(s, ahead=4) for k, s in srcs.items()}
+        return TrainData(Mixer(srcs, (5, 1, 4), 10, seed=5), 512, pad_id=proc.pad_id,
+                         tokenize_images=vq_tokenizer(model), codebook_size=model.config.vq.codebook_size)
+
+    fields = ("input_ids", "positions", "doc_ids", "und_mask", "gen_mask", "gen_ids", "text_labels", "image_labels",
+              "kinds", "pixel_values")
+    a, b = build(False), build(True)
+    states = []
+    for _ in range(3):
+        x, y = next(a), next(b)
+        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in fields)
+        assert b.state_dict() == a.state_dict()  # the position after what was taken, not after what was read ahead
+        states.append(a.state_dict())
+    b.load_state_dict(json.loads(json.dumps(states[0])))  # back to after step 1: the processes restart there
+    a2 = build(False)
+    a2.load_state_dict(json.loads(json.dumps(states[0])))
+    for _ in range(2):
+        x, y = next(a2), next(b)
+        assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in fields)
+    procs = [s._proc for s in b.mixer.sources.values()]
+    assert all(p.is_alive() for p in procs)
+    b.close()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_worker_process_raises_the_sources_error_in_the_trainer(bad_root, parts):
+    from januskit.train.data.workers import SourceProcess
+
+    model, proc = parts
+    src = SourceProcess(ManifestSource(bad_root, shuffle=False, epochs=1,
+                                       transform=SampleEncoder.for_model(model, proc)), ahead=2)
+    next(src)  # line 1 is fine
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*contains '\.\.'"):
+        next(src)
+
+
 # ------------------------------------------------------------------------------------------------ bad data
 
 

@@ -23,6 +23,7 @@ from .records import KINDS, open_source
 from .encode import EncodedSample, FlowLayout, SampleEncoder, fill_latents, fill_vq_ids, vq_tokenizer
 from .mixing import Mixer
 from .packing import pack
+from .workers import SourceProcess
 
 
 class TrainData:
@@ -94,6 +95,9 @@ class TrainData:
         self._drain()
         if self._pool is not None:
             self._pool.shutdown()
+        for src in self.mixer.sources.values():  # worker processes (workers.SourceProcess)
+            if hasattr(src, "close"):
+                src.close()
 
 
 def processor_for(source: str | Path, config: Any) -> Processor:
@@ -111,7 +115,8 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
           edit_drop_image: float = 0.05, edit_drop_both: float = 0.05, on_error: str = "raise",
           too_long: str = "error", shuffle: bool = True, shuffle_buffer: int = 512, prefetch: int = 1,
           system_prompt: str | None = None, vae: str | None = None, edit_source: str | None = None,
-          answer_weighting: str = "token", builtin: Mapping[str, Callable[..., Any]] | None = None) -> TrainData:
+          answer_weighting: str = "token", builtin: Mapping[str, Callable[..., Any]] | None = None,
+          worker_processes: bool = False) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation / edit is a path or list of paths (JSONL manifests, tar shards
     or folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
@@ -124,7 +129,9 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
     own (its generation_config.json), else "understanding". The trained folder records it in its
     generation_config.json so inference builds the same prompts (docs/editing.md).
     `builtin` (for other builders, e.g. januskit.train.data.fresh): kind -> factory called with
-    transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files."""
+    transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files.
+    `worker_processes`: each kind's source reads, decodes and tokenises in a process of its own (workers.py),
+    the same samples in the same order."""
     c = ctx.model_config
     proc = processor_for(ctx.source, c)
     folder_source = read_edit_source(ctx.source) if Path(ctx.source).is_dir() else EDIT_SOURCES[0]
@@ -168,6 +175,8 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
         kw = dict(kind=kind, seed=ctx.seed * 3 + k, shuffle=shuffle, rank=ctx.rank, world_size=ctx.world,
                   on_error=on_error, transform=enc)
         sources[kind] = open_source(paths, **{"shuffle_buffer": shuffle_buffer, **kw, **opts})
+    if worker_processes:
+        sources = {k: SourceProcess(src) for k, src in sources.items()}
     mixer = Mixer(sources, ctx.ratio, ctx.batch_size, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world)
     if flow is not None:
         return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, encode_latents=encode_latents,

@@ -142,6 +142,7 @@ class Mixer:
         out = {**states[0], "world_size": world}
         out["sources"] = {}
         for k, src in self.sources.items():
+            src = getattr(src, "inner", src)  # a source in a worker process (workers.SourceProcess): its own
             if not hasattr(src, "reshard"):
                 raise ValueError(f"cannot re-split the data mix: its {k} source ({type(src).__name__}) has no "
                                  f"reshard; resume with {len(states)} processes")

@@ -57,7 +57,10 @@ class DataError(ValueError):
 
     def __init__(self, where: str, message: str, reason: str) -> None:
         super().__init__(f"{where}: {message}")
-        self.where, self.reason = where, reason
+        self.where, self.message, self.reason = where, message, reason
+
+    def __reduce__(self) -> tuple:  # picklable (a worker process sends it to the trainer)
+        return DataError, (self.where, self.message, self.reason)
 
 
 _REPR = reprlib.Repr()  # values from the data go into error messages and logs: keep them short
@@ -668,6 +671,11 @@ class TarSource(_Source):
             return [member(idx[i]) for i in range(len(idx))]
 
         return parse_record(obj, jwhere, fetch, self.kind, self.epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For a worker process (workers.SourceProcess): the open shard stream stays behind; it reopens at its
+        position (shard_pos, taken)."""
+        return {**self.__dict__, "_stream": None}
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._common_state(), "shard_pos": self.shard_pos, "taken": self.taken, "offset": self.offset}
