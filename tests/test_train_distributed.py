@@ -12,6 +12,7 @@ logic are exercised), 4 steps of 4 rows, lr 1e-3, rank r taking synthetic micro-
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -192,16 +193,24 @@ def test_fsdp2_bf16_parameters_keep_float32_masters(single, fsdp, tmp_path):
         train(run_config(tmp_path / "x", steps=1, parallel="none", fsdp_param_dtype="bfloat16"))
 
 
+@pytest.fixture(scope="module")
+def crashed_fsdp(tmp_path_factory) -> Path:
+    """A 2-rank FSDP2 run killed during step 4, after its step-2 checkpoint (shared: tests resume copies)."""
+    out = tmp_path_factory.mktemp("crashed") / "run"
+    torchrun("--parallel", "fsdp", "--gradient-checkpointing", "--out", str(out), "--steps", str(STEPS),
+             "--crash-after", "3", expect_ok=False)
+    return out
+
+
 @pytest.mark.parametrize("ranks", [1, 4])
-def test_fsdp2_sharded_checkpoint_resumes_at_another_world_size(fsdp, tmp_path, ranks):
+def test_fsdp2_sharded_checkpoint_resumes_at_another_world_size(fsdp, crashed_fsdp, tmp_path, ranks):
     """An FSDP run's checkpoint is each rank's shards (torch.distributed.checkpoint, dcp/; nothing gathered):
     saved at 2 ranks, it resumes at 1 (plain, unsharded) and at 4 (re-sharded), the data positions re-split
     (SyntheticData.reshard), and ends where the uninterrupted 2-rank run ends, to the gradient reduction's
     rounding (the ranks sum in another order)."""
     out = tmp_path / "run"
     gc = "--gradient-checkpointing"
-    torchrun("--parallel", "fsdp", gc, "--out", str(out), "--steps", str(STEPS), "--crash-after", "3",
-             expect_ok=False)
+    shutil.copytree(crashed_fsdp, out)
     (_, ckpt), = list_checkpoints(out / "checkpoints")
     assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
     assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one file of shards per rank
