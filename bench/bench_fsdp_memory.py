@@ -121,7 +121,7 @@ def measure(source: Path, ranks: int, args, legacy: bool) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def extrapolate(res: dict[str, Any], layers: int) -> dict[str, Any]:
+def extrapolate(res: dict[str, Any]) -> dict[str, Any]:
     """Per-GPU memory of the real 7B (30 layers) in Stage III at 8 and 64 ranks, from the measured figures."""
     from januskit.config import preset
     from januskit.models import build_model
@@ -171,7 +171,7 @@ def main() -> None:
               f"{[x['shards_gib'] for x in r['ranks']]} GiB, tokens/s per rank "
               f"{[x['tok_per_s_rank'] for x in r['ranks']]}", flush=True)
     res = {"layers": args.layers, "stage": args.stage, "legacy": args.legacy, "runs": runs}
-    res["extrapolation"] = extrapolate(res, args.layers)
+    res["extrapolation"] = extrapolate(res)
     print(json.dumps(res["extrapolation"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1) + "\n")

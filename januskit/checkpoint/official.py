@@ -164,8 +164,8 @@ def save_janus(model: torch.nn.Module, dst: str | Path, *, copy_from: str | Path
     `files` adds text files by name.
     The known-unused entries: `unused`, else `extras` (from load_official_with_extras), else zeros.
     `dtype`: cast floating tensors to it (default: the model's dtype). `materialize`: makes each tensor whole
-    as it is written, one at a time (a sharded model's DTensors: official_state_keys lists the order in which
-    the other ranks must take part)."""
+    as it is written, one at a time (a sharded model's DTensors: the other ranks take part in official_state's
+    order)."""
     dst = Path(dst)
     if any(getattr(m, "packed_for_cpu", False) for m in model.modules()):
         raise ValueError("this model's Linear weights are prepacked for CPU inference (pack_for_cpu); "

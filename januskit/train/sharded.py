@@ -31,18 +31,26 @@ from .config import ModelSection
 Rows = Callable[[int, int], torch.Tensor]  # (start, stop) -> those rows of the full tensor
 
 
+def source_folder(spec: ModelSection) -> Path | None:
+    """[model] source as a checkpoint folder (checked trainable), or None for a preset; anything else is refused."""
+    p = Path(spec.source)
+    if p.is_dir():
+        check_trainable(p)  # a quantised folder: refused with the reason, not as a key mismatch
+        return p
+    if spec.source in PRESET_NAMES:
+        return None
+    raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder (a relative path is read "
+                            f"from the working directory, {Path.cwd()}), and not a preset ({', '.join(PRESET_NAMES)})")
+
+
 def build_meta(spec: ModelSection) -> tuple[JanusModel, OfficialExtras]:
     """The model of `spec` (a checkpoint folder or a preset) on meta, and the folder's unused official
     entries (for the export); its values come later, from fill()."""
-    p = Path(spec.source)
-    if p.is_dir():
-        check_trainable(p)
-        c, _, extras = official_entries(p)
-    elif spec.source in PRESET_NAMES:
-        c, extras = preset(spec.source), OfficialExtras()
+    folder = source_folder(spec)
+    if folder is not None:
+        c, _, extras = official_entries(folder)
     else:
-        raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder, and not a preset "
-                                f"({', '.join(PRESET_NAMES)})")
+        c, extras = preset(spec.source), OfficialExtras()
     with torch.device("meta"):
         return build_model(c), extras
 

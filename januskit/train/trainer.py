@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..checkpoint.init import random_model
 from ..checkpoint.official import OfficialExtras, load_official_with_extras
 from ..checkpoint.official_config import write_generation_settings
-from ..config import PRESET_NAMES, preset, resolve_dtype
+from ..config import preset, resolve_dtype
 from ..models.janus import JanusModel
 from ..quantization import check_trainable
 from . import parallel, sharded
@@ -145,14 +145,10 @@ def reduce_metrics(raw: dict[str, Any], step: int) -> dict[str, Any]:
 def build_model(spec: ModelSection) -> tuple[JanusModel, OfficialExtras]:
     """float32 master weights from a checkpoint folder (official layout) or a preset's random init,
     and the folder's unused official entries (for the export; none for a preset)."""
-    p = Path(spec.source)
-    if p.is_dir():
-        check_trainable(p)  # a quantised folder: refused with the reason, not as a key mismatch
-        return load_official_with_extras(p, torch.float32)
-    if spec.source in PRESET_NAMES:
-        return random_model(preset(spec.source), spec.seed), OfficialExtras()
-    raise FileNotFoundError(f"[model] source {spec.source!r}: no such checkpoint folder (a relative path is read "
-                            f"from the working directory, {Path.cwd()}), and not a preset ({', '.join(PRESET_NAMES)})")
+    folder = sharded.source_folder(spec)
+    if folder is not None:
+        return load_official_with_extras(folder, torch.float32)
+    return random_model(preset(spec.source), spec.seed), OfficialExtras()
 
 
 def set_trainable(loss: LossForward, stage: Stage, lora: LoraSection, seed: int) -> None:

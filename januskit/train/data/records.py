@@ -385,15 +385,21 @@ class _Source:
                                  f"now {self._common_state()[k]!r} (the order would differ)")
         self.epoch, self._good, self.skipped = st["epoch"], st["good"], Counter(st["skipped"])
 
-    def _reshard_common(self, states: list[dict[str, Any]], rank: int, world: int) -> tuple[dict[str, Any], list[int]]:
-        """The common part of a reshard (see ManifestSource.reshard): the furthest epoch any old rank is in, the
-        skip counts (to rank 0), and which old ranks are in that epoch."""
+    def _reshard(self, states: list[dict[str, Any]], rank: int, world: int,
+                 used: Callable[[dict[str, Any]], int]) -> tuple[dict[str, Any], int]:
+        """What ManifestSource.reshard and TarSource.reshard share: the common state of this rank among `world`
+        ranks (the furthest epoch any old rank is in, the skip counts to rank 0) and the new ranks' offset in that
+        epoch's permutation: one past the furthest position an old rank used (`used(state)`: how many of its own
+        positions, lines or shards, it has started), old rank r having used offset + r, offset + r + W, ..."""
+        w = len(states)
         epoch = max(int(st["epoch"]) for st in states)
         current = [r for r, st in enumerate(states) if int(st["epoch"]) == epoch]
+        offset = [int(states[r].get("offset", 0)) for r in current]  # the same for every rank in an epoch
+        ends = [o + r + w * (used(states[r]) - 1) + 1 for o, r in zip(offset, current) if used(states[r])]
         skipped = sum((Counter(st["skipped"]) for st in states), Counter()) if rank == 0 else Counter()
         good = sum(int(states[r]["good"]) for r in current)
         return {**states[0], "epoch": epoch, "good": good, "skipped": dict(skipped), "rank": rank,
-                "world_size": world}, current
+                "world_size": world}, max(ends, default=max(offset))
 
     # subclass hooks
     def _advance(self) -> Any: ...
@@ -510,17 +516,12 @@ class ManifestSource(_Source):
         self.pos, self.offset = st["pos"], st.get("offset", 0)  # (no offset: a checkpoint from before reshard)
 
     def reshard(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
-        """This rank's position among `world` ranks from the states of a run with len(states) ranks. The old
-        rank r took positions r, r + W, ... of the epoch's permutation (W old ranks); the new ranks go on in the
-        furthest epoch any old rank is in, striding from one past the furthest position taken in it. Positions
-        below that which some rank had not reached yet are passed over for this epoch (at most W per sample an
-        old rank was behind the furthest one); no sample is taken twice in an epoch."""
-        out, current = self._reshard_common(states, rank, world)
-        w = len(states)
-        offset = [int(states[r].get("offset", 0)) for r in current]  # the same for every rank in an epoch
-        ends = [o + r + w * (int(states[r]["pos"]) - 1) + 1 for o, r in zip(offset, current) if int(states[r]["pos"])]
-        out.update(pos=0, offset=max(ends, default=max(offset)))
-        return out
+        """This rank's position among `world` ranks from the states of a run with len(states) ranks: the new
+        ranks go on in the furthest epoch any old rank is in, striding from one past the furthest line taken in
+        it. No line is taken twice in the epoch; the lines a lagging old rank had not reached yet are passed over
+        for this epoch."""
+        out, offset = self._reshard(states, rank, world, lambda st: int(st["pos"]))
+        return {**out, "pos": 0, "offset": offset}
 
 
 def _tar_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -690,13 +691,8 @@ class TarSource(_Source):
         ManifestSource.reshard does with shards for samples: the new ranks stride from one past the furthest
         shard any old rank opened in the furthest epoch; the rest of the shards the old ranks were reading, and
         the shards below that one they had not reached, are passed over for this epoch."""
-        out, current = self._reshard_common(states, rank, world)
-        w = len(states)
-        offset = [int(states[r].get("offset", 0)) for r in current]
-        opened = [int(states[r]["shard_pos"]) + (1 if int(states[r]["taken"]) else 0) for r in current]
-        ends = [o + r + w * (n - 1) + 1 for o, r, n in zip(offset, current, opened) if n]
-        out.update(shard_pos=0, taken=0, offset=max(ends, default=max(offset)))
-        return out
+        out, offset = self._reshard(states, rank, world, lambda st: int(st["shard_pos"]) + bool(int(st["taken"])))
+        return {**out, "shard_pos": 0, "taken": 0, "offset": offset}
 
 
 def open_source(paths: str | Path | Sequence[str | Path], *, root: str | Path | None = None,
