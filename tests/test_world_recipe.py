@@ -360,3 +360,24 @@ def test_siglip_variant_groups_are_minimal_contrasts_of_train_scenes(smoke):
         caps = [tuple(captions[i]) for i in range(20) if groups[i] == g]
         assert len(set(caps)) == len(caps)
     assert _component_data(work / "world", 20, c, tok, 3, 0)[2] == captions  # seeded
+
+
+def test_cfg_choice_after_grpo_keeps_the_rollout_weight_unless_beaten_beyond_noise(tmp_path, monkeypatch):
+    """Val scores over 60 prompts x 2 images move by ~0.045 by chance: the weight GRPO was trained at stays
+    unless another beats it by more than that; without a weight to keep the best score wins."""
+    import januskit.eval.world as ew
+    from januskit.recipes.default_model import choose_cfg_weight
+
+    world = tmp_path / "world"
+    (world / "val").mkdir(parents=True)
+    row = {"category": "single_object", "text": "a red circle", "items": [["red", "circle"]]}
+    (world / "val" / "prompts.jsonl").write_text("\n".join(json.dumps(row) for _ in range(60)) + "\n")
+    scores = {1.0: 0.542, 2.0: 0.592, 5.0: 0.608}
+    monkeypatch.setattr(januskit, "load", lambda source: None)
+    monkeypatch.setattr(ew, "eval_generation", lambda pipe, prompts, s: {"overall": scores[s.cfg_weight]})
+    cands = (1.0, 2.0, 5.0)
+    assert choose_cfg_weight(tmp_path, world, cands, tmp_path / "a.json") == 5.0
+    assert choose_cfg_weight(tmp_path, world, cands, tmp_path / "b.json", keep=2.0) == 2.0
+    assert json.loads((tmp_path / "b.json").read_text())["chosen"] == 2.0
+    scores[5.0] = 0.70  # 0.108 better: beyond one standard error (0.045), so it wins
+    assert choose_cfg_weight(tmp_path, world, cands, tmp_path / "c.json", keep=2.0) == 5.0
