@@ -391,14 +391,14 @@ def choose_cfg_weight(source: Path, world: Path, candidates: tuple[float, ...], 
 
     pipe = januskit.load(source)
     prompts = read_prompts(world / "val" / "prompts.jsonl")
-    scores = {}
+    scores, per_prompt = {}, 2
     for w in candidates:
-        rep = eval_generation(pipe, prompts, EvalSettings(images_per_prompt=2, cfg_weight=w))
+        rep = eval_generation(pipe, prompts, EvalSettings(images_per_prompt=per_prompt, cfg_weight=w))
         scores[w] = rep["overall"]
         log.info("recipe: CFG %g on val: GenEval-style %.3f", w, scores[w])
     chosen = max(candidates, key=lambda w: (scores[w], -candidates.index(w)))
     if keep in scores:
-        n = len(prompts) * 2
+        n = len(prompts) * per_prompt
         se = (scores[keep] * (1 - scores[keep]) / n) ** 0.5
         if scores[chosen] - scores[keep] <= se:
             chosen = keep
