@@ -1,6 +1,7 @@
 """Worker for tests/test_train_distributed.py, launched by torchrun:
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py --parallel ddp --out DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train.py --config RUN.toml
 
 Trains the tiny preset on SyntheticData (rank r takes micro-batches r, r+2, ...), so the global batch
 of every step is the same as in a single process with the same `batch_size`.
@@ -21,8 +22,9 @@ from januskit.train.trainer import train  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parallel", required=True, choices=["none", "ddp", "fsdp"])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", help="train this run file (`januskit train CONFIG`) instead of the synthetic run")
+    ap.add_argument("--parallel", choices=["none", "ddp", "fsdp"])
+    ap.add_argument("--out")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--stage", default="janus-pro/3")
     ap.add_argument("--resume", action="store_true")
@@ -33,6 +35,10 @@ def main() -> None:
     ap.add_argument("--crash-after", type=int, default=None, help="raise after this many steps (simulated kill)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.config:
+        from januskit.cli import main as cli
+
+        raise SystemExit(cli(["train", args.config]))
     cfg = run_config(args.out, stage=args.stage, steps=args.steps, parallel=args.parallel, save_every=2,
                      gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
                      lora=DIST_LORA if args.lora else None, fsdp_param_dtype=args.fsdp_param_dtype)

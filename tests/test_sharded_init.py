@@ -13,6 +13,7 @@ from januskit.checkpoint.init import init_checkpoint, random_model
 from januskit.checkpoint.io import CheckpointError
 from januskit.checkpoint.official import load_official
 from januskit.config import preset
+from januskit.models import build_model
 from januskit.train import parallel, sharded
 from januskit.train.config import ModelSection
 from januskit.train.flow import FlowSettings
@@ -83,7 +84,8 @@ def _rank_reads(folder: str, out: str) -> None:
     spec = ModelSection(source=folder, seed=0)
     model, _ = sharded.build_meta(spec)
     loss = LossForward(model)
-    loss = parallel.wrap(loss, "fsdp", blocks=list(model.llm.layers))
+    model.gen_vision_model.requires_grad_(False)  # frozen, as every stage keeps it: replicated, read whole
+    loss = parallel.wrap(loss, "fsdp", parallel.shard_plan(model))
     sharded.fill(loss, sharded.sources_for(loss, spec, {}, None, lambda k: k), torch.device("cpu"))
     local = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in loss.state_dict().items()}
     torch.save({"reads": reads, "local": local}, Path(out) / f"rank{parallel.rank()}.pt")
@@ -102,9 +104,44 @@ def test_each_rank_reads_only_its_rows(tmp_path):
         if not t.ndim:
             continue  # a 0-d tensor (read whole)
         checked += 1
+        if key.startswith(parallel.REPLICATED):  # the frozen VQ, whole on every rank (shard_plan)
+            assert rows == [[(0, n)], [(0, n)]], (key, rows)
+            for r in range(2):
+                assert torch.equal(got[r]["local"]["model." + key], t), key
+            continue
         # one read per rank, the two halves torch.chunk gives (ceil(n / 2) rows, then the rest)
         half = -(-n // 2)
         assert rows == [[(0, half)], [(half, n)]], (key, rows)
         for r in range(2):
             assert torch.equal(got[r]["local"]["model." + key], t[rows[r][0][0]:rows[r][0][1]]), key
     assert checked == sum(1 for t in full.values() if t.ndim) > 100  # every tensor of the model was read by rows
+
+
+@pytest.mark.parametrize("arch", ["tiny-janus-pro", "tiny-janusflow"])
+def test_shard_plan_units_cover_the_big_parts_and_replicate_only_a_frozen_vq(arch):
+    """Every decoder layer, vision block, the towers, embeddings and heads are units of their own, children
+    before parents (fully_shard's order); the root keeps only the small adaptors. The VQ is left whole when
+    frozen and sharded as a unit when it trains (its gradients must be reduced)."""
+    model = build_model(preset(arch))
+    plan = parallel.shard_plan(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    got = [names[id(u)] for u in plan.units]
+    flow = arch.endswith("janusflow")
+    tower = "vision_und_enc_model" if flow else "vision_model"
+    depth = len(model.get_submodule(f"{tower}.vision_tower.blocks"))
+    assert got[:len(model.llm.layers)] == [f"language_model.model.layers.{i}" for i in range(len(model.llm.layers))]
+    assert got[len(model.llm.layers):][:depth + 1] == [f"{tower}.vision_tower.blocks.{i}" for i in range(depth)] + [tower]
+    assert got[len(model.llm.layers) + depth + 1:] == (
+        ["vision_gen_enc_model", "vision_gen_dec_model"] if flow else []) + [
+        "language_model.model.embed_tokens", "language_model.lm_head", *([] if flow else ["gen_head", "gen_vision_model"])]
+    in_units = {id(p) for u in plan.units for p in u.parameters()}
+    left = sorted(n for n, p in model.named_parameters() if id(p) not in in_units)
+    assert left and all(n.split(".")[0] in {"aligner", "gen_aligner", "gen_embed", "language_model", "beg_of_und_embed",
+                        "vision_und_enc_aligner", "vision_gen_enc_aligner", "vision_gen_dec_aligner_norm",
+                        "vision_gen_dec_aligner"} for n in left), left
+    assert not plan.ignored  # everything trains in a fresh model
+    if not flow:
+        model.gen_vision_model.requires_grad_(False)
+        plan = parallel.shard_plan(model)
+        assert plan.ignored == set(model.gen_vision_model.parameters())
+        assert model.gen_vision_model not in plan.units

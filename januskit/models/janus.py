@@ -51,14 +51,17 @@ class JanusModel(nn.Module):
         """Text embeddings with the image-placeholder positions (image_mask, (B, T) bool) overwritten,
         in order, by the features of `pixel_values` (N images, N*n_tokens == image_mask.sum()), or by
         `features` (N, n_tokens, dim) from image_embeds when given (an image used by several rows)."""
-        h = self.text_embeds(input_ids)
         if features is not None:
             pixel_values = features
         if pixel_values is None or pixel_values.shape[0] == 0:
             if image_mask.any():
                 raise ValueError("image placeholders in the prompt but no images given")
-            return h
-        feats = (self.image_embeds(pixel_values) if features is None else features).to(h.dtype).reshape(-1, h.shape[-1])
+            return self.text_embeds(input_ids)
+        # The vision tower before the text embedding: under FSDP every rank must gather its units in one order,
+        # and a batch without images runs the tower idle before the embedding too (train.losses).
+        feats = self.image_embeds(pixel_values) if features is None else features
+        h = self.text_embeds(input_ids)
+        feats = feats.to(h.dtype).reshape(-1, h.shape[-1])
         if feats.shape[0] != int(image_mask.sum()):
             raise ValueError(f"{int(image_mask.sum())} image placeholder positions but {pixel_values.shape[0]} "
                              f"images give {feats.shape[0]} embeddings")

@@ -54,18 +54,19 @@ class JanusFlowModel(nn.Module):
         the shared processor makes them); the slot just before each run (<begin_of_image>) takes
         beg_of_und_embed, as the reference's images_seq_mask covers it too. `features`: image_embeds'
         output, when given instead of the pixels (an image used by several rows)."""
-        h = self.text_embeds(input_ids)
         if features is not None:
             pixel_values = features
         if pixel_values is None or pixel_values.shape[0] == 0:
             if image_mask.any():
                 raise ValueError("image placeholders in the prompt but no images given")
-            return h
+            return self.text_embeds(input_ids)
         starts = image_mask & ~torch.nn.functional.pad(image_mask, (1, 0))[:, :-1]
         if bool(starts[:, 0].any()):
             raise ValueError("an image run starts at slot 0: no <begin_of_image> slot before it")
         mask = image_mask | starts.roll(-1, dims=1)
-        feats = (self.image_embeds(pixel_values) if features is None else features).to(h.dtype).reshape(-1, h.shape[-1])
+        feats = self.image_embeds(pixel_values) if features is None else features  # before the text: FSDP unit order
+        h = self.text_embeds(input_ids)
+        feats = feats.to(h.dtype).reshape(-1, h.shape[-1])
         if feats.shape[0] != int(mask.sum()):
             raise ValueError(f"{int(image_mask.sum())} image placeholder positions but {pixel_values.shape[0]} "
                              f"images give {feats.shape[0] - pixel_values.shape[0]} embeddings")

@@ -98,6 +98,11 @@ class Recipe:
     siglip: SigLIPTrainConfig = field(default_factory=lambda: SigLIPTrainConfig(steps=300, batch_size=128, lr=1e-3,
                                                                                  warmup=30))
     vq: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(steps=1200, batch_size=8, lr=1e-3, warmup=50))
+    # The VQ's normalisation (VQConfig.norm): "group" is VQ-16's GroupNorm, whose statistics span the image, so an
+    # edit of one object moves tokens everywhere; "branch" normalises each position's channels inside the residual
+    # branches only. With `vq.attention = False` too the tokens are local, which the tokenizer study found easier to
+    # draw (docs/miniature-world.md). A model with "branch" no longer converts to HF transformers' Janus.
+    vq_norm: str = "group"
     stages: tuple[StagePlan, ...] = (
         StagePlan("text", "janus-pro/2", steps=100, batch_size=32, lr=2e-3, warmup=10, ratio=(0, 1, 0)),
         StagePlan("stage1", "janus-pro/1", steps=200, batch_size=32, lr=2e-3, warmup=20),
@@ -228,6 +233,8 @@ def build_components(world: Path, dst: Path, r: Recipe) -> Path:
     """Stage 0: tokenizer, SigLIP (sigmoid loss) and VQ (recon + codebook + commitment) trained on
     the world, the rest freshly initialised; saved in the official layout."""
     c = preset(r.preset)
+    if r.vq_norm != c.vq.norm:
+        c = dataclasses.replace(c, vq=dataclasses.replace(c.vq, norm=r.vq_norm))
     tok = build_synthetic_tokenizer(c.llm.vocab_size, style="pro", seed_text=world_text(world))
     torch.manual_seed(r.seed)
     model = training_init(JanusModel(c), r.seed)

@@ -75,11 +75,12 @@ def batch_losses(model: torch.nn.Module, batch: TrainBatch, flow: FlowSettings |
         return _flow_batch_losses(model, batch, flow, repa_head)
     if model.llm.packed_attention == "segments":  # the real slots only, as one row
         batch = without_padding(batch)
+    # Input branches this batch does not use run on zero inputs, so every trainable part gets a (zero)
+    # gradient on every rank: FSDP's reduce-scatter and DDP's buckets need the same set everywhere. They run
+    # where the used branch would, as FSDP gathers its units (parallel.shard_plan) in call order on every rank.
+    idle = _idle_und(model, batch)
     h = model.mixed_embeds(batch.input_ids, batch.und_mask, batch.pixel_values, batch.gen_mask, batch.gen_ids)
     hidden, _ = model.llm.forward_packed(h, batch.positions, batch.doc_ids)  # (B, T, dim)
-    # Input branches this batch does not use run on zero inputs, so every trainable part gets a (zero)
-    # gradient on every rank: FSDP's reduce-scatter and DDP's buckets need the same set everywhere.
-    idle = _idle_und(model, batch, h)
     if not bool(batch.gen_mask.any()):
         idle = idle + model.gen_embeds(batch.gen_ids.new_zeros(0)).sum()
     i_sel = batch.image_labels != IGNORE
@@ -100,11 +101,14 @@ def _at(hidden: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     return hidden.flatten(0, 1).index_select(0, sel.flatten().nonzero().squeeze(1))
 
 
-def _idle_und(model: torch.nn.Module, batch: TrainBatch, h: torch.Tensor) -> torch.Tensor:
+def _idle_und(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    """The understanding encoder on zero images when the batch has none (run it before the text embedding,
+    where splice runs the real one), else 0."""
+    x = batch.input_ids.new_zeros((), dtype=torch.float32)
     if batch.pixel_values is None or batch.pixel_values.shape[0] == 0:
         S = model.config.vision.image_size
-        return model.image_embeds(h.new_zeros(0, 3, S, S)).sum()
-    return h.new_zeros(())
+        return model.image_embeds(x.new_zeros(0, 3, S, S)).sum()
+    return x
 
 
 def _text_sums(model: torch.nn.Module, batch: TrainBatch, hidden: torch.Tensor) -> LossSums:
@@ -123,16 +127,20 @@ def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch, settings: Flow
                        head: nn.Module | None) -> LossSums:
     """JanusFlow: text CE, plus L_RF (+ L_REPA) of the flow samples at their grid slots; their prompts'
     understanding slots (an edit's source images) take the understanding features, as in any sample."""
+    # Idle branches where the used ones would run (FSDP unit order, see batch_losses): understanding encoder,
+    # text embedding, generation encoder, LLM, text head, generation decoder.
+    idle = _idle_und(model, batch)
     h = model.splice(batch.input_ids, batch.und_mask, batch.pixel_values)
     c = model.config
     M = batch.n_flow
     if M:
         inputs, skip, t_emb, target = flow_inputs(model, batch.flow_latents, batch.flow_seeds, settings)
         h = h.masked_scatter(batch.flow_mask[..., None], inputs.to(h.dtype).reshape(-1, h.shape[-1]))
+    else:
+        inputs, skip, t_emb = model.gen_inputs(h.new_zeros(1, *c.latent_shape), h.new_zeros(1))
     layer = settings.repa_layer if head is not None and M else None
     hidden, captured = model.llm.forward_packed(h, batch.positions, batch.doc_ids, capture_layer=layer)
     s = _text_sums(model, batch, hidden)
-    idle = _idle_und(model, batch, h)
     if M:
         grid = _grid(batch.flow_mask)
         rf, repa = flow_loss_sums(model, hidden, captured, grid, skip, t_emb, target, batch.repa_pixels, head,
@@ -144,8 +152,6 @@ def _flow_batch_losses(model: torch.nn.Module, batch: TrainBatch, settings: Flow
                                                                     device=grid.device))
         s.total = s.total + rf.sum() + repa.sum()
     else:  # keep the generation branch in the graph (DDP / FSDP), contributing exactly zero
-        z = h.new_zeros(1, *c.latent_shape)
-        inputs, skip, t_emb = model.gen_inputs(z, h.new_zeros(1))
         v = model.velocity(inputs[:, 1:], skip, t_emb)
         idle = idle + 0 * (v.sum() + inputs.sum())
         if head is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -125,12 +125,57 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def wrap(module: nn.Module, mode: str, blocks: Sequence[nn.Module] = (), *, param_dtype: str = "float32",
+# Parts of a Janus / JanusFlow model that are FSDP units of their own besides the decoder layers and the vision
+# towers' blocks (all listed after their children): whatever is left in the root unit is gathered whole on every
+# rank for the whole forward, and at the 7B width these are most of it (the embeddings and the text head are
+# 0.42B parameters each, SigLIP 0.3B). Absent names (the other architecture) are skipped.
+UNITS = ("vision_model", "vision_und_enc_model", "vision_gen_enc_model", "vision_gen_dec_model",
+         "language_model.model.embed_tokens", "language_model.lm_head", "gen_head")
+# Frozen image tokenizers kept out of FSDP, whole on every rank: no stage trains the VQ, and the data pipeline
+# encodes images with it between steps, outside any FSDP forward, where sharded weights cannot be used.
+REPLICATED = ("gen_vision_model",)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    units: list[nn.Module]  # fully_shard'ed in this order (children before parents), then the root
+    ignored: set[nn.Parameter]  # replicated, never sharded nor reduced (frozen parameters only)
+
+
+def shard_plan(model: nn.Module) -> ShardPlan:
+    """The FSDP units of a Janus / JanusFlow `model` (set requires_grad first): each decoder layer, each
+    vision block, then the towers, embeddings and heads in UNITS; the frozen tokenizers of REPLICATED are
+    left out of FSDP (one that trains is sharded as a unit instead, so its gradients are reduced)."""
+    units: list[nn.Module] = list(model.llm.layers)
+    ignored: set[nn.Parameter] = set()
+    for name in ("vision_model", "vision_und_enc_model"):
+        tower = getattr(model, name, None)
+        if tower is not None:
+            units += list(tower.vision_tower.blocks)
+    for name in UNITS:
+        try:
+            units.append(model.get_submodule(name))
+        except AttributeError:
+            continue
+    for name in REPLICATED:
+        tower = getattr(model, name, None)
+        if tower is None:
+            continue
+        params = list(tower.parameters())
+        if any(p.requires_grad for p in params):
+            units.append(tower)
+        else:
+            ignored |= set(params)
+    return ShardPlan(units, ignored)
+
+
+def wrap(module: nn.Module, mode: str, plan: ShardPlan | None = None, *, param_dtype: str = "float32",
          reduce_dtype: str = "float32", offload: bool = False) -> nn.Module:
     """Wrap the training module for data parallelism. Set requires_grad (apply_stage) first: both
-    wrappers record which parameters train. fsdp shards each of `blocks` (the decoder layers), then
-    the root, so one layer's weights are gathered at a time; `param_dtype`, `reduce_dtype`, `offload`:
-    its mixed-precision and offload policies ([train] fsdp_*), refused in the other modes."""
+    wrappers record which parameters train. fsdp shards each of `plan.units` (shard_plan: decoder layers,
+    vision blocks, towers, embeddings, heads), then the root, so one unit's weights are gathered at a time,
+    and leaves `plan.ignored` whole on every rank; `param_dtype`, `reduce_dtype`, `offload`: its
+    mixed-precision and offload policies ([train] fsdp_*), refused in the other modes."""
     mode = resolve_mode(mode)
     fsdp_opts = {"fsdp_param_dtype": param_dtype != "float32", "fsdp_reduce_dtype": reduce_dtype != "float32",
                  "fsdp_offload": offload}
@@ -155,9 +200,13 @@ def wrap(module: nn.Module, mode: str, blocks: Sequence[nn.Module] = (), *, para
     policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype),
                                                 reduce_dtype=getattr(torch, reduce_dtype)),
               "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
-    for b in blocks:
-        fully_shard(b, mesh=mesh, **policy)
-    fully_shard(module, mesh=mesh, **policy)
+    plan = plan or ShardPlan([], set())
+    if trained := [n for n, p in module.named_parameters() if p in plan.ignored and p.requires_grad]:
+        raise ValueError(f"{trained[0]}: trains, but the shard plan replicates it (its gradients would never be "
+                         "reduced across ranks)")
+    for unit in plan.units:
+        fully_shard(unit, mesh=mesh, **policy)
+    fully_shard(module, mesh=mesh, ignored_params=plan.ignored or None, **policy)
     return module
 
 

@@ -270,7 +270,7 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
             layer.compile(dynamic=True)
     loss.train()
     t = cfg.train
-    wrapped = parallel.wrap(loss, t.parallel, blocks=list(model.llm.layers), param_dtype=t.fsdp_param_dtype,
+    wrapped = parallel.wrap(loss, t.parallel, parallel.shard_plan(model), param_dtype=t.fsdp_param_dtype,
                             reduce_dtype=t.fsdp_reduce_dtype, offload=t.fsdp_offload)
     if meta and dcp_ckpt:
         sharded.allocate(loss, info.device)

@@ -172,7 +172,7 @@ def prepare(cfg: RunConfig, objective: nn.Module, ckpt: Path | None, position: A
     reference = None if has_lora(model) else copy.deepcopy(model).requires_grad_(False).eval()
     if ckpt is not None and not is_sharded_checkpoint(ckpt):  # a sharded one's weights: restore_state loads them
         load_weights(objective, ckpt)
-    wrapped = parallel.wrap(objective, cfg.train.parallel, blocks=list(model.llm.layers))
+    wrapped = parallel.wrap(objective, cfg.train.parallel, parallel.shard_plan(model))
     optimizer = build_optimizer(objective, stage, fused=cfg.train.fused_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, stage))
     step = restore_state(ckpt, objective, optimizer, scheduler, position) if ckpt is not None else 0
