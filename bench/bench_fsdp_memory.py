@@ -14,8 +14,8 @@ fixed at `--batch` rows of `--seq-len` slots, bf16 autocast. Each rank reports i
 the build and after the steps, the bytes of its own shards, and its tokens/s (the first step excluded).
 
 **Extrapolation.** Per-rank state of a sharded run = (4 B fp32 master + 4 B gradient + 8 B AdamW) per trainable
-parameter / ranks + 4 B per frozen parameter / ranks, plus what does not shrink with ranks (one gathered
-layer in the compute dtype, activations, the process itself), which the measured RSS minus the shards gives.
+parameter / ranks + 4 B per frozen (replicated) parameter, plus what does not shrink with ranks (the two largest
+units gathered in the compute dtype, activations, the process itself), which the measured RSS minus the shards gives.
 The table prints both for the real 7B (30 layers) at 8 and 64 ranks.
 """
 from __future__ import annotations
@@ -127,22 +127,30 @@ def extrapolate(res: dict[str, Any]) -> dict[str, Any]:
     from januskit.models import build_model
     import torch
 
+    from januskit.train import parallel
+
     c = preset("janus-pro-7b")
     with torch.device("meta"):
         m = build_model(c)
+    m.gen_vision_model.requires_grad_(False)  # the VQ never trains: replicated, outside FSDP (parallel.shard_plan)
+    plan = parallel.shard_plan(m)
     total = sum(p.numel() for p in m.parameters())
-    frozen = sum(p.numel() for n, p in m.named_parameters() if n.startswith("gen_vision_model."))  # VQ: never trains
+    frozen = sum(p.numel() for p in plan.ignored)
+    # the two largest units own (a unit's parameters less its child units'): one gathered, the next prefetched
+    inner = {id(p) for u in plan.units for child in u.children() if child in plan.units for p in child.parameters()}
+    owns = sorted((sum(p.numel() for p in u.parameters() if id(p) not in inner) for u in plan.units), reverse=True)
     layer = sum(p.numel() for p in m.llm.layers[0].parameters())
     # what does not shrink with ranks, from the largest measured rank count: RSS after the steps less the shards
     widest = max(res["runs"], key=lambda r: len(r["ranks"]))
     fixed = max(r["rss_after_steps_gib"] - r["shards_gib"] for r in widest["ranks"])
     out = {}
     for n in (8, 64):
-        sharded = (16 * (total - frozen) + 4 * frozen) / n / GIB
-        gathered = 2 * layer * 2 / GIB  # one layer's bf16 weights gathered, and the next one prefetched
-        out[str(n)] = {"sharded_state_gib": round(sharded, 2), "gathered_layers_gib": round(gathered, 2),
-                       "measured_fixed_gib_at_bench_size": round(fixed, 2)}
-    return {"parameters": total, "frozen": frozen, "per_layer": layer, "per_gpu": out}
+        sharded = 16 * (total - frozen) / n / GIB  # weights, gradients, AdamW's two moments: float32
+        gathered = sum(owns[:2]) * 2 / GIB  # the largest unit's bf16 weights gathered, and the next prefetched
+        out[str(n)] = {"sharded_state_gib": round(sharded, 2), "replicated_vq_gib": round(4 * frozen / GIB, 2),
+                       "gathered_units_gib": round(gathered, 2), "measured_fixed_gib_at_bench_size": round(fixed, 2)}
+    return {"parameters": total, "frozen_replicated": frozen, "per_layer": layer, "largest_units": owns[:2],
+            "per_gpu": out}
 
 
 def main() -> None:
@@ -161,16 +169,21 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     source = model_folder(args.ckpt_dir, args.layers, args.seed, args.preset)
-    runs = []
+    runs, failed = [], []
     for n in [int(x) for x in args.ranks.split(",")]:
-        r = measure(source, n, args, args.legacy)
+        try:
+            r = measure(source, n, args, args.legacy)
+        except RuntimeError as e:  # a rank killed (the OOM killer): recorded, and the larger counts are skipped
+            failed.append({"ranks": n, "error": str(e)})
+            print(f"{n} rank(s): failed: {e}", flush=True)
+            break
         runs.append(r)
         worst = max(x["rss_after_steps_gib"] for x in r["ranks"])
         print(f"{n} rank(s){' (legacy)' if args.legacy else ''}: peak RSS per rank after build "
               f"{[x['rss_after_build_gib'] for x in r['ranks']]} GiB, after steps {worst} GiB (max), shards "
               f"{[x['shards_gib'] for x in r['ranks']]} GiB, tokens/s per rank "
               f"{[x['tok_per_s_rank'] for x in r['ranks']]}", flush=True)
-    res = {"layers": args.layers, "stage": args.stage, "legacy": args.legacy, "runs": runs}
+    res = {"layers": args.layers, "stage": args.stage, "legacy": args.legacy, "runs": runs, "failed": failed}
     res["extrapolation"] = extrapolate(res)
     print(json.dumps(res["extrapolation"], indent=1))
     if args.json:
