@@ -381,3 +381,26 @@ def test_cfg_choice_after_grpo_keeps_the_rollout_weight_unless_beaten_beyond_noi
     assert json.loads((tmp_path / "b.json").read_text())["chosen"] == 2.0
     scores[5.0] = 0.70  # 0.108 better: beyond one standard error (0.045), so it wins
     assert choose_cfg_weight(tmp_path, world, cands, tmp_path / "c.json", keep=2.0) == 5.0
+
+
+def test_recipe_vq_norm_builds_a_local_vq_that_loads_and_refuses_hf_conversion(smoke, tmp_path, capsys):
+    """Recipe.vq_norm = "branch" with vq.attention = False (the tokenizer study's arm B): the components folder's
+    config names the norm, the attention blocks stay at the identity (zero output projections), the folder loads
+    back with it and encodes, and the HF conversion refuses it by name."""
+    from januskit.recipes.default_model import build_components
+
+    _, work = smoke
+    r = Recipe().smoke()
+    r = dataclasses.replace(r, vq_norm="branch", vq=dataclasses.replace(r.vq, attention=False))
+    out = build_components(work / "world", tmp_path / "components", r)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["gen_vision_config"]["params"]["norm"] == "branch"
+    model = load_janus(out, torch.float32)
+    assert model.config.vq.norm == "branch"
+    vq = model.gen_vision_model
+    projs = [m.proj_out.weight for m in vq.modules() if hasattr(m, "proj_out")]
+    assert projs and all(float(w.abs().max()) == 0 for w in projs)
+    ids = vq.encode(torch.zeros(1, 3, model.config.vq.image_size, model.config.vq.image_size))
+    assert ids.ndim == 2 and ids.shape[0] == 1 and 0 <= int(ids.min()) <= int(ids.max()) < model.config.vq.codebook_size
+    assert main(["convert", "--to", "hf", str(out), str(tmp_path / "hf")]) != 0
+    assert "norm" in capsys.readouterr().err and not (tmp_path / "hf").exists()
