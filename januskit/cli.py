@@ -286,11 +286,12 @@ def cmd_world_write(args: argparse.Namespace) -> int:
 
 
 def cmd_world_build(args: argparse.Namespace) -> int:
-    from .recipes.default_model import Recipe, build
+    from .recipes.default_model import Recipe, build, with_overrides
 
     _log_to_stderr()
     recipe = Recipe(seed=args.seed, **({} if args.threads is None else {"threads": args.threads}),
                     **({"rl": None} if args.no_rl else {}))
+    recipe = with_overrides(recipe, args.set)
     if args.smoke:
         recipe = recipe.smoke()
     out = build(args.out, args.work, recipe, evaluate_model=not args.no_eval)
@@ -756,6 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="the whole chain with tiny budgets (a minute)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--no-rl", action="store_true", help="stop after supervised training (no GRPO step)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change a recipe field (januskit.recipes.default_model.Recipe; dotted for nested settings, "
+                   "the value as JSON), e.g. --set vq_norm=branch --set vq.attention=false --set siglip.steps=800; "
+                   "repeatable")
     p.set_defaults(func=cmd_world_build)
     p = wsub.add_parser("flow", help="train the miniature JanusFlow (VAE, 3 stages, REPA) on a build's shared steps")
     p.add_argument("--out", default="runs/world/janusflow-model", help="final model folder (with its vae/)")

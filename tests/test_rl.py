@@ -189,6 +189,14 @@ def test_rl_settings_refuse_bad_values(tmp_path):
             RunConfig.from_dict(d)
 
 
+def test_grpo_under_fsdp_is_refused_before_loading(tmp_path):
+    """Rollouts sample outside a training forward, where FSDP holds shards: refused with the way out, and
+    nothing is written."""
+    with pytest.raises(ValueError, match=r'parallel = "fsdp" with \[rl\] algorithm \'grpo\'.*use parallel = "ddp"'):
+        train(rl_config(tmp_path / "run", parallel="fsdp"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_one_grpo_update_moves_each_image_by_its_advantage(pipe):
     """One plain gradient step on the GRPO loss (on-policy, no KL) over four images of one prompt with
     advantages 1.5, 0.5, -0.5, -1.5: the best image's log-probability rises, the worst one's falls."""

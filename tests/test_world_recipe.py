@@ -404,3 +404,23 @@ def test_recipe_vq_norm_builds_a_local_vq_that_loads_and_refuses_hf_conversion(s
     assert ids.ndim == 2 and ids.shape[0] == 1 and 0 <= int(ids.min()) <= int(ids.max()) < model.config.vq.codebook_size
     assert main(["convert", "--to", "hf", str(out), str(tmp_path / "hf")]) != 0
     assert "norm" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+def test_recipe_overrides_set_nested_fields_and_refuse_wrong_paths_and_types(tmp_path, capsys):
+    """`januskit world build --set`: dotted paths into nested settings, JSON values cast to the field's kind,
+    wrong fields and types refused by name, before anything is built."""
+    from januskit.recipes.default_model import with_overrides
+
+    r = with_overrides(Recipe(), ["vq_norm=branch", "vq.attention=false", "siglip.steps=800", "siglip.lr=2e-3",
+                                  "siglip_dense=true", "cfg_candidates=[1, 2]", "rl.steps=10"])
+    assert (r.vq_norm, r.vq.attention, r.siglip.steps, r.siglip.lr, r.siglip_dense) == ("branch", False, 800, 2e-3, True)
+    assert r.cfg_candidates == (1, 2) and r.rl.steps == 10 and r.vq.steps == Recipe().vq.steps
+    assert with_overrides(Recipe(), ["siglip.lr=1"]).siglip.lr == 1.0  # an int where a float goes
+    for bad, msg in [("vq_nrom=branch", "Recipe has no field 'vq_nrom'"), ("siglip.steps=many", "expected a int"),
+                     ("vq=1", "a group of settings"), ("seed.x=1", "'seed' is a int"), ("threads", "FIELD=VALUE"),
+                     ("siglip_dense=1", "expected a bool")]:
+        with pytest.raises(ValueError, match=msg):
+            with_overrides(Recipe(), [bad])
+    assert main(["world", "build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
+                 "--set", "vq.nope=1"]) != 0
+    assert "VQTrainConfig has no field 'nope'" in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -311,6 +311,43 @@ def pin_autocast(r: Recipe, record: Path) -> Recipe:
     return dataclasses.replace(r, autocast=chosen)
 
 
+def with_overrides(recipe: Any, assignments: list[str]) -> Any:
+    """`recipe` with fields set from "path=value" strings (`januskit world build --set`): a dotted path reaches
+    into nested settings ("vq.attention=false", "siglip.steps=800"); the value is JSON, or else a plain string, and
+    must have the type of the value it replaces (an int where a float is expected is taken as that float, a list
+    where a tuple is). A wrong path or type is refused with the field named."""
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. vq_norm=branch or siglip.steps=800")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        recipe = _set_field(recipe, path.split("."), value, path)
+    return recipe
+
+
+def _set_field(obj: Any, parts: list[str], value: Any, path: str) -> Any:
+    names = [f.name for f in dataclasses.fields(obj)]
+    if parts[0] not in names:
+        raise ValueError(f"--set {path}: {type(obj).__name__} has no field {parts[0]!r} (fields: {', '.join(names)})")
+    old = getattr(obj, parts[0])
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(old):
+            raise ValueError(f"--set {path}: {parts[0]!r} is a {type(old).__name__}, not a group of settings")
+        return dataclasses.replace(obj, **{parts[0]: _set_field(old, parts[1:], value, path)})
+    if dataclasses.is_dataclass(old):
+        raise ValueError(f"--set {path}: a group of settings; set its fields ({path}.FIELD=VALUE)")
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if old is not None and type(value) is not type(old):
+        raise ValueError(f"--set {path}: expected a {type(old).__name__} (now {old!r}), got {value!r}")
+    return dataclasses.replace(obj, **{parts[0]: value})
+
+
 def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evaluate_model: bool = True,
           eval_settings: Any = None) -> Path:
     """Run (or continue) the whole chain; the final model goes to `out` (official layout, with

@@ -225,6 +225,10 @@ def finish(cfg: RunConfig, model: nn.Module, extras: Any, out: Path, metrics_pat
 def _run(cfg: RunConfig, info, resume: bool) -> Path:
     rl, stage = cfg.rl, cfg.resolved_stage()
     arch = "janusflow" if rl.algorithm == "flow_grpo" else "janus"
+    if parallel.resolve_mode(cfg.train.parallel) == "fsdp":  # before loading anything
+        raise ValueError(f"[train] parallel = \"fsdp\" with [rl] algorithm {rl.algorithm!r}: its rollouts sample from the "
+                         "policy outside a training forward, where FSDP's weights are shards; use parallel = \"ddp\" "
+                         "(every rank holds the whole policy) or LoRA to fit it")
     check_available(cfg.train)  # an optional logger that is not installed: stop before loading
     out, ckpt, model, extras, proc = start(cfg, info, resume, arch)
     folder_w = read_guidance_scale(cfg.model.source) if Path(cfg.model.source).is_dir() else None
