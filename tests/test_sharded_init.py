@@ -130,10 +130,11 @@ def test_shard_plan_units_cover_the_big_parts_and_replicate_only_a_frozen_vq(arc
     tower = "vision_und_enc_model" if flow else "vision_model"
     depth = len(model.get_submodule(f"{tower}.vision_tower.blocks"))
     assert got[:len(model.llm.layers)] == [f"language_model.model.layers.{i}" for i in range(len(model.llm.layers))]
-    assert got[len(model.llm.layers):][:depth + 1] == [f"{tower}.vision_tower.blocks.{i}" for i in range(depth)] + [tower]
-    assert got[len(model.llm.layers) + depth + 1:] == (
-        ["vision_gen_enc_model", "vision_gen_dec_model"] if flow else []) + [
-        "language_model.model.embed_tokens", "language_model.lm_head", *([] if flow else ["gen_head", "gen_vision_model"])]
+    n = len(model.llm.layers)
+    assert got[n:n + depth + 1] == [f"{tower}.vision_tower.blocks.{i}" for i in range(depth)] + [tower]
+    heads = ["language_model.model.embed_tokens", "language_model.lm_head"]
+    assert got[n + depth + 1:] == (["vision_gen_enc_model", "vision_gen_dec_model", *heads] if flow else
+                                   [*heads, "gen_head", "gen_vision_model"])
     in_units = {id(p) for u in plan.units for p in u.parameters()}
     left = sorted(n for n, p in model.named_parameters() if id(p) not in in_units)
     assert left and all(n.split(".")[0] in {"aligner", "gen_aligner", "gen_embed", "language_model", "beg_of_und_embed",

@@ -413,7 +413,8 @@ def test_recipe_overrides_set_nested_fields_and_refuse_wrong_paths_and_types(tmp
 
     r = with_overrides(Recipe(), ["vq_norm=branch", "vq.attention=false", "siglip.steps=800", "siglip.lr=2e-3",
                                   "siglip_dense=true", "cfg_candidates=[1, 2]", "rl.steps=10"])
-    assert (r.vq_norm, r.vq.attention, r.siglip.steps, r.siglip.lr, r.siglip_dense) == ("branch", False, 800, 2e-3, True)
+    assert (r.vq_norm, r.vq.attention, r.siglip.steps, r.siglip.lr, r.siglip_dense) == \
+        ("branch", False, 800, 2e-3, True)
     assert r.cfg_candidates == (1, 2) and r.rl.steps == 10 and r.vq.steps == Recipe().vq.steps
     assert with_overrides(Recipe(), ["siglip.lr=1"]).siglip.lr == 1.0  # an int where a float goes
     for bad, msg in [("vq_nrom=branch", "Recipe has no field 'vq_nrom'"), ("siglip.steps=many", "expected a int"),

@@ -1,6 +1,7 @@
 """The training module for FSDP2 without a full copy on any rank, in torchtitan's order: construct on meta,
 shard (parallel.wrap on parallel.shard_plan: decoder layers, vision blocks, towers, embeddings and heads, then
-the root; the frozen VQ whole on every rank), allocate only this rank's shards (to_empty), then fill each tensor from its source, one tensor at a time:
+the root; the frozen VQ whole on every rank), allocate only this rank's shards (to_empty), then fill each tensor
+from its source, one tensor at a time:
 - a checkpoint folder in the official layout, or a run's checkpoint when resuming: this rank's rows, read
   straight from the safetensors file (io.read_rows), so no rank reads the bytes of another rank's rows;
 - a random preset: this rank's rows of the seeded draw a single process makes (init.random_values), so a

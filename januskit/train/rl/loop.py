@@ -226,8 +226,8 @@ def _run(cfg: RunConfig, info, resume: bool) -> Path:
     rl, stage = cfg.rl, cfg.resolved_stage()
     arch = "janusflow" if rl.algorithm == "flow_grpo" else "janus"
     if parallel.resolve_mode(cfg.train.parallel) == "fsdp":  # before loading anything
-        raise ValueError(f"[train] parallel = \"fsdp\" with [rl] algorithm {rl.algorithm!r}: its rollouts sample from the "
-                         "policy outside a training forward, where FSDP's weights are shards; use parallel = \"ddp\" "
+        raise ValueError(f"[train] parallel = \"fsdp\" with [rl] algorithm {rl.algorithm!r}: its rollouts sample "
+                         "from the policy outside a training forward, where FSDP's weights are shards; use parallel = \"ddp\" "
                          "(every rank holds the whole policy) or LoRA to fit it")
     check_available(cfg.train)  # an optional logger that is not installed: stop before loading
     out, ckpt, model, extras, proc = start(cfg, info, resume, arch)
