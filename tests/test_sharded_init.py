@@ -17,7 +17,9 @@ from januskit.models import build_model
 from januskit.train import parallel, sharded
 from januskit.train.config import ModelSection
 from januskit.train.flow import FlowSettings
+from januskit.train.lora import LoraSettings, apply_lora
 from januskit.train.losses import LossForward
+from conftest import need
 
 PRESETS = ("tiny-janus-pro", "tiny-janusflow")
 
@@ -69,9 +71,9 @@ def test_fill_names_what_has_no_source_and_a_random_source_read_out_of_order():
         sources[names[0]](0, 1)
 
 
-def _rank_reads(folder: str, out: str) -> None:
-    """One rank: shard the meta model over two ranks, fill from `folder`, and record which rows it read and
-    its local shards (to compare with the file)."""
+def _rank_reads(folder: str, out: str, lora: bool = False) -> None:
+    """One rank: shard the meta model (with LoRA adapters when `lora`) over two ranks, fill from `folder`,
+    and record which rows it read and its local shards (to compare with the file)."""
     parallel.init("cpu")
     reads: list[tuple[str, int, int]] = []
     real = io.read_rows
@@ -85,18 +87,33 @@ def _rank_reads(folder: str, out: str) -> None:
     model, _ = sharded.build_meta(spec)
     loss = LossForward(model)
     model.gen_vision_model.requires_grad_(False)  # frozen, as every stage keeps it: replicated, read whole
+    if lora:
+        apply_lora(model, LoraSettings(r=4), seed=5)
+    held = sharded.real_tensors(loss)  # the adapters, drawn at build time
     loss = parallel.wrap(loss, "fsdp", parallel.shard_plan(model))
-    sharded.fill(loss, sharded.sources_for(loss, spec, {}, None, lambda k: k), torch.device("cpu"))
+    sharded.fill(loss, sharded.sources_for(loss, spec, held, None, lambda k: k), torch.device("cpu"))
     local = {k: (v.to_local() if isinstance(v, DTensor) else v).clone() for k, v in loss.state_dict().items()}
     torch.save({"reads": reads, "local": local}, Path(out) / f"rank{parallel.rank()}.pt")
     parallel.teardown()
 
 
-def test_each_rank_reads_only_its_rows(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_each_rank_reads_only_its_rows(tmp_path, lora):
+    """Also with LoRA: the frozen base is read by rows like any weight (`q_proj.base_layer.weight` from the
+    file's `q_proj.weight`), and each rank's rows of the adapters are those of the unsharded draw."""
+    if lora:
+        need("peft", "lora")
     folder = init_checkpoint(tmp_path / "ckpt", arch="janus", seed=2)
-    parallel.spawn(_rank_reads, 2, str(folder), str(tmp_path))
-    full = load_official(folder, torch.float32).state_dict()
+    parallel.spawn(_rank_reads, 2, str(folder), str(tmp_path), lora)
+    ref = load_official(folder, torch.float32)
+    full = ref.state_dict()
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    name = {k.removeprefix("model.").replace(".base_layer.", "."): k for k in got[0]["local"] if ".lora_" not in k}
+    if lora:  # the adapters: each rank holds its torch.chunk rows of what the same call draws unsharded
+        drawn = {k: v for k, v in apply_lora(ref, LoraSettings(r=4), seed=5).state_dict().items() if ".lora_" in k}
+        assert len(drawn) == 2 * 7 * len(ref.llm.layers) + 4  # A and B of 7 projections a layer, the image head's 2
+        for k, v in drawn.items():
+            assert torch.equal(torch.cat([got[r]["local"]["model." + k] for r in range(2)]), v), k
     checked = 0
     for key, t in full.items():
         n = t.shape[0] if t.ndim else 0
@@ -107,13 +124,13 @@ def test_each_rank_reads_only_its_rows(tmp_path):
         if key.startswith(parallel.REPLICATED):  # the frozen VQ, whole on every rank (shard_plan)
             assert rows == [[(0, n)], [(0, n)]], (key, rows)
             for r in range(2):
-                assert torch.equal(got[r]["local"]["model." + key], t), key
+                assert torch.equal(got[r]["local"][name[key]], t), key
             continue
         # one read per rank, the two halves torch.chunk gives (ceil(n / 2) rows, then the rest)
         half = -(-n // 2)
         assert rows == [[(0, half)], [(half, n)]], (key, rows)
         for r in range(2):
-            assert torch.equal(got[r]["local"]["model." + key], t[rows[r][0][0]:rows[r][0][1]]), key
+            assert torch.equal(got[r]["local"][name[key]], t[rows[r][0][0]:rows[r][0][1]]), key
     assert checked == sum(1 for t in full.values() if t.ndim) > 100  # every tensor of the model was read by rows
 
 
@@ -146,3 +163,45 @@ def test_shard_plan_units_cover_the_big_parts_and_replicate_only_a_frozen_vq(arc
         plan = parallel.shard_plan(model)
         assert plan.ignored == set(model.gen_vision_model.parameters())
         assert model.gen_vision_model not in plan.units
+
+
+def _lora_meta(spec: ModelSection, settings: LoraSettings) -> tuple[torch.nn.Module, LossForward]:
+    model, _ = sharded.build_meta(spec)
+    loss = LossForward(model)
+    apply_lora(model, settings, seed=7)
+    return model, loss
+
+
+def test_lora_on_meta_draws_the_unsharded_adapters_and_resumes_from_an_adapter_file(tmp_path):
+    """apply_lora on a meta model leaves the base on meta (no full copy) and draws real adapters equal to the
+    same call on a real model; filled from a preset they make the unsharded adapted model; resumed from an adapter
+    file, its trained adapters; a checkpoint without adapters is refused by name."""
+    need("peft", "lora")
+    from januskit.train.lora import save_adapter
+
+    spec, settings = ModelSection(source="tiny-janus-pro", seed=3), LoraSettings(r=4, include_aligners=True)
+    ref = apply_lora(random_model(preset("tiny-janus-pro"), 3), settings, seed=7)
+    model, loss = _lora_meta(spec, settings)
+    held = sharded.real_tensors(loss)
+    assert held and all(".lora_" in k for k in held)
+    assert all(p.is_meta for n, p in model.named_parameters() if ".lora_" not in n)
+    sharded.fill(loss, sharded.sources_for(loss, spec, held, None, lambda k: k), torch.device("cpu"))
+    _assert_equal(_state(model), _state(ref))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in ref.named_parameters() if p.requires_grad]
+    with torch.no_grad():  # "trained" adapters, saved as a LoRA run's checkpoint saves them
+        for n, p in ref.named_parameters():
+            if ".lora_" in n:
+                p.add_(torch.randn_like(p))
+    ckpt = save_adapter(ref, tmp_path / "step-2")
+    model, loss = _lora_meta(spec, settings)
+    sharded.fill(loss, sharded.sources_for(loss, spec, sharded.real_tensors(loss), ckpt, lambda k: k),
+                 torch.device("cpu"))
+    _assert_equal(_state(model), _state(ref))
+    plain, _ = sharded.build_meta(spec)
+    with pytest.raises(ValueError, match=r"step-2: written by a run with \[lora\] enabled; resume it with the same"):
+        sharded.sources_for(LossForward(plain), spec, {}, ckpt, lambda k: k)
+    model, loss = _lora_meta(spec, LoraSettings(r=8, include_aligners=True))
+    with pytest.raises(ValueError, match=r"step-2: adapter differs from the model's LoRA in \['r'\] "
+                                         r"\(file, model: {'r': \(4, 8\)}\)"):
+        sharded.sources_for(loss, spec, sharded.real_tensors(loss), ckpt, lambda k: k)

@@ -2,9 +2,9 @@
 the single-process weights with the same global batch, and an FSDP2 run killed mid-way resumes to the
 uninterrupted weights exactly.
 
-LoRA under FSDP2 (adapters built from the run seed on every rank, trainable adapters and frozen base
-weights in the same FSDP groups, adapter checkpoints and the merged export gathered from the shards)
-reaches the single-process LoRA run too.
+LoRA under FSDP2 (built on meta, adapters drawn from the run seed on every rank, trainable adapters and
+frozen base weights in the same FSDP groups, checkpoints gathering the adapters alone, the merged export
+streamed with each adapted weight merged as it is gathered) reaches the single-process LoRA run too.
 
 All runs: tiny preset, Stage III (everything but the VQ trains, so the vision path and the idle-branch
 logic are exercised), 4 steps of 4 rows, lr 1e-3, rank r taking synthetic micro-batches r, r+2, ...
@@ -170,6 +170,16 @@ def test_fsdp2_lora_matches_single_process(tmp_path):
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         assert (wa[k] - wb[k]).abs().max().item() <= ATOL, k
+    # killed after step 3, resumed from the step-2 adapters (the base re-read by rows): the same run, bit for bit
+    c = tmp_path / "resumed"
+    lora = ("--parallel", "fsdp", "--gradient-checkpointing", "--lora", "--out", str(c), "--steps", str(STEPS))
+    assert torchrun(*lora, "--crash-after", "3", expect_ok=False).returncode != 0
+    assert [s for s, _ in list_checkpoints(c / "checkpoints")] == [2]
+    assert sorted(f.name for f in (c / f"checkpoints/step-{2:08d}").iterdir() if f.suffix == ".safetensors") == \
+        ["adapter_model.safetensors"]  # the adapters alone, not the frozen base
+    torchrun(*lora, "--resume")
+    wb, wc = weights(b), weights(c)
+    assert all(torch.equal(wb[k], wc[k]) for k in wb)
 
 
 def test_fsdp2_bf16_parameters_keep_float32_masters(single, fsdp, tmp_path):

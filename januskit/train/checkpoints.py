@@ -29,7 +29,7 @@ from ..models import build_model as model_for_config
 from ..models.janus import JanusModel
 from . import parallel
 from .config import ModelSection, RunConfig
-from .lora import ADAPTER_WEIGHTS, has_lora, load_adapter, merged_state, save_adapter
+from .lora import ADAPTER_WEIGHTS, MergedView, has_lora, load_adapter, merged_state, save_adapter
 from .losses import LossForward
 
 MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
@@ -113,8 +113,8 @@ def save_checkpoint(root: Path, step: int, loss: LossForward, optimizer: torch.o
     of ranks. Otherwise rank 0 writes them whole (model.safetensors, or the LoRA adapters; optimizer.pt)."""
     model = loss.model
     sharded = parallel.is_sharded(loss) and not has_lora(model)
-    if not sharded:
-        weights = {checkpoint_key(k): v for k, v in parallel.model_state(loss).items()}
+    if not sharded:  # with LoRA only the adapters (and a trainable REPA head) are gathered, not the frozen base
+        weights = {checkpoint_key(k): v for k, v in parallel.model_state(loss, trainable_only=has_lora(model)).items()}
         optim = _rename_optimizer_state(parallel.optimizer_state(loss, optimizer), checkpoint_key)
     ranks = parallel.gather_objects({"rng": parallel.rng_state(), "data": data.state_dict()})
     path = root / f"step-{step:08d}"
@@ -211,10 +211,11 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     (provenance()). Collective under FSDP: a sharded model without LoRA is streamed, each tensor gathered
     whole in turn and written by rank 0 into the shard files (so no rank holds more than one tensor and one
     output shard); with LoRA the weights are gathered on rank 0, merged and written."""
-    if any(isinstance(t, DTensor) for t in model.state_dict().values()) and not has_lora(model):
+    sharded = any(isinstance(t, DTensor) for t in model.state_dict().values())
+    if sharded and not (has_lora(model) and adapter_only):
         _export_streamed(model, out, source, dtype, extras)
         return
-    state = parallel.model_state(model)
+    state = parallel.model_state(model, trainable_only=has_lora(model) and adapter_only)
     if not parallel.is_main():
         return
     if has_lora(model):
@@ -255,6 +256,9 @@ def _export_streamed(model: JanusModel, out: Path, source: ModelSection, dtype: 
     """export_model of a sharded model: rank 0 writes as save_janus does while every rank gathers the tensors
     in the order it writes them (official_state's)."""
     whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731 (collective for a DTensor)
+    if has_lora(model):  # each adapted weight merged as it is gathered
+        view = MergedView(model, whole)
+        model, whole = view, view.materialize
     if not parallel.is_main():
         for t in official_state(model, extras=OfficialExtras()).values():  # the same keys, in the same order
             whole(t)

@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +138,29 @@ def _inject(model: nn.Module, config: Any, *, empty: bool = False) -> None:
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters (merge_lora them first)")
     # empty=True: adapter tensors on meta (to be assigned from a state dict); draws no random numbers.
-    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER, low_cpu_mem_usage=empty)
+    with _cpu_stand_ins(model, not empty):
+        peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER, low_cpu_mem_usage=empty)
     for n, p in model.named_parameters():
         p.requires_grad_(is_adapter_key(n))
     if any(n.startswith("gen_vision_model.") for n, _ in _tuner_layers(model)):
         raise ValueError("LoRA target matches the VQ tokenizer, which is never trained")
+
+
+@contextmanager
+def _cpu_stand_ins(model: nn.Module, active: bool) -> Iterator[None]:
+    """For the duration, every Linear weight on meta is stood in for by a CPU zero of its shape and dtype that
+    takes no memory (one element, expanded). peft builds each adapter on the CPU, draws it, then moves it to its
+    base weight's device: with a base on meta (FSDP's construction) the draw would be lost. With the stand-ins
+    the adapters stay on the CPU with the very values an unsharded model draws (same generator, same order), and
+    the meta weights are put back afterwards."""
+    swapped = [(m, m.weight) for m in model.modules() if active and isinstance(m, nn.Linear) and m.weight.is_meta]
+    for m, w in swapped:
+        m._parameters["weight"] = nn.Parameter(torch.zeros((), dtype=w.dtype).expand(w.shape), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, w in swapped:
+            m._parameters["weight"] = w
 
 
 def apply_lora(model: JanusModel, settings: LoraSettings, seed: int | None = None) -> JanusModel:
@@ -150,7 +168,8 @@ def apply_lora(model: JanusModel, settings: LoraSettings, seed: int | None = Non
     have requires_grad afterwards. Adapter A is random (peft's Kaiming init), B is zero, so the
     adapted model starts out computing exactly what the base model computes. `seed`: draw A from a
     generator seeded with it, leaving the global RNG untouched (under FSDP every rank must build the
-    same adapters: nothing broadcasts them); None draws from the global RNG."""
+    same adapters: nothing broadcasts them); None draws from the global RNG. A model built on meta (FSDP)
+    gets its adapters real, on the CPU, with the values the same call draws for a real model."""
     settings = LoraSettings.of(settings)
     if seed is None:
         _inject(model, settings.to_peft())
@@ -195,6 +214,36 @@ def merge_lora(model: JanusModel) -> JanusModel:
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+class MergedView:
+    """An adapted model as save_janus sees a plain one, for a streamed export: its tensors under the official
+    names (`...q_proj.base_layer.weight` as `...q_proj.weight`, the adapters left out) and `materialize`, which
+    makes each one whole with `whole` (a DTensor's gather) and folds the adapter into an adapted weight as
+    merge_lora does (W + B @ A * alpha / r, in the weights' float32). No more than one weight and its two
+    adapters are whole at a time; every rank calls `materialize` in the same order (the gathers are collective)."""
+
+    def __init__(self, model: JanusModel, whole: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.config = model.config
+        self._whole = whole
+        self._merges = {id(layer.get_base_layer().weight): (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                                                             layer.scaling[ADAPTER]) for _, layer in _tuner_layers(model)}
+        self._state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict(keep_vars=True).items()
+                       if not is_adapter_key(k)}
+
+    def modules(self) -> Iterator[nn.Module]:
+        return iter(())  # nothing prepacked for CPU inference
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+    @torch.no_grad()
+    def materialize(self, t: torch.Tensor) -> torch.Tensor:
+        w = self._whole(t).detach()
+        if id(t) not in self._merges:
+            return w
+        a, b, scaling = self._merges[id(t)]
+        return w + (self._whole(b).detach() @ self._whole(a).detach()) * scaling
 
 
 def merged_state(model: JanusModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -242,6 +291,33 @@ def save_adapter(model: nn.Module, folder: str | Path, state: dict[str, torch.Te
 _STRUCTURE = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 
 
+def check_structure(model: nn.Module, folder: Path, config: Any = None) -> None:
+    """Refuse an adapter folder whose LoRA differs from the model's in rank, alpha or targets (naming them)."""
+    config = config if config is not None else require_peft().LoraConfig.from_pretrained(str(folder))
+    mine = model.peft_config[ADAPTER]
+    diff = {f: (getattr(config, f, None), getattr(mine, f, None)) for f in _STRUCTURE
+            if getattr(mine, f, None) != getattr(config, f, None)}
+    if diff:
+        raise ValueError(f"{folder}: adapter differs from the model's LoRA in {sorted(diff)} (file, model: {diff})")
+
+
+def read_adapter(model: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's adapter weights under peft's saved names (`...q_proj.lora_A.weight`), exactly the set the
+    adapted `model` has (refused otherwise, naming the differences)."""
+    weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items()}
+    expected = {saved_adapter_key(n) for n in model.state_dict() if is_adapter_key(n)}
+    if set(weights) != expected:
+        raise ValueError(f"{folder}: adapter keys do not match the model: missing "
+                         f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+    return weights
+
+
+def saved_adapter_key(name: str) -> str:
+    """peft's saved name of an adapter weight: the adapter's name dropped (`...lora_A.default.weight` ->
+    `...lora_A.weight`)."""
+    return name.replace(f".{ADAPTER}.", ".")
+
+
 def load_adapter(model: JanusModel, folder: str | Path) -> JanusModel:
     """Load an adapter folder strictly (every adapter weight present, nothing unexpected). A model
     without adapters gets them injected from the folder's config first; one that has them must have
@@ -252,19 +328,10 @@ def load_adapter(model: JanusModel, folder: str | Path) -> JanusModel:
         raise FileNotFoundError(f"{folder}: not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     config = peft.LoraConfig.from_pretrained(str(folder))
     if has_lora(model):
-        mine = model.peft_config[ADAPTER]
-        diff = {f: (getattr(config, f, None), getattr(mine, f, None)) for f in _STRUCTURE
-                if getattr(mine, f, None) != getattr(config, f, None)}
-        if diff:
-            raise ValueError(f"{folder}: adapter differs from the model's LoRA in {sorted(diff)} "
-                             f"(file, model: {diff})")
+        check_structure(model, folder, config)
     else:
         _inject(model, config)
-    weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items()}
-    expected = set(adapter_state(model))
-    if set(weights) != expected:
-        raise ValueError(f"{folder}: adapter keys do not match the model: missing "
-                         f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+    weights = read_adapter(model, folder)
     res = peft.set_peft_model_state_dict(model, weights, adapter_name=ADAPTER)
     if res.unexpected_keys or any(is_adapter_key(k) for k in res.missing_keys):
         raise ValueError(f"{folder}: adapter did not load cleanly ({res.unexpected_keys[:5]}, "

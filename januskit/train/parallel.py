@@ -282,9 +282,13 @@ def barrier() -> None:
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """Full, unsharded CPU state dict in the model's own key space (no wrapper prefixes). Collective
-    under FSDP; on ranks > 0 it may be empty."""
+    under FSDP; on ranks > 0 it may be empty. `trainable_only`: the parameters that train (LoRA's adapters),
+    without the frozen ones and the buffers."""
+    if trainable_only:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=True))
     return get_model_state_dict(model, options=_FULL)
 
 

@@ -28,6 +28,7 @@ from ..models import build_model
 from ..models.janus import JanusModel
 from ..quantization import check_trainable
 from .config import ModelSection
+from .lora import ADAPTER_WEIGHTS, check_structure, has_lora, is_adapter_key, read_adapter, saved_adapter_key
 
 Rows = Callable[[int, int], torch.Tensor]  # (start, stop) -> those rows of the full tensor
 
@@ -142,20 +143,39 @@ def random_sources(model: nn.Module, seed: int, prefix: str = "") -> dict[str, R
 def sources_for(loss: nn.Module, spec: ModelSection, held: dict[str, torch.Tensor], ckpt: Path | None,
                 checkpoint_key: Callable[[str], str]) -> dict[str, Rows]:
     """Where every tensor of the training module `loss` (model.*, repa_head.*) comes from: a run's checkpoint
-    (all of them) when resuming, else the model source (a folder's tensors or a preset's draw) and `held`."""
+    (all of them) when resuming, else the model source (a folder's tensors or a preset's draw) and `held`.
+    With LoRA the frozen base always comes from the model source (`...q_proj.base_layer.weight` read as the
+    source's `...q_proj.weight`), the adapters from `held` (drawn at build time) or, resuming, from the
+    checkpoint's adapter file."""
     shapes = {k: tuple(v.shape) for k, v in loss.state_dict(keep_vars=True).items()}
-    if ckpt is not None:
+    model = loss.get_submodule("model")
+    lora = has_lora(model)
+    if ckpt is not None and (ckpt / ADAPTER_WEIGHTS).is_file() != lora:
+        raise ValueError(f"{ckpt}: written by a run {'without' if lora else 'with'} [lora] enabled; resume it "
+                         "with the same [lora] setting")
+    if ckpt is not None and not lora:
         by_key = {checkpoint_key(k): k for k in shapes}
         f = ckpt / "model.safetensors"
         return file_sources(list(iter_tensors([f])), {checkpoint_key(k): s for k, s in shapes.items()}, f,
                             to_name=lambda k: by_key[k])
-    model = loss.get_submodule("model")
     out = tensor_sources(held)
+    if ckpt is not None:  # LoRA: the trained adapters replace the drawn ones
+        check_structure(model, ckpt)
+        saved = read_adapter(model, ckpt)
+        out.update(tensor_sources({"model." + n: saved[saved_adapter_key(n)]
+                                   for n in model.state_dict() if is_adapter_key(n)}))
+    # the base's tensors by their official names (an adapted Linear's weight is `base_layer.weight` here)
+    by_official = {k.removeprefix("model.").replace(".base_layer.", "."): k for k in shapes
+                   if k.startswith("model.") and not is_adapter_key(k)}
     src = Path(spec.source)
     if src.is_dir():
         c, entries, _ = official_entries(src)
-        inner = {k.removeprefix("model."): s for k, s in shapes.items() if k.startswith("model.")}
-        out.update(file_sources(entries, inner, src, to_name=lambda k: "model." + k, skip=official_skip(c)))
+        out.update(file_sources(entries, {o: shapes[k] for o, k in by_official.items()}, src,
+                                to_name=lambda o: by_official[o], skip=official_skip(c)))
     else:
-        out.update(random_sources(model, spec.seed, prefix="model."))
+        plain = model
+        if lora:  # the draw follows the unadapted model's parameters (names, order), as random_model's does
+            with torch.device("meta"):
+                plain = build_model(model.config)
+        out.update({by_official[k]: f for k, f in random_sources(plain, spec.seed).items()})
     return out

@@ -247,9 +247,9 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
     if cfg.train.keep_memory and not keep_freed_memory():
         log.warning("train.keep_memory: not glibc (no mallopt); ignored")
     parallel.seed_everything(cfg.train.seed)
-    # FSDP builds on meta and each rank reads only its shards (sharded.py); LoRA keeps the full build: its
-    # adapters are drawn on real base layers (FSDP still shards the frozen base once built)
-    meta = parallel.resolve_mode(cfg.train.parallel) == "fsdp" and not cfg.lora.enabled
+    # FSDP builds on meta and each rank reads only its shards (sharded.py); LoRA's adapters are drawn real at
+    # build time (lora.apply_lora), the frozen base is read shard by shard like any other weight
+    meta = parallel.resolve_mode(cfg.train.parallel) == "fsdp"
     model, extras = sharded.build_meta(cfg.model) if meta else build_model(cfg.model)
     flow = model.config.arch == "janusflow"
     if not flow and cfg.flow != FlowSettings():
