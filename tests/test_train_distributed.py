@@ -235,6 +235,38 @@ def test_fsdp2_sharded_checkpoint_resumes_at_another_world_size(fsdp, crashed_fs
     assert (last / "model.safetensors").is_file() if ranks == 1 else len(list((last / "dcp").glob("*.distcp"))) == 4
 
 
+def test_fsdp2_async_checkpoints_are_the_blocking_ones_and_a_kill_before_the_commit_loses_only_that_one(
+        fsdp, tmp_path):
+    """[train] async_checkpoint: each checkpoint's shards are written by a background thread while the next steps
+    run. The run and its checkpoints are those of the blocking run (same files, same tensors); killed after step 3,
+    it resumes from what had committed (step 2, unless its writer had not finished: then the start) to the
+    uninterrupted run bit for bit; outside FSDP the setting is refused by name."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out = tmp_path / "async"
+    run = ("--parallel", "fsdp", "--gradient-checkpointing", "--async-checkpoint", "--out", str(out))
+    torchrun(*run, "--steps", str(STEPS))
+    assert_same_training(fsdp, out)
+    for step in (2, 4):
+        a, b = (d / f"checkpoints/step-{step:08d}" for d in (fsdp, out))
+        assert sorted(f.relative_to(b).as_posix() for f in b.rglob("*") if f.is_file()) == \
+            sorted(f.relative_to(a).as_posix() for f in a.rglob("*") if f.is_file())
+        ma = FileSystemReader(str(a / "dcp")).read_metadata().state_dict_metadata
+        mb = FileSystemReader(str(b / "dcp")).read_metadata().state_dict_metadata
+        assert ma.keys() == mb.keys() and len(ma) > 100
+    crashed = tmp_path / "crashed"
+    p = torchrun("--parallel", "fsdp", "--gradient-checkpointing", "--async-checkpoint", "--out", str(crashed),
+                 "--steps", str(STEPS), "--crash-after", "3", expect_ok=False)
+    assert p.returncode != 0
+    assert [s for s, _ in list_checkpoints(crashed / "checkpoints")] in ([2], [])
+    torchrun(*run[:-1], str(crashed), "--steps", str(STEPS), "--resume")
+    wa, wb = weights(out), weights(crashed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match=r"\[train\] async_checkpoint: writes FSDP's sharded checkpoints in the "
+                                         r"background, but parallel resolves to 'none'"):
+        train(run_config(tmp_path / "x", steps=1, parallel="none", async_checkpoint=True))
+
+
 def test_a_data_source_without_reshard_is_refused_at_another_world_size(fsdp, tmp_path):
     from januskit.train import checkpoints
 

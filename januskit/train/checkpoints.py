@@ -11,7 +11,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,18 +132,68 @@ def save_checkpoint(root: Path, step: int, loss: LossForward, optimizer: torch.o
         if parallel.is_main():
             if not sharded:
                 torch.save(optim, tmp / "optimizer.pt")
-            torch.save({"step": step, "world": parallel.world(), "scheduler": scheduler.state_dict(), "ranks": ranks},
-                       tmp / "trainer.pt")
-            (tmp / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            (tmp / "config.json").write_text(json.dumps(to_official(model.config, "float32"), indent=2) + "\n")
-            # the commit marker, last: every file with its size (dcp/ shards included: dcp.save returns on rank 0
-            # only once every rank has written its shards)
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+            _records(step, scheduler, ranks, cfg, model)(tmp)
     if parallel.is_main():
         prune_checkpoints(root, cfg.train.keep_last)
     parallel.barrier()
     return path if parallel.is_main() else None
+
+
+def _records(step: int, scheduler: torch.optim.lr_scheduler.LRScheduler, ranks: list[Any], cfg: RunConfig,
+             model: JanusModel) -> Callable[[Path], None]:
+    """What rank 0 writes beside the weights (trainer.pt, run_config.json, config.json, then the DONE marker),
+    taken now and written by the returned call into the staging folder once the weights are there."""
+    trainer = {"step": step, "world": parallel.world(), "scheduler": scheduler.state_dict(), "ranks": ranks}
+    run_config = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    config = json.dumps(to_official(model.config, "float32"), indent=2) + "\n"
+
+    def write(tmp: Path) -> None:
+        torch.save(trainer, tmp / "trainer.pt")
+        (tmp / "run_config.json").write_text(run_config)
+        (tmp / "config.json").write_text(config)
+        # the commit marker, last: every file with its size (dcp/ shards included: they are complete on every
+        # rank when this runs)
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+
+    return write
+
+
+class BackgroundSave:
+    """An FSDP checkpoint whose shards a background thread writes ([train] async_checkpoint, dcp.async_save):
+    the state is copied to host memory first, then training goes on. `commit()` (after the first step at which
+    `ready()`, or before the next checkpoint, at the latest at the end) waits for the shards, writes the small
+    files and the DONE marker and renames the folder into place, as a blocking save does: until then the folder is
+    a staging one, so a run killed mid-write resumes from the checkpoint before. Collective, like save_checkpoint."""
+
+    def __init__(self, root: Path, step: int, loss: LossForward, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, data, cfg: RunConfig, group: Any) -> None:
+        self.root, self.keep_last = root, cfg.train.keep_last
+        ranks = parallel.gather_objects({"rng": parallel.rng_state(), "data": data.state_dict()})
+        self.records = _records(step, scheduler, ranks, cfg, loss.model)
+        self.stack = ExitStack()
+        self.tmp = self.stack.enter_context(_shared_staging(root / f"step-{step:08d}"))
+        msd, osd = get_state_dict(loss, optimizer)
+        # `group`: a process group of its own, so the writer thread's collectives never interleave with the step's
+        self.future = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.tmp / SHARDED),
+                                     process_group=group)
+
+    def ready(self) -> bool:
+        """Whether every rank's shards are written (collective: one small all-reduce on the step's group)."""
+        return parallel.all_reduce_max(0 if self.future.done() else 1) == 0
+
+    def commit(self) -> None:
+        try:
+            self.future.result()
+            if parallel.is_main():
+                self.records(self.tmp)
+        except BaseException as e:  # the staging folder is removed, the run fails
+            self.stack.__exit__(type(e), e, e.__traceback__)
+            raise
+        self.stack.close()  # every rank has written its shards (barrier), rank 0 renames
+        if parallel.is_main():
+            prune_checkpoints(self.root, self.keep_last)
+        parallel.barrier()
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:

@@ -68,6 +68,8 @@ class TrainSection:
     fsdp_reduce_dtype: str = "float32"
     fsdp_offload: bool = False  # FSDP2's CPUOffloadPolicy: shards, gradients and optimizer state in host memory
     # (CUDA only), each layer copied to the GPU for its forward and backward
+    async_checkpoint: bool = False  # FSDP: write each checkpoint's shards in a background thread (dcp.async_save)
+    # while the next steps run; costs a host-memory copy of this rank's weight and optimizer shards until written
     threads: int = 0  # CPU intra-op threads (torch.set_num_threads); 0 keeps torch's default
     seed: int = 0  # torch / numpy / python RNG seed, offset by rank
     log_every: int = 10  # steps between metrics lines (each costs a host sync)

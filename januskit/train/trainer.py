@@ -38,8 +38,8 @@ from ..models.janus import JanusModel
 from ..quantization import check_trainable
 from . import parallel, sharded
 from .data.batch import IGNORE, TrainBatch
-from .checkpoints import (checkpoint_key, export_model, is_sharded_checkpoint, list_checkpoints, load_weights,
-                          restore_state, save_checkpoint)
+from .checkpoints import (BackgroundSave, checkpoint_key, export_model, is_sharded_checkpoint, list_checkpoints,
+                          load_weights, restore_state, save_checkpoint)
 from .config import DataContext, LoraSection, ModelSection, RunConfig, describe_step
 from .data.packing import split_rows
 from .data.records import KINDS, SHORT
@@ -297,6 +297,23 @@ def build_run(cfg: RunConfig, *, ckpt: Path | None = None, data: DataSource | No
     return Run(stage, model, extras, loss, wrapped, optimizer, scheduler, data, step_cfg, step)
 
 
+def background_saves(cfg: RunConfig) -> Any:
+    """[train] async_checkpoint: the process group BackgroundSave's writer thread uses (one of its own, gloo, so
+    its collectives never interleave with the step's), or None to save blocking. Refused outside FSDP; a LoRA run
+    (adapters alone, small) and a single process save blocking."""
+    if not cfg.train.async_checkpoint:
+        return None
+    mode = parallel.resolve_mode(cfg.train.parallel)
+    if mode != "fsdp":
+        raise ValueError(f"[train] async_checkpoint: writes FSDP's sharded checkpoints in the background, but parallel "
+                         f"resolves to {mode!r}; set parallel = \"fsdp\" or leave it false")
+    if cfg.lora.enabled or not torch.distributed.is_initialized():
+        log.info("async_checkpoint: %s, so checkpoints are written at once",
+                 "a LoRA run's checkpoint is its adapters alone" if cfg.lora.enabled else "one process")
+        return None
+    return torch.distributed.new_group(backend="gloo")
+
+
 def busy_threads(samples: int = 5, source: Path = Path("/proc/loadavg")) -> float | None:
     """Threads of other processes running right now: the kernel's runnable count (/proc/loadavg's
     "running/total") less this reader, the median of a few samples; None where there is no /proc. Not the
@@ -368,6 +385,7 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
                                   "(resume=True) to continue, or choose another output folder")
         ckpt = done[-1][1] if resume and done else None
         check_available(cfg.train)  # an optional logger that is not installed: stop before building
+        background = background_saves(cfg)  # a process group for the checkpoint writer thread, or None
         run = build_run(cfg, ckpt=ckpt, data=data, prepare=prepare)
         stage, model, loss, data, step = run.stage, run.model, run.loss, run.data, run.step
         optimizer, scheduler = run.optimizer, run.scheduler
@@ -383,6 +401,7 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
                      describe_step(stage.batch_size, info.world, accum, cfg.train.micro_batch_size, cfg.train.seq_len,
                                    per_step=getattr(data, "per_step", False)))
 
+        pending: BackgroundSave | None = None
         loggers = open_loggers(cfg.train, out, step, enabled=parallel.is_main())  # beside metrics.jsonl
         batches = iter(data)
         bar = tqdm(total=stage.steps, initial=step, unit="step", dynamic_ncols=True,
@@ -401,9 +420,20 @@ def train(cfg: RunConfig, *, data: DataSource | None = None, resume: bool = Fals
                         f.write(json.dumps(m) + "\n")
                     loggers.log(m)  # TensorBoard (loggers.py): the same line
                     bar.set_postfix(progress_postfix(m))
+            if pending is not None and pending.ready():  # committed a step after its shards are all written
+                pending.commit()
+                pending = None
             if step % cfg.train.save_every == 0 or step == stage.steps:
-                save_checkpoint(ckpt_root, step, loss, optimizer, scheduler, data, cfg)
+                if pending is not None:  # one checkpoint in flight at a time
+                    pending.commit()
+                    pending = None
+                if background is not None:
+                    pending = BackgroundSave(ckpt_root, step, loss, optimizer, scheduler, data, cfg, background)
+                else:
+                    save_checkpoint(ckpt_root, step, loss, optimizer, scheduler, data, cfg)
             bar.update(1)
+        if pending is not None:
+            pending.commit()
         bar.close()
         loggers.close()
 
