@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--autocast", default="none", choices=["none", "bfloat16"])
     ap.add_argument("--lora", action="store_true", help="train LoRA adapters (train_helpers.DIST_LORA)")
     ap.add_argument("--fsdp-param-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--compile", default="none", choices=["none", "layers"], help="[train] compile")
     ap.add_argument("--async-checkpoint", action="store_true", help="[train] async_checkpoint")
     ap.add_argument("--crash-after", type=int, default=None, help="raise after this many steps (simulated kill)")
     args = ap.parse_args()
@@ -43,7 +44,7 @@ def main() -> None:
     cfg = run_config(args.out, stage=args.stage, steps=args.steps, parallel=args.parallel, save_every=2,
                      gradient_checkpointing=args.gradient_checkpointing, autocast=args.autocast,
                      lora=DIST_LORA if args.lora else None, fsdp_param_dtype=args.fsdp_param_dtype,
-                     async_checkpoint=args.async_checkpoint)
+                     async_checkpoint=args.async_checkpoint, compile=args.compile)
     if args.crash_after is not None:
         import januskit.train.trainer as T
 
