@@ -3,6 +3,7 @@
 
     nice .venv/bin/python bench/bench_fsdp_memory.py --ckpt-dir /tmp/j7b-2l --json bench/fsdp-memory.json
     nice .venv/bin/python bench/bench_fsdp_memory.py --ckpt-dir /tmp/j7b-2l --ranks 2 --legacy   # full build
+    nice .venv/bin/python bench/bench_fsdp_memory.py --ckpt-dir /tmp/j7b-2l --param-dtype bfloat16  # bf16 units
 
 **Model.** The janus-pro-7b preset (LLM dim 4096, 32 heads, SwiGLU 11008, vocab 102400; SigLIP-L; the VQ) with
 `--layers` decoder layers instead of 30: a random checkpoint in the official layout, bf16 as released, written
@@ -11,7 +12,9 @@ them) build the training module as `januskit train` does with `parallel = "fsdp"
 rank reading only its rows (`--legacy`: the whole model built on every rank first, the path before
 januskit.train.sharded), then take `--steps` optimiser steps of `--stage` on synthetic data, the global batch
 fixed at `--batch` rows of `--seq-len` slots, bf16 autocast. Each rank reports its peak RSS (ru_maxrss) after
-the build and after the steps, the bytes of its own shards, and its tokens/s (the first step excluded).
+the build and after the steps, the bytes of its own shards, and its tokens/s (the first step excluded); and, to
+place the part that does not shrink with ranks, its resident size now after the build and after each step, and
+the first step's trace: the resident size as each FSDP unit's forward and backward starts and ends.
 
 **Extrapolation.** Per-rank state of a sharded run = (4 B fp32 master + 4 B gradient + 8 B AdamW) per trainable
 parameter / ranks + 4 B per frozen (replicated) parameter, plus what does not shrink with ranks (the two largest
@@ -59,6 +62,24 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def current_rss_gib() -> float:
+    """The resident size now (not the peak): /proc/self/statm's second field, in pages."""
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def trace_units(model, plan, trace: list) -> None:
+    """Record the current RSS as each FSDP unit's forward and backward starts and ends (module hooks), so the
+    step's peak can be placed: which unit was gathered, and how much the activations and the optimizer add."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for u in plan.units:
+        n = names.get(id(u), type(u).__name__)
+        u.register_forward_pre_hook(lambda m, a, n=n: trace.append((f"fwd {n}", current_rss_gib())))
+        u.register_forward_hook(lambda m, a, o, n=n: trace.append((f"fwd end {n}", current_rss_gib())))
+        u.register_full_backward_pre_hook(lambda m, g, n=n: trace.append((f"bwd {n}", current_rss_gib())))
+
+
 def worker(opts: dict[str, Any]) -> None:
     """One rank: build, measure, step, measure; rank 0 writes every rank's figures to opts['out']."""
     import torch
@@ -75,7 +96,8 @@ def worker(opts: dict[str, Any]) -> None:
         "stage": {"name": opts["stage"], "steps": opts["steps"], "batch_size": opts["batch"], "lr": 1e-5,
                   "warmup": 0},
         "train": {"out": opts["run"], "micro_batch_size": 1, "seq_len": opts["seq_len"], "parallel": "fsdp",
-                  "autocast": "bfloat16", "gradient_checkpointing": True, "progress": False, "plot": False},
+                  "autocast": "bfloat16", "gradient_checkpointing": True, "progress": False, "plot": False,
+                  "fsdp_param_dtype": opts["param_dtype"]},
         "data": {"builder": "januskit.train.data.synthetic:build", "text_len": [4, 16]},
     })
     if opts["legacy"]:  # the path before sharded construction: every rank builds the whole model first
@@ -91,13 +113,22 @@ def worker(opts: dict[str, Any]) -> None:
     trainable = sum(p.numel() for p in run.loss.parameters() if p.requires_grad)  # global counts (DTensor numel)
     total = sum(p.numel() for p in run.loss.parameters())
     batches = iter(run.data)
-    times, tokens = [], []
-    for _ in range(opts["steps"]):
+    times, tokens, trace = [], [], []
+    trace_units(run.model, parallel.shard_plan(run.model), trace)
+    marks = {"after build": current_rss_gib()}
+    for i in range(opts["steps"]):
         t = time.perf_counter()
         raw = T.train_step(run.wrapped, batches, run.optimizer, run.scheduler, run.step_cfg)
         times.append(time.perf_counter() - t)
         tokens.append(int(raw["tokens"]))
+        marks[f"after step {i + 1}"] = current_rss_gib()
+        if i == 0:  # the first step's trace: where the resident size climbs
+            first = list(trace)
+    top = max(first, key=lambda x: x[1]) if trace else ("", 0.0)
     mine = {"rank": parallel.rank(), "build_s": round(build_s, 1), "rss_after_build_gib": round(after_build, 2),
+            "rss_now_gib": {k: round(v, 2) for k, v in marks.items()},
+            "step1_highest_mark": [top[0], round(top[1], 2)],
+            "step1_trace": [[k, round(v, 2)] for k, v in first],
             "rss_after_steps_gib": round(rss_gib(), 2), "shards_gib": round(local / GIB, 3),
             "step_s": [round(x, 2) for x in times],
             # this rank's share of the global tokens per second, the first step (warm-up) left out
@@ -116,7 +147,7 @@ def measure(source: Path, ranks: int, args, legacy: bool) -> dict[str, Any]:
         out = Path(d) / "figures.json"
         opts = {"source": str(source), "stage": args.stage, "steps": args.steps, "batch": args.batch,
                 "seq_len": args.seq_len, "threads": max(1, args.threads // ranks), "run": str(Path(d) / "run"),
-                "out": str(out), "legacy": legacy}
+                "out": str(out), "legacy": legacy, "param_dtype": args.param_dtype}
         parallel.spawn(worker, ranks, opts)
         return json.loads(out.read_text())
 
@@ -164,6 +195,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=768)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads shared by the ranks of a run")
     ap.add_argument("--legacy", action="store_true", help="build the whole model on every rank first")
+    ap.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="[train] fsdp_param_dtype: the dtype units are gathered and computed in")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="janus-pro-7b", help="another width (a quick check of the script)")
     ap.add_argument("--json", type=Path, default=None)
@@ -179,11 +212,13 @@ def main() -> None:
             break
         runs.append(r)
         worst = max(x["rss_after_steps_gib"] for x in r["ranks"])
-        print(f"{n} rank(s){' (legacy)' if args.legacy else ''}: peak RSS per rank after build "
+        print(f"{n} rank(s){' (legacy)' if args.legacy else ''}, {args.param_dtype} units: peak RSS per rank after "
+              f"build "
               f"{[x['rss_after_build_gib'] for x in r['ranks']]} GiB, after steps {worst} GiB (max), shards "
               f"{[x['shards_gib'] for x in r['ranks']]} GiB, tokens/s per rank "
               f"{[x['tok_per_s_rank'] for x in r['ranks']]}", flush=True)
-    res = {"layers": args.layers, "stage": args.stage, "legacy": args.legacy, "runs": runs, "failed": failed}
+    res = {"layers": args.layers, "stage": args.stage, "legacy": args.legacy, "param_dtype": args.param_dtype,
+           "runs": runs, "failed": failed}
     res["extrapolation"] = extrapolate(res)
     print(json.dumps(res["extrapolation"], indent=1))
     if args.json:
