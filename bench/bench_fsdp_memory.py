@@ -14,7 +14,7 @@ januskit.train.sharded), then take `--steps` optimiser steps of `--stage` on syn
 fixed at `--batch` rows of `--seq-len` slots, bf16 autocast. Each rank reports its peak RSS (ru_maxrss) after
 the build and after the steps, the bytes of its own shards, and its tokens/s (the first step excluded); and, to
 place the part that does not shrink with ranks, its resident size now after the build and after each step, and
-the first step's trace: the resident size as each FSDP unit's forward and backward starts and ends.
+the first step's trace: the resident size as each FSDP unit's forward starts and ends and its backward starts.
 
 **Extrapolation.** Per-rank state of a sharded run = (4 B fp32 master + 4 B gradient + 8 B AdamW) per trainable
 parameter / ranks + 4 B per frozen (replicated) parameter, plus what does not shrink with ranks (the two largest
@@ -70,7 +70,7 @@ def current_rss_gib() -> float:
 
 
 def trace_units(model, plan, trace: list) -> None:
-    """Record the current RSS as each FSDP unit's forward and backward starts and ends (module hooks), so the
+    """Record the current RSS as each FSDP unit's forward starts and ends and its backward starts (hooks), so the
     step's peak can be placed: which unit was gathered, and how much the activations and the optimizer add."""
     names = {id(m): n for n, m in model.named_modules()}
     for u in plan.units:
@@ -113,7 +113,7 @@ def worker(opts: dict[str, Any]) -> None:
     trainable = sum(p.numel() for p in run.loss.parameters() if p.requires_grad)  # global counts (DTensor numel)
     total = sum(p.numel() for p in run.loss.parameters())
     batches = iter(run.data)
-    times, tokens, trace = [], [], []
+    times, tokens, trace, first = [], [], [], []
     trace_units(run.model, parallel.shard_plan(run.model), trace)
     marks = {"after build": current_rss_gib()}
     for i in range(opts["steps"]):
@@ -124,7 +124,7 @@ def worker(opts: dict[str, Any]) -> None:
         marks[f"after step {i + 1}"] = current_rss_gib()
         if i == 0:  # the first step's trace: where the resident size climbs
             first = list(trace)
-    top = max(first, key=lambda x: x[1]) if trace else ("", 0.0)
+    top = max(first, key=lambda x: x[1]) if first else ("", 0.0)
     mine = {"rank": parallel.rank(), "build_s": round(build_s, 1), "rss_after_build_gib": round(after_build, 2),
             "rss_now_gib": {k: round(v, 2) for k, v in marks.items()},
             "step1_highest_mark": [top[0], round(top[1], 2)],

@@ -29,7 +29,7 @@ from ..models import build_model as model_for_config
 from ..models.janus import JanusModel
 from . import parallel
 from .config import ModelSection, RunConfig
-from .lora import ADAPTER_WEIGHTS, MergedView, has_lora, load_adapter, merged_state, save_adapter
+from .lora import MergedView, checkpoint_has_adapters, has_lora, load_adapter, merged_state, save_adapter
 from .losses import LossForward
 
 MARKER = "DONE"  # a checkpoint folder without this file is incomplete and ignored
@@ -210,11 +210,7 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 def load_weights(loss: LossForward, ckpt: Path) -> None:
     """The model's and the REPA head's weights (strict), or with [lora] the adapters (the frozen
     base and head are rebuilt from [model] and the seed)."""
-    adapter = (ckpt / ADAPTER_WEIGHTS).is_file()
-    if adapter != has_lora(loss.model):
-        raise ValueError(f"{ckpt}: written by a run {'with' if adapter else 'without'} [lora] enabled; resume it "
-                         "with the same [lora] setting")
-    if adapter:
+    if checkpoint_has_adapters(ckpt, has_lora(loss.model)):
         load_adapter(loss.model, ckpt)
     else:
         key = _from_checkpoint_keys(loss)
@@ -260,7 +256,8 @@ def export_model(model: JanusModel, out: Path, source: ModelSection, dtype: torc
     file layout). The source's BASE_RECORDS are not copied; provenance.json names the source instead
     (provenance()). Collective under FSDP: a sharded model without LoRA is streamed, each tensor gathered
     whole in turn and written by rank 0 into the shard files (so no rank holds more than one tensor and one
-    output shard); with LoRA the weights are gathered on rank 0, merged and written."""
+    output shard); with LoRA each adapted weight is merged as it is gathered (lora.MergedView), and an
+    adapter-only export gathers the adapters alone on rank 0."""
     sharded = any(isinstance(t, DTensor) for t in model.state_dict().values())
     if sharded and not (has_lora(model) and adapter_only):
         _export_streamed(model, out, source, dtype, extras)

@@ -291,6 +291,16 @@ def save_adapter(model: nn.Module, folder: str | Path, state: dict[str, torch.Te
 _STRUCTURE = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 
 
+def checkpoint_has_adapters(ckpt: Path, lora: bool) -> bool:
+    """Whether the run checkpoint `ckpt` holds LoRA adapters; refused when that differs from `lora` (whether the
+    resuming run has [lora] enabled)."""
+    adapter = (ckpt / ADAPTER_WEIGHTS).is_file()
+    if adapter != lora:
+        raise ValueError(f"{ckpt}: written by a run {'with' if adapter else 'without'} [lora] enabled; resume it "
+                         "with the same [lora] setting")
+    return adapter
+
+
 def check_structure(model: nn.Module, folder: Path, config: Any = None) -> None:
     """Refuse an adapter folder whose LoRA differs from the model's in rank, alpha or targets (naming them)."""
     config = config if config is not None else require_peft().LoraConfig.from_pretrained(str(folder))

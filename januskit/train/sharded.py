@@ -28,7 +28,7 @@ from ..models import build_model
 from ..models.janus import JanusModel
 from ..quantization import check_trainable
 from .config import ModelSection
-from .lora import ADAPTER_WEIGHTS, check_structure, has_lora, is_adapter_key, read_adapter, saved_adapter_key
+from .lora import check_structure, checkpoint_has_adapters, has_lora, is_adapter_key, read_adapter, saved_adapter_key
 
 Rows = Callable[[int, int], torch.Tensor]  # (start, stop) -> those rows of the full tensor
 
@@ -150,10 +150,7 @@ def sources_for(loss: nn.Module, spec: ModelSection, held: dict[str, torch.Tenso
     shapes = {k: tuple(v.shape) for k, v in loss.state_dict(keep_vars=True).items()}
     model = loss.get_submodule("model")
     lora = has_lora(model)
-    if ckpt is not None and (ckpt / ADAPTER_WEIGHTS).is_file() != lora:
-        raise ValueError(f"{ckpt}: written by a run {'without' if lora else 'with'} [lora] enabled; resume it "
-                         "with the same [lora] setting")
-    if ckpt is not None and not lora:
+    if ckpt is not None and not checkpoint_has_adapters(ckpt, lora):
         by_key = {checkpoint_key(k): k for k in shapes}
         f = ckpt / "model.safetensors"
         return file_sources(list(iter_tensors([f])), {checkpoint_key(k): s for k, s in shapes.items()}, f,
