@@ -34,9 +34,15 @@ def main() -> None:
     ap.add_argument("--fsdp-param-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compile", default="none", choices=["none", "layers"], help="[train] compile")
     ap.add_argument("--async-checkpoint", action="store_true", help="[train] async_checkpoint")
+    ap.add_argument("--ce-chunks", action="store_true",
+                    help="force the heads' chunked cross-entropy at the tiny sizes (models.layers.CE_CHUNK_LOGITS)")
     ap.add_argument("--crash-after", type=int, default=None, help="raise after this many steps (simulated kill)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.ce_chunks:  # the text head's 1024 outputs in chunks of 128 or more, the image head's rows 16 a chunk
+        import januskit.models.layers as L
+
+        L.CE_CHUNK_LOGITS, L.MIN_CE_COLUMNS = 8192, 128
     if args.config:
         from januskit.cli import main as cli
 

@@ -143,6 +143,16 @@ def test_fsdp2_matches_single_process(single, fsdp):
     assert list(weights(fsdp)) == list(weights(single))  # the official key order
 
 
+def test_fsdp2_with_the_heads_cross_entropy_in_chunks_matches_single_process(single, tmp_path):
+    """The heads' CE in chunks, forced at the tiny sizes (the 1024-way text head's outputs 128 or more a chunk,
+    models.layers._VocabChunkedCE; the 512-way image head's rows 16 a chunk under checkpointing), inside FSDP2
+    units, the chunks' logits recomputed in backward on the regathered heads: the plain single process's training."""
+    out = tmp_path / "chunked"
+    torchrun("--parallel", "fsdp", "--gradient-checkpointing", "--ce-chunks", "--out", str(out),
+             "--steps", str(STEPS))
+    assert_same_training(single, out)
+
+
 def test_fsdp2_resume_after_kill_is_exact(fsdp, tmp_path):
     out = tmp_path / "fsdp-resumed"
     gc = "--gradient-checkpointing"

@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import LlamaConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, TextHead
 
 
 class KVCache:
@@ -367,4 +367,4 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = c
         self.model = LlamaModel(c)
-        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = TextHead(c.dim, c.vocab_size, bias=False)

@@ -3,7 +3,8 @@ gen head, each only at its labelled slots, with no per-task weights (both papers
 rectified-flow and REPA terms of train/flow.py at the latent-grid slots instead of the image CE.
 
 The heads run only on the slots that carry a label: the LM head has 102400 outputs and running it on
-every slot of a 4096-token row would cost gigabytes of logits for nothing.
+every slot of a 4096-token row would cost gigabytes of logits for nothing; and even there januskit's heads
+compute the loss in chunks (head_ce), never holding all the logits.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import TextHead, VisionHead
 from .data.batch import IGNORE, TrainBatch
 from .data.packing import flow_starts, without_padding
 from .data.records import IMAGE_KINDS, KIND_CODE, KINDS, SHORT
@@ -85,14 +87,22 @@ def batch_losses(model: torch.nn.Module, batch: TrainBatch, flow: FlowSettings |
         idle = idle + model.gen_embeds(batch.gen_ids.new_zeros(0)).sum()
     i_sel = batch.image_labels != IGNORE
     # Heads on the labelled slots only, CE in float32 (bf16 logits lose the tail of the softmax).
-    image_ce = F.cross_entropy(model.image_logits(_at(hidden, i_sel)).float(), batch.image_labels[i_sel],
-                               reduction="none")
+    image_ce = head_ce(model.gen_head, _at(hidden, i_sel), batch.image_labels[i_sel])
     s = _text_sums(model, batch, hidden)
     s.by_kind.index_add_(0, _kinds(batch, i_sel, GEN), image_ce.detach())
     s.count.index_add_(0, _kinds(batch, i_sel, GEN), torch.ones_like(image_ce, dtype=torch.long))
     # Empty selections give sum 0 but still run both heads, so both heads are always in the graph too.
     s.total = s.total + image_ce.sum() + idle
     return s
+
+
+def head_ce(head: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row float32 CE of a head on x (N, dim). januskit's own heads compute it in row chunks inside their
+    forward (models.layers.head_cross_entropy: Janus-Pro's 102400-way logits never whole); a head replaced by
+    an adapter wrapper or a quantised layer gives its logits as before."""
+    if isinstance(head, (TextHead, VisionHead)):
+        return head(x, labels=labels)
+    return F.cross_entropy(head(x).float(), labels, reduction="none")
 
 
 def _at(hidden: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -113,7 +123,7 @@ def _idle_und(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
 
 def _text_sums(model: torch.nn.Module, batch: TrainBatch, hidden: torch.Tensor) -> LossSums:
     t_sel = batch.text_labels != IGNORE
-    text_ce = F.cross_entropy(model.text_logits(_at(hidden, t_sel)).float(), batch.text_labels[t_sel], reduction="none")
+    text_ce = head_ce(model.language_model.lm_head, _at(hidden, t_sel), batch.text_labels[t_sel])
     by_kind = torch.zeros(N_KINDS + 1, dtype=torch.float32, device=hidden.device)
     by_kind.index_add_(0, _kinds(batch, t_sel, TEXT), text_ce.detach())
     count = torch.zeros(N_KINDS, dtype=torch.long, device=hidden.device)
