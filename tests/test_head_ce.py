@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import januskit.models.layers as L
-from januskit.models.layers import TextHead, VisionHead, head_cross_entropy
+from januskit.models.layers import TextHead, VisionHead
 from januskit.train.losses import head_ce
 
 
