@@ -540,6 +540,7 @@ def test_eval_world_reports_geneval_rules_beside_the_world_judge():
     import januskit
     from januskit.cli import DEFAULT_MODEL
     from januskit.eval.world import EvalSettings, evaluate, format_report
+    from januskit.world.judge import OUTCOMES
 
     rep = evaluate(januskit.load(DEFAULT_MODEL), None, EvalSettings(prompts_per_category=2, questions_per_type=0,
                                                                      images_per_prompt=2))
@@ -549,6 +550,17 @@ def test_eval_world_reports_geneval_rules_beside_the_world_judge():
     mean = sum(g["geneval_rules"]["categories"].values()) / 6
     assert g["geneval_rules"]["overall"] == pytest.approx(mean)
     assert f"by GenEval's own rules (januskit eval geneval --detector world): {mean:.3f}" in format_report(rep)
+    # the failure breakdown of position and colour attribution: every such image has one outcome, and the share
+    # of "correct" is the category's accuracy
+    for cat in ("position", "color_attr"):
+        recs = [r for r in g["records"] if r["category"] == cat]
+        assert len(recs) == 4 and all(r["outcome"] in OUTCOMES[cat] for r in recs)
+        by = g["outcomes"][cat]
+        n = {k: sum(r["held_out"] == (k == "held_out") for r in recs) for k in by}
+        assert sum(by[k]["correct"] * n[k] for k in by) / 4 == pytest.approx(g["categories"][cat])
+        assert all(sum(share.values()) == pytest.approx(1.0) for share in by.values())
+        assert f"{cat} outcomes, " in format_report(rep)
+    assert all("outcome" not in r for r in g["records"] if r["category"] not in OUTCOMES)
 
 
 def test_geneval_images_do_not_depend_on_the_batch(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from januskit.train.data.records import ManifestSource
 from januskit.world.dataset import held_out, read_prompts, write_world
-from januskit.world.judge import Detection, detect, holds, same_objects, score
+from januskit.world.judge import OUTCOMES, Detection, detect, failure_mode, holds, same_objects, score
 from januskit.world.prompts import CATEGORIES, Prompt, describe, make_prompt, sample_prompt, scene_for, scene_from_json
 from januskit.world.questions import ask, normalise
 from januskit.world.render import render
@@ -209,3 +209,25 @@ def test_binding_variants_differ_by_one_edit_and_keep_held_out_combinations_out(
     # a single object has no colours or places to swap: it still gets moved, recoloured and reshaped variants
     one = variants((Obj("diamond", "green", 2),), np.random.default_rng(0), 3)
     assert [len(v) for v in one] == [1, 1, 1] and len({(v[0].colour, v[0].shape, v[0].cell) for v in one}) == 3
+
+
+def test_failure_modes_name_what_an_image_did_with_the_prompt():
+    """Scenes built to each outcome, rendered and detected: the mode says which (the eval's breakdown). Objects
+    sit at their cells' centres, so a diagonal pair is exactly diagonal (with offsets one axis would lead)."""
+    pos = make_prompt("position", ("circle", "square"), relation="below")  # circle in a lower cell than the square
+    layouts = {"correct": [("circle", 2), ("square", 0)], "reversed": [("circle", 0), ("square", 2)],
+               "other axis": [("circle", 0), ("square", 1)], "diagonal": [("circle", 3), ("square", 0)],
+               "missing": [("circle", 2), ("triangle", 0)]}
+    for want, objs in layouts.items():
+        found = detect(render(tuple(Obj(s, "red", c) for s, c in objs)))
+        assert failure_mode(pos, found) == want, (want, found)
+    attr = make_prompt("color_attr", ("circle", "square"), ("red", "blue"))
+    scenes = {"correct": (("red", "circle"), ("blue", "square")), "colours swapped": (("blue", "circle"), ("red", "square")),
+              "one colour wrong": (("red", "circle"), ("green", "square")),
+              "both colours wrong": (("green", "circle"), ("yellow", "square")),
+              "missing": (("red", "circle"), ("blue", "diamond"))}
+    for want, objs in scenes.items():
+        found = detect(render(tuple(Obj(s, c, k) for k, (c, s) in enumerate(objs))))
+        assert failure_mode(attr, found) == want, (want, found)
+    assert set(OUTCOMES["position"]) == set(layouts) and set(OUTCOMES["color_attr"]) == set(scenes)
+    assert failure_mode(make_prompt("colors", ("circle",), ("red",)), []) is None  # other categories: no breakdown

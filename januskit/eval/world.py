@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +27,7 @@ from ..processing.image import to_uint8
 from ..sampling.logits import row_generator
 from ..sampling.speculative import DEFAULT_WINDOW
 from ..world.dataset import held_out, read_prompts, write_split
-from ..world.judge import detect, detect_regions, score
+from ..world.judge import OUTCOMES, detect, detect_regions, failure_mode, score
 from ..world.prompts import CATEGORIES, Prompt
 from ..world.questions import QTYPES, normalise
 from .geneval import generate, sample_path, world_boxes, world_metadata
@@ -143,6 +143,7 @@ def _judge_folder(out: Path, prompts: list[tuple[Prompt, bool]], n: int, forward
     by_cat: dict[str, list[bool]] = defaultdict(list)
     by_cat_geneval: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
+    modes: dict[str, dict[str, Counter]] = {c: {"seen": Counter(), "held_out": Counter()} for c in OUTCOMES}
     records = []
     for i, (p, is_held) in enumerate(prompts):
         for k in range(n):
@@ -158,14 +159,20 @@ def _judge_folder(out: Path, prompts: list[tuple[Prompt, bool]], n: int, forward
             by_cat[p.category].append(ok)
             if p.category in ("position", "color_attr"):
                 held["held_out" if is_held else "seen"].append(ok)
+            mode = failure_mode(p, [d for d, _, _ in regions])
+            if mode is not None:
+                modes[p.category]["held_out" if is_held else "seen"][mode] += 1
             records.append({"prompt": p.text, "category": p.category, "held_out": is_held, "correct": ok,
-                            "correct_geneval_rules": ok_geneval, "image": str(path.relative_to(out))})
+                            "correct_geneval_rules": ok_geneval, "image": str(path.relative_to(out))}
+                           | ({"outcome": mode} if mode is not None else {}))
     cats = {c: float(np.mean(by_cat[c])) for c in CATEGORIES if by_cat[c]}
     cats_geneval = {c: float(np.mean(by_cat_geneval[c])) for c in CATEGORIES if by_cat_geneval[c]}
     res = {"overall": float(np.mean(list(cats.values()))), "categories": cats,
            "geneval_rules": {"overall": float(np.mean(list(cats_geneval.values()))) if cats_geneval else None,
                              "categories": cats_geneval},
            "position_color_attr": {k: float(np.mean(v)) for k, v in held.items()},
+           "outcomes": {c: {k: {o: n[o] / max(1, sum(n.values())) for o in OUTCOMES[c]} for k, n in by.items()
+                            if sum(n.values())} for c, by in modes.items() if any(by.values())},
            "images": len(records), "prompts": len(prompts), "records": records}
     if forwards:  # Janus: LLM forwards per image (the images generated in this call), fewer with SJD
         res["llm_forwards_per_image"] = float(np.mean(forwards))
@@ -346,6 +353,9 @@ def format_report(rep: WorldReport) -> str:
                          f"{g['geneval_rules']['overall']:.3f}")
         for k, v in g["position_color_attr"].items():
             lines.append(f"  position + colour attribution, {k.replace('_', '-')} combinations: {v:.3f}")
+        for c, by in g.get("outcomes", {}).items():
+            for k, share in by.items():
+                lines.append(f"  {c} outcomes, {k.replace('_', '-')}: " + ", ".join(f"{o} {v:.2f}" for o, v in share.items()))
         if "judge" in g:
             j = g["judge"]
             lines.append(f"  judge on the prompts' own scenes: clean {j['clean']['overall']:.3f}, "

@@ -174,6 +174,47 @@ def score(prompt: Prompt, found: list[Detection]) -> bool:
     raise ValueError(f"judge: unknown prompt category {cat!r}")
 
 
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+OUTCOMES = {  # what failure_mode returns per category, in report order
+    "position": ("correct", "reversed", "other axis", "diagonal", "missing"),
+    "color_attr": ("correct", "colours swapped", "one colour wrong", "both colours wrong", "missing"),
+}
+
+
+def failure_mode(prompt: Prompt, found: list[Detection]) -> str | None:
+    """What an image did with a position or colour-attribution prompt (OUTCOMES; None for other categories).
+    position: "correct" (score's verdict), else with both named objects present: "reversed" (the opposite
+    relation holds), "other axis" (a relation of the other axis holds), "diagonal" (none does); "missing"
+    when a named object is absent. color_attr: "correct", else with both shapes present: "colours swapped"
+    (each shape has the other's colour), "one colour wrong", "both colours wrong"; "missing" when a shape is
+    absent."""
+    cat = prompt.category
+    if cat not in OUTCOMES:
+        return None
+    if score(prompt, found):
+        return "correct"
+    (ca, sa), (cb, sb) = prompt.items
+    if cat == "position":
+        a = [d for d in found if d.shape == sa and ca in (None, d.colour)]
+        b = [d for d in found if d.shape == sb and cb in (None, d.colour)]
+        if not a or not b:
+            return "missing"
+        pairs = [(x, y) for x in a for y in b if x is not y]
+        if any(holds(_OPPOSITE[prompt.relation], x, y) for x, y in pairs):
+            return "reversed"
+        other = ("above", "below") if prompt.relation in ("left of", "right of") else ("left of", "right of")
+        return "other axis" if any(holds(r, x, y) for r in other for x, y in pairs) else "diagonal"
+    a = [d for d in found if d.shape == sa]
+    b = [d for d in found if d.shape == sb]
+    if not a or not b:
+        return "missing"
+    if any(x.colour == cb for x in a) and any(y.colour == ca for y in b):
+        return "colours swapped"
+    if any(x.colour == ca for x in a) or any(y.colour == cb for y in b):
+        return "one colour wrong"
+    return "both colours wrong"
+
+
 def same_objects(scene: Scene, found: list[Detection]) -> bool:
     """Exactly the scene's objects (shape, colour, cell), nothing more."""
     return Counter((o.shape, o.colour, o.cell) for o in scene) == Counter((d.shape, d.colour, d.cell) for d in found)
