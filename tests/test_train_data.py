@@ -577,11 +577,12 @@ def test_loader_resume_gives_identical_batches(dataset, parts):
             assert torch.equal(getattr(got, f), getattr(want, f)), f
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "tar"])
-def test_worker_processes_give_the_same_batches_and_resume_exactly(dataset, parts, fmt):
-    """[data] worker_processes: each kind's source in a process of its own, reading ahead; the batches and the
-    checkpointed positions are those of the in-process path, and a resume restarts the processes there."""
-    from januskit.train.data.workers import SourceProcess
+@pytest.mark.parametrize("fmt,n", [("jsonl", 1), ("tar", 1), ("jsonl", 3), ("tar", 2)])
+def test_worker_processes_give_the_same_batches_and_resume_exactly(dataset, parts, fmt, n):
+    """[data] worker_processes: each kind's source in a process of its own (n = 1) or in n that decode every
+    n-th record each (ParallelSource), reading ahead; the batches and the checkpointed positions are those of the
+    in-process path, and a resume restarts the processes there."""
+    from januskit.train.data.workers import ParallelSource, SourceProcess
 
     model, proc = parts
 
@@ -589,7 +590,7 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly(dataset, part
         enc = SampleEncoder.for_model(model, proc, seed=5)
         srcs = {k: make_source(dataset, fmt, k, seed=5, transform=enc) for k in ("understanding", "text", "generation")}
         if processes:
-            srcs = {k: SourceProcess(s, ahead=4) for k, s in srcs.items()}
+            srcs = {k: SourceProcess(s, ahead=4) if n == 1 else ParallelSource(s, n, ahead=2) for k, s in srcs.items()}
         return TrainData(Mixer(srcs, (5, 1, 4), 10, seed=5), 512, pad_id=proc.pad_id,
                          tokenize_images=vq_tokenizer(model), codebook_size=model.config.vq.codebook_size)
 
@@ -608,8 +609,8 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly(dataset, part
     for _ in range(2):
         x, y = next(a2), next(b)
         assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in fields)
-    procs = [s._proc for s in b.mixer.sources.values()]
-    assert all(p.is_alive() for p in procs)
+    procs = [p for s in b.mixer.sources.values() for p in ([s._proc] if n == 1 else s._procs)]
+    assert len(procs) == 3 * n and all(p.is_alive() for p in procs)
     b.close()
     assert not any(p.is_alive() for p in procs)
 
@@ -623,6 +624,52 @@ def test_a_worker_process_raises_the_sources_error_in_the_trainer(bad_root, part
     next(src)  # line 1 is fine
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*contains '\.\.'"):
         next(src)
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_parallel_workers_skip_and_count_bad_samples_as_the_source_does(bad_root, parts, on_error):
+    """Three processes over the bad manifest (bad lines fall to every worker): the same good samples, skip counts
+    and states after each as the source in process; in "raise" mode the first bad line's error, with its line."""
+    from januskit.train.data.workers import ParallelSource
+
+    model, proc = parts
+
+    def source():
+        return ManifestSource(bad_root, shuffle=False, epochs=2, on_error=on_error,
+                              transform=SampleEncoder.for_model(model, proc))
+
+    par = ParallelSource(source(), 3, ahead=2)
+    if on_error == "raise":
+        next(par)  # line 1 is fine
+        with pytest.raises(DataError, match=r"bad.jsonl:2: .*contains '\.\.'"):
+            next(par)
+        par.close()
+        return
+    ref, got = source(), []
+    for want in ref:
+        s = next(par)
+        assert s.key == want.key and torch.equal(s.ids, want.ids)
+        assert par.state_dict() == ref.state_dict()
+        got.append(par.state_dict())
+    with pytest.raises(StopIteration):
+        next(par)
+    assert got[-1]["epoch"] == 1 and sum(got[-1]["skipped"].values()) == 2 * 11  # 11 bad lines, two epochs
+    # resumed mid-way (after the first good sample of epoch 1): the rest as the source gives it
+    par.load_state_dict(got[2])
+    ref.load_state_dict(got[2])
+    assert [(x.key, x.ids.tolist()) for x in par] == [(x.key, x.ids.tolist()) for x in ref]
+
+
+def test_worker_processes_setting_is_checked():
+    from januskit.train.data.loader import _process_count
+    from januskit.train.data.workers import ParallelSource
+
+    assert [_process_count(x) for x in (False, True, 0, 3)] == [0, 1, 0, 3]
+    with pytest.raises(ValueError, match=r"\[data\] worker_processes must be true, false or a number of processes "
+                                         r">= 0, got -1"):
+        _process_count(-1)
+    with pytest.raises(ValueError, match="more than one process per source needs a manifest or tar source, not list"):
+        ParallelSource([], 2)
 
 
 # ------------------------------------------------------------------------------------------------ bad data

@@ -19,11 +19,11 @@ from ...checkpoint.official_config import EDIT_SOURCES, read_edit_source
 from ...processing.chat import Processor
 from ...processing.image import ImageTransform
 from .batch import TrainBatch
-from .records import KINDS, open_source
+from .records import KINDS, _Source, open_source
 from .encode import EncodedSample, FlowLayout, SampleEncoder, fill_latents, fill_vq_ids, vq_tokenizer
 from .mixing import Mixer
 from .packing import pack
-from .workers import SourceProcess
+from .workers import ParallelSource, SourceProcess
 
 
 class TrainData:
@@ -116,7 +116,7 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
           too_long: str = "error", shuffle: bool = True, shuffle_buffer: int = 512, prefetch: int = 1,
           system_prompt: str | None = None, vae: str | None = None, edit_source: str | None = None,
           answer_weighting: str = "token", builtin: Mapping[str, Callable[..., Any]] | None = None,
-          worker_processes: bool = False) -> TrainData:
+          worker_processes: bool | int = False) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
     Each of understanding / text / generation / edit is a path or list of paths (JSONL manifests, tar shards
     or folders of either), or a table {paths = ..., root = "..."} when a manifest's images live elsewhere.
@@ -131,7 +131,8 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
     `builtin` (for other builders, e.g. januskit.train.data.fresh): kind -> factory called with
     transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files.
     `worker_processes`: each kind's source reads, decodes and tokenises in a process of its own (workers.py),
-    the same samples in the same order."""
+    the same samples in the same order; an integer N > 1: each file source in N processes (every one reads
+    the records, each decodes every N-th)."""
     c = ctx.model_config
     proc = processor_for(ctx.source, c)
     folder_source = read_edit_source(ctx.source) if Path(ctx.source).is_dir() else EDIT_SOURCES[0]
@@ -175,8 +176,12 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
         kw = dict(kind=kind, seed=ctx.seed * 3 + k, shuffle=shuffle, rank=ctx.rank, world_size=ctx.world,
                   on_error=on_error, transform=enc)
         sources[kind] = open_source(paths, **{"shuffle_buffer": shuffle_buffer, **kw, **opts})
-    if worker_processes:
+    n_proc = _process_count(worker_processes)
+    if n_proc == 1:
         sources = {k: SourceProcess(src) for k, src in sources.items()}
+    elif n_proc > 1:
+        sources = {k: ParallelSource(src, n_proc) if isinstance(src, _Source) else SourceProcess(src)
+                   for k, src in sources.items()}
     mixer = Mixer(sources, ctx.ratio, ctx.batch_size, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world)
     if flow is not None:
         return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, encode_latents=encode_latents,
@@ -186,6 +191,16 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
     if edit_source != EDIT_SOURCES[0] or folder_source != EDIT_SOURCES[0]:  # the export copies the source's
         data.model_settings = {"edit_source": edit_source}  # generation_config.json: say how prompts are built
     return data
+
+
+def _process_count(worker_processes: bool | int) -> int:
+    """[data] worker_processes as a number of processes per source (false: 0, in the trainer; true: 1)."""
+    if isinstance(worker_processes, bool):
+        return int(worker_processes)
+    if not isinstance(worker_processes, int) or worker_processes < 0:
+        raise ValueError(f"[data] worker_processes must be true, false or a number of processes >= 0, "
+                         f"got {worker_processes!r}")
+    return worker_processes
 
 
 def vae_encoder(vae: str | None, source: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -336,6 +336,8 @@ class _Source:
         self.epoch = 0
         self.skipped: Counter[str] = Counter()  # reason -> bad samples skipped so far (on_error="skip")
         self._good = 0  # samples yielded in the current epoch (an epoch with none would loop forever)
+        self._check_empty = True  # off in a parallel worker's copy (workers.py): the trainer's side checks
+        self._log_skips = True  # off in all but one parallel worker (they all see the same unreadable shards)
 
     def __iter__(self) -> Iterator:
         return self
@@ -361,11 +363,11 @@ class _Source:
     def _skip(self, e: DataError) -> None:
         self.skipped[e.reason] += 1
         n = self.n_skipped
-        if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
+        if self._log_skips and (n <= _LOG_FIRST or n % _LOG_EVERY == 0):
             log.warning("skipping bad sample (%d skipped so far: %s): %s", n, dict(self.skipped), e)
 
     def _end_epoch(self) -> None:
-        if self._good == 0:
+        if self._good == 0 and self._check_empty:
             raise DataError(self._name(), f"epoch {self.epoch} of rank {self.rank}/{self.world_size} yielded no "
                                           f"usable sample (skipped: {dict(self.skipped)})", "empty")
         self.epoch += 1
