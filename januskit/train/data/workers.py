@@ -23,6 +23,16 @@ _CTX = mp.get_context("spawn")  # not fork: the parent's OpenMP threads would de
 _POLL_S = 1.0
 
 
+def _put(out: Any, msg: tuple, stop: Any) -> None:
+    """Put `msg` on the queue, waiting while it is full unless the trainer asks to stop."""
+    while not stop.is_set():
+        try:
+            out.put(msg, timeout=_POLL_S)
+            return
+        except queue.Full:
+            continue
+
+
 def _serve(source: Any, state: dict[str, Any], out: Any, stop: Any) -> None:
     """The child: from `state`, put ("item", sample, state after it) for every sample, then ("end",) or
     ("error", exception); stop when asked."""
@@ -37,13 +47,7 @@ def _serve(source: Any, state: dict[str, Any], out: Any, stop: Any) -> None:
             except StopIteration:
                 out.put(("end",))
                 break
-            msg = ("item", item, source.state_dict())
-            while not stop.is_set():
-                try:
-                    out.put(msg, timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    continue
+            _put(out, ("item", item, source.state_dict()), stop)
     except Exception as e:  # noqa: BLE001 (any failure goes to the trainer, which raises it)
         out.put(("error", e))
     # Stay until the trainer is done with what was sent: the samples' tensors are shared through this process
@@ -76,12 +80,7 @@ def _serve_stride(source: Any, state: dict[str, Any], out: Any, stop: Any, worke
                     msg = ("item", k, source.transform(source._parse(item)), source.state_dict())
                 except DataError as e:
                     msg = ("bad", k, e, source.state_dict())
-                while not stop.is_set():
-                    try:
-                        out.put(msg, timeout=_POLL_S)
-                        break
-                    except queue.Full:
-                        continue
+                _put(out, msg, stop)
             k += 1
     except Exception as e:  # noqa: BLE001 (any failure goes to the trainer, which raises it)
         out.put(("error", e))
