@@ -109,7 +109,7 @@ class ParallelSource:
         self._start()
 
     def _start(self) -> None:
-        self._k = 0
+        self._k, self._ended = 0, False
         self._stop = _CTX.Event()
         self._queues = [_CTX.Queue(maxsize=self.ahead) for _ in range(self.processes)]
         self._procs = [_CTX.Process(target=_serve_stride, daemon=True, name=f"januskit-data-{type(self.inner).__name__}-{i}",
@@ -133,12 +133,15 @@ class ParallelSource:
 
     def __next__(self) -> Any:
         src = self.inner
+        if self._ended:
+            raise StopIteration
         while True:
             msg = self._get()
             if msg[0] in ("end", "error"):
                 self.close()
                 if msg[0] == "error":
                     raise msg[1]
+                self._ended = True
                 while True:  # as the source's own last _advance: an empty epoch raises, else the end of the last
                     src._end_epoch()
             kind, k, value, state = msg
