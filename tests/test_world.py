@@ -231,3 +231,7 @@ def test_failure_modes_name_what_an_image_did_with_the_prompt():
         assert failure_mode(attr, found) == want, (want, found)
     assert set(OUTCOMES["position"]) == set(layouts) and set(OUTCOMES["color_attr"]) == set(scenes)
     assert failure_mode(make_prompt("colors", ("circle",), ("red",)), []) is None  # other categories: no breakdown
+    readme = Prompt("color_position", "a red circle to the left of a blue square", (("red", "circle"), ("blue", "square")),
+                    relation="left of")
+    assert failure_mode(readme, detect(render((Obj("square", "blue", 0), Obj("circle", "red", 1))))) == "reversed"
+    assert failure_mode(readme, detect(render((Obj("circle", "red", 0), Obj("square", "green", 1))))) == "missing"

@@ -27,7 +27,7 @@ from ..processing.image import to_uint8
 from ..sampling.logits import row_generator
 from ..sampling.speculative import DEFAULT_WINDOW
 from ..world.dataset import held_out, read_prompts, write_split
-from ..world.judge import OUTCOMES, detect, detect_regions, failure_mode, score
+from ..world.judge import OUTCOMES, detect, detect_regions, failure_mode, outcome_kind, score
 from ..world.prompts import CATEGORIES, Prompt
 from ..world.questions import QTYPES, normalise
 from .geneval import generate, sample_path, world_boxes, world_metadata
@@ -143,7 +143,7 @@ def _judge_folder(out: Path, prompts: list[tuple[Prompt, bool]], n: int, forward
     by_cat: dict[str, list[bool]] = defaultdict(list)
     by_cat_geneval: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
-    modes: dict[str, dict[str, Counter]] = {c: {"seen": Counter(), "held_out": Counter()} for c in OUTCOMES}
+    modes: dict[str, dict[str, Counter]] = defaultdict(lambda: {"seen": Counter(), "held_out": Counter()})
     records = []
     for i, (p, is_held) in enumerate(prompts):
         for k in range(n):
@@ -171,8 +171,8 @@ def _judge_folder(out: Path, prompts: list[tuple[Prompt, bool]], n: int, forward
            "geneval_rules": {"overall": float(np.mean(list(cats_geneval.values()))) if cats_geneval else None,
                              "categories": cats_geneval},
            "position_color_attr": {k: float(np.mean(v)) for k, v in held.items()},
-           "outcomes": {c: {k: {o: n[o] / max(1, sum(n.values())) for o in OUTCOMES[c]} for k, n in by.items()
-                            if sum(n.values())} for c, by in modes.items() if any(by.values())},
+           "outcomes": {c: {k: {o: n[o] / sum(n.values()) for o in OUTCOMES[outcome_kind(c)]}
+                            for k, n in by.items() if n} for c, by in modes.items()},
            "images": len(records), "prompts": len(prompts), "records": records}
     if forwards:  # Janus: LLM forwards per image (the images generated in this call), fewer with SJD
         res["llm_forwards_per_image"] = float(np.mean(forwards))

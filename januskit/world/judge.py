@@ -181,15 +181,22 @@ OUTCOMES = {  # what failure_mode returns per category, in report order
 }
 
 
+def outcome_kind(category: str) -> str | None:
+    """The OUTCOMES key of a prompt category: colour + position prompts (the README's) fail as position ones."""
+    cat = "position" if category == "color_position" else category
+    return cat if cat in OUTCOMES else None
+
+
 def failure_mode(prompt: Prompt, found: list[Detection]) -> str | None:
-    """What an image did with a position or colour-attribution prompt (OUTCOMES; None for other categories).
+    """What an image did with a position (or colour + position) or colour-attribution prompt (OUTCOMES; None for
+    other categories).
     position: "correct" (score's verdict), else with both named objects present: "reversed" (the opposite
     relation holds), "other axis" (a relation of the other axis holds), "diagonal" (none does); "missing"
     when a named object is absent. color_attr: "correct", else with both shapes present: "colours swapped"
     (each shape has the other's colour), "one colour wrong", "both colours wrong"; "missing" when a shape is
     absent."""
-    cat = prompt.category
-    if cat not in OUTCOMES:
+    cat = outcome_kind(prompt.category)
+    if cat is None:
         return None
     if score(prompt, found):
         return "correct"
