@@ -137,8 +137,8 @@ def head_cross_entropy(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: tor
                        n_out: int, chunk_logits: int | None = None) -> torch.Tensor:
     """F.cross_entropy(logits_fn(x).float(), labels, reduction="none") for x (N, dim), computed on row chunks of
     at most `chunk_logits` logits, each under activation checkpointing (the image head's way; the text head
-    has its own, _ChunkedLinearCE): only the chunk's logits are ever alive
-    and backward keeps x alone (it recomputes the chunk's logits: one more head matmul). It runs inside the
+    chunks its vocabulary instead, _VocabChunkedCE): only the chunk's logits are ever alive and backward keeps
+    x alone (it recomputes the chunk's logits: one more head matmul). It runs inside the
     head's own forward, so FSDP2 has the head's weights gathered for the forward and again for the recompute
     in backward (its pre-backward hook fires on this output before any chunk is recomputed).
     `chunk_logits`: CE_CHUNK_LOGITS when None (read at call time, so a test can lower it)."""
