@@ -91,11 +91,12 @@ class Recipe:
     # shape and colour of the object in its grid cell and the cell (world.scene.patch_labels), so each patch
     # token carries its object whole, as web-scale pretraining gives the real SigLIP; the LLM then has a lookup
     # to make, not a binding to work out.
-    # Off by default: it lifted QA in the proxy study (0.648 -> 0.728) but a full build with it and "turn"
-    # weighting (800 SigLIP steps at LR 2e-3, which the dense heads need to reach 1.000) came out lower after
-    # SFT (GenEval-style 0.523, QA 0.610 against the shipped model's 0.549, 0.644): docs/miniature-world.md.
-    siglip_dense: bool = False
-    siglip: SigLIPTrainConfig = field(default_factory=lambda: SigLIPTrainConfig(steps=300, batch_size=128, lr=1e-3,
+    # On in the recipe since the December 4th build with token weighting (800 SigLIP steps at LR 2e-3, which the
+    # dense heads need to reach 1.000): after SFT GenEval-style 0.626 and QA 0.726, after GRPO 0.723 and 0.724,
+    # against the earlier recipe's 0.549 / 0.644 and 0.646 / 0.656 (docs/miniature-world.md). With "turn"
+    # weighting it had come out lower: the two levers do not stack.
+    siglip_dense: bool = True
+    siglip: SigLIPTrainConfig = field(default_factory=lambda: SigLIPTrainConfig(steps=800, batch_size=128, lr=2e-3,
                                                                                  warmup=30))
     vq: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(steps=1200, batch_size=8, lr=1e-3, warmup=50))
     # The VQ's normalisation (VQConfig.norm): "group" is VQ-16's GroupNorm, whose statistics span the image, so an
