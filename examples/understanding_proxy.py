@@ -8,6 +8,9 @@ aligner (and, optionally, a newly pretrained SigLIP), trained on the world's con
         --warmup 10 --answer-weighting turn --world W
     januskit eval world -m runs/proxy/C2 --world W --prompts-per-category 0 --questions-per-type 100
     python examples/understanding_proxy.py where --out runs/proxy/P1    # 100 'where' questions, own check
+    python examples/understanding_proxy.py fresh --out runs/proxy/src-512 --dim 512 --layers 4 --heads 8
+    python examples/understanding_proxy.py train --src runs/proxy/src-512 --out runs/proxy/w512 --steps 1500 \
+        --lr 1e-3 --warmup 50 --world W    # the width study: a fresh LLM around the shipped SigLIP
 
 W is a written world (`januskit world write W`): SigLIP reads its first 8,000 train images, as the recipe does.
 `--no-describe` draws conversations without the describe question (the dilution test's arm C1); `--qtypes`
@@ -49,6 +52,28 @@ def new_encoder(a: argparse.Namespace) -> None:
     save_janus(model, a.out, copy_from=DEFAULT_MODEL, overwrite=True, skip=("eval.json",))
 
 
+def fresh_llm(a: argparse.Namespace) -> None:
+    """The shipped model's SigLIP and VQ around a newly initialised LLM (and adaptors, heads) of another width or
+    depth: the width study's starting points (every arm from the recipe's init, seed 0)."""
+    from januskit.config import AlignerConfig, GenHeadConfig
+    from januskit.models.janus import JanusModel
+    from januskit.recipes.default_model import training_init
+
+    base = load_janus(DEFAULT_MODEL, torch.float32)
+    c = base.config
+    ffn = round(a.dim * c.llm.intermediate_size / c.llm.dim / 8) * 8  # the shipped LLM's FFN ratio
+    llm = dataclasses.replace(c.llm, dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.heads,
+                              intermediate_size=ffn)
+    cfg = dataclasses.replace(c, llm=llm, aligner=AlignerConfig(input_dim=c.vision.width, n_embed=a.dim),
+                              gen_aligner=AlignerConfig(input_dim=c.vq.codebook_dim, n_embed=a.dim),
+                              gen_head=GenHeadConfig(n_embed=a.dim, image_token_embed=a.dim,
+                                                     image_token_size=c.vq.codebook_size))
+    model = training_init(JanusModel(cfg), 0)
+    model.vision_model.load_state_dict(base.vision_model.state_dict())
+    model.gen_vision_model.load_state_dict(base.gen_vision_model.state_dict())
+    save_janus(model, a.out, copy_from=DEFAULT_MODEL, overwrite=True, skip=("eval.json", "recipe.json", "components.json"))
+
+
 def understanding_only(a: argparse.Namespace) -> None:
     if a.no_describe or a.qtypes:  # conversations drawn from other question types (text documents unchanged)
         import januskit.world.dataset as wd
@@ -83,7 +108,7 @@ def where_accuracy(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("siglip", "train", "where"))
+    p.add_argument("what", choices=("siglip", "train", "where", "fresh"))
     p.add_argument("--world", help="siglip, train: a written world")
     p.add_argument("--out", required=True)
     p.add_argument("--src", help="train: the folder to start from")
@@ -94,14 +119,17 @@ def main() -> None:
     p.add_argument("--no-describe", action="store_true")
     p.add_argument("--qtypes", help="conversations' question types, comma-separated, repeats weigh a type up "
                    "(e.g. colour,shape,count,position,position,pope,describe,where)")
+    p.add_argument("--dim", type=int, default=256, help="fresh: the LLM's width")
+    p.add_argument("--layers", type=int, default=4, help="fresh: the LLM's depth")
+    p.add_argument("--heads", type=int, default=4, help="fresh: attention heads")
     p.add_argument("--autocast", default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    if a.what != "where" and not a.world:
+    if a.what in ("siglip", "train") and not a.world:
         p.error(f"{a.what} needs --world")
     a.lr = a.lr if a.lr is not None else (2e-3 if a.what == "siglip" else 1e-3)
     torch.set_num_threads(a.threads)
-    {"siglip": new_encoder, "train": understanding_only, "where": where_accuracy}[a.what](a)
+    {"siglip": new_encoder, "train": understanding_only, "where": where_accuracy, "fresh": fresh_llm}[a.what](a)
 
 
 if __name__ == "__main__":
