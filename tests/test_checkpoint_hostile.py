@@ -122,6 +122,7 @@ CORRUPT_SIDE_FILES = [
     ("preprocessor_config.json", '{"image_size": 384}', True, "image_size 384 does not match the vision encoder's"),
     ("processor_config.json", '{"system_prompt": 3}', True, "system_prompt must be a string, got int 3"),
     ("processor_config.json", b"\xff\xfe", True, "not UTF-8 text"),
+    ("processor_config.json", '{"image_placement": 1}', True, "image_placement must be a string, got int 1"),
     ("generation_config.json", '{"guidance_scale": NaN}', True, "guidance_scale must be a finite number"),
     ("tokenizer.json", "{", True, "invalid tokenizer file"),
     ("tokenizer_config.json", "[1]", False, "must hold a JSON object, got list [1]"),

@@ -66,6 +66,23 @@ def test_same_seed_same_samples_and_resume_mid_stream(kind):
         WorldSource(kind, seed=5, captions="v2").load_state_dict(st)
 
 
+def test_question_first_conversations_and_their_resume_check():
+    """question_first puts the first question before the image (later turns as before), draws the same scenes
+    and questions, and is part of the resume check; a state saved before the option existed resumes as off."""
+    plain, qfirst = WorldSource("understanding", seed=2), WorldSource("understanding", seed=2, question_first=True)
+    for _ in range(10):
+        a, b = next(plain), next(qfirst)
+        ma, mb = [m.content for m in a.messages], [m.content for m in b.messages]
+        assert ma[0].startswith("<image_placeholder>\n") and ma[0].count("<image_placeholder>") == 1
+        assert mb[0] == ma[0].removeprefix("<image_placeholder>\n") + "\n<image_placeholder>"
+        assert ma[1:] == mb[1:] and len(ma) >= 2
+        assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    old = {k: v for k, v in WorldSource("understanding", seed=2).state_dict().items() if k != "question_first"}
+    WorldSource("understanding", seed=2).load_state_dict(old)
+    with pytest.raises(ValueError, match="cannot resume: question_first was False in the checkpoint, now True"):
+        WorldSource("understanding", seed=2, question_first=True).load_state_dict(old)
+
+
 def test_ranks_split_one_stream():
     one = WorldSource("generation", seed=1)
     whole = [_view(next(one)) for _ in range(12)]

@@ -72,6 +72,36 @@ def test_checkpoint_can_name_its_system_prompt(pro_tok, tmp_path):
         Processor.from_folder(tmp_path, 32, N_IMG)
 
 
+def test_checkpoint_can_place_images_after_the_text(pro_tok, tmp_path):
+    """processor_config.json's image_placement "after" (a model trained with the question first) puts unmarked
+    images after the prompt, as its training conversations did; markers in the text still decide; anything
+    but "before" / "after" is refused by file and field."""
+    (tmp_path / "tokenizer.json").write_text(pro_tok.to_json_str())
+    from januskit.checkpoint.init import processor_files
+    from januskit.config import preset
+
+    files = processor_files(preset("mini-janus-pro"), image_placement="after")
+    assert json.loads(files["processor_config.json"])["image_placement"] == "after"
+    assert "image_placement" not in json.loads(processor_files(preset("mini-janus-pro"))["processor_config.json"])
+    (tmp_path / "processor_config.json").write_text(files["processor_config.json"])
+    p = Processor.from_folder(tmp_path, 32, N_IMG)
+    [m] = p.user_turn("What colour is the square?", [img()])
+    assert m.content == f"What colour is the square?\n{IMAGE_TOKEN}"
+    [m] = p.user_turn("Compare.", [img(), img()])
+    assert m.content == f"Compare.\n{IMAGE_TOKEN}\n{IMAGE_TOKEN}"
+    [m] = p.user_turn(f"{IMAGE_TOKEN} Look.", [img()])
+    assert m.content == f"{IMAGE_TOKEN} Look."
+    ids = p.encode_chat(p.user_turn("Hi?", [img()]), system_prompt="").ids
+    assert ids.index(pro_tok.boi_id) > len(pro_tok.encode("<|User|>: Hi?", add_bos=False))
+    (tmp_path / "processor_config.json").write_text(json.dumps({}))
+    assert Processor.from_folder(tmp_path, 32, N_IMG).image_placement == "before"
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_placement": "middle"}))
+    with pytest.raises(ValueError, match="processor_config.json: image_placement 'middle' is not one of before, after"):
+        Processor.from_folder(tmp_path, 32, N_IMG)
+    with pytest.raises(ValueError, match="image_placement 'left' is not one of before, after"):
+        Processor(pro_tok, p.transform, N_IMG, image_placement="left")
+
+
 def test_pro_multi_turn_exact(pro):
     msgs = [Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "more")]
     assert pro.render(msgs, system_prompt="") == (

@@ -315,6 +315,12 @@ def test_stage_plans_reach_the_trainer_config(tmp_path):
     assert files.options["generation"] == str(tmp_path / "world" / "train" / "generation-vq.jsonl")
     with pytest.raises(ValueError, match="Recipe.data: 'cached'"):
         stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, dataclasses.replace(r, data="cached"))
+    # question_first reaches the fresh builder (and only then appears: earlier builds' configs unchanged)
+    assert "question_first" not in last.data.options
+    qf = dataclasses.replace(r, question_first=True)
+    assert stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, qf).data.options["question_first"] is True
+    with pytest.raises(ValueError, match="question_first needs data 'fresh'"):
+        stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, dataclasses.replace(qf, data="files"))
     assert lr_multiplier(stage.steps - 1, stage) == pytest.approx(0.0, abs=1e-5)  # annealed to 0
     by = {p.name: p for p in r.stages}
     assert by["stage2"].lr / by["stage3"].lr == pytest.approx(1e-4 / 4e-5)

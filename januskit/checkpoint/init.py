@@ -83,9 +83,11 @@ def synthetic_tokenizer(preset_name: str, c: JanusConfig | JanusFlowConfig) -> T
     return build_synthetic_tokenizer(c.llm.vocab_size, style=style, special_ids=ids)
 
 
-def processor_files(c: JanusConfig | JanusFlowConfig, system_prompt: str | None = None) -> dict[str, str]:
+def processor_files(c: JanusConfig | JanusFlowConfig, system_prompt: str | None = None,
+                    image_placement: str = "before") -> dict[str, str]:
     """preprocessor_config.json and processor_config.json; `system_prompt` is written only when given
-    (the official files omit it: the processor's built-in prompt applies)."""
+    (the official files omit it: the processor's built-in prompt applies), `image_placement` only when not
+    the official layout's "before" (processing.chat.IMAGE_PLACEMENTS)."""
     t = ImageTransform(size=c.vision.image_size)
     pre = {"background_color": list(t.background), "do_normalize": True, "image_mean": list(t.mean),
            "image_processor_type": "VLMImageProcessor", "image_size": t.size, "image_std": list(t.std),
@@ -94,6 +96,8 @@ def processor_files(c: JanusConfig | JanusFlowConfig, system_prompt: str | None 
             "num_image_tokens": c.vision.n_tokens, "processor_class": "VLChatProcessor", "sft_format": "deepseek"}
     if system_prompt is not None:
         proc["system_prompt"] = system_prompt
+    if image_placement != "before":
+        proc["image_placement"] = image_placement
     return {"preprocessor_config.json": json.dumps(pre, indent=2) + "\n",
             "processor_config.json": json.dumps(proc, indent=2) + "\n"}
 

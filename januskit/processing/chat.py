@@ -18,6 +18,10 @@ from ..config import MAX_IMAGE_SIZE, Fields, folder_file, read_json_object
 from .image import ImageTransform
 from .tokenizer import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, TextTokenizer
 
+# Where user_turn puts images given without markers: before the text (the official examples' layout) or after it
+# (a model trained with the question first, so the image tokens are read knowing what is asked: the miniature
+# world's default model, docs/miniature-world.md). processor_config.json's "image_placement" names it.
+IMAGE_PLACEMENTS = ("before", "after")
 SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
                  "content that the user provides, and assist the user with a variety of tasks using natural language.")
 
@@ -47,10 +51,10 @@ class ChatBatch:
         return not bool(self.valid.all())
 
 
-def read_processor_files(folder: str | Path, image_size: int) -> tuple[ImageTransform, str]:
-    """The image transform of preprocessor_config.json and the system prompt of processor_config.json
-    (both optional), every field type-checked: a ConfigError names the file and field. `image_size`
-    is the vision encoder's, which the preprocessor's must equal (other sizes do not fit its grid)."""
+def read_processor_files(folder: str | Path, image_size: int) -> tuple[ImageTransform, str, str]:
+    """The image transform of preprocessor_config.json, and the system prompt and image placement of
+    processor_config.json (all optional), every field type-checked: a ConfigError names the file and field.
+    `image_size` is the vision encoder's, which the preprocessor's must equal (other sizes do not fit its grid)."""
     folder = Path(folder)
     cfg: dict = {}
     if (path := folder / "preprocessor_config.json").is_file():
@@ -63,16 +67,24 @@ def read_processor_files(folder: str | Path, image_size: int) -> tuple[ImageTran
                "image_std": pre.numbers("image_std", 3, (0.5, 0.5, 0.5), lo=0.0, hi=1e6, lo_open=True),
                "rescale_factor": pre.number("rescale_factor", 1 / 255, hi=1.0),
                "do_normalize": pre.flag("do_normalize", True)}
-    system = SYSTEM_PROMPT
+    system, placement = SYSTEM_PROMPT, IMAGE_PLACEMENTS[0]
     if (path := folder / "processor_config.json").is_file():
-        system = Fields(read_json_object(path), path).string("system_prompt", SYSTEM_PROMPT)
-    return ImageTransform.from_preprocessor_config(cfg, image_size), system
+        proc = Fields(read_json_object(path), path)
+        system = proc.string("system_prompt", SYSTEM_PROMPT)
+        placement = proc.string("image_placement", placement)
+        if placement not in IMAGE_PLACEMENTS:
+            proc.fail("image_placement", f"{placement!r} is not one of {', '.join(IMAGE_PLACEMENTS)}")
+    return ImageTransform.from_preprocessor_config(cfg, image_size), system, placement
 
 
 class Processor:
     def __init__(self, tokenizer: TextTokenizer, transform: ImageTransform, n_image_tokens: int,
-                 pro_format: bool | None = None, system_prompt: str = SYSTEM_PROMPT) -> None:
+                 pro_format: bool | None = None, system_prompt: str = SYSTEM_PROMPT,
+                 image_placement: str = IMAGE_PLACEMENTS[0]) -> None:
+        if image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"image_placement {image_placement!r} is not one of {', '.join(IMAGE_PLACEMENTS)}")
         self.tokenizer = tokenizer
+        self.image_placement = image_placement
         # Default system prompt of understanding chats: the official one unless the checkpoint's
         # processor_config.json names another (the official VLChatProcessor takes the same key).
         self.system_prompt = system_prompt
@@ -88,8 +100,8 @@ class Processor:
     def from_folder(cls, folder: str | Path, image_size: int, n_image_tokens: int) -> "Processor":
         folder = Path(folder)
         tok = TextTokenizer.from_file(folder_file(folder, "tokenizer.json"))
-        transform, system = read_processor_files(folder, image_size)
-        return cls(tok, transform, n_image_tokens, system_prompt=system)
+        transform, system, placement = read_processor_files(folder, image_size)
+        return cls(tok, transform, n_image_tokens, system_prompt=system, image_placement=placement)
 
     # -- text ---------------------------------------------------------------------------------
     def render(self, messages: Sequence[Message], system_prompt: str | None = None) -> str:
@@ -162,10 +174,12 @@ class Processor:
         return "understanding" if self.edit_source_slots is None else "vq"
 
     def user_turn(self, prompt: str, images: Sequence = ()) -> list[Message]:
-        """One user message; images without markers in the text are placed before it, one per line."""
+        """One user message; images without markers in the text are placed before it (or after it, by the
+        processor's image_placement), one per line."""
         images = list(images)
         if images and IMAGE_TOKEN not in prompt:
-            prompt = "".join(f"{IMAGE_TOKEN}\n" for _ in images) + prompt
+            marks = "".join(f"{IMAGE_TOKEN}\n" for _ in images)
+            prompt = marks + prompt if self.image_placement == "before" else f"{prompt}\n{marks}".rstrip("\n")
         return [Message("user", prompt, images)]
 
     def batch(self, chats: Sequence[EncodedChat]) -> ChatBatch:

@@ -62,8 +62,8 @@ def build_ui(engine: Engine, model_id: str) -> gr.Blocks:
         if not text and not files:
             raise gr.Error("Type a question (and attach an image if you like).")
         images = [load_image(f if isinstance(f, str) else f["path"]) for f in files]
-        content = "".join(f"{IMAGE_TOKEN}\n" for _ in images) + text.replace(IMAGE_TOKEN, "")
-        turns = conv + [Message("user", content, images)]
+        # markers removed from the typed text; the images go where the model's processor puts them
+        turns = conv + pipe.processor.user_turn(text.replace(IMAGE_TOKEN, ""), images)
         spec = _spec_or_error(chat_spec, engine, turns, None, max_tokens=int(max_tokens), temperature=float(temperature),
                               seed=int(seed))
         history = history + [{"role": "user", "content": {"path": f if isinstance(f, str) else f["path"]}}

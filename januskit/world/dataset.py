@@ -142,10 +142,13 @@ def training_scene(rng: np.random.Generator, held: HeldOut) -> Scene:
     return _allowed(rng, random_scene, held, "train")
 
 
-def conversation(qs, image: str) -> dict:
+def conversation(qs, image: str, question_first: bool = False) -> dict:
+    """An understanding record: the image with the first question, before it or (`question_first`) after it."""
     msgs = []
     for i, q in enumerate(qs):
-        msgs.append({"role": "user", "content": ("<image_placeholder>\n" if i == 0 else "") + q.question})
+        content = q.question if i else (f"{q.question}\n<image_placeholder>" if question_first
+                                         else f"<image_placeholder>\n{q.question}")
+        msgs.append({"role": "user", "content": content})
         msgs.append({"role": "assistant", "content": q.answer})
     return {"kind": "understanding", "images": [image], "messages": msgs}
 

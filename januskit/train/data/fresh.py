@@ -67,7 +67,7 @@ class WorldSource:
     """Endless samples of one kind, each from a freshly drawn and rendered scene (see the module doc)."""
 
     def __init__(self, kind: str, *, seed: int = 0, captions: str | dict | CaptionMix = "v1", turns: int = 3,
-                 held: HeldOut | None = None, rank: int = 0, world_size: int = 1, on_error: str = "raise",
+                 question_first: bool = False, held: HeldOut | None = None, rank: int = 0, world_size: int = 1, on_error: str = "raise",
                  transform: Callable[[Sample], Any] | None = None) -> None:
         _check_kinds([kind], "WorldSource")
         if on_error not in ("raise", "skip"):
@@ -75,6 +75,7 @@ class WorldSource:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.kind, self.seed, self.turns, self.rank, self.world_size = kind, seed, turns, rank, world_size
+        self.question_first = bool(question_first)
         self.captions, self._mix = captions, _mix_key(captions)  # validates the mix now, not at the first sample
         self.held = held if held is not None else held_out()
         self.edit_held = held_out_edits()
@@ -92,7 +93,7 @@ class WorldSource:
                     "scene": scene_to_json(s), "prompt": p.to_json()}, s
         if self.kind == "understanding":
             s, qs = understanding_item(rng, self.held, "train", self.turns)
-            return conversation(qs, "0.png") | {"scene": scene_to_json(s)}, s
+            return conversation(qs, "0.png", self.question_first) | {"scene": scene_to_json(s)}, s
         if self.kind == "edit":  # the six tasks in turn, as write_split's edit.jsonl
             e = draw_edit(rng, EDIT_TASKS[i % len(EDIT_TASKS)], self.edit_held, world_held=self.held)
             return {"kind": "edit", "instruction": e.instruction, "images": ["0.png"], "target": "1.png",
@@ -129,11 +130,13 @@ class WorldSource:
 
     def state_dict(self) -> dict[str, Any]:
         return {"index": self.index, "skipped": dict(self.skipped), "kind": self.kind, "seed": self.seed,
-                "captions": self._mix, "turns": self.turns, "rank": self.rank, "world_size": self.world_size}
+                "captions": self._mix, "turns": self.turns, "question_first": self.question_first, "rank": self.rank,
+                "world_size": self.world_size}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         now = self.state_dict()
-        for k in ("kind", "seed", "captions", "turns", "rank", "world_size"):
+        st = {"question_first": False, **st}  # checkpoints from before the option drew image-first conversations
+        for k in ("kind", "seed", "captions", "turns", "question_first", "rank", "world_size"):
             if st[k] != now[k]:
                 raise ValueError(f"world-{self.kind}: cannot resume: {k} was {st[k]!r} in the checkpoint, now "
                                  f"{now[k]!r} (the samples would differ)")
@@ -150,16 +153,21 @@ class WorldSource:
 
 
 def build(ctx: Any, *, kinds: Sequence[str] = DEFAULT_KINDS, seed: int | None = None,
-          captions: str | dict | CaptionMix = "v1", turns: int = 3, **options: Any) -> TrainData:
+          captions: str | dict | CaptionMix = "v1", turns: int = 3, question_first: bool = False,
+          **options: Any) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.fresh:build"` (ctx: train.config.DataContext).
     `kinds`: the kinds drawn fresh from the world; any other kind the stage's ratio needs comes from files,
     given as for januskit.train.data.loader:build (`generation = "world/train/generation-vq.jsonl"`).
     `seed`: the world's seed (default: the run's); `captions`: the caption mix of generation samples
-    ("v1", "v2" or a table, januskit.world.captions); `turns`: questions per understanding conversation.
+    ("v1", "v2" or a table, januskit.world.captions); `turns`: questions per understanding conversation;
+    `question_first`: the first question before the image (januskit.world.dataset.conversation).
     Every other option (cfg_drop, short_caption_p, edit, edit_drop_*, too_long, on_error, prefetch, ...)
     is the loader's."""
     _check_kinds(kinds, "[data] kinds")
     held = held_out()
     world_seed = ctx.seed if seed is None else int(seed)
-    made = {k: partial(WorldSource, k, seed=world_seed, captions=captions, turns=turns, held=held) for k in kinds}
+    if not isinstance(question_first, bool):
+        raise ValueError(f"[data] question_first must be true or false, got {question_first!r}")
+    made = {k: partial(WorldSource, k, seed=world_seed, captions=captions, turns=turns, question_first=question_first,
+                       held=held) for k in kinds}
     return build_loader(ctx, builtin=made, **options)
