@@ -2,13 +2,14 @@
 docs/miniature-world.md ("Where the look-up fails").
 
     python examples/lookup_study.py attention januskit/assets/default-model colour   # or position
+    python examples/lookup_study.py probe januskit/assets/default-model
     python examples/lookup_study.py train --src SRC --out RUN --order question-first --qtypes colour,count \\
         --turns 3 --steps 1500 --world W
     python examples/lookup_study.py score RUN --order question-first,image-first
 
 `attention`: for 100 test questions of a type, the share of the answer position's attention, per layer and head,
 that lands on one cell of the object(s) the question names against one cell of another object (each of the 2x2
-grid's cells is 16 of the 64 image tokens). `train`: understanding only from SRC (e.g. a fresh LLM from
+grid's cells is 16 of the 64 image tokens). `probe`: what the image tokens, and their mean, hold. `train`: understanding only from SRC (e.g. a fresh LLM from
 `examples/understanding_proxy.py fresh`), the first question of each conversation placed before the image
 (`question-first`, `Recipe.question_first`) or after it (`image-first`, the official chat format's layout). `score`: 100 test
 questions a type asked either way, greedy, exact match.
@@ -83,6 +84,46 @@ def attention(model: str, qtype: str) -> None:
         print(f"  layer {layer}: " + "  ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(t.tolist(), o.tolist())))
 
 
+def probe(model: str) -> None:
+    """Linear probes (80/20 split of 3,000 random scenes): every token's shape, colour and cell from the LLM's input
+    (the aligner's output), and each cell's shape and colour from the mean of an image's tokens."""
+    import numpy as np
+
+    import januskit
+    from januskit.world.render import render
+    from januskit.world.scene import patch_labels, random_scene
+
+    pipe = januskit.load(model)
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng) for _ in range(3000)]
+    px = torch.stack([pipe.processor.transform(render(s)) for s in scenes]).to(pipe.dtype)
+    with torch.no_grad():
+        emb = torch.cat([pipe.model.image_embeds(px[i: i + 500]).float() for i in range(0, len(px), 500)])
+    side = int(emb.shape[1] ** 0.5)
+    lab = torch.from_numpy(np.stack([patch_labels(s, side) for s in scenes]))  # (N, tokens, (shape, colour, cell))
+
+    def accuracy(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
+        n = int(len(x) * 0.8)
+        mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-5
+        x = (x - mu) / sd
+        w = torch.zeros(x.shape[-1], k, requires_grad=True)
+        b = torch.zeros(k, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(300):
+            opt.zero_grad()
+            (F.cross_entropy(x[:n] @ w + b, y[:n]) + 1e-4 * w.pow(2).sum()).backward()
+            opt.step()
+        return float(((x[n:] @ w + b).argmax(-1) == y[n:]).float().mean())
+
+    tokens, per_token = emb[:600].flatten(0, 1), lab[:600].flatten(0, 1)
+    for j, (name, k) in enumerate((("shape", 5), ("colour", 7), ("cell", 4))):
+        print(f"{model}: every token's {name}: {accuracy(tokens, per_token[:, j], k):.3f}")
+    corner = [cell_tokens(c, side)[0] for c in range(4)]
+    for j, (name, k) in enumerate((("shape", 5), ("colour", 7))):
+        accs = [accuracy(emb.mean(1), lab[:, t, j], k) for t in corner]
+        print(f"{model}: each cell's {name} from the mean token: " + " ".join(f"{a:.3f}" for a in accs))
+
+
 def train_arm(a: argparse.Namespace) -> None:
     import januskit.world.dataset as wd
     from januskit.recipes.default_model import Recipe, StagePlan, stage_config
@@ -125,6 +166,7 @@ def main() -> None:
     at = sub.add_parser("attention")
     at.add_argument("model")
     at.add_argument("qtype", choices=("colour", "position"))
+    sub.add_parser("probe").add_argument("model")
     tr = sub.add_parser("train")
     tr.add_argument("--src", required=True)
     tr.add_argument("--out", required=True)
@@ -138,7 +180,8 @@ def main() -> None:
     sc.add_argument("model")
     sc.add_argument("--order", default="question-first,image-first")
     a = p.parse_args()
-    {"attention": lambda: attention(a.model, a.qtype), "train": lambda: train_arm(a), "score": lambda: score(a)}[a.what]()
+    {"attention": lambda: attention(a.model, a.qtype), "probe": lambda: probe(a.model), "train": lambda: train_arm(a),
+     "score": lambda: score(a)}[a.what]()
 
 
 if __name__ == "__main__":

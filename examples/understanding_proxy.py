@@ -42,7 +42,7 @@ def new_encoder(a: argparse.Namespace) -> None:
         pixels, _, caps, _, labels = _component_data(Path(a.world), 8000, preset("mini-janus-pro"), tok)
         init_vision_tower(model.vision_model, 1)
         cfg = dataclasses.replace(Recipe().siglip, seed=0, dense_classes=PATCH_CLASSES, steps=a.steps, lr=a.lr,
-                                  log_every=100)
+                                  log_every=100, pooled_dense_weight=a.pooled)
         for m in train_siglip(model.vision_model, pixels, caps, tok.pad_id, cfg, progress=False, patch_labels=labels):
             print({k: round(v, 3) for k, v in m.items()})
     g = torch.Generator().manual_seed(5)  # every arm's aligner starts the same
@@ -69,7 +69,8 @@ def fresh_llm(a: argparse.Namespace) -> None:
                               gen_head=GenHeadConfig(n_embed=a.dim, image_token_embed=a.dim,
                                                      image_token_size=c.vq.codebook_size))
     model = training_init(JanusModel(cfg), 0)
-    model.vision_model.load_state_dict(base.vision_model.state_dict())
+    vision = load_janus(a.siglip_from, torch.float32).vision_model if a.siglip_from else base.vision_model
+    model.vision_model.load_state_dict(vision.state_dict())
     model.gen_vision_model.load_state_dict(base.gen_vision_model.state_dict())
     save_janus(model, a.out, copy_from=DEFAULT_MODEL, overwrite=True, skip=("eval.json", "recipe.json", "components.json"))
 
@@ -122,6 +123,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256, help="fresh: the LLM's width")
     p.add_argument("--layers", type=int, default=4, help="fresh: the LLM's depth")
     p.add_argument("--heads", type=int, default=4, help="fresh: attention heads")
+    p.add_argument("--pooled", type=float, default=0.0, help="siglip: SigLIPTrainConfig.pooled_dense_weight")
+    p.add_argument("--siglip-from", help="fresh: take the SigLIP of this folder instead of the shipped model's")
     p.add_argument("--autocast", default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()

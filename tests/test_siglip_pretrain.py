@@ -2,6 +2,7 @@
 images at a micro size (32 px, patch 8, width 32, one block): each test takes a second or less."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -230,3 +231,28 @@ def test_dense_objective_learns_patch_labels_and_checks_them(world):
         train_siglip(tower(), pixels, caps, pad, cfg, progress=False, patch_labels=bad)
     with pytest.raises(ValueError, match="dense objective is off"):
         train_siglip(tower(), pixels, caps, pad, micro_cfg(), progress=False, patch_labels=labels)
+
+
+def test_pooled_dense_objective_reads_every_patch_from_the_mean_and_leaves_the_rest_alone(world):
+    """pooled_dense_weight: one head reads every patch's labels from the mean patch feature; it learns (the
+    logged pooled_loss falls, pooled_acc above the empty-patch share), its loss reaches the tower, and it is refused without the dense objective or with a bad weight."""
+    from januskit.world.scene import PATCH_CLASSES, patch_labels
+
+    pixels, caps, pad = world
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(np.stack([patch_labels(random_scene(rng), SIZE // 8) for _ in range(256)]))
+    cfg = micro_cfg(steps=200, dense_classes=PATCH_CLASSES, lr=3e-3, log_every=40, pooled_dense_weight=1.0)
+    hist = train_siglip(tower(), pixels, caps, pad, cfg, progress=False, patch_labels=labels)
+    empty = float((labels[..., 0] == 0).float().mean())
+    assert hist[-1]["pooled_loss"] < 0.8 * hist[0]["pooled_loss"] and hist[-1]["pooled_acc"] > empty, (hist, empty)
+    off = dataclasses.replace(cfg, steps=5, pooled_dense_weight=0.0)
+    a, b = tower(), tower()
+    assert "pooled_acc" not in train_siglip(a, pixels, caps, pad, off, progress=False, patch_labels=labels)[-1]
+    train_siglip(b, pixels, caps, pad, dataclasses.replace(off, pooled_dense_weight=1.0), progress=False,
+                 patch_labels=labels)  # the pooled loss reaches the tower's weights
+    assert not torch.equal(a.state_dict()["vision_tower.pos_embed"], b.state_dict()["vision_tower.pos_embed"])
+    with pytest.raises(ValueError, match="pooled_dense_weight > 0 needs the dense objective"):
+        train_siglip(tower(), pixels, caps, pad, micro_cfg(pooled_dense_weight=1.0), progress=False)
+    with pytest.raises(ValueError, match="pooled_dense_weight must be a finite number >= 0, got -1"):
+        train_siglip(tower(), pixels, caps, pad, dataclasses.replace(cfg, pooled_dense_weight=-1.0), progress=False,
+                     patch_labels=labels)

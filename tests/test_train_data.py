@@ -229,6 +229,35 @@ def test_understanding_loss_only_on_answers_token_by_token(dataset, encoder, par
     assert checked == N_UND
 
 
+def test_unmarked_images_go_where_the_models_processor_puts_them(parts, tmp_path):
+    """A record without markers trains in the layout inference uses: images first for the official layout, after
+    the first question for a model whose processor_config.json says image_placement "after"; a record with
+    markers keeps them where they are."""
+    import dataclasses
+
+    model, proc = parts
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    fetch = file_fetch(tmp_path, "x.jsonl:1")
+    plain = {"kind": "understanding", "images": ["a.png"],
+             "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}]}
+    marked = copy.deepcopy(plain)
+    marked["messages"][0]["content"] = "<image_placeholder>\nWhat colour?"
+    after = copy.copy(proc)
+    after.image_placement = "after"
+    for p, want in ((proc, "<image_placeholder>\nWhat colour?"), (after, "What colour?\n<image_placeholder>")):
+        enc = SampleEncoder.for_model(model, p, seed=0, cfg_drop=0.0)
+        s = parse_record(plain, "x.jsonl:1", fetch)
+        assert s.placed and s.messages[0].content == "<image_placeholder>\nWhat colour?"
+        inference = p.encode_chat(p.user_turn("What colour?", s.images)).ids
+        assert p.user_turn("What colour?", s.images)[0].content == want
+        e = enc(s)
+        assert e.ids.tolist()[: len(inference)] == inference  # the prompt exactly as inference builds it
+        m = parse_record(marked, "x.jsonl:1", fetch)
+        assert not m.placed
+        assert enc(m).ids.tolist() == SampleEncoder.for_model(model, proc, seed=0, cfg_drop=0.0)(m).ids.tolist()
+    assert dataclasses.fields(Sample)[-1].name == "placed"
+
+
 def test_text_document_and_conversation_labels(dataset, encoder, parts):
     _, proc = parts
     tok = proc.tokenizer

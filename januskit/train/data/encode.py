@@ -35,6 +35,7 @@ from PIL import Image
 
 from ...config import VQConfig
 from ...processing.chat import SYSTEM_PROMPT, Message, Processor
+from ...processing.tokenizer import IMAGE_TOKEN
 from ...processing.edit import dropped_positions
 from ...processing.image import to_gen_pixels
 from .batch import IGNORE
@@ -257,7 +258,11 @@ class SampleEncoder:
 
     def conversation(self, s: Sample) -> EncodedSample:
         system = self.system_prompt if s.system is None else s.system
-        ids, target = self.conversation_ids(s.messages, system)
+        msgs = s.messages
+        if s.placed and self.proc.image_placement != "before":  # unmarked images where this model reads them
+            first = msgs[0].content.removeprefix("".join(f"{IMAGE_TOKEN}\n" for _ in s.images))
+            msgs = self.proc.user_turn(first, s.images) + list(msgs[1:])
+        ids, target = self.conversation_ids(msgs, system)
         n = self.proc.n_image_tokens
         out_ids, out_tgt, und = [], [], []
         for t, g in zip(ids, target):  # expand each marker to <begin_of_image> + n slots + <end_of_image>

@@ -116,6 +116,7 @@ class Sample:
     vq_ids: list[int] | None = None  # cached VQ ids of the generation image (edit: of the target)
     instruction: str | None = None  # edit instruction
     target: Image.Image | None = None  # edit: the image to produce (None when vq_ids are given)
+    placed: bool = False  # understanding: the record had no markers, so its images were put first (see parse_record)
 
 
 # ----------------------------------------------------------------------------------- record validation
@@ -149,11 +150,13 @@ def parse_record(obj: Any, where: str, fetch: ImageFetch, expect_kind: str | Non
         msgs = _messages(obj, where, allow_images=True)
         images = fetch(refs, "images")
         n_marks = sum(m.content.count(IMAGE_TOKEN) for m in msgs)
-        if n_marks == 0 and images:  # no markers: images go first in the first user turn, one per line
+        placed = n_marks == 0 and bool(images)
+        if placed:  # no markers: images go first in the first user turn, one per line (the encoder moves them
+            # after the text for a model whose processor places them there)
             msgs[0] = Message("user", "".join(f"{IMAGE_TOKEN}\n" for _ in images) + msgs[0].content)
         elif n_marks != len(images):
             raise DataError(where, f"{n_marks} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)", "field")
-        return Sample(kind, where, epoch, messages=msgs, system=system, images=images)
+        return Sample(kind, where, epoch, messages=msgs, system=system, images=images, placed=placed)
     if kind == "text":
         if ("text" in obj) == ("messages" in obj):
             raise DataError(where, "a text sample needs exactly one of 'text' (document) or 'messages' (conversation)",

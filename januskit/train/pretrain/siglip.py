@@ -73,6 +73,10 @@ class SigLIPTrainConfig:
     # attributes as separate linear directions, which is what the LLM's attention can look up.
     dense_classes: tuple[int, ...] = ()  # classes of each factor; () = off
     dense_weight: float = 1.0
+    # The same labels read from the mean of all patch features: one linear head classifies every patch's factors
+    # from that single vector, so the average (what an LLM's evenly spread attention reads) must keep which
+    # attribute sits where, not a bag of attributes. Needs the dense objective; 0 = off.
+    pooled_dense_weight: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +175,9 @@ class SigLIPPair(nn.Module):
         self.bias = nn.Parameter(torch.tensor(float(cfg.init_bias)))
         self.dense_classes = tuple(cfg.dense_classes)
         self.patch_head = nn.Linear(width, sum(self.dense_classes)) if self.dense_classes else None
+        n_patches = tower.vision_tower.pos_embed.shape[1]
+        self.pooled_head = (nn.Linear(width, n_patches * sum(self.dense_classes))
+                            if self.dense_classes and cfg.pooled_dense_weight > 0 else None)
         self._init_heads(generator or torch.Generator().manual_seed(cfg.seed))
 
     @torch.no_grad()
@@ -421,6 +428,12 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
         _check_captions(eval_captions, len(eval_pixels), pad_id, cfg.vocab_size, cfg.text_max_len,
                         "eval_captions", "eval_pixels")
     _check_patch_labels(tower, patch_labels, n, cfg.dense_classes)
+    if cfg.pooled_dense_weight < 0 or not math.isfinite(cfg.pooled_dense_weight):
+        raise ValueError(f"SigLIPTrainConfig.pooled_dense_weight must be a finite number >= 0, got "
+                         f"{cfg.pooled_dense_weight}")
+    if cfg.pooled_dense_weight > 0 and not cfg.dense_classes:
+        raise ValueError("SigLIPTrainConfig.pooled_dense_weight > 0 needs the dense objective (dense_classes and "
+                         "patch_labels)")
     if pair is None:
         vocab = cfg.vocab_size or max(max(max(c) for c in all_caps), pad_id) + 1
         max_len = cfg.text_max_len or max(len(c) for c in all_caps)
@@ -443,7 +456,7 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
     ref_pixels, ref_tokens, ref_lengths = pixels[ref], tokens[ref], lengths[ref]  # for refresh_center
     order, pos = _epoch_order(members, n, g), 0
     history: list[dict] = []
-    loss_sum, loss_n, dense_sum = 0.0, 0, 0.0
+    loss_sum, loss_n, dense_sum, pooled_sum = 0.0, 0, 0.0, 0.0
     pair.train()
     bar = tqdm(range(1, cfg.steps + 1), desc="siglip", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -466,6 +479,11 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
             dense = sum(F.cross_entropy(z.flatten(0, 1), lab[..., k].flatten()) for k, z in enumerate(logits))
             dense_sum += dense.item()
             loss = loss + cfg.dense_weight * dense
+        if pair.pooled_head is not None:
+            pooled = pair.pooled_head(feats.mean(1)).view(*feats.shape[:2], -1).split(pair.dense_classes, dim=-1)
+            pooled_loss = sum(F.cross_entropy(z.flatten(0, 1), lab[..., k].flatten()) for k, z in enumerate(pooled))
+            pooled_sum += pooled_loss.item()
+            loss = loss + cfg.pooled_dense_weight * pooled_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -483,7 +501,11 @@ def train_siglip(tower: VisionTower, pixels: torch.Tensor, captions: list[list[i
                 # a patch counts when every factor is right
                 hits = torch.stack([z.argmax(-1) == lab[..., k] for k, z in enumerate(logits)]).all(0)
                 m["dense_acc"] = float(hits.float().mean())
-            loss_sum, loss_n, dense_sum = 0.0, 0, 0.0
+            if pair.pooled_head is not None:  # loss; patches whose every factor the mean feature gives right
+                m["pooled_loss"] = pooled_sum / loss_n
+                hits = torch.stack([z.argmax(-1) == lab[..., k] for k, z in enumerate(pooled)]).all(0)
+                m["pooled_acc"] = float(hits.float().mean())
+            loss_sum, loss_n, dense_sum, pooled_sum = 0.0, 0, 0.0, 0.0
             if eval_pixels is not None:
                 refresh_center(pair, ref_pixels, ref_tokens, ref_lengths, cfg.batch_size)
                 m["eval_acc"] = retrieval_accuracy(pair, eval_pixels, eval_captions, eval_group)
