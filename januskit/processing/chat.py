@@ -20,7 +20,7 @@ from .tokenizer import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, TextTokenizer
 
 # Where user_turn puts images given without markers: before the text (the official examples' layout) or after it
 # (a model trained with the question first, so the image tokens are read knowing what is asked: the miniature
-# world's default model, docs/miniature-world.md). processor_config.json's "image_placement" names it.
+# world's `question_first` recipe, docs/miniature-world.md). processor_config.json's "image_placement" names it.
 IMAGE_PLACEMENTS = ("before", "after")
 SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
                  "content that the user provides, and assist the user with a variety of tasks using natural language.")

@@ -123,7 +123,8 @@ class Recipe:
     # as often as the eval asks it); 1 carried a third of the questions and cost QA 0.69 -> 0.61
     # The first question before the image, so the image tokens are read knowing what is asked (the look-up study,
     # docs/miniature-world.md); the model's processor_config.json then says image_placement "after", so a plain
-    # `chat(question, images)` (and the eval) asks in the layout it was trained on
+    # `chat(question, images)` (and the eval) asks in the layout it was trained on. Off: with turns=1 the full build
+    # scored QA 0.680 and GenEval-style 0.561 after SFT against 0.726 and 0.626 (the proxy's 0.898 did not carry over)
     question_first: bool = False
     # CFG weights tried on the val split after training; the best is written to the model's
     # generation_config.json (guidance_scale), which the pipeline takes as its default. () = keep the reference's.

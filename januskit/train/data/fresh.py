@@ -67,7 +67,8 @@ class WorldSource:
     """Endless samples of one kind, each from a freshly drawn and rendered scene (see the module doc)."""
 
     def __init__(self, kind: str, *, seed: int = 0, captions: str | dict | CaptionMix = "v1", turns: int = 3,
-                 question_first: bool = False, held: HeldOut | None = None, rank: int = 0, world_size: int = 1, on_error: str = "raise",
+                 question_first: bool = False, held: HeldOut | None = None, rank: int = 0, world_size: int = 1,
+                 on_error: str = "raise",
                  transform: Callable[[Sample], Any] | None = None) -> None:
         _check_kinds([kind], "WorldSource")
         if on_error not in ("raise", "skip"):
