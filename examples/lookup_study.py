@@ -4,7 +4,7 @@ docs/miniature-world.md ("Where the look-up fails").
     python examples/lookup_study.py attention januskit/assets/default-model colour   # or position
     python examples/lookup_study.py probe januskit/assets/default-model
     python examples/lookup_study.py train --src SRC --out RUN --order question-first --qtypes colour,count \\
-        --turns 3 --steps 1500 --world W
+        --turns 3 --steps 1500 --world W   # --src: or a build's work/text; --ratio 1:1:0: text mixed in
     python examples/lookup_study.py score RUN --order question-first,image-first
 
 `attention`: for 100 test questions of a type, the share of the answer position's attention, per layer and head,
@@ -132,7 +132,8 @@ def train_arm(a: argparse.Namespace) -> None:
     if a.qtypes:
         ask, mine = wd.ask_some, tuple(a.qtypes.split(","))
         wd.ask_some = lambda scene, rng, k, qtypes=mine: ask(scene, rng, k, qtypes)
-    plan = StagePlan("und", "janus-pro/2", steps=a.steps, batch_size=32, lr=a.lr, warmup=50, ratio=(1, 0, 0),
+    ratio = tuple(int(x) for x in a.ratio.split(":"))
+    plan = StagePlan("und", "janus-pro/2", steps=a.steps, batch_size=32, lr=a.lr, warmup=50, ratio=ratio,
                      schedule="cosine")
     r = dataclasses.replace(Recipe(), autocast="bfloat16", turns=a.turns, question_first=a.order == "question-first")
     train(stage_config(plan, Path(a.src), Path(a.out), Path(a.world), r))
@@ -176,6 +177,7 @@ def main() -> None:
     tr.add_argument("--turns", type=int, default=3)
     tr.add_argument("--steps", type=int, default=1500)
     tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--ratio", default="1:0:0", help="und:text:gen samples a step (the recipe's Stage II: 2:3:5)")
     sc = sub.add_parser("score")
     sc.add_argument("model")
     sc.add_argument("--order", default="question-first,image-first")
