@@ -132,7 +132,10 @@ def train_arm(a: argparse.Namespace) -> None:
     if a.qtypes:
         ask, mine = wd.ask_some, tuple(a.qtypes.split(","))
         wd.ask_some = lambda scene, rng, k, qtypes=mine: ask(scene, rng, k, qtypes)
-    ratio = tuple(int(x) for x in a.ratio.split(":"))
+    parts = a.ratio.split(":")
+    if len(parts) != 3 or not all(x.isdigit() for x in parts) or not any(map(int, parts)):
+        raise SystemExit(f"--ratio {a.ratio!r}: expected und:text:gen counts, e.g. 1:0:0 or 2:3:5")
+    ratio = tuple(int(x) for x in parts)
     plan = StagePlan("und", "janus-pro/2", steps=a.steps, batch_size=32, lr=a.lr, warmup=50, ratio=ratio,
                      schedule="cosine")
     r = dataclasses.replace(Recipe(), autocast="bfloat16", turns=a.turns, question_first=a.order == "question-first")
