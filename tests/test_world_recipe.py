@@ -428,6 +428,17 @@ def test_recipe_overrides_set_nested_fields_and_refuse_wrong_paths_and_types(tmp
                      ("siglip_dense=1", "expected a bool")]:
         with pytest.raises(ValueError, match=msg):
             with_overrides(Recipe(), [bad])
+    # a stage of the chain by its folder name: a field set, or the stage dropped (the others kept in order)
+    r = with_overrides(Recipe(), ["stages.stage2.steps=3000", "stages.text=null", "stages.stage3.lr=1e-3"])
+    assert [p.name for p in r.stages] == ["stage1", "stage2", "stage3"]
+    assert (r.stages[1].steps, r.stages[2].lr, r.stages[0]) == (3000, 1e-3, Recipe().stages[1])
+    for bad, msg in [("stages.stage9.steps=1", r"no stage 'stage9' \(stages: text, stage1, stage2, stage3\)"),
+                     ("stages.stage2=1", "a stage; set its fields"), ("stages.stage2.stpes=1", "no field 'stpes'")]:
+        with pytest.raises(ValueError, match=msg):
+            with_overrides(Recipe(), [bad])
+    one = dataclasses.replace(Recipe(), stages=Recipe().stages[:1])
+    with pytest.raises(ValueError, match="the only stage"):
+        with_overrides(one, ["stages.text=null"])
     assert main(["world", "build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
                  "--set", "vq.nope=1"]) != 0
     assert "VQTrainConfig has no field 'nope'" in capsys.readouterr().err and not (tmp_path / "w").exists()

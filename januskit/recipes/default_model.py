@@ -346,6 +346,8 @@ def _set_field(obj: Any, parts: list[str], value: Any, path: str) -> Any:
     if parts[0] not in names:
         raise ValueError(f"--set {path}: {type(obj).__name__} has no field {parts[0]!r} (fields: {', '.join(names)})")
     old = getattr(obj, parts[0])
+    if len(parts) > 1 and _named_plans(old):  # "stages.stage2.steps=3000"; "stages.text=null" drops the stage
+        return dataclasses.replace(obj, **{parts[0]: _set_plan(old, parts[1:], value, path)})
     if len(parts) > 1:
         if not dataclasses.is_dataclass(old):
             raise ValueError(f"--set {path}: {parts[0]!r} is a {type(old).__name__}, not a group of settings")
@@ -359,6 +361,24 @@ def _set_field(obj: Any, parts: list[str], value: Any, path: str) -> Any:
     if old is not None and type(value) is not type(old):
         raise ValueError(f"--set {path}: expected a {type(old).__name__} (now {old!r}), got {value!r}")
     return dataclasses.replace(obj, **{parts[0]: value})
+
+
+def _named_plans(value: Any) -> bool:
+    return isinstance(value, tuple) and bool(value) and all(isinstance(v, StagePlan) for v in value)
+
+
+def _set_plan(plans: tuple[StagePlan, ...], parts: list[str], value: Any, path: str) -> tuple[StagePlan, ...]:
+    """One stage of the chain, named by its folder: a field of it set, or (value null, no field) the stage dropped."""
+    names = [p.name for p in plans]
+    if parts[0] not in names:
+        raise ValueError(f"--set {path}: no stage {parts[0]!r} (stages: {', '.join(names)})")
+    if len(parts) == 1:
+        if value is not None:
+            raise ValueError(f"--set {path}: a stage; set its fields ({path}.FIELD=VALUE) or drop it ({path}=null)")
+        if len(plans) == 1:
+            raise ValueError(f"--set {path}: the only stage; the chain needs one")
+        return tuple(p for p in plans if p.name != parts[0])
+    return tuple(_set_field(p, parts[1:], value, path) if p.name == parts[0] else p for p in plans)
 
 
 def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evaluate_model: bool = True,
