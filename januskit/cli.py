@@ -760,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change a recipe field (januskit.recipes.default_model.Recipe; dotted for nested settings, "
                    "the value as JSON), e.g. --set vq_norm=branch --set vq.attention=false --set siglip.steps=800; "
-                   "a stage by its folder: --set stages.stage2.steps=3000, --set stages.text=null drops it; repeatable")
+                   "a stage by its folder: --set stages.stage2.steps=3000, --set stages.stage1=null drops it; repeatable")
     p.set_defaults(func=cmd_world_build)
     p = wsub.add_parser("flow", help="train the miniature JanusFlow (VAE, 3 stages, REPA) on a build's shared steps")
     p.add_argument("--out", default="runs/world/janusflow-model", help="final model folder (with its vae/)")

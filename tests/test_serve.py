@@ -68,7 +68,8 @@ def scene_image() -> Image.Image:
 
 
 def ask(url: str, text: str = "What is in this image?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    # question, then image: the parts' order is the prompt's, and the default model learnt the question first
+    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
 
 
 def wait_for(cond, timeout: float = 20.0) -> None:
@@ -264,7 +265,7 @@ def test_concurrent_chats_share_one_batch_and_equal_alone(client, server, pipe, 
 # -- refusals ---------------------------------------------------------------------------------------
 
 def test_bad_image_is_400_naming_the_field(client, scene_image):
-    where = "messages[0].content[0].image_url.url"
+    where = "messages[0].content[1].image_url.url"
     cases = [("data:image/png;base64,bm90IGFuIGltYWdl", "not a readable image", "invalid_image"),
              ("data:image/png;base64,@@@", "not valid base64", "invalid_image"),
              ("https://example.com/cat.png", "remote URLs and file paths are refused", "invalid_image_url"),

@@ -74,13 +74,15 @@ def test_smoke_chain_writes_a_loadable_evaluated_model(smoke):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "eval.json",
               "recipe.json", "components.json"):
         assert (out / f).is_file(), f
-    assert json.loads((out / "processor_config.json").read_text())["system_prompt"] == ""
+    proc = json.loads((out / "processor_config.json").read_text())
+    assert proc["system_prompt"] == "" and proc["image_placement"] == "after"  # question first, as it learnt
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["generation"]["categories"]) == {"single_object", "two_object", "counting", "colors", "position",
                                                   "color_attr"}
     assert ev["understanding"]["questions"] == 12 and "pope" in ev["understanding"]
     recipe = json.loads((out / "recipe.json").read_text())
-    assert [s["name"] for s in recipe["stages"]] == ["text", "stage1", "stage2", "stage3"]
+    assert [s["name"] for s in recipe["stages"]] == ["stage1", "stage2", "stage3"]  # no text stage
+    assert recipe["question_first"] is True and recipe["turns"] == 1
     assert recipe["rl"]["steps"] == 2 and recipe["rl"]["logprob"] == "cond"
     # GRPO samples at the weight chosen for Stage III's model; the weight chosen again after it is the folder's,
     # and the one its evaluation used.
@@ -105,19 +107,19 @@ def test_each_stage_trains_exactly_its_parts(smoke):
     """VQ: trained in the components step, frozen after. SigLIP: frozen until Stage III. LLM: frozen
     in Stage I. Adaptors: trained from Stage I."""
     _, work = smoke
-    m = {s: load_janus(work / s, torch.float32) for s in ("components", "text", "stage1", "stage2", "stage3")}
+    m = {s: load_janus(work / s, torch.float32) for s in ("components", "stage1", "stage2", "stage3")}
     same = lambda a, b, p: all(torch.equal(x, y) for x, y in zip(_params(m[a], p).values(), _params(m[b], p).values()))  # noqa: E731
-    assert all(same("components", s, "gen_vision_model.") for s in ("text", "stage1", "stage2", "stage3"))
+    assert all(same("components", s, "gen_vision_model.") for s in ("stage1", "stage2", "stage3"))
     assert same("components", "stage2", "vision_model.") and not same("stage2", "stage3", "vision_model.")
-    assert same("text", "stage1", "language_model.") and not same("stage1", "stage2", "language_model.")
-    assert not same("components", "text", "language_model.")
-    assert not same("text", "stage1", "gen_head.") and not same("text", "stage1", "aligner.")
+    # the LLM starts untrained at Stage I (no text stage) and stays frozen in it
+    assert same("components", "stage1", "language_model.") and not same("stage1", "stage2", "language_model.")
+    assert not same("components", "stage1", "gen_head.") and not same("components", "stage1", "aligner.")
     # Each stage folder keeps its own run records (an export once copied the source stage's over them).
-    for s, name in (("text", "janus-pro/2"), ("stage1", "janus-pro/1"), ("stage2", "janus-pro/2"), ("stage3", "janus-pro/3")):
+    for s, name in (("stage1", "janus-pro/1"), ("stage2", "janus-pro/2"), ("stage3", "janus-pro/3")):
         assert json.loads((work / s / "run_config.json").read_text())["stage"]["name"] == name
         rows = [json.loads(x) for x in (work / s / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [2]  # smoke stages: 2 steps, logged every 10 and at the end
-        assert (rows[-1]["loss_text"] is None) == (s == "stage1") and (rows[-1]["loss_gen"] is None) == (s == "text")
+        assert (rows[-1]["loss_text"] is None) == (s == "stage1") and rows[-1]["loss_gen"] is not None
     # The GRPO step: 2 steps of 2 prompts x 2 images, rewarded by the world's judge, on the drawing parts only
     # (the understanding side and the text head stay Stage III's).
     rl = load_janus(work / "rl", torch.float32)
@@ -135,8 +137,13 @@ def test_rerun_continues_and_is_deterministic(smoke, tmp_path):
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # a continued build reports the time each step took when it ran (kept in its RECIPE_DONE), not ~0
     first, second = (json.loads((d / "recipe.json").read_text())["seconds"] for d in (out, again))
-    for step in ("components", "text", "stage1", "stage2", "stage3", "rl"):
+    for step in ("components", "stage1", "stage2", "stage3", "rl"):
         assert second[step] == first[step] > 0, step
+    # the exported model's layout is the recipe's, whatever the reused components' file says
+    other = build(tmp_path / "other", work, dataclasses.replace(Recipe().smoke(), question_first=False),
+                  evaluate_model=False)
+    assert "image_placement" not in json.loads((other / "processor_config.json").read_text())
+    assert json.loads((work / "components" / "processor_config.json").read_text())["image_placement"] == "after"
 
 
 def test_an_interrupted_stage_continues_from_its_checkpoint(smoke, tmp_path, monkeypatch, caplog):
@@ -151,7 +158,7 @@ def test_an_interrupted_stage_continues_from_its_checkpoint(smoke, tmp_path, mon
 
     out, work = smoke
     mine = tmp_path / "work"
-    for step in ("world", "components", "text", "stage1"):
+    for step in ("world", "components", "stage1"):
         shutil.copytree(work / step, mine / step)
     shutil.copy(work / "autocast.json", mine / "autocast.json")
 
@@ -215,10 +222,10 @@ def test_eval_world_cli_json(smoke, capsys):
     # build() evaluated the same folder with the same generation settings (SMALL_EVAL): the same images, scores
     ev = json.loads((out / "eval.json").read_text())["generation"]
     assert len(g["categories"]) == 6 and (g["categories"], g["overall"]) == (ev["categories"], ev["overall"])
-    # After 2 steps a stage the smoke model draws no recognisable scene and gives every question the same
-    # answer (its stop token in float32 builds, a run of one word in bf16 ones), never a right one.
+    # After 2 steps a stage the smoke model draws no recognisable scene and answers no question right (its
+    # answers are its stop token or runs of a word or two: "", "left left ...", "blue left blue ...").
     assert g["overall"] == 0.0 and rep["understanding"]["accuracy"] == 0.0
-    assert len({r["model"] for r in rep["understanding"]["records"]}) == 1
+    assert all(len(set(r["model"].split())) <= 2 for r in rep["understanding"]["records"])
     assert main(["eval", "world", "--model", str(out), "--world", str(out / "nowhere")]) == 2
     assert "nowhere/test/prompts.jsonl: missing" in capsys.readouterr().err
 
@@ -306,19 +313,21 @@ def test_stage_plans_reach_the_trainer_config(tmp_path):
     stage = last.resolved_stage()
     assert (stage.name, stage.schedule, stage.min_lr_ratio, stage.steps) == ("janus-pro/3", "cosine", 0.0, 4800)
     assert last.train.autocast == fastest_autocast() and last.train.threads == 2 and last.train.attention == "segments"
-    # Fresh scenes with the v3 captions and three questions a conversation; or the written split's files.
+    # Fresh scenes with the v3 captions and one question a conversation, asked before the image; or the written
+    # split's files.
     assert last.data.builder == "januskit.train.data.fresh:build"
-    assert {k: last.data.options[k] for k in ("captions", "turns", "seed")} == {"captions": "v3", "turns": 3, "seed": 0}
+    assert {k: last.data.options[k] for k in ("captions", "turns", "seed", "question_first")} == \
+        {"captions": "v3", "turns": 1, "seed": 0, "question_first": True}
     files = stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path / "world",
-                         dataclasses.replace(r, data="files")).data
+                         dataclasses.replace(r, data="files", question_first=False)).data
     assert files.builder == "januskit.train.data.loader:build"
     assert files.options["generation"] == str(tmp_path / "world" / "train" / "generation-vq.jsonl")
     with pytest.raises(ValueError, match="Recipe.data: 'cached'"):
         stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, dataclasses.replace(r, data="cached"))
-    # question_first reaches the fresh builder (and only then appears: earlier builds' configs unchanged)
-    assert "question_first" not in last.data.options
-    qf = dataclasses.replace(r, question_first=True)
-    assert stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, qf).data.options["question_first"] is True
+    # question_first reaches the fresh builder only when on (image-first builds' configs as they were)
+    if_ = dataclasses.replace(r, question_first=False)
+    assert "question_first" not in stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, if_).data.options
+    qf = r
     with pytest.raises(ValueError, match="question_first needs data 'fresh'"):
         stage_config(r.stages[-1], tmp_path, tmp_path / "o", tmp_path, dataclasses.replace(qf, data="files"))
     assert lr_multiplier(stage.steps - 1, stage) == pytest.approx(0.0, abs=1e-5)  # annealed to 0
@@ -429,16 +438,16 @@ def test_recipe_overrides_set_nested_fields_and_refuse_wrong_paths_and_types(tmp
         with pytest.raises(ValueError, match=msg):
             with_overrides(Recipe(), [bad])
     # a stage of the chain by its folder name: a field set, or the stage dropped (the others kept in order)
-    r = with_overrides(Recipe(), ["stages.stage2.steps=3000", "stages.text=null", "stages.stage3.lr=1e-3"])
-    assert [p.name for p in r.stages] == ["stage1", "stage2", "stage3"]
-    assert (r.stages[1].steps, r.stages[2].lr, r.stages[0]) == (3000, 1e-3, Recipe().stages[1])
-    for bad, msg in [("stages.stage9.steps=1", r"no stage 'stage9' \(stages: text, stage1, stage2, stage3\)"),
+    r = with_overrides(Recipe(), ["stages.stage2.steps=3000", "stages.stage1=null", "stages.stage3.lr=1e-3"])
+    assert [p.name for p in r.stages] == ["stage2", "stage3"]
+    assert (r.stages[0].steps, r.stages[1].lr, r.stages[0].lr) == (3000, 1e-3, Recipe().stages[1].lr)
+    for bad, msg in [("stages.stage9.steps=1", r"no stage 'stage9' \(stages: stage1, stage2, stage3\)"),
                      ("stages.stage2=1", "a stage; set its fields"), ("stages.stage2.stpes=1", "no field 'stpes'")]:
         with pytest.raises(ValueError, match=msg):
             with_overrides(Recipe(), [bad])
     one = dataclasses.replace(Recipe(), stages=Recipe().stages[:1])
     with pytest.raises(ValueError, match="the only stage"):
-        with_overrides(one, ["stages.text=null"])
+        with_overrides(one, ["stages.stage1=null"])
     assert main(["world", "build", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
                  "--set", "vq.nope=1"]) != 0
     assert "VQTrainConfig has no field 'nope'" in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 from ..models.janus import JanusModel
-from .default_model import Recipe, StagePlan, build, stage_config
+from .default_model import Recipe, StagePlan, build, stage_config, text_start
 
 log = logging.getLogger("januskit.world")
 
@@ -85,8 +85,8 @@ def run_ablation(work: str | Path, *, only: list[str] | None = None, smoke: bool
         recipe = recipe.smoke()
     base = Path(base) if base is not None else work / "base"
     # The shared starting point: components + text-pretrained LLM (the recipe's first two steps).
-    if not (base / recipe.stages[0].name / "RECIPE_DONE").is_file():
-        build(base / "model", base, dataclasses.replace(recipe, stages=recipe.stages[:1]), evaluate_model=False)
+    if not (base / recipe.text_plan.name / "RECIPE_DONE").is_file():
+        build(base / "model", base, text_start(recipe), evaluate_model=False)
     steps = 2 if smoke else steps or STEPS
     settings = EvalSettings(images_per_prompt=1 if smoke else 2, prompts_per_category=2 if smoke else None,
                             questions_per_type=4 if smoke else None)
@@ -102,7 +102,7 @@ def run_ablation(work: str | Path, *, only: list[str] | None = None, smoke: bool
             plan = StagePlan(e.key, "janus-pro/2", steps=steps_for(e, steps), batch_size=8 if smoke else BATCH,
                              lr=LR, warmup=0 if smoke else WARMUP, ratio=e.ratio, schedule="cosine")
             prepare = share_vq_encoder if e.shared_vq else None
-            train(stage_config(plan, base / recipe.stages[0].name, dst, base / "world", recipe), prepare=prepare)
+            train(stage_config(plan, base / recipe.text_plan.name, dst, base / "world", recipe), prepare=prepare)
             shutil.rmtree(dst / "checkpoints", ignore_errors=True)
             pipe = januskit.load(dst)
             if prepare:

@@ -1,5 +1,4 @@
-"""The default model from nothing, in one call: world -> tokenizer -> SigLIP -> VQ -> LLM text
-pretraining -> the three Janus-Pro stages -> GRPO on the world's judge -> evaluation. `januskit world build` runs it.
+"""The default model from nothing, in one call: world -> tokenizer -> SigLIP -> VQ -> the three Janus-Pro stages -> GRPO on the world's judge -> evaluation. `januskit world build` runs it.
 
 Every step writes its own folder under `work/` and is skipped when that folder is complete, so an
 interrupted build continues where it stopped; every step is seeded, so the same recipe on the same
@@ -13,8 +12,8 @@ for 100K+): Stages II and III use the paper's LRs times the same factor 20, so t
 Stage I trains randomly initialised adaptors as the paper's does. Departures, all because the budget
 is tiny: Stage III decays its LR to 0 on a cosine (the papers keep it constant; at this scale the
 anneal is worth more than the last constant-LR steps); every sample is a newly rendered scene (no
-sample repeats) with captions weighted towards binding (the "v3" mix); understanding conversations ask
-three questions in random order; bf16 autocast where the CPU has it natively; and the CFG weight is chosen
+sample repeats) with captions weighted towards binding (the "v3" mix); an understanding conversation asks
+one question, before the image; the LLM starts untrained at Stage I (no text-only pretraining); bf16 autocast where the CPU has it natively; and the CFG weight is chosen
 on the val split and shipped in the model folder.
 """
 from __future__ import annotations
@@ -104,8 +103,10 @@ class Recipe:
     # branches only. With `vq.attention = False` too the tokens are local, which the tokenizer study found easier to
     # draw (docs/miniature-world.md). A model with "branch" no longer converts to HF transformers' Janus.
     vq_norm: str = "group"
+    # No text-only pretraining before Stage I since the December 5th build: 100 text steps kept the LLM from
+    # forming the look-up of what a question asks in the image tokens (docs/miniature-world.md: after SFT QA 0.850
+    # and GenEval-style 0.646 without them, 0.680 and 0.561 with them, question-first either way).
     stages: tuple[StagePlan, ...] = (
-        StagePlan("text", "janus-pro/2", steps=100, batch_size=32, lr=2e-3, warmup=10, ratio=(0, 1, 0)),
         StagePlan("stage1", "janus-pro/1", steps=200, batch_size=32, lr=2e-3, warmup=20),
         StagePlan("stage2", "janus-pro/2", steps=5600, batch_size=32, lr=2e-3, warmup=50),
         StagePlan("stage3", "janus-pro/3", steps=4800, batch_size=32, lr=8e-4, schedule="cosine"),
@@ -119,13 +120,17 @@ class Recipe:
     # scene description outweighs its one-word answers 30 to 1; "turn" weighs every answer alike (the proxy
     # study's second lever; with the dense SigLIP it did not carry over to the full build, see above)
     answer_weighting: str = "token"
-    turns: int = 3  # questions per understanding conversation (random type order, so every type is asked first
-    # as often as the eval asks it); 1 carried a third of the questions and cost QA 0.69 -> 0.61
+    turns: int = 1  # questions per understanding conversation (random type order with more than one)
     # The first question before the image, so the image tokens are read knowing what is asked (the look-up study,
     # docs/miniature-world.md); the model's processor_config.json then says image_placement "after", so a plain
-    # `chat(question, images)` (and the eval) asks in the layout it was trained on. Off: with turns=1 the full build
-    # scored QA 0.680 and GenEval-style 0.561 after SFT against 0.726 and 0.626 (the proxy's 0.898 did not carry over)
-    question_first: bool = False
+    # `chat(question, images)` (and the eval) asks in the layout it was trained on. The default since the December
+    # 5th build, with one question a conversation and no text stage: after SFT QA 0.850 and GenEval-style 0.646,
+    # against image-first with three questions (the b2 build, text stage on) 0.726 and 0.626.
+    question_first: bool = True
+    # The text-only pretraining (100 steps) the JanusFlow build and the Janus Table 5 ablation start their LLM
+    # from, with the world and components (`text_start`); not a stage of this chain (see `stages`).
+    text_plan: StagePlan = StagePlan("text", "janus-pro/2", steps=100, batch_size=32, lr=2e-3, warmup=10,
+                                     ratio=(0, 1, 0))
     # CFG weights tried on the val split after training; the best is written to the model's
     # generation_config.json (guidance_scale), which the pipeline takes as its default. () = keep the reference's.
     cfg_candidates: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)
@@ -155,8 +160,15 @@ class Recipe:
             siglip=dataclasses.replace(self.siglip, steps=4, batch_size=32, warmup=1, log_every=2),
             vq=dataclasses.replace(self.vq, steps=4, batch_size=8, warmup=1, log_every=2),
             stages=tuple(dataclasses.replace(s, steps=2, batch_size=8, warmup=0) for s in self.stages),
+            text_plan=dataclasses.replace(self.text_plan, steps=2, batch_size=8, warmup=0),
             rl=None if self.rl is None else dataclasses.replace(self.rl, steps=2, prompts_per_step=2, group_size=2,
                                                                  eval_every=1, micro_batch_size=8))
+
+
+def text_start(r: Recipe) -> Recipe:
+    """`r` cut to the studies' shared start: world, components and the text-pretrained LLM (`r.text_plan`), with
+    no CFG choice (its record would stand for a full build's model) and no GRPO step."""
+    return dataclasses.replace(r, stages=(r.text_plan,), cfg_candidates=(), rl=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +435,9 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
         times["cfg_choice_rl"] = time.perf_counter() - t
     files = {} if cfg is None else {"generation_config.json": json.dumps({"guidance_scale": cfg}, indent=1) + "\n"}
     files["components.json"] = (comp / "components.json").read_text(encoding="utf-8")
+    # The layout the model was trained in, from the recipe, not from the components' file: a work folder's
+    # components serve recipes of either layout, and a model asked in the other layout answers at chance.
+    files["processor_config.json"] = placed_processor_config(comp, recipe.question_first)
     if eval_settings is None and any(len(p.ratio or ()) == 4 for p in recipe.stages):  # it learnt edits: score them
         from ..eval.world import EvalSettings
 
@@ -430,6 +445,13 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     return export_and_evaluate(source, out, world, _recipe_json(recipe, times),
                                dtype=getattr(torch, recipe.export_dtype), evaluate_model=evaluate_model,
                                eval_settings=eval_settings, files=files)
+
+
+def placed_processor_config(folder: Path, question_first: bool) -> str:
+    """`folder`'s processor_config.json with the image placement of a model trained question-first or not."""
+    proc = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
+    proc.pop("image_placement", None)
+    return json.dumps(proc | ({"image_placement": "after"} if question_first else {}), indent=2) + "\n"
 
 
 def run_rl(source: Path, dst: Path, r: Recipe, cfg_weight: float | None) -> Path:

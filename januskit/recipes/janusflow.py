@@ -36,7 +36,8 @@ from ..train.config import RunConfig
 from ..train.flow import FlowSettings
 from ..train.pretrain.vae import VAETrainConfig, reconstruction_stats, train_vae
 from .chain import done, export_and_evaluate, mark_done, run_stages
-from .default_model import Recipe, StagePlan, _jsonl, _recipe_json, build, stage_config
+from .default_model import (Recipe, StagePlan, _jsonl, _recipe_json, build, placed_processor_config, stage_config,
+                            text_start)
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,15 @@ def init_flow(text_stage: Path, vae: Path, dst: Path, r: FlowRecipe) -> Path:
         model.language_model.load_state_dict(janus.language_model.state_dict())
     save_janus(model, dst, overwrite=True)
     copy_side_files(text_stage, dst, skip=BASE_RECORDS)  # tokenizer and processor configs; a new model: no records
+    # it learns conversations from the written split, image first, whatever layout the shared components were for
+    (dst / "processor_config.json").write_text(placed_processor_config(dst, False), encoding="utf-8")
     shutil.copytree(vae, dst / "vae", dirs_exist_ok=True)
     return dst
 
 
 def flow_stage_config(plan: StagePlan, source: Path, out: Path, world: Path, r: FlowRecipe, repa: bool) -> RunConfig:
-    cfg = stage_config(plan, source, out, world, dataclasses.replace(r.base, data="files"))  # the written split's images
+    # the written split's images and conversations (image first)
+    cfg = stage_config(plan, source, out, world, dataclasses.replace(r.base, data="files", question_first=False))
     cfg.data.options["generation"] = str(world / "train" / "generation.jsonl")  # images, encoded by the VAE
     cfg.flow = r.flow if repa else dataclasses.replace(r.flow, repa_weight=0.0)
     return cfg
@@ -120,11 +124,9 @@ def build_flow(out: str | Path, work: str | Path, recipe: FlowRecipe = FlowRecip
     without REPA, in work/flow2-norepa, work/flow3-norepa)."""
     out, work = Path(out), Path(work)
     torch.set_num_threads(recipe.base.threads)
-    text = work / recipe.base.stages[0].name
+    text = work / recipe.base.text_plan.name
     if not done(text):  # the shared steps: world, components, text-pretrained LLM
-        # only those: no CFG choice (its record would stand for the full build's model) and no GRPO step
-        build(work / "janus-model", work, dataclasses.replace(recipe.base, stages=recipe.base.stages[:1],
-                                                              cfg_candidates=(), rl=None), evaluate_model=False)
+        build(work / "janus-model", work, text_start(recipe.base), evaluate_model=False)
     world = work / "world"
     times: dict[str, float] = {}
     t = time.perf_counter()
