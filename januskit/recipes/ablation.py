@@ -84,7 +84,7 @@ def run_ablation(work: str | Path, *, only: list[str] | None = None, smoke: bool
     if smoke:
         recipe = recipe.smoke()
     base = Path(base) if base is not None else work / "base"
-    # The shared starting point: components + text-pretrained LLM (the recipe's first two steps).
+    # The shared starting point: world, components and the text-pretrained LLM (`Recipe.text_plan`).
     if not (base / recipe.text_plan.name / "RECIPE_DONE").is_file():
         build(base / "model", base, text_start(recipe), evaluate_model=False)
     steps = 2 if smoke else steps or STEPS

@@ -1,4 +1,5 @@
-"""The default model from nothing, in one call: world -> tokenizer -> SigLIP -> VQ -> the three Janus-Pro stages -> GRPO on the world's judge -> evaluation. `januskit world build` runs it.
+"""The default model from nothing, in one call: world -> tokenizer -> SigLIP -> VQ -> the three Janus-Pro
+stages -> GRPO on the world's judge -> evaluation. `januskit world build` runs it.
 
 Every step writes its own folder under `work/` and is skipped when that folder is complete, so an
 interrupted build continues where it stopped; every step is seeded, so the same recipe on the same
@@ -13,8 +14,9 @@ Stage I trains randomly initialised adaptors as the paper's does. Departures, al
 is tiny: Stage III decays its LR to 0 on a cosine (the papers keep it constant; at this scale the
 anneal is worth more than the last constant-LR steps); every sample is a newly rendered scene (no
 sample repeats) with captions weighted towards binding (the "v3" mix); an understanding conversation asks
-one question, before the image; the LLM starts untrained at Stage I (no text-only pretraining); bf16 autocast where the CPU has it natively; and the CFG weight is chosen
-on the val split and shipped in the model folder.
+one question, before the image; the LLM starts untrained at Stage I (no text-only pretraining); bf16
+autocast where the CPU has it natively; and the CFG weight is chosen on the val split and shipped in the
+model folder.
 """
 from __future__ import annotations
 
@@ -358,7 +360,7 @@ def _set_field(obj: Any, parts: list[str], value: Any, path: str) -> Any:
     if parts[0] not in names:
         raise ValueError(f"--set {path}: {type(obj).__name__} has no field {parts[0]!r} (fields: {', '.join(names)})")
     old = getattr(obj, parts[0])
-    if len(parts) > 1 and _named_plans(old):  # "stages.stage2.steps=3000"; "stages.text=null" drops the stage
+    if len(parts) > 1 and _named_plans(old):  # "stages.stage2.steps=3000"; "stages.stage1=null" drops the stage
         return dataclasses.replace(obj, **{parts[0]: _set_plan(old, parts[1:], value, path)})
     if len(parts) > 1:
         if not dataclasses.is_dataclass(old):
