@@ -137,7 +137,7 @@ def test_rerun_continues_and_is_deterministic(smoke, tmp_path):
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     # a continued build reports the time each step took when it ran (kept in its RECIPE_DONE), not ~0
     first, second = (json.loads((d / "recipe.json").read_text())["seconds"] for d in (out, again))
-    for step in ("components", "stage1", "stage2", "stage3", "rl"):
+    for step in ("world", "components", "stage1", "stage2", "stage3", "rl"):
         assert second[step] == first[step] > 0, step
     # the exported model's layout is the recipe's, whatever the reused components' file says
     other = build(tmp_path / "other", work, dataclasses.replace(Recipe().smoke(), question_first=False),
