@@ -24,7 +24,7 @@ SUBSET = EvalSettings(images_per_prompt=2, prompts_per_category=8, questions_per
 # 83 of the 96 images judged correct (the mean of the six category scores, 16 images each, is 83/96 = 0.865),
 # 84 of the 100 QA answers (0.840), 19 of the 20 POPE answers (0.950); goals 0.90 / 0.95 (not met).
 # The model's own CFG weight (2, generation_config.json) is the default these use.
-# Exact: the build is deterministic (this model's full rebuild from scratch was byte-identical) and sampling is
+# Exact: the build is deterministic (this model's rebuild from scratch was byte-identical) and sampling is
 # reproducible on this machine kind; a CPU that rounds differently must re-measure these rather than loosen them.
 SHIPPED = {"geneval_overall": 83 / 96, "qa_accuracy": 84 / 100, "pope_accuracy": 19 / 20}
 SHIPPED_CATEGORIES = {"single_object": 16 / 16, "two_object": 14 / 16, "counting": 13 / 16, "colors": 16 / 16,
