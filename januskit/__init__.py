@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint.io import CheckpointError
-from .checkpoint.official_config import detect_arch, read_config_json, read_edit_source, read_guidance_scale
+from .checkpoint.official_config import apply_edit_settings, detect_arch, read_config_json, read_guidance_scale
 from .config import PRESET_NAMES, folder_file, resolve_dtype
 from .pipelines.base import ImageBatch, ImageResult, Pipeline, UnsupportedOption
 from .pipelines.janus import JanusPipeline
@@ -57,11 +57,7 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = "float32", seed:
         w = read_guidance_scale(p)
         if w is not None:  # the model's own CFG weight (the miniature models choose theirs on the val split)
             pipe.default_cfg_weight = w
-        if read_edit_source(p) == "vq":  # a model trained to read edit sources as VQ tokens
-            if arch == "janusflow":
-                raise CheckpointError(f"{p / 'generation_config.json'}: edit_source 'vq' is for Janus models, "
-                                      "this one is JanusFlow")
-            proc.edit_source_slots = c.vq.n_tokens
+        apply_edit_settings(proc, p, c)
         return pipe
     if str(path_or_preset) in PRESET_NAMES:
         warnings.warn(f"{path_or_preset}: preset with RANDOM weights (seed {seed}); pass a checkpoint folder for a real model",

@@ -345,16 +345,21 @@ def _weighted(items: list[str] | None, flag: str) -> tuple[tuple[str, float], ..
 
 
 def cmd_world_rl(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .recipes.rl_world import RLPlan, run
 
     _log_to_stderr()
     plan = RLPlan(steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
                   kl_weight=args.kl_weight, logprob=args.logprob, eval_every=args.eval_every, seed=args.seed,
                   threads=args.threads, rewards=_weighted(args.reward, "--reward") or (("world", 1.0),),
-                  categories=tuple(args.categories.split(",")) if args.categories else None)
+                  categories=tuple(args.categories.split(",")) if args.categories else None,
+                  prompts="world_edit" if args.edits else "world", cfg_image=args.cfg_image)
+    if args.edits and not args.reward:
+        plan = replace(plan, rewards=(("world_edit", 1.0),))
     rep = run(args.model or DEFAULT_MODEL, args.work, plan, evaluate_model=not args.no_eval)
-    print(json.dumps({k: {x: v[x] for x in ("geneval", "qa", "readme", "diversity")} for k, v in rep.items()},
-                     indent=1))
+    keys = ("geneval", "qa", "readme", "diversity", "edits")
+    print(json.dumps({k: {x: v[x] for x in keys if x in v} for k, v in rep.items()}, indent=1))
     return 0
 
 
@@ -808,6 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--edits", action="store_true",
+                   help="GRPO on the world's edit tasks (reward world_edit unless --reward; --categories names "
+                        "tasks); the model must have been trained on edits (configs/world-edit.toml)")
+    p.add_argument("--cfg-image", type=float, default=None, help="edits: image guidance weight (default 1.5)")
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.set_defaults(func=cmd_world_rl)
     p = wsub.add_parser("scaling", help="GenEval / QA / loss against samples seen, for several LLM sizes")

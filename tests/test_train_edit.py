@@ -619,3 +619,33 @@ def test_janusflow_refuses_vq_sources_naming_the_option(flow_ckpt, tmp_path):
     cfg["data"]["edit_source"] = "vq"
     with pytest.raises(ValueError, match=r"\[data\] edit_source 'vq' is for Janus models"):
         train(RunConfig.from_dict(cfg))
+
+
+def test_sources_last_layout_is_trained_recorded_and_sampled(tmp_path):
+    """[data] edit_layout = "sources_last": the instruction, then the understanding sources, then the target;
+    the trained folder records it, januskit.load builds the same prompts, and bad values are named."""
+    data = _dataset(tmp_path / "data")
+    cfg = _run(tmp_path / "out", PRESET, data, 2, stage="janus-pro/3").to_dict()
+    cfg["data"]["edit_layout"] = "sources_last"
+    out = train(RunConfig.from_dict(cfg))
+    assert json.loads((out / "generation_config.json").read_text())["edit_layout"] == "sources_last"
+    pipe = januskit.load(out)
+    proc, tok = pipe.processor, pipe.processor.tokenizer
+    assert proc.edit_sources_last and proc.edit_source == "understanding"
+    ids = proc.edit_prompt(INSTRUCTION, 1)
+    first = januskit.load(PRESET, seed=0).processor.edit_prompt(INSTRUCTION, 1)
+    assert ids != first and ids.count(tok.image_id) == first.count(tok.image_id) == proc.n_image_tokens
+    assert first.index(tok.boi_id) < ids.index(tok.boi_id)  # by default the source comes first
+    boi = ids.index(tok.boi_id)
+    assert INSTRUCTION in tok.decode(ids[:boi]) and INSTRUCTION not in tok.decode(ids[boi:])  # before the source
+    assert ids[-1] == tok.boi_id and ids.index(tok.eoi_id) > boi
+    a = pipe.edit_image(INSTRUCTION, [square("red")], n=2, seed=3)
+    assert torch.equal(a.tokens, pipe.edit_image(INSTRUCTION, [square("red")], n=2, seed=3).tokens)
+    assert a.info["prompt_tokens"] == len(ids)
+    (out / "generation_config.json").write_text(json.dumps({"edit_layout": "middle"}))
+    with pytest.raises(Exception, match=r"generation_config.json: edit_layout must be one of sources_first, sources_last"):
+        januskit.load(out)
+    cfg["data"]["edit_layout"] = "middle"
+    cfg["train"]["out"] = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"\[data\] edit_layout must be one of sources_first, sources_last, got 'middle'"):
+        train(RunConfig.from_dict(cfg))

@@ -113,8 +113,15 @@ def test_eval_edits_scores_the_target_scene(tmp_path):
     good = eval_edits(_Oracle(edits, True), tmp_path / "test", rows, s)
     assert good["overall"] == 1.0 and good["images"] == 24 and set(good["tasks"]) == set(TASKS)
     assert good["held_out_vs_seen"] == {"seen": 1.0, "held_out": 1.0}
+    assert all(v == 1.0 for d in good["diagnostics"].values() for v in d.values())
     bad = eval_edits(_Oracle(edits, False), tmp_path / "test", rows, s)
     assert bad["overall"] == 0.0 and not any(r["correct"] for r in bad["records"])
+    # handing back the source: what each task changes is what its diagnostics find wrong
+    d = bad["diagnostics"]
+    assert d["recolour"] == {"count": 1.0, "objects": 0.0, "cells": 1.0, "kept": 1.0}
+    assert d["move"] == {"count": 1.0, "objects": 1.0, "cells": 0.0, "kept": 1.0}
+    assert d["swap"] == {"count": 1.0, "objects": 1.0, "cells": 1.0, "kept": 1.0}  # wrong only in which is where
+    assert d["remove"]["count"] == 0.0 and d["add"]["count"] == 0.0 and d["remove"]["kept"] == 1.0
 
 
 def test_the_fresh_world_source_draws_the_six_tasks_in_turn():

@@ -300,18 +300,45 @@ def read_guidance_scale(folder: str | Path) -> float | None:
 EDIT_SOURCES = ("understanding", "vq")
 
 
+def _generation_choice(folder: str | Path, key: str, choices: tuple[str, ...]) -> str:
+    """`key` of the folder's generation_config.json, one of `choices` (default: the first)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return choices[0]
+    f = Fields(read_json_object(path), path)
+    v = f.string(key, choices[0])
+    if v not in choices:
+        f.fail(key, f"must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
 def read_edit_source(folder: str | Path) -> str:
     """How the folder's model takes an edit's source images: `edit_source` in its generation_config.json,
     "understanding" (SigLIP -> aligner, as in a chat; the default) or "vq" (the source's VQ tokens through
     the generation embedding, a januskit setting written by training with [data] edit_source = "vq")."""
-    path = Path(folder) / "generation_config.json"
-    if not path.is_file():
-        return EDIT_SOURCES[0]
-    f = Fields(read_json_object(path), path)
-    v = f.string("edit_source", EDIT_SOURCES[0])
-    if v not in EDIT_SOURCES:
-        f.fail("edit_source", f"must be one of {', '.join(EDIT_SOURCES)}, got {v!r}")
-    return v
+    return _generation_choice(folder, "edit_source", EDIT_SOURCES)
+
+
+EDIT_LAYOUTS = ("sources_first", "sources_last")
+
+
+def read_edit_layout(folder: str | Path) -> str:
+    """Where an edit prompt's understanding-encoder sources sit: `edit_layout` in the folder's
+    generation_config.json, "sources_first" (before the instruction, as a chat puts images; the default) or
+    "sources_last" (after it, so source slot i sits a fixed distance before target token i), a januskit
+    setting written by training with [data] edit_layout. VQ sources are always last."""
+    return _generation_choice(folder, "edit_layout", EDIT_LAYOUTS)
+
+
+def apply_edit_settings(processor: Any, folder: str | Path, config: Any) -> None:
+    """Make `processor` build edit prompts the way the folder's model was trained to read them (its
+    generation_config.json: edit_source, edit_layout); every path that samples edits from a folder uses it."""
+    if read_edit_source(folder) == "vq":
+        if config.arch == "janusflow":
+            raise CheckpointError(f"{Path(folder) / 'generation_config.json'}: edit_source 'vq' is for Janus models, "
+                                  "this one is JanusFlow")
+        processor.edit_source_slots = config.vq.n_tokens
+    processor.edit_sources_last = read_edit_layout(folder) == "sources_last"
 
 
 def write_generation_settings(folder: str | Path, settings: dict[str, Any]) -> None:

@@ -245,9 +245,11 @@ def eval_edits(pipe, split_dir: Path, rows: list[dict], s: EvalSettings, save_di
     """Each edit's source image and instruction through pipe.edit_image's rows (generate_batch with
     sources), `images_per_prompt` images per edit, image k of edit i from generator (seed, i * n + k);
     an image is correct when the judge finds exactly the target scene (world.edits.score_edit). Per task,
-    held-out vs seen combinations, and the mean over tasks."""
+    held-out vs seen combinations, and the mean over tasks; `diagnostics`: per task, the share of images
+    right in each part of the exact match (world.edits.edit_diagnostics: object count, objects, cells, the
+    untouched objects kept)."""
     from ..processing.image import load_image
-    from ..world.edits import TASKS, Edit, score_edit
+    from ..world.edits import DIAGNOSTICS, TASKS, Edit, edit_diagnostics, score_edit
 
     if pipe.image_size is None:
         raise ValueError(f"{pipe.source}: a JanusFlow model needs its VAE to be evaluated (--vae DIR)")
@@ -260,14 +262,17 @@ def eval_edits(pipe, split_dir: Path, rows: list[dict], s: EvalSettings, save_di
     options.pop("speculative", None), options.pop("window", None)
     by_task: dict[str, list[bool]] = defaultdict(list)
     held: dict[str, list[bool]] = defaultdict(list)
+    parts: dict[str, list[dict[str, bool]]] = defaultdict(list)
     records = []
     for start in range(0, len(rowsn), s.batch):
         chunk = rowsn[start:start + s.batch]
         out = pipe.generate_batch([ids[i] for i, _ in chunk], generators=[row_generator(s.seed, i * n + k) for i, k in chunk],
                                   sources=[srcs[i] for i, _ in chunk], **options)
         for (i, k), img in zip(chunk, out.uint8()):
-            ok = score_edit(detect(img), edits[i].target)
+            found = detect(img)
+            ok = score_edit(found, edits[i].target)
             by_task[edits[i].task].append(ok)
+            parts[edits[i].task].append(edit_diagnostics(found, edits[i]))
             held["held_out" if rows[i].get("held_out") else "seen"].append(ok)
             records.append({"task": edits[i].task, "instruction": edits[i].instruction, "held_out": bool(rows[i].get("held_out")),
                             "correct": ok, "source": rows[i]["image"], "image": f"edit{i:04d}_{k}.png"})
@@ -277,7 +282,9 @@ def eval_edits(pipe, split_dir: Path, rows: list[dict], s: EvalSettings, save_di
     tasks = {t: float(np.mean(by_task[t])) for t in TASKS if by_task[t]}
     return {"overall": float(np.mean(list(tasks.values()))) if tasks else float("nan"), "tasks": tasks,
             "held_out_vs_seen": {k: float(np.mean(v)) for k, v in held.items()}, "edits": len(edits),
-            "images": len(records), "records": records}
+            "images": len(records),
+            "diagnostics": {t: {d: float(np.mean([x[d] for x in parts[t]])) for d in DIAGNOSTICS} for t in tasks},
+            "records": records}
 
 
 def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = EvalSettings(), *,
@@ -365,7 +372,9 @@ def format_report(rep: WorldReport) -> str:
     if e:
         lines.append(f"Edits ({e['edits']} edits x {rep.settings['images_per_prompt']} images, the target scene "
                      f"exact; cfg_text {rep.settings['cfg']}, cfg_image {rep.settings.get('cfg_image') or 1.5})")
-        lines += [f"  {t:<14} {v:6.3f}" for t, v in e["tasks"].items()]
+        diag = e.get("diagnostics", {})
+        lines += [f"  {t:<14} {v:6.3f}" + ("   (right: " + ", ".join(f"{d} {x:.2f}" for d, x in diag[t].items()) + ")"
+                                          if t in diag else "") for t, v in e["tasks"].items()]
         lines.append(f"  {'overall':<14} {e['overall']:6.3f}")
         for k, v in e["held_out_vs_seen"].items():
             lines.append(f"  {k.replace('_', '-')} combinations: {v:.3f}")

@@ -283,12 +283,12 @@ class Pipeline:
                 raise ValueError(f"prompt {i}: {blocks} image block(s) but {len(srcs)} source image(s); build it "
                                  "with processor.edit_prompt(instruction, n_images)")
             if id(srcs) not in seen:
-                seen[id(srcs)] = torch.stack([self._source_pixels(load_image(im)) for im in srcs])
+                seen[id(srcs)] = torch.stack([self.source_pixels(load_image(im)) for im in srcs])
             pix.append(seen[id(srcs)])
         return EditInputs(pix, DEFAULT_CFG_IMAGE if cfg_image is None else cfg_image, tok.image_id, tok.boi_id,
                           tok.eoi_id, via=self.processor.edit_source)
 
-    def _source_pixels(self, image: Image.Image) -> torch.Tensor:
+    def source_pixels(self, image: Image.Image) -> torch.Tensor:
         """A source image as its encoder takes it: the understanding transform, or (edit_source "vq",
         Janus only) the VQ tokenizer's crop in [-1, 1]."""
         if self.processor.edit_source == "understanding":

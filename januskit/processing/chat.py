@@ -93,6 +93,9 @@ class Processor:
         # An edit's source block length when sources enter as VQ tokens (a model trained with
         # [data] edit_source = "vq"); None: through the understanding encoder, n_image_tokens slots.
         self.edit_source_slots: int | None = None
+        # Understanding-encoder sources after the instruction ([data] edit_layout = "sources_last"), so that
+        # source slot i sits a fixed distance before target token i; VQ sources are always after it.
+        self.edit_sources_last = False
         pro = tokenizer.is_pro_format if pro_format is None else pro_format
         self.roles = ("<|User|>", "<|Assistant|>") if pro else ("User", "Assistant")
 
@@ -156,14 +159,15 @@ class Processor:
         <begin_of_image>), the user turn holding `n_images` source images (as in a chat: their slots are
         filled by the understanding encoder) and then the instruction; with `edit_source_slots` set, the
         instruction and then the sources as VQ tokens, so the last source ends a fixed number of tokens
-        before the target starts (copying is a constant relative offset). Shared by training and sampling."""
+        before the target starts (copying is a constant relative offset); with `edit_sources_last`, the
+        instruction and then the understanding sources, for the same reason. Shared by training and sampling."""
         if n_images < 1:
             raise ValueError(f"an edit needs at least one source image, got {n_images}")
         if IMAGE_TOKEN in instruction:
             raise ValueError(f"the instruction must not contain {IMAGE_TOKEN}: the source images are given apart")
-        if self.edit_source_slots is None:
+        if self.edit_source_slots is None and not self.edit_sources_last:
             turn = f"{IMAGE_TOKEN}\n" * n_images + instruction
-        else:  # VQ sources after the instruction: source token i sits a fixed distance before target token i
+        else:  # sources after the instruction: source slot i sits a fixed distance before target token i
             turn = instruction + f"\n{IMAGE_TOKEN}" * n_images
         text = self.render([Message("user", turn)], system_prompt="")
         return self._expand_images(self.tokenizer.encode(text), self.edit_source_slots) + [self.tokenizer.boi_id]

@@ -9,6 +9,11 @@ the val split at every kept checkpoint, for the reward-and-GenEval-against-steps
 `report.json` (test split before / after: GenEval-style by category, held-out vs seen, QA, POPE; the
 README prompt's 4 images; diversity: distinct images per prompt and the mean share of tokens in which two
 images of one prompt differ) and `grid-before.png` / `grid-after.png` (the same prompts and seeds).
+
+With `prompts = "world_edit"` (`januskit world rl --edits`) the run is GRPO on the world's edit tasks
+(training combinations only), rewarded by `world_edit` (the exact target scene) unless told otherwise; the
+curve is then the val split's edit accuracy, and the report adds the test split's edits (all 300, by task,
+held-out against seen) and `grid-edits-before.png` / `grid-edits-after.png`.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import itertools
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoint.official_config import detect_arch, read_config_json
-from ..eval.grid import verdict_grid
-from ..eval.world import EvalSettings, eval_generation, evaluate, test_split
+from ..eval.grid import edit_grid, verdict_grid
+from ..eval.world import EvalSettings, eval_edits, eval_generation, evaluate, test_split
 from ..train.checkpoints import list_checkpoints
 from ..train.config import RunConfig
 from ..train.plot import plot_panels, read_metrics
@@ -51,6 +56,8 @@ class RLPlan:
     clip: float = 0.2
     logprob: str = "cfg"
     rewards: tuple[tuple[str, float], ...] = (("world", 1.0),)
+    prompts: str = "world"  # or "world_edit": the world's edit tasks (then `categories` names tasks)
+    cfg_image: float | None = None  # edits: the image guidance weight of the rollouts (None: 1.5)
     # prompt categories drawn from, uniformly over this list (a name twice is drawn twice as often); None = all six
     categories: tuple[str, ...] | None = None
     cfg_weight: float | None = None  # CFG of the rollouts; None = the source model's guidance_scale
@@ -81,7 +88,8 @@ def rl_run_config(plan: RLPlan, source: Path, out: Path, autocast: str | None = 
                   "log_every": 1, "save_every": plan.eval_every, "keep_last": plan.steps // plan.eval_every + 1,
                   "export_dtype": "float32", "progress": True},
         "rl": {**algorithm, "group_size": plan.group_size, "kl_weight": plan.kl_weight, "clip": plan.clip,
-               "prompts": "world",
+               "prompts": plan.prompts,
+               **({} if plan.cfg_image is None else {"cfg_image": plan.cfg_image}),
                "rewards": dict(plan.rewards),
                **({} if plan.categories is None else {"prompt_categories": list(plan.categories)}),
                **({} if plan.cfg_weight is None else {"cfg_weight": plan.cfg_weight})},
@@ -103,6 +111,14 @@ def val_geneval(pipe, per_category: int | None = None) -> float:
         prompts = [p for cat in dict.fromkeys(q.category for q, _ in prompts)
                    for p in [x for x in prompts if x[0].category == cat][:per_category]]
     return eval_generation(pipe, prompts, EvalSettings(images_per_prompt=2))["overall"]
+
+
+def val_edits(pipe, images_per_edit: int = 4, cfg_image: float | None = None) -> float:
+    """Edit accuracy on the val split's edits (5 per task), the curve's figure for an edit run."""
+    split = test_split(None, "val")
+    rows = [json.loads(x) for x in (split / "edits.jsonl").read_text().splitlines() if x.strip()]
+    s = EvalSettings(images_per_prompt=images_per_edit, cfg_image=cfg_image)
+    return eval_edits(pipe, split, rows, s)["overall"]
 
 
 def diversity(pipe, prompts: list[Prompt], n: int = 4, seed: int = 0) -> dict[str, float]:
@@ -141,10 +157,16 @@ def report_for(pipe, work: Path, name: str, settings: EvalSettings = EvalSetting
     firsts = [p for cat in dict.fromkeys(q.category for q, _ in prompts)
               for p in [q for q, _ in prompts if q.category == cat][:5]]
     g = rep["generation"]
-    return {"geneval": g["overall"], "categories": g["categories"], "held_out_vs_seen": g["position_color_attr"],
-            "qa": rep["understanding"]["accuracy"], "qa_types": rep["understanding"].get("types"),
-            "pope": rep["understanding"].get("pope"), "readme": readme_command(pipe),
-            "diversity": diversity(pipe, firsts)}
+    out = {"geneval": g["overall"], "categories": g["categories"], "held_out_vs_seen": g["position_color_attr"],
+           "qa": rep["understanding"]["accuracy"], "qa_types": rep["understanding"].get("types"),
+           "pope": rep["understanding"].get("pope"), "readme": readme_command(pipe),
+           "diversity": diversity(pipe, firsts)}
+    if "edits" in rep:
+        e = rep["edits"]
+        edit_grid(e["records"], images / "edits", test_split(None), settings.images_per_prompt,
+                  work / f"grid-edits-{name}.png")
+        out["edits"] = {k: v for k, v in e.items() if k != "records"}
+    return out
 
 
 def run(source: str | Path, work: str | Path, plan: RLPlan = RLPlan(), *, evaluate_model: bool = True,
@@ -160,14 +182,20 @@ def run(source: str | Path, work: str | Path, plan: RLPlan = RLPlan(), *, evalua
         train(cfg, resume=bool(list_checkpoints(out / "checkpoints")))
     if not evaluate_model:
         return {}
+    edits = plan.prompts == "world_edit"
+    if edits and eval_settings.edits_per_task == 0:  # an edit run is scored on all the test split's edits
+        eval_settings = replace(eval_settings, edits_per_task=None, cfg_image=plan.cfg_image)
     torch.set_num_threads(plan.threads)
     curve_path = work / "curve.jsonl"
     curve = {row["step"]: row for row in read_metrics(curve_path)}
     for step, ckpt in [(0, None)] + list_checkpoints(out / "checkpoints"):
         if step not in curve:
             pipe = januskit.load(source) if ckpt is None else _at_checkpoint(source, ckpt)
-            curve[step] = {"step": step, "val_geneval": val_geneval(pipe, plan.val_prompts_per_category)}
-            log.info("rl: step %d: val GenEval-style %.3f", step, curve[step]["val_geneval"])
+            if edits:
+                curve[step] = {"step": step, "val_edits": val_edits(pipe, cfg_image=plan.cfg_image)}
+            else:
+                curve[step] = {"step": step, "val_geneval": val_geneval(pipe, plan.val_prompts_per_category)}
+            log.info("rl: step %d: %s", step, json.dumps(curve[step]))
             with curve_path.open("a") as f:
                 f.write(json.dumps(curve[step]) + "\n")
     metrics = read_metrics(out / "metrics.jsonl")
@@ -175,7 +203,8 @@ def run(source: str | Path, work: str | Path, plan: RLPlan = RLPlan(), *, evalua
     reward = [(m["step"], float(np.mean([x["reward"] for x in metrics[max(0, i - window + 1):i + 1]])))
               for i, m in enumerate(metrics)]
     plot_panels([("train reward (10-step mean)", {"reward": reward}),
-                 ("val GenEval-style", {"GenEval": [(s, r["val_geneval"]) for s, r in sorted(curve.items())]}),
+                 ("val edit accuracy", {"edits": [(s, r["val_edits"]) for s, r in sorted(curve.items())]}) if edits
+                 else ("val GenEval-style", {"GenEval": [(s, r["val_geneval"]) for s, r in sorted(curve.items())]}),
                  ("KL to the reference", {"kl": [(m["step"], m["kl"]) for m in metrics]})],
                 work / "curve.png", xlabel="RL step")
     path = work / "report.json"

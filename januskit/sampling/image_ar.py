@@ -58,10 +58,11 @@ def edit_rows(prompts: Sequence[Sequence[int]], pad_id: int, e: EditInputs) -> t
     return ids, (None if bool(valid.all()) else valid)
 
 
-def edit_embeds(model: torch.nn.Module, ids: torch.Tensor, e: EditInputs) -> torch.Tensor:
+def edit_embeds(model: torch.nn.Module, ids: torch.Tensor, e: EditInputs, groups: int = 2) -> torch.Tensor:
     """Input embeddings of edit rows [full; image-only; unconditional]: the sources' understanding features
-    (or, via "vq", their VQ tokens' generation embeddings) at the image slots of the first two groups. Each
-    distinct source tensor is encoded once (the n images of one edit share theirs), however many rows use it."""
+    (or, via "vq", their VQ tokens' generation embeddings) at the image slots of the first `groups` groups
+    (2 of the three rows; 1 for the full rows alone). Each distinct source tensor is encoded once (the n
+    images of one edit share theirs), however many rows use it."""
     dtype = model.text_embeds(ids[:1, :1]).dtype
     distinct: dict[int, torch.Tensor] = {}
     for src in e.sources:
@@ -69,7 +70,7 @@ def edit_embeds(model: torch.nn.Module, ids: torch.Tensor, e: EditInputs) -> tor
             distinct[id(src)] = (model.gen_embeds(source_vq_ids(model, src)) if e.via == "vq"
                                  else model.image_embeds(src.to(dtype)))
     feats = torch.cat([distinct[id(src)] for src in e.sources])
-    return model.splice(ids, ids == e.image_id, None, features=torch.cat([feats, feats]))
+    return model.splice(ids, ids == e.image_id, None, features=torch.cat([feats] * groups))
 
 
 def source_vq_ids(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:

@@ -155,3 +155,20 @@ def scene_key(scene) -> list[tuple[str, str, int]]:
 def score_edit(detections, target: Scene) -> bool:
     """The judge's detections (world.judge.detect) of an edited image against the target scene."""
     return scene_key(detections) == scene_key(target)
+
+
+DIAGNOSTICS = ("count", "objects", "cells", "kept")
+
+
+def edit_diagnostics(detections, edit: Edit) -> dict[str, bool]:
+    """Where an edited image goes wrong, each part of the exact match on its own: the number of objects, the
+    objects (shape and colour, cells aside), the occupied cells (what is in them aside), and every object the
+    edit does not touch kept (shape, colour and cell)."""
+    from collections import Counter
+
+    got, want = Counter(scene_key(detections)), Counter(scene_key(edit.target))
+    keep = want & Counter(scene_key(edit.source))
+    ident = lambda c: Counter((s, col) for s, col, _ in c.elements())  # noqa: E731
+    cells = lambda c: Counter(k for _, _, k in c.elements())  # noqa: E731
+    return {"count": sum(got.values()) == sum(want.values()), "objects": ident(got) == ident(want),
+            "cells": cells(got) == cells(want), "kept": (keep & got) == keep}

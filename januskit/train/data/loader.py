@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoint.official_config import EDIT_SOURCES, read_edit_source
+from ...checkpoint.official_config import EDIT_LAYOUTS, EDIT_SOURCES, read_edit_layout, read_edit_source
 from ...processing.chat import Processor
 from ...processing.image import ImageTransform
 from .batch import TrainBatch
@@ -115,6 +115,7 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
           edit_drop_image: float = 0.05, edit_drop_both: float = 0.05, on_error: str = "raise",
           too_long: str = "error", shuffle: bool = True, shuffle_buffer: int = 512, prefetch: int = 1,
           system_prompt: str | None = None, vae: str | None = None, edit_source: str | None = None,
+          edit_layout: str | None = None,
           answer_weighting: str = "token", builtin: Mapping[str, Callable[..., Any]] | None = None,
           worker_processes: bool | int = False) -> TrainData:
     """Data builder for `[data] builder = "januskit.train.data.loader:build"` (ctx: train.config.DataContext).
@@ -128,6 +129,9 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
     "vq" (Janus: their VQ tokens through gen_embed -> gen_aligner, input only); default: the source folder's
     own (its generation_config.json), else "understanding". The trained folder records it in its
     generation_config.json so inference builds the same prompts (docs/editing.md).
+    `edit_layout`: where understanding sources sit in an edit prompt, "sources_first" (before the instruction,
+    as in a chat) or "sources_last" (after it: source slot i a fixed distance before target token i); default:
+    the source folder's own, else "sources_first"; recorded the same way.
     `builtin` (for other builders, e.g. januskit.train.data.fresh): kind -> factory called with
     transform=, rank=, world_size=, on_error=, returning a resumable sample iterator used instead of files.
     `worker_processes`: each kind's source reads, decodes and tokenises in a process of its own (workers.py),
@@ -144,6 +148,11 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
                          "understanding encoder")
     if edit_source == "vq":
         proc.edit_source_slots = c.vq.n_tokens
+    folder_layout = read_edit_layout(ctx.source) if Path(ctx.source).is_dir() else EDIT_LAYOUTS[0]
+    edit_layout = folder_layout if edit_layout is None else edit_layout
+    if edit_layout not in EDIT_LAYOUTS:
+        raise ValueError(f"[data] edit_layout must be one of {', '.join(EDIT_LAYOUTS)}, got {edit_layout!r}")
+    proc.edit_sources_last = edit_layout == "sources_last"
     model = getattr(ctx, "model", None)
     flow = encode_latents = None
     if c.arch == "janusflow":
@@ -184,12 +193,18 @@ def build(ctx: Any, *, understanding: Any = None, text: Any = None, generation: 
                    for k, src in sources.items()}
     mixer = Mixer(sources, ctx.ratio, ctx.batch_size, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world)
     if flow is not None:
-        return TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, encode_latents=encode_latents,
+        data = TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, encode_latents=encode_latents,
                          latent_shape=c.latent_shape)
-    data = TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, codebook_size=c.vq.codebook_size,
-                     tokenize_images=vq_tokenizer(model) if model is not None else None)
-    if edit_source != EDIT_SOURCES[0] or folder_source != EDIT_SOURCES[0]:  # the export copies the source's
-        data.model_settings = {"edit_source": edit_source}  # generation_config.json: say how prompts are built
+    else:
+        data = TrainData(mixer, ctx.seq_len, pad_id=proc.pad_id, prefetch=prefetch, codebook_size=c.vq.codebook_size,
+                         tokenize_images=vq_tokenizer(model) if model is not None else None)
+    settings = {}  # the export copies the source's generation_config.json: say how edit prompts are built
+    if edit_source != EDIT_SOURCES[0] or folder_source != EDIT_SOURCES[0]:
+        settings["edit_source"] = edit_source
+    if edit_layout != EDIT_LAYOUTS[0] or folder_layout != EDIT_LAYOUTS[0]:
+        settings["edit_layout"] = edit_layout
+    if settings:
+        data.model_settings = settings
     return data
 
 

@@ -20,6 +20,10 @@ What is the log-probability of a CFG-sampled token? The token was drawn from sof
   (the update is then exact policy gradient for the sampler as deployed; both CFG rows get gradients);
 - "cond": the log-prob under the conditional distribution softmax(c / T) alone (the policy is the
   conditional model, guidance is an inference-time trick; half the backward cost, one row per image).
+
+Edits (`edit`: the prompts are edit prompts with their sources, processing.edit): the rollout samples with
+the two-condition guidance of inference; "cfg" is then the log-prob under the guided three-row logits
+u + s_img (i - u) + s_txt (c - i), "cond" under the full row's (text and sources) alone.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ import torch
 from torch import nn
 
 from ...models.janus import JanusModel
-from ...sampling.image_ar import cfg_rows, cfg_weights, generate_image_tokens
+from ...processing.edit import EditInputs, guide
+from ...sampling.image_ar import cfg_rows, cfg_weights, edit_embeds, edit_rows, generate_image_tokens
 
 LOGPROBS = ("cfg", "cond")
 
@@ -47,27 +52,29 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 
 
 def rollout_tokens(model: JanusModel, prompt_ids: Sequence[Sequence[int]], *, pad_id: int, cfg_weight: float,
-                   temperature: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+                   temperature: float, generators: Sequence[torch.Generator], edit: EditInputs | None = None
+                   ) -> torch.Tensor:
     """(n, n_tokens) VQ ids, one image per prompt row, sampled as at inference (a normal tensor, not an
     inference-mode one: the update feeds it back through autograd)."""
     return generate_image_tokens(model, prompt_ids, pad_id=pad_id, cfg_weight=cfg_weight, temperature=temperature,
-                                 generators=generators).clone()
+                                 generators=generators, edit=edit).clone()
 
 
 def image_token_logits(model: JanusModel, prompt_ids: Sequence[Sequence[int]], tokens: torch.Tensor, *,
-                       pad_id: int, cfg_weight: float, mode: str) -> torch.Tensor:
+                       pad_id: int, cfg_weight: float, mode: str, edit: EditInputs | None = None) -> torch.Tensor:
     """Teacher-forced float32 logits (n, n_tokens, codebook) that token t of each image was drawn from
     (before temperature): the guided u + w (c - u) ("cfg") or the conditional c ("cond"). The rows, padding
-    and RoPE positions are the sampler's (cfg_rows), so with CFG these are the sampler's own logits."""
+    and RoPE positions are the sampler's (cfg_rows, or edit_rows with `edit`), so with CFG these are the
+    sampler's own logits."""
     if mode not in LOGPROBS:
         raise ValueError(f"logprob must be one of {', '.join(LOGPROBS)}, got {mode!r}")
     n = len(prompt_ids)
-    ids, valid = cfg_rows(prompt_ids, pad_id)  # (2n, L)
+    ids, valid = cfg_rows(prompt_ids, pad_id) if edit is None else edit_rows(prompt_ids, pad_id, edit)  # (2n or 3n, L)
     if mode == "cond":
         ids, valid = ids[:n], (None if valid is None else valid[:n])
     rows, L = ids.shape
     T = tokens.shape[1]
-    text = model.text_embeds(ids)
+    text = model.text_embeds(ids) if edit is None else edit_embeds(model, ids, edit, groups=min(2, rows // n))
     img = model.gen_embeds(tokens[:, :-1]).to(text.dtype)  # the image's own tokens feed the next positions
     h = torch.cat([text, img.repeat(rows // n, 1, 1)], 1)
     if valid is None:
@@ -79,18 +86,20 @@ def image_token_logits(model: JanusModel, prompt_ids: Sequence[Sequence[int]], t
     logits = model.image_logits(hidden).float()
     if mode == "cfg":
         w = cfg_weights(cfg_weight, n)[:, :, None]
+        if edit is not None:
+            return guide(logits[:n], logits[n:2 * n], logits[2 * n:], w, cfg_weights(edit.cfg_image, n)[:, :, None])
         logits = logits[n:] + w * (logits[:n] - logits[n:])
     return logits
 
 
 def image_token_logprobs(model: JanusModel, prompt_ids: Sequence[Sequence[int]], tokens: torch.Tensor, *,
-                         pad_id: int, cfg_weight: float, temperature: float, mode: str
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         pad_id: int, cfg_weight: float, temperature: float, mode: str,
+                         edit: EditInputs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (n, n_tokens) of `tokens` under `mode`'s distribution at `temperature` (see the
     module doc), and that distribution's entropy (n, n_tokens)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature!r}")
-    logits = image_token_logits(model, prompt_ids, tokens, pad_id=pad_id, cfg_weight=cfg_weight, mode=mode)
+    logits = image_token_logits(model, prompt_ids, tokens, pad_id=pad_id, cfg_weight=cfg_weight, mode=mode, edit=edit)
     logp = (logits / temperature).log_softmax(-1)
     lp = logp.gather(-1, tokens[..., None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -130,17 +139,18 @@ class GRPOObjective(nn.Module):
         self.model, self.loss = model, loss
         self.pad_id, self.cfg_weight, self.temperature, self.mode = pad_id, cfg_weight, temperature, mode
 
-    def logprobs(self, prompt_ids: Sequence[Sequence[int]], tokens: torch.Tensor, model: JanusModel | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(self, prompt_ids: Sequence[Sequence[int]], tokens: torch.Tensor, model: JanusModel | None = None,
+                 edit: EditInputs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return image_token_logprobs(model if model is not None else self.model, prompt_ids, tokens, pad_id=self.pad_id,
-                                    cfg_weight=self.cfg_weight, temperature=self.temperature, mode=self.mode)
+                                    cfg_weight=self.cfg_weight, temperature=self.temperature, mode=self.mode, edit=edit)
 
     def forward(self, prompt_ids: Sequence[Sequence[int]], tokens: torch.Tensor, adv: torch.Tensor,
-                old_lp: torch.Tensor | None, ref: tuple[torch.Tensor, torch.Tensor]
+                old_lp: torch.Tensor | None, ref: tuple[torch.Tensor, torch.Tensor], edit: EditInputs | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(per-image losses, this forward's log-probs detached, stats incl. entropy). old_lp None = this is the
-        rollout's first update: the old policy is the current one. `ref`: the reference's `logprobs` output."""
-        lp, entropy = self.logprobs(prompt_ids, tokens)
+        rollout's first update: the old policy is the current one. `ref`: the reference's `logprobs` output.
+        `edit`: the rows' sources when the prompts are edit prompts."""
+        lp, entropy = self.logprobs(prompt_ids, tokens, edit=edit)
         old = lp.detach() if old_lp is None else old_lp
         per_image, stats = self.loss(lp, old, ref[0], adv)
         stats["entropy"] = entropy.detach().mean(-1)

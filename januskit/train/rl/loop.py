@@ -15,6 +15,7 @@ the reference, the share of tokens whose ratio was clipped, the sampling entropy
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -30,12 +31,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ...checkpoint.init import preset_pipeline_parts
-from ...checkpoint.official_config import read_guidance_scale
+from ...checkpoint.official_config import apply_edit_settings, read_guidance_scale
 from ...config import resolve_dtype
 from ...checkpoint.vae import load_vae
 from ...pipelines.janus import JanusPipeline
 from ...pipelines.janusflow import JanusFlowPipeline
 from ...processing.chat import Processor
+from ...processing.edit import DEFAULT_CFG_IMAGE, EditInputs
 from ...processing.image import to_pil
 from ...sampling.flow import initial_latents
 from ...sampling.logits import row_generator
@@ -74,8 +76,10 @@ class StepPosition:
 
 def _processor(source: str, model) -> Processor:
     p = Path(source)
-    if p.is_dir():
-        return Processor.from_folder(p, model.config.vision.image_size, model.config.vision.n_tokens)
+    if p.is_dir():  # edit prompts built as the folder's model was trained to read them
+        proc = Processor.from_folder(p, model.config.vision.image_size, model.config.vision.n_tokens)
+        apply_edit_settings(proc, p, model.config)
+        return proc
     return preset_pipeline_parts(source, dtype=torch.float32)[1]  # a preset: its synthetic processor
 
 
@@ -84,8 +88,10 @@ class Collector:
     """What differs between the algorithms: the objective, how a rollout samples, how it becomes images."""
 
     objective: nn.Module  # GRPOObjective or FlowGRPOObjective: .model, .logprobs, forward
-    rollout: Callable[[list[list[int]], list[torch.Generator]], torch.Tensor]
+    rollout: Callable[..., torch.Tensor]  # (prompt rows, generators[, edit=EditInputs]) -> samples
     images: Callable[[torch.Tensor], list[Image.Image]]
+    # an edit prompt's source images -> the (k, 3, S, S) pixels its sampler takes; None: no edits (JanusFlow)
+    source_pixels: Callable[[list[Image.Image]], torch.Tensor] | None = None
 
 
 def _collector(cfg: RunConfig, model, proc: Processor, cfg_weight: float) -> Collector:
@@ -109,10 +115,35 @@ def _collector(cfg: RunConfig, model, proc: Processor, cfg_weight: float) -> Col
     objective = GRPOObjective(model, loss, pad_id=proc.pad_id, cfg_weight=cfg_weight, temperature=rl.temperature,
                               mode=rl.logprob)
 
-    def rollout(rows, gens):  # looks rollout_tokens up at call time (tests replace it)
+    def rollout(rows, gens, edit=None):  # looks rollout_tokens up at call time (tests replace it)
         return rollout_tokens(model, rows, pad_id=proc.pad_id, cfg_weight=cfg_weight, temperature=rl.temperature,
-                              generators=gens)
-    return Collector(objective, rollout, lambda tokens: to_pil(pipe.decode_image_pixels(tokens)))
+                              generators=gens, edit=edit)
+    return Collector(objective, rollout, lambda tokens: to_pil(pipe.decode_image_pixels(tokens)),
+                     lambda ims: torch.stack([pipe.source_pixels(im.convert("RGB")) for im in ims]))
+
+
+def edit_inputs(texts: list, group_size: int, proc: Processor, collect: Collector, cfg_image: float | None,
+                algorithm: str) -> EditInputs | None:
+    """The rows' sources when the step's prompts are edits (their meta holds "images"), else None. Each group's
+    pixels are one tensor shared by its rows (the sampler encodes it once)."""
+    has = [bool(x.meta.get("images")) for x in texts]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError("[rl] prompts: a step mixes edit prompts (with source images) and text prompts; use one kind")
+    if collect.source_pixels is None:
+        raise ValueError(f"[rl] algorithm {algorithm!r} does not take edit prompts (source images); GRPO on a Janus "
+                         "model does")
+    tok = proc.tokenizer
+    pixels = [collect.source_pixels(list(x.meta["images"])) for x in texts]
+    return EditInputs([p for p in pixels for _ in range(group_size)],
+                      DEFAULT_CFG_IMAGE if cfg_image is None else cfg_image, tok.image_id, tok.boi_id, tok.eoi_id,
+                      via=proc.edit_source)
+
+
+def _rows(e: EditInputs | None, c: slice) -> dict[str, Any]:
+    """Keyword arguments for the rows `c` of a step: their sources when it is an edit step."""
+    return {} if e is None else {"edit": dataclasses.replace(e, sources=e.sources[c])}
 
 
 def train_rl(cfg: RunConfig, *, resume: bool = False) -> Path:
@@ -256,20 +287,22 @@ def _run(cfg: RunConfig, info, resume: bool) -> Path:
         rollout_index = step // rl.inner_steps
         groups = list(range(rollout_index * P + info.rank, (rollout_index + 1) * P, info.world))
         texts = [prompts(g) for g in groups]
-        ids = [proc.generation_prompt(x) for x in texts]
+        edit = edit_inputs(texts, G, proc, collect, rl.cfg_image, rl.algorithm)
+        ids = [proc.generation_prompt(x) if edit is None else proc.edit_prompt(x, len(x.meta["images"])) for x in texts]
         rows = [i for i in ids for _ in range(G)]
         row_texts = [x for x in texts for _ in range(G)]
         gens = [row_generator(cfg.train.seed, g * G + k) for g in groups for k in range(G)]
         model.eval()
-        with amp():
-            samples = collect.rollout(rows, gens)  # VQ ids (Janus) or SDE trajectories (JanusFlow)
+        with amp():  # VQ ids (Janus) or SDE trajectories (JanusFlow)
+            samples = collect.rollout(rows, gens, **_rows(edit, slice(None)))
         images = collect.images(samples)
         total, each = rewards(row_texts, images)
         adv = group_advantages(total, G, rl.adv_eps)
         micro = max(1, cfg.train.micro_batch_size)
         chunks = [slice(a, min(a + micro, len(rows))) for a in range(0, len(rows), micro)]
         with torch.no_grad(), amp(), t.reference_mode(model):
-            ref = [tuple(x.float() for x in objective.logprobs(rows[c], samples[c], t.reference)) for c in chunks]
+            ref = [tuple(x.float() for x in objective.logprobs(rows[c], samples[c], t.reference, **_rows(edit, c)))
+                   for c in chunks]
         model.train()
         old_lp: list[torch.Tensor | None] = [None] * len(chunks)
         n_images = len(rows) * info.world
@@ -278,7 +311,7 @@ def _run(cfg: RunConfig, info, resume: bool) -> Path:
             sums = torch.zeros(4, dtype=torch.float64)  # loss, kl, clipped, entropy (sums over images)
             for j, c in enumerate(chunks):
                 with parallel.no_sync(t.wrapped, enabled=j < len(chunks) - 1), amp():
-                    per_image, lp, stats = t.wrapped(rows[c], samples[c], adv[c], old_lp[j], ref[j])
+                    per_image, lp, stats = t.wrapped(rows[c], samples[c], adv[c], old_lp[j], ref[j], **_rows(edit, c))
                     (per_image.float().sum() * (info.world / n_images)).backward()
                 if old_lp[j] is None:
                     old_lp[j] = lp.float()

@@ -4,6 +4,9 @@ follow from the step number alone and a resumed run draws exactly what an uninte
 - `WorldPrompts`: the miniature world's GenEval-style training prompts (its six categories, drawn as the
   test split's are, and "color_position", colours with a relation as the README's prompt has them),
   held-out combinations never drawn, each carrying its structured prompt for the judge.
+- `WorldEditPrompts`: the world's edit tasks on training combinations (docs/editing.md), each an
+  instruction carrying its rendered source image (`meta["images"]`, which makes the loop sample an edit)
+  and the edit with its exact target scene for the `world_edit` rewards.
 - `FilePrompts`: a .txt file (one prompt a line) or a .jsonl file ({"prompt": "...", "meta": {...}} a line,
   meta optional), visited in a new seeded order every pass.
 """
@@ -49,6 +52,28 @@ class WorldPrompts:
                 return RewardPrompt(p.text, {"prompt": p.to_json()})
 
 
+class WorldEditPrompts:
+    def __init__(self, seed: int = 0, tasks: Sequence[str] | None = None) -> None:
+        from ...world.dataset import held_out
+        from ...world.edits import TASKS, held_out_edits
+
+        tasks = tuple(tasks) if tasks is not None else TASKS
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise ValueError(f"[rl] prompt_categories {bad or '(none)'} for prompts = \"world_edit\": the edit tasks "
+                             f"are {', '.join(TASKS)}")
+        self.seed, self.tasks, self.held, self.edit_held = seed, tasks, held_out(), held_out_edits()
+
+    def __call__(self, i: int) -> RewardPrompt:
+        from ...world.edits import draw_edit
+        from ...world.render import render
+
+        rng = np.random.default_rng([self.seed, _STREAM, 1, i])
+        task = self.tasks[int(rng.integers(len(self.tasks)))]
+        e = draw_edit(rng, task, self.edit_held, world_held=self.held)  # never a held-out combination
+        return RewardPrompt(e.instruction, {"edit": e.to_json(), "images": [render(e.source)]})
+
+
 class FilePrompts:
     def __init__(self, path: str | Path, seed: int = 0) -> None:
         path = Path(path)
@@ -77,9 +102,11 @@ class FilePrompts:
 
 
 def prompt_source(spec: str, seed: int, categories: Sequence[str] | None = None) -> PromptSource:
-    """"world" or a file path (.txt / .jsonl)."""
+    """"world", "world_edit" (`categories`: its edit tasks) or a file path (.txt / .jsonl)."""
     if spec == "world":
         return WorldPrompts(seed, categories)
+    if spec == "world_edit":
+        return WorldEditPrompts(seed, categories)
     if categories is not None:
         raise ValueError("[rl] prompt_categories is for prompts = \"world\"")
     return FilePrompts(spec, seed)

@@ -14,6 +14,10 @@ Built-in rewards:
 - `world`: the miniature world's judge with GenEval's rules (januskit.world.judge), exact and cheap.
 - `world_partial`: the share of the prompt's objects the judge finds with the named colour and shape (a
   denser signal; counts and relations still need the whole prompt).
+- `world_edit`: for the world's edit tasks (`prompts = "world_edit"`): 1 if the judge finds exactly the
+  target scene (every object's shape, colour and cell: the edit done and nothing else changed).
+- `world_edit_partial`: the same, denser: 1 for the exact target, else half the share of target and found
+  objects that match (shape, colour and cell; matched / the larger of the two counts).
 - `classifier`: a classifier's probability of a named class: a torch.export file (.pt2) or an importable
   `torch.nn.Module` factory mapping (1, 3, S, S) pixels in [0, 1] to logits, and the class index or name.
 - `vqa`: a januskit model's chat as a VQA judge: the probability of "yes" (against "no") as the next token
@@ -81,6 +85,42 @@ def world_partial() -> Reward:
     return reward
 
 
+def _world_edit(prompt: RewardPrompt, who: str):
+    from ...world.edits import Edit
+
+    if "edit" not in prompt.meta:
+        raise ValueError(f"reward {who!r} needs the miniature world's edit (meta['edit']) for {str(prompt)!r}: use "
+                         "`prompts = \"world_edit\"`")
+    return Edit.from_json(prompt.meta["edit"])
+
+
+def world_edit() -> Reward:
+    """1.0 when the judge finds exactly the edit's target scene, else 0.0 (world.edits.score_edit)."""
+    from ...world.edits import score_edit
+    from ...world.judge import detect
+
+    def reward(prompt: RewardPrompt, image: Image.Image) -> float:
+        return float(score_edit(detect(image), _world_edit(prompt, "world_edit").target))
+    return reward
+
+
+def world_edit_partial() -> Reward:
+    """1.0 for the exact target scene; else 0.5 x (objects matching the target in shape, colour and cell) /
+    (the larger of the target's and the image's object counts)."""
+    from collections import Counter
+
+    from ...world.edits import scene_key
+    from ...world.judge import detect
+
+    def reward(prompt: RewardPrompt, image: Image.Image) -> float:
+        want = Counter(scene_key(_world_edit(prompt, "world_edit_partial").target))
+        got = Counter(scene_key(detect(image)))
+        if got == want:
+            return 1.0
+        return 0.5 * sum((want & got).values()) / max(sum(want.values()), sum(got.values()), 1)
+    return reward
+
+
 def classifier(model: str, label: int | str, classes: Sequence[str] | None = None, size: int | None = None) -> Reward:
     """P(label) under a classifier: `model` is a torch.export program file (.pt2, torch.export.save) or
     "module:factory" returning an nn.Module; it takes (1, 3, S, S) float pixels in [0, 1] (resized to `size`
@@ -141,6 +181,7 @@ def vqa(model: Any, question: str = "Does this image show {prompt}? Answer yes o
 
 
 REWARDS: dict[str, Callable[..., Reward]] = {"world": world_judge, "world_partial": world_partial,
+                                               "world_edit": world_edit, "world_edit_partial": world_edit_partial,
                                                "classifier": classifier, "vqa": vqa}
 
 

@@ -34,10 +34,12 @@ class RLSettings:
     clip: float = 0.2  # clip range of the probability ratio
     inner_steps: int = 1  # optimiser steps on each rollout (> 1 makes the ratio and its clip matter)
     rewards: dict[str, Any] = field(default_factory=lambda: {"world": 1.0})  # name or import path -> weight / table
-    prompts: str = "world"  # "world" (the miniature world's training prompts) or a .txt / .jsonl file
-    prompt_categories: list[str] | None = None  # "world" prompts: categories to draw (None = all six)
+    prompts: str = "world"  # "world" (the miniature world's training prompts), "world_edit" (its edit tasks) or
+    # a .txt / .jsonl file
+    prompt_categories: list[str] | None = None  # "world": categories to draw (None = all six); "world_edit": tasks
     cfg_weight: float | None = None  # CFG while sampling; None = the model folder's guidance_scale, else 5
     temperature: float = 1.0  # sampling temperature (> 0: log-probabilities need a distribution)
+    cfg_image: float | None = None  # edit prompts: the image guidance weight while sampling (None: 1.5)
     logprob: str = "cfg"  # log-prob of a CFG-sampled token: "cfg" (the guided distribution) or "cond" (grpo.py)
     adv_eps: float = 1e-4  # added to the group's reward std
     sde_steps: int = 10  # flow_grpo: SDE steps per rollout (Flow-GRPO collects with 10, samples with 40)
@@ -63,6 +65,9 @@ class RLSettings:
             raise ValueError("noise_level must be > 0 (an SDE step without noise has no log-probability)")
         if self.temperature == 0:
             raise ValueError("temperature must be > 0 (GRPO needs the sampling distribution's log-probabilities)")
+        if self.cfg_image is not None and (isinstance(self.cfg_image, bool) or not isinstance(self.cfg_image, (int, float))
+                                           or not math.isfinite(self.cfg_image)):
+            raise ValueError(f"cfg_image must be a finite number or unset, got {self.cfg_image!r}")
         if self.cfg_weight is not None and (isinstance(self.cfg_weight, bool) or not isinstance(self.cfg_weight, (int, float))
                                             or not math.isfinite(self.cfg_weight)):
             raise ValueError(f"cfg_weight must be a finite number or unset, got {self.cfg_weight!r}")
