@@ -11,6 +11,7 @@ import torch
 
 import januskit
 from januskit.processing.edit import EditInputs
+from januskit.processing.image import load_image
 from januskit.sampling.image_ar import generate_image_tokens
 from januskit.sampling.logits import row_generator
 from januskit.train.rl.grpo import image_token_logits, image_token_logprobs
@@ -192,3 +193,29 @@ def test_rl_builds_edit_prompts_as_the_folder_model_reads_them(tmp_path):
                                                               (False, "vq"))
     plain = _processor(str(DEFAULT_MODEL), pipe.model)
     assert not plain.edit_sources_last and plain.edit_source == "understanding"
+
+
+def test_a_prompts_file_can_hold_edits(tmp_path, pipe):
+    """A .jsonl prompts file whose lines carry meta.images (paths relative to the file) gives edit prompts; the
+    loop turns them into the sampler's sources; a missing or malformed source is named with its line."""
+    from januskit.train.rl.loop import Collector, edit_inputs
+    from januskit.train.rl.prompts import FilePrompts
+
+    (tmp_path / "img").mkdir()
+    src = WorldEditPrompts(0)(0)
+    src.meta["images"][0].save(tmp_path / "img" / "a.png")
+    f = tmp_path / "edits.jsonl"
+    f.write_text(json.dumps({"prompt": str(src), "meta": {"images": ["img/a.png"]}}) + "\n")
+    p = FilePrompts(f)(0)
+    assert str(p) == str(src) and p.meta["images"] == [str(tmp_path / "img" / "a.png")]
+    c = Collector(None, None, None, lambda ims: torch.stack([pipe.source_pixels(load_image(im)) for im in ims]))
+    e = edit_inputs([p], 3, pipe.processor, c, 1.2, "grpo")
+    want = pipe.source_pixels(src.meta["images"][0].convert("RGB"))
+    assert len(e.sources) == 3 and e.sources[0] is e.sources[2] and torch.equal(e.sources[0][0], want)
+    assert e.cfg_image == 1.2
+    f.write_text('{"prompt": "x", "meta": {"images": ["img/a.png"]}}\n{"prompt": "y", "meta": {"images": ["nope.png"]}}\n')
+    with pytest.raises(FileNotFoundError, match=r"edits.jsonl:2: source image .*nope.png: no such file"):
+        FilePrompts(f)
+    f.write_text('{"prompt": "x", "meta": {"images": "img/a.png"}}\n')
+    with pytest.raises(ValueError, match=r"edits.jsonl:1: \"meta\".\"images\" must be a non-empty list"):
+        FilePrompts(f)

@@ -38,7 +38,7 @@ from ...pipelines.janus import JanusPipeline
 from ...pipelines.janusflow import JanusFlowPipeline
 from ...processing.chat import Processor
 from ...processing.edit import DEFAULT_CFG_IMAGE, EditInputs
-from ...processing.image import to_pil
+from ...processing.image import load_image, to_pil
 from ...sampling.flow import initial_latents
 from ...sampling.logits import row_generator
 from .. import parallel
@@ -119,7 +119,7 @@ def _collector(cfg: RunConfig, model, proc: Processor, cfg_weight: float) -> Col
         return rollout_tokens(model, rows, pad_id=proc.pad_id, cfg_weight=cfg_weight, temperature=rl.temperature,
                               generators=gens, edit=edit)
     return Collector(objective, rollout, lambda tokens: to_pil(pipe.decode_image_pixels(tokens)),
-                     lambda ims: torch.stack([pipe.source_pixels(im.convert("RGB")) for im in ims]))
+                     lambda ims: torch.stack([pipe.source_pixels(load_image(im)) for im in ims]))
 
 
 def edit_inputs(texts: list, group_size: int, proc: Processor, collect: Collector, cfg_image: float | None,

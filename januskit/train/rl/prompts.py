@@ -8,7 +8,8 @@ follow from the step number alone and a resumed run draws exactly what an uninte
   instruction carrying its rendered source image (`meta["images"]`, which makes the loop sample an edit)
   and the edit with its exact target scene for the `world_edit` rewards.
 - `FilePrompts`: a .txt file (one prompt a line) or a .jsonl file ({"prompt": "...", "meta": {...}} a line,
-  meta optional), visited in a new seeded order every pass.
+  meta optional), visited in a new seeded order every pass. A line whose meta holds `"images": ["src.png",
+  ...]` (paths relative to the file) is an edit: its prompt is the instruction, the images its sources.
 """
 from __future__ import annotations
 
@@ -88,6 +89,14 @@ class FilePrompts:
                 meta = row.get("meta", {})
                 if not isinstance(meta, dict):
                     raise ValueError(f"{where}: \"meta\" must be an object")
+                if "images" in meta:  # an edit's sources, relative to the file
+                    imgs = meta["images"]
+                    if not isinstance(imgs, list) or not imgs or not all(isinstance(x, str) for x in imgs):
+                        raise ValueError(f"{where}: \"meta\".\"images\" must be a non-empty list of image paths")
+                    meta = meta | {"images": [str(path.parent / x) for x in imgs]}
+                    missing = [x for x in meta["images"] if not Path(x).is_file()]
+                    if missing:
+                        raise FileNotFoundError(f"{where}: source image {missing[0]}: no such file")
                 self.prompts.append(RewardPrompt(row["prompt"], meta))
         else:
             self.prompts += [RewardPrompt(x.strip()) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
