@@ -219,3 +219,18 @@ def test_a_prompts_file_can_hold_edits(tmp_path, pipe):
     f.write_text('{"prompt": "x", "meta": {"images": "img/a.png"}}\n')
     with pytest.raises(ValueError, match=r"edits.jsonl:1: \"meta\".\"images\" must be a non-empty list"):
         FilePrompts(f)
+
+
+def test_checkpoints_from_before_cfg_image_still_resume(tmp_path):
+    """[rl] cfg_image unset is left out of the settings a checkpoint records (those written before the key
+    existed match); set, it is recorded and a change refuses the resume. prompt_categories on a file is named."""
+    from januskit.train.rl.loop import StepPosition
+
+    old = {"algorithm": "grpo", "group_size": 8}
+    assert StepPosition(old | {"cfg_image": None}).state_dict() == StepPosition(old).state_dict()
+    StepPosition(old | {"cfg_image": None}).load_state_dict(StepPosition(old).state_dict())
+    with pytest.raises(ValueError, match="cannot resume: the checkpoint's \\[rl\\] settings"):
+        StepPosition(old | {"cfg_image": 2.0}).load_state_dict(StepPosition(old).state_dict())
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match='prompt_categories is for prompts = "world" or "world_edit"'):
+        prompt_source(str(tmp_path / "p.txt"), 0, ["add"])

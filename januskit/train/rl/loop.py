@@ -58,11 +58,15 @@ from .rewards import RewardSet
 log = logging.getLogger("januskit.train")
 
 
+LATER_SETTINGS = ("cfg_image",)  # [rl] keys that checkpoints written before them do not record
+
+
 class StepPosition:
     """The data position a checkpoint records: RL draws follow from the step, so this is only a check."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = settings
+        # a setting added later and left unset is left out, so checkpoints written before it still resume
+        self.settings = {k: v for k, v in settings.items() if not (k in LATER_SETTINGS and v is None)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rl": json.dumps(self.settings, sort_keys=True)}

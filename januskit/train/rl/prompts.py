@@ -117,5 +117,5 @@ def prompt_source(spec: str, seed: int, categories: Sequence[str] | None = None)
     if spec == "world_edit":
         return WorldEditPrompts(seed, categories)
     if categories is not None:
-        raise ValueError("[rl] prompt_categories is for prompts = \"world\"")
+        raise ValueError("[rl] prompt_categories is for prompts = \"world\" or \"world_edit\"")
     return FilePrompts(spec, seed)
