@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from januskit.eval.world import EvalSettings, eval_edits
@@ -85,10 +86,15 @@ class _Oracle:
     """A stand-in pipeline whose 'edit' draws the target scene (or hands back the source)."""
     image_size, source, arch, default_cfg_weight = 64, "oracle", "janus", 5.0
 
-    def __init__(self, edits: list[Edit], good: bool) -> None:
+    def __init__(self, edits: list[Edit], good: bool, channels: tuple[int, ...] = (0, 1, 2)) -> None:
         self.by_prompt = {e.instruction: e for e in edits}
         self.good = good
         self.processor = self
+        self.channels = channels  # what its "image tokenizer" does: a reordering of the colour channels
+
+    def reconstruct_pixels(self, images):
+        x = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in images]).float() / 127.5 - 1
+        return x[:, list(self.channels)]
 
     def edit_prompt(self, instruction: str, n: int) -> list:
         return [instruction]
@@ -122,6 +128,14 @@ def test_eval_edits_scores_the_target_scene(tmp_path):
     assert d["move"] == {"count": 1.0, "objects": 1.0, "cells": 0.0, "kept": 1.0}
     assert d["swap"] == {"count": 1.0, "objects": 1.0, "cells": 1.0, "kept": 1.0}  # wrong only in which is where
     assert d["remove"]["count"] == 0.0 and d["add"]["count"] == 0.0 and d["remove"]["kept"] == 1.0
+    # the ceiling: the targets through the pipeline's image tokenizer, judged; a faithful one keeps every target
+    assert good["ceiling"] == {"overall": 1.0, "tasks": {t: 1.0 for t in TASKS}}
+    # one that swaps red and blue channels turns red into blue, yellow into cyan and back (green and purple
+    # stay themselves), so only targets with no red, blue, yellow or cyan object survive it
+    bgr = eval_edits(_Oracle(edits, True, (2, 1, 0)), tmp_path / "test", rows, s)
+    keep = {t: np.mean([all(o.colour in ("green", "purple") for o in e.target) for e in edits if e.task == t])
+            for t in TASKS}
+    assert bgr["overall"] == 1.0 and bgr["ceiling"]["tasks"] == pytest.approx(keep) and min(keep.values()) < 1.0
 
 
 def test_the_fresh_world_source_draws_the_six_tasks_in_turn():

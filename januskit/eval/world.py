@@ -284,7 +284,25 @@ def eval_edits(pipe, split_dir: Path, rows: list[dict], s: EvalSettings, save_di
             "held_out_vs_seen": {k: float(np.mean(v)) for k, v in held.items()}, "edits": len(edits),
             "images": len(records),
             "diagnostics": {t: {d: float(np.mean([x[d] for x in parts[t]])) for d in DIAGNOSTICS} for t in tasks},
-            "records": records}
+            "ceiling": edit_ceiling(pipe, edits), "records": records}
+
+
+@torch.inference_mode()
+def edit_ceiling(pipe, edits: list, batch: int = 100) -> dict[str, Any]:
+    """Each edit's exact target scene rendered and passed through the model's image tokenizer (VQ, or
+    JanusFlow's VAE: encode + decode), then judged like a generated image: per task the share the judge
+    still reads as the target, the best an edit can score with this tokenizer."""
+    from ..world.edits import score_edit
+    from ..world.render import render
+
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, len(edits), batch):
+        chunk = edits[start:start + batch]
+        rec = to_uint8(pipe.reconstruct_pixels([render(e.target) for e in chunk]))
+        for e, img in zip(chunk, np.asarray(rec)):
+            by_task[e.task].append(score_edit(detect(img), e.target))
+    tasks = {t: float(np.mean(v)) for t, v in by_task.items()}
+    return {"overall": float(np.mean(list(tasks.values()))) if tasks else float("nan"), "tasks": tasks}
 
 
 def evaluate(pipe, world: str | Path | None = None, settings: EvalSettings = EvalSettings(), *,
@@ -378,6 +396,11 @@ def format_report(rep: WorldReport) -> str:
         lines.append(f"  {'overall':<14} {e['overall']:6.3f}")
         for k, v in e["held_out_vs_seen"].items():
             lines.append(f"  {k.replace('_', '-')} combinations: {v:.3f}")
+        if "ceiling" in e:
+            c = e["ceiling"]
+            lines.append(f"  the targets themselves through the "
+                         f"{'VAE' if rep.settings.get('arch') == 'janusflow' else 'VQ tokenizer'} (the ceiling): "
+                         + ", ".join(f"{t} {v:.2f}" for t, v in c["tasks"].items()) + f"; overall {c['overall']:.3f}")
     if u:
         lines.append(f"Understanding ({u['questions']} questions, greedy, exact match)")
         lines += [f"  {t:<14} {v:6.3f}" for t, v in u["types"].items()]
