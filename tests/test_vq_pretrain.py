@@ -230,3 +230,44 @@ def test_attention_off_holds_every_attention_block_at_the_identity(images):
     train_vq(on, images, VQTrainConfig(steps=4, batch_size=8, warmup=1, log_every=2), progress=False)
     name = next(iter(blocks))
     assert not torch.equal(on.state_dict()[f"{name}.proj_out.weight"], init[f"{name}.proj_out.weight"])
+
+
+def test_decoder_training_keeps_every_id_and_learns_the_empty_canvas(images):
+    """train_vq_decoder: only post_quant_conv and the decoder change (encoder, quant_conv and codebook are bit for
+    bit the trained VQ's, so every image keeps its ids); the reconstruction of what it trains on improves,
+    including an image the VQ never saw (an empty white canvas); requires_grad flags come back as they were;
+    the same seed gives the same weights."""
+    from januskit.train.pretrain.vq import DECODER_SIDE, train_vq_decoder
+
+    model = tiny_model()
+    train_vq(model, images, VQTrainConfig(steps=40, batch_size=8, lr=2e-3, warmup=5, log_every=10), progress=False)
+    blank = torch.ones(1, 3, 16, 16)
+    mixed = torch.cat([images, blank.expand(8, -1, -1, -1)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = model.encode(mixed)
+    empty_before = reconstruction_stats(model, blank, blank_ok=True)["psnr"]
+    model.quantize.embedding.weight.requires_grad_(False)  # a flag of the caller's, to be restored
+    cfg = VQTrainConfig(steps=60, batch_size=8, lr=2e-3, warmup=5, log_every=20)
+    metrics = train_vq_decoder(model, mixed, cfg, progress=False)
+    assert [m["step"] for m in metrics] == [20, 40, 60] and set(metrics[0]) == {"step", "lr", "loss", "l1", "l2", "time_s"}
+    assert math.isclose(metrics[0]["loss"], metrics[0]["l1"] + metrics[0]["l2"], rel_tol=1e-5)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and not model.training
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(DECODER_SIDE) for k in changed), sorted(changed)
+    assert any(k.startswith("decoder.") for k in changed) and any(k.startswith("post_quant_conv.") for k in changed)
+    assert torch.equal(model.encode(mixed), ids)
+    assert reconstruction_stats(model, blank, blank_ok=True)["psnr"] > empty_before + 3
+    with pytest.raises(ValueError, match="none is negative"):  # without blank_ok an all-white batch looks like [0, 1]
+        reconstruction_stats(model, blank)
+    assert not model.quantize.embedding.weight.requires_grad and model.decoder.conv_in.weight.requires_grad
+    assert model.encoder.conv_in.weight.requires_grad
+    # deterministic: the same start, images and config give the same decoder
+    again = tiny_model()
+    again.load_state_dict(before)
+    train_vq_decoder(again, mixed, cfg, progress=False)
+    assert all(torch.equal(again.state_dict()[k], after[k]) for k in after)
+    with pytest.raises(ValueError, match="batch_size 9 is larger than the 8 images"):
+        train_vq_decoder(model, images[:8], VQTrainConfig(steps=1, batch_size=9), progress=False)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        train_vq_decoder(model, images[:8] * 3, VQTrainConfig(steps=1, batch_size=1), progress=False)

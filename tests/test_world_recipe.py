@@ -202,6 +202,45 @@ def test_an_interrupted_stage_continues_from_its_checkpoint(smoke, tmp_path, mon
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
+def test_the_vq_decoder_step_changes_only_the_decoder(smoke, tmp_path):
+    """Recipe.vq_decoder_steps > 0: after the LLM stages, the VQ's decoder side (post_quant_conv, decoder) trains
+    on the VQ's images with empty canvases mixed in; every other weight is Stage III's, so every image keeps
+    its ids. The step has its folder and report, the exported components.json carries the report, and bad
+    settings are refused before anything runs."""
+    import shutil
+
+    from januskit.recipes.default_model import decoder_images
+
+    _, work = smoke
+    mine = tmp_path / "work"
+    for step in ("world", "components", "stage1", "stage2", "stage3"):
+        shutil.copytree(work / step, mine / step)
+    shutil.copy(work / "autocast.json", mine / "autocast.json")
+    recipe = dataclasses.replace(Recipe(vq_decoder_steps=3, vq_decoder_empty=0.5).smoke(), rl=None, cfg_candidates=())
+    assert recipe.vq_decoder_steps == 2  # smoke size
+    out = build(tmp_path / "out", mine, recipe, evaluate_model=False)
+    step = mine / "vq-decoder"
+    assert (step / "RECIPE_DONE").is_file() and not (step / "metrics.jsonl").exists()
+    report = json.loads((step / "vq_decoder.json").read_text())
+    assert report["last"]["step"] == 2 and set(report["empty_canvas"]) == {"before", "after"}
+    assert json.loads((out / "components.json").read_text())["vq_decoder"] == report
+    a, b = load_janus(mine / "stage3", torch.float32).state_dict(), load_janus(step, torch.float32).state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(("gen_vision_model.decoder.", "gen_vision_model.post_quant_conv."))
+                           for k in changed)
+    assert json.loads((out / "recipe.json").read_text())["vq_decoder_steps"] == 2
+    # its images: the VQ's own, with the share of empty canvases the recipe asks for
+    images = decoder_images(mine / "world", recipe)
+    blank = (images == 1).flatten(1).all(1)
+    assert images.shape[1:] == (3, 64, 64) and 0 < len(images) <= recipe.component_images
+    assert 0.3 < blank.float().mean() < 0.7
+    for bad, msg in ((dict(vq_decoder_steps=-1), "vq_decoder_steps must be >= 0"),
+                     (dict(vq_decoder_empty=1.5), r"vq_decoder_empty in \[0, 1\] \(got 1.5\)")):
+        with pytest.raises(ValueError, match=msg):
+            build(tmp_path / "bad", tmp_path / "bad-work", dataclasses.replace(recipe, **bad), evaluate_model=False)
+    assert not (tmp_path / "bad-work").exists()
+
+
 def test_from_scratch_elsewhere_is_bit_identical(smoke, tmp_path):
     """The whole chain again, in another folder: same weights, byte for byte (no per-sample choice
     may depend on where the dataset lives)."""

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint.init import processor_files
-from ..checkpoint.official import load_janus, save_janus
+from ..checkpoint.official import load_janus, load_official_with_extras, save_janus
 from ..config import JanusConfig, preset
 from ..models.janus import JanusModel
 from ..processing.image import ImageTransform, to_gen_pixels
@@ -42,8 +42,8 @@ from ..processing.synthetic_tokenizer import build_synthetic_tokenizer
 from ..train.config import RunConfig
 from ..train.pretrain.siglip import SigLIPTrainConfig, init_vision_tower, train_siglip
 from ..train.data.vq_cache import cache_vq_ids
-from ..train.pretrain.vq import VQTrainConfig, reconstruction_stats, train_vq
-from ..train.checkpoints import list_checkpoints
+from ..train.pretrain.vq import VQTrainConfig, reconstruction_stats, train_vq, train_vq_decoder
+from ..train.checkpoints import PROVENANCE, list_checkpoints
 from ..train.trainer import fastest_autocast, train
 from ..world.dataset import held_out, write_world
 from ..world.prompts import describe, scene_from_json
@@ -106,6 +106,15 @@ class Recipe:
     # branches only. With `vq.attention = False` too the tokens are local, which the tokenizer study found easier to
     # draw (docs/miniature-world.md). A model with "branch" no longer converts to HF transformers' Janus.
     vq_norm: str = "group"
+    # The VQ decoder polished after the LLM stages (`vq_decoder_steps` > 0; train.pretrain.vq.train_vq_decoder): the
+    # encoder and codebook stay as the LLM learnt them, so every id means what it meant, while the decoder trains
+    # on the VQ's images with a share `vq_decoder_empty` of empty canvases. The VQ never sees an empty image
+    # (the world's scenes hold one to four objects) and draws the one an edit asks for ("remove" the only
+    # object) with specks the judge reads as objects: with vq.steps = 4800, 600 decoder steps took the edit
+    # targets' ceiling from 0.950 to 0.997 (docs/editing.md). 0 = off (the shipped model's recipe).
+    vq_decoder_steps: int = 0
+    vq_decoder_lr: float = 2e-4
+    vq_decoder_empty: float = 0.05
     # No text-only pretraining before Stage I since the December 5th build: 100 text steps kept the LLM from
     # forming the look-up of what a question asks in the image tokens (docs/miniature-world.md: after SFT QA 0.850
     # and GenEval-style 0.646 without them, 0.680 and 0.561 with them, question-first either way).
@@ -162,6 +171,7 @@ class Recipe:
             self, world_scale=0.02, component_images=256,
             siglip=dataclasses.replace(self.siglip, steps=4, batch_size=32, warmup=1, log_every=2),
             vq=dataclasses.replace(self.vq, steps=4, batch_size=8, warmup=1, log_every=2),
+            vq_decoder_steps=min(self.vq_decoder_steps, 2),
             stages=tuple(dataclasses.replace(s, steps=2, batch_size=8, warmup=0) for s in self.stages),
             text_plan=dataclasses.replace(self.text_plan, steps=2, batch_size=8, warmup=0),
             rl=None if self.rl is None else dataclasses.replace(self.rl, steps=2, prompts_per_step=2, group_size=2,
@@ -401,6 +411,9 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     """Run (or continue) the whole chain; the final model goes to `out` (official layout, with
     eval.json when `evaluate_model`). Returns `out`."""
     out, work = Path(out), Path(work)
+    if recipe.vq_decoder_steps < 0 or not 0.0 <= recipe.vq_decoder_empty <= 1.0:
+        raise ValueError(f"Recipe: vq_decoder_steps must be >= 0 (got {recipe.vq_decoder_steps}) and vq_decoder_empty "
+                         f"in [0, 1] (got {recipe.vq_decoder_empty})")
     work.mkdir(parents=True, exist_ok=True)
     recipe = pin_autocast(recipe, work / "autocast.json")
     torch.set_num_threads(recipe.threads)
@@ -424,6 +437,12 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
 
     stages = [(p.name, lambda src, dst, p=p: stage_config(p, src, dst, world, recipe)) for p in recipe.stages]
     source = run_stages(work, comp, stages, times, ranks=recipe.ranks)
+    decoder_report = None
+    if recipe.vq_decoder_steps > 0:
+        t = time.perf_counter()
+        source = polish_vq_decoder(source, work / "vq-decoder", world, recipe)
+        times["vq_decoder"] = step_seconds(source, time.perf_counter() - t)
+        decoder_report = json.loads((source / "vq_decoder.json").read_text())
     # The last stage in the export dtype; its side files (tokenizer, processor configs) come along. A trained
     # folder leaves its base's records behind (train.checkpoints.BASE_RECORDS), so components.json, the report
     # of the SigLIP and VQ this model still holds, is carried from stage 0 explicitly.
@@ -439,6 +458,9 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
         times["cfg_choice_rl"] = time.perf_counter() - t
     files = {} if cfg is None else {"generation_config.json": json.dumps({"guidance_scale": cfg}, indent=1) + "\n"}
     files["components.json"] = (comp / "components.json").read_text(encoding="utf-8")
+    if decoder_report is not None:  # the VQ this model holds: the components' encoder, the polished decoder
+        files["components.json"] = json.dumps(json.loads(files["components.json"]) | {"vq_decoder": decoder_report},
+                                              indent=1, default=float) + "\n"
     # The layout the model was trained in, from the recipe, not from the components' file: a work folder's
     # components serve recipes of either layout, and a model asked in the other layout answers at chance.
     files["processor_config.json"] = placed_processor_config(comp, recipe.question_first)
@@ -449,6 +471,44 @@ def build(out: str | Path, work: str | Path, recipe: Recipe = Recipe(), *, evalu
     return export_and_evaluate(source, out, world, _recipe_json(recipe, times),
                                dtype=getattr(torch, recipe.export_dtype), evaluate_model=evaluate_model,
                                eval_settings=eval_settings, files=files)
+
+
+def decoder_images(world: Path, r: Recipe) -> torch.Tensor:
+    """The VQ's own training images (the first `component_images` train images), a share `vq_decoder_empty` of them
+    (chosen by the recipe's seed) replaced by the empty canvas."""
+    rows = _jsonl(world / "train" / "understanding.jsonl")[:r.component_images]
+    size = preset(r.preset).vq.image_size
+    images = torch.stack([to_gen_pixels(Image.open(world / "train" / row["images"][0]).convert("RGB"), size)
+                          for row in rows])
+    empty = np.random.default_rng([r.seed, 17]).random(len(rows)) < r.vq_decoder_empty
+    images[torch.from_numpy(empty)] = to_gen_pixels(render(()), size)
+    return images
+
+
+def polish_vq_decoder(source: Path, dst: Path, world: Path, r: Recipe) -> Path:
+    """`source` with its VQ decoder trained further (train_vq_decoder: ids unchanged) into `dst`; its report
+    (steps, loss, reconstruction of the images and of the empty canvas) in dst/vq_decoder.json."""
+    if done(dst):
+        return dst
+    t = time.perf_counter()
+    model, extras = load_official_with_extras(source, torch.float32)
+    images = decoder_images(world, r)
+    cfg = dataclasses.replace(r.vq, steps=r.vq_decoder_steps, lr=r.vq_decoder_lr, warmup=min(20, r.vq_decoder_steps),
+                              seed=r.seed, log_every=50)
+    log.info("recipe: vq decoder (%d steps x %d images, lr %g, %.0f%% empty canvases)", cfg.steps, cfg.batch_size,
+             cfg.lr, 100 * r.vq_decoder_empty)
+    vq = model.gen_vision_model
+    blank = to_gen_pixels(render(()), images.shape[-1])[None]
+    before = reconstruction_stats(vq, blank, blank_ok=True)
+    hist = train_vq_decoder(vq, images, cfg, progress=True)
+    report = {"seconds": round(time.perf_counter() - t, 1), "last": hist[-1] if hist else {},
+              "reconstruction": reconstruction_stats(vq, images[:512]),
+              "empty_canvas": {"before": before, "after": reconstruction_stats(vq, blank, blank_ok=True)}}
+    save_janus(model, dst, copy_from=source, extras=extras, overwrite=True,
+               skip=(PROVENANCE, "metrics.jsonl", "loss.png", "run_config.json"),
+               files={"vq_decoder.json": json.dumps(report, indent=1, default=float) + "\n"})
+    mark_done(dst, time.perf_counter() - t)
+    return dst
 
 
 def placed_processor_config(folder: Path, question_first: bool) -> str:

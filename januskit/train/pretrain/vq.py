@@ -268,13 +268,87 @@ def reconstruct(model: VQModel, images: torch.Tensor, batch_size: int = 64) -> t
     return torch.cat(outs)
 
 
+DECODER_SIDE = ("post_quant_conv.", "decoder.")  # what train_vq_decoder trains; the rest keeps every id
+
+
+def train_vq_decoder(model: VQModel, images: torch.Tensor, cfg: VQTrainConfig, progress: bool = True) -> list[dict]:
+    """Train only the decoder side of a trained VQ (post_quant_conv and decoder) on `images` ((N, 3, S, S) in
+    [-1, 1]): x' = decoder(post_quant_conv(lookup(encode(x)))), loss l1_weight * L1 + l2_weight * L2.
+
+    The encoder and the codebook are frozen, so every image keeps exactly the ids it had: an LLM trained to
+    write those ids stays valid, and only what they are drawn as changes. That lets a build teach the decoder
+    images its VQ never saw (the miniature world's empty canvas) after the LLM stages, without retraining
+    them. Uses cfg's steps, batch_size, lr schedule, betas, grad_clip, l1/l2 weights, seed and log_every (its
+    codebook, commitment and restart settings do not apply). Returns one metric dict per window (step, lr,
+    loss, l1, l2, time_s); the model ends in eval() mode with its requires_grad flags as they were."""
+    cfg.validate()
+    check_images(images, model)
+    n = images.shape[0]
+    if cfg.batch_size > n:
+        raise ValueError(f"VQ decoder training: batch_size {cfg.batch_size} is larger than the {n} images")
+    p0 = next(model.parameters())
+    device, dtype = p0.device, p0.dtype
+    model.eval()
+    with torch.no_grad():
+        ids = torch.cat([model.encode(images[i:i + 256].to(device, dtype)) for i in range(0, n, 256)])
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(DECODER_SIDE))
+    try:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        perm, pos = torch.randperm(n, generator=gen), 0
+        model.train()
+        metrics: list[dict] = []
+        sums: dict[str, float] = {}
+        n_win, t0 = 0, time.perf_counter()
+        bar = tqdm(range(1, cfg.steps + 1), unit="step", desc="vq decoder", dynamic_ncols=True, disable=not progress)
+        for step in bar:
+            if pos + cfg.batch_size > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+            x = images[idx].to(device, dtype)
+            lr = cfg.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            y = model.decode(ids[idx])
+            l1, l2 = F.l1_loss(y, x), F.mse_loss(y, x)
+            loss = cfg.l1_weight * l1 + cfg.l2_weight * l2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            opt.step()
+            for key, v in (("loss", loss), ("l1", l1), ("l2", l2)):
+                sums[key] = sums.get(key, 0.0) + float(v.detach())
+            n_win += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics.append({"step": step, "lr": lr, **{k: v / n_win for k, v in sums.items()},
+                                "time_s": time.perf_counter() - t0})
+                bar.set_postfix(loss=f"{metrics[-1]['loss']:.4f}")
+                sums, n_win = {}, 0
+        bar.close()
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.eval()
+    return metrics
+
+
 @torch.no_grad()
-def reconstruction_stats(model: VQModel, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+def reconstruction_stats(model: VQModel, images: torch.Tensor, batch_size: int = 64, *,
+                         blank_ok: bool = False) -> dict[str, float]:
     """Reconstruction quality of `images` ((N, 3, S, S) in [-1, 1]) through encode -> decode:
     psnr (dB, on [0, 1] with the output clamped, from the mean squared error over the whole set),
     mae_255 (mean abs error per channel value, 0-255 units), max_255 (worst channel value error),
-    usage (fraction of the codebook used on these images). The model's train/eval mode is kept."""
-    check_images(images, model)
+    usage (fraction of the codebook used on these images). The model's train/eval mode is kept.
+    `blank_ok`: images may be all white (the range check would take them for [0, 1] pixels)."""
+    if blank_ok:
+        check_images(torch.cat([images, -torch.ones_like(images[:1])]), model)
+    else:
+        check_images(images, model)
     was_training = model.training
     model.eval()
     try:
