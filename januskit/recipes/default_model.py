@@ -110,8 +110,9 @@ class Recipe:
     # encoder and codebook stay as the LLM learnt them, so every id means what it meant, while the decoder trains
     # on the VQ's images with a share `vq_decoder_empty` of empty canvases. The VQ never sees an empty image
     # (the world's scenes hold one to four objects) and draws the one an edit asks for ("remove" the only
-    # object) with specks the judge reads as objects: with vq.steps = 4800, 600 decoder steps took the edit
-    # targets' ceiling from 0.950 to 0.997 (docs/editing.md). 0 = off (the shipped model's recipe).
+    # object) with specks the judge reads as objects: with vq.steps = 4800, 600 decoder steps (in an experiment
+    # close to this step) took the edit targets' ceiling from 0.950 to 0.997 (docs/editing.md). 0 = off (the
+    # shipped model's recipe).
     vq_decoder_steps: int = 0
     vq_decoder_lr: float = 2e-4
     vq_decoder_empty: float = 0.05
