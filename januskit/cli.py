@@ -312,6 +312,23 @@ def cmd_world_flow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_edit_model(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .recipes.default_model import Recipe
+    from .recipes.edit_model import EditRecipe, build_edit
+
+    _log_to_stderr()
+    recipe = EditRecipe(base=Recipe(seed=args.seed, **({} if args.threads is None else {"threads": args.threads})))
+    if args.no_rl:
+        recipe = dataclasses.replace(recipe, rl=None)
+    if args.smoke:
+        recipe = recipe.smoke()
+    out = build_edit(args.out, args.work, args.model or DEFAULT_MODEL, recipe, evaluate_model=not args.no_eval)
+    print(f"miniature edit model written to {out}")
+    return 0
+
+
 def cmd_world_ablation(args: argparse.Namespace) -> int:
     from .recipes.ablation import run_ablation
 
@@ -777,6 +794,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--no-eval", action="store_true")
     p.set_defaults(func=cmd_world_flow)
+    p = wsub.add_parser("edit-model", help="the world's edit model: the default model fine-tuned on the six edit "
+                        "tasks, then GRPO on the edit judge, scored on all test edits (docs/editing.md)")
+    p.add_argument("--model", default=None, help="starting model (default: the bundled default model)")
+    p.add_argument("--out", default="runs/world/edit-model", help="final model folder")
+    p.add_argument("--work", default="runs/world-edit", help="step folders (edit-sft, edit-rl); a rerun continues")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the recipe's, 2)")
+    p.add_argument("--no-rl", action="store_true", help="stop after the supervised edit stage")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets (a minute)")
+    p.add_argument("--no-eval", action="store_true")
+    p.set_defaults(func=cmd_world_edit_model)
     p = wsub.add_parser("ablation", help="Janus Table 5 in miniature (decoupled vs shared encoder, task-only)")
     p.add_argument("--work", default="runs/ablation")
     p.add_argument("--only", action="append", default=None, help="run only these experiments (A, B, C, D)")

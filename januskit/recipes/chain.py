@@ -90,12 +90,12 @@ def run_stages(work: Path, source: Path, stages: Iterable[tuple[str, Callable[[P
     return source
 
 
-def export_and_evaluate(source: Path, out: Path, world: Path, recipe_json: dict[str, Any], *,
+def export_and_evaluate(source: Path, out: Path, world: Path | None, recipe_json: dict[str, Any], *,
                         dtype: torch.dtype = torch.float32, evaluate_model: bool = True, eval_settings: Any = None,
                         label: str = "recipe", files: dict[str, str] | None = None) -> Path:
     """The last stage's model in `dtype` into `out`, with its side files (tokenizer, processor
     configs, ...), its unused official entries, recipe.json and `files` (name -> text); then, with `evaluate_model`, the
-    world evaluation (eval.json, and logged). Returns `out`."""
+    world evaluation (eval.json, and logged; `world` None: the default world's test split). Returns `out`."""
     model, extras = load_official_with_extras(source, torch.float32)
     # recipe.json is the history of this folder: the last stage's provenance.json (a work folder) stays behind
     save_janus(model.to(dtype), out, copy_from=source, extras=extras, overwrite=True, skip=(PROVENANCE,),
