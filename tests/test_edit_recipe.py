@@ -13,7 +13,7 @@ import januskit
 from januskit.checkpoint.official import load_janus
 from januskit.cli import DEFAULT_MODEL, main
 from januskit.eval.world import EvalSettings
-from januskit.recipes.edit_model import EDIT_STAGE, EditRecipe, build_edit, edit_stage_config
+from januskit.recipes.edit_model import EDIT_STAGE, EditRecipe, build_edit
 
 TINY_EVAL = EvalSettings(images_per_prompt=1, prompts_per_category=1, questions_per_type=1, edits_per_task=1)
 
@@ -72,13 +72,14 @@ def test_a_rerun_continues_instead_of_retraining(edit_build, tmp_path):
 def test_edit_recipe_refusals(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"edit model: .*nowhere is not a model folder \(no config.json\)"):
         build_edit(tmp_path / "o", tmp_path / "w", tmp_path / "nowhere", EditRecipe().smoke())
-    three = EditRecipe(stage=dataclasses.replace(EDIT_STAGE, ratio=(2, 1, 2)))
     with pytest.raises(ValueError, match=r"EditRecipe.stage.ratio must have an edit weight \(4 entries\), got \(2, 1, 2\)"):
-        edit_stage_config(DEFAULT_MODEL, tmp_path / "o", tmp_path / "w", three)
+        EditRecipe(stage=dataclasses.replace(EDIT_STAGE, ratio=(2, 1, 2)))
+    with pytest.raises(ValueError, match=r"EditRecipe.base.data must be 'fresh' .*got 'files'"):
+        EditRecipe(base=dataclasses.replace(EditRecipe().base, data="files"))
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_edit_model_no_rl(tmp_path, capsys, monkeypatch):
+def test_cli_edit_model_no_rl(tmp_path, capsys):
     """`januskit world edit-model --smoke --no-rl --no-eval`: the edit stage only."""
     assert main(["world", "edit-model", "--smoke", "--no-rl", "--no-eval", "--out", str(tmp_path / "o"),
                  "--work", str(tmp_path / "w")]) == 0

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..train.config import RunConfig
-from ..world.dataset import write_world
-from .chain import export_and_evaluate, mark_done, run_stages, step_seconds
+from .chain import export_and_evaluate, run_stages, step_seconds
 from .default_model import Recipe, StagePlan, _recipe_json, pin_autocast, run_rl, stage_config
 from .rl_world import RLPlan
 
@@ -43,6 +42,13 @@ class EditRecipe:
     edit_layout: str = "sources_last"  # [data] edit_layout: the sources after the instruction
     rl: RLPlan | None = field(default_factory=lambda: EDIT_RL)
 
+    def __post_init__(self) -> None:
+        if len(self.stage.ratio or ()) != 4:
+            raise ValueError(f"EditRecipe.stage.ratio must have an edit weight (4 entries), got {self.stage.ratio!r}")
+        if self.base.data != "fresh":
+            raise ValueError(f"EditRecipe.base.data must be 'fresh' (edits are drawn from fresh scenes), "
+                             f"got {self.base.data!r}")
+
     def smoke(self) -> "EditRecipe":
         """Tiny budgets (tests, CI): the same steps."""
         return dataclasses.replace(
@@ -55,8 +61,6 @@ class EditRecipe:
 def edit_stage_config(source: Path, out: Path, world: Path, r: EditRecipe) -> RunConfig:
     """The main chain's stage config for the edit stage, with the edit layout."""
     cfg = stage_config(r.stage, source, out, world, r.base)
-    if len(r.stage.ratio or ()) != 4:
-        raise ValueError(f"EditRecipe.stage.ratio must have an edit weight (4 entries), got {r.stage.ratio!r}")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, options=cfg.data.options
                                                              | {"edit_layout": r.edit_layout}))
 
@@ -72,10 +76,7 @@ def build_edit(out: str | Path, work: str | Path, source: str | Path, recipe: Ed
     base = pin_autocast(recipe.base, work / "autocast.json")
     recipe = dataclasses.replace(recipe, base=base)
     torch.set_num_threads(base.threads)
-    world = work / "world"  # the recipe's fresh scenes need no files; "files" data reads a written train split
-    if base.data == "files" and not (world / "world.json").is_file():
-        write_world(world, seed=base.seed, scale=base.world_scale, overwrite=True, captions=base.captions)
-        mark_done(world)
+    world = work / "world"  # unused: fresh scenes need no written split (the evaluation reads the default world's)
     times: dict[str, float] = {}
     result = run_stages(work, source, [(recipe.stage.name, lambda s, d: edit_stage_config(s, d, world, recipe))],
                         times)
@@ -92,8 +93,7 @@ def build_edit(out: str | Path, work: str | Path, source: str | Path, recipe: Ed
                "base": _recipe_json(base, {}), "seconds": {k: round(v, 1) for k, v in times.items()}}
     files = {name: (source / name).read_text(encoding="utf-8") for name in ("components.json",)
              if (source / name).is_file()}
-    test_world = world if (world / "world.json").is_file() else None  # None: the default world's test split
-    return export_and_evaluate(result, out, test_world, {"edit_recipe": history},
+    return export_and_evaluate(result, out, None, {"edit_recipe": history},
                                dtype=getattr(torch, base.export_dtype), evaluate_model=evaluate_model,
                                eval_settings=eval_settings, label="edit model", files=files)
 
