@@ -433,12 +433,13 @@ def _count_or_all(v: str) -> int | None:
 
 
 def cmd_eval_world(args: argparse.Namespace) -> int:
-    from .eval.world import EvalSettings, evaluate, format_report, test_split
+    from .eval.world import EvalSettings, evaluate, format_report, test_split, write_eval_split
 
     if args.export_benchmarks:
         from .eval.geneval import write_world_benchmarks
 
-        split = test_split(args.world)
+        # the printed commands read the split's images: the default world's go into the export folder
+        split = test_split(args.world) if args.world else write_eval_split(Path(args.export_benchmarks) / "world")
         files = write_world_benchmarks(split, Path(args.export_benchmarks))
         print(f"januskit eval geneval --data {files['geneval']} --detector world\n"
               f"januskit eval pope --data {files['pope']} --images {split}")

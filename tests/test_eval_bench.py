@@ -510,12 +510,23 @@ def test_the_world_test_split_exports_to_geneval_and_pope_files_that_the_harness
     assert len(metas) == 300 and {m["tag"] for m in metas} == {"single_object", "two_object", "counting", "colors",
                                                              "position", "color_attr"}
     images = Path(cmds[1].split("--images ")[1])
+    assert images == out / "world" / "test"  # inside the export folder, so it outlives this process
     items = pope.load_items(out / "coco_pope_random.json", images)
     assert len(items) == 100 and {it.meta["label"] for it in items} == {"yes", "no"}
     assert main(["eval", "pope", "--data", str(out / "coco_pope_random.json"), "--images", str(images), "--out",
                  str(tmp_path / "run"), "--limit", "8", "--json"]) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["splits"]["coco_pope_random"]["questions"] == 8
+
+
+def test_the_default_worlds_split_is_written_once_a_process_and_removed_when_it_exits():
+    code = ("from januskit.eval.world import test_split; a = test_split(None); b = test_split(None); "
+            "c = test_split(None, 'val'); print(a, c, a == b, (a / 'prompts.jsonl').is_file(), (c / 'questions.jsonl').is_file())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    test, val, same, *files = r.stdout.split()
+    assert same == "True" and files == ["True", "True"] and Path(test).name == "test" and Path(val).name == "val"
+    assert not Path(test).parent.exists() and not Path(val).parent.exists()  # nothing left in /tmp
 
 
 def test_geneval_on_two_ranks_splits_the_prompts_and_rank_zero_scores_them_all(tmp_path):

@@ -11,6 +11,8 @@ official POPE rule. `describe` (the full scene description) is reported beside t
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import shutil
 import tempfile
@@ -74,12 +76,25 @@ def test_split(world: str | Path | None, split: str = "test", seed: int = 0) -> 
             if not (d / f).is_file():
                 raise FileNotFoundError(f"{d / f}: missing (write a world with `januskit world write DIR`)")
         return d
+    return _default_split(split, seed)
+
+
+def write_eval_split(root: Path, split: str = "test", seed: int = 0) -> Path:
+    """The default world's evaluation sets of `split` (prompts, questions with their images, edits) in
+    `root/split`, the same bytes each time."""
     from ..world.dataset import SIZES
 
-    root = Path(tempfile.mkdtemp(prefix="januskit-world-"))
     sizes = {k: v for k, v in SIZES[split].items() if k in ("n_prompts", "n_questions", "n_edits")}
     write_split(root, split, seed, held_out(), n_gen=0, n_und=0, n_text=0, **sizes)
     return root / split
+
+
+@functools.cache
+def _default_split(split: str, seed: int) -> Path:
+    """Written once per process and removed when it exits: an evaluation leaves nothing in /tmp."""
+    root = Path(tempfile.mkdtemp(prefix="januskit-world-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return write_eval_split(root, split, seed)
 
 
 def _first_k(rows: list, key: Callable[[Any], str], k: int | None) -> list:
