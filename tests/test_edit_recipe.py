@@ -86,3 +86,25 @@ def test_cli_edit_model_no_rl(tmp_path, capsys):
     assert f"miniature edit model written to {tmp_path / 'o'}" in capsys.readouterr().out
     assert (tmp_path / "w" / "edit-sft" / "RECIPE_DONE").is_file() and not (tmp_path / "w" / "edit-rl").exists()
     assert json.loads((tmp_path / "o" / "recipe.json").read_text())["edit_recipe"]["rl"] is None
+
+
+def test_the_full_size_edit_stage_is_the_documented_training_command(tmp_path):
+    """docs/editing.md measures the branch's stage as `januskit train configs/world-edit.toml --set
+    data.edit_layout=sources_last --set stage.steps=3000 --set stage.horizon=3000`: the two must be one run."""
+    from pathlib import Path
+
+    from januskit.recipes.edit_model import edit_stage_config
+    from januskit.train.config import load_run_config
+
+    root = Path(__file__).resolve().parents[1]
+    branch = edit_stage_config(DEFAULT_MODEL, tmp_path / "run", tmp_path / "world", EditRecipe()).to_dict()
+    doc = load_run_config(root / "configs" / "world-edit.toml", [
+        "data.edit_layout=sources_last", "stage.steps=3000", "stage.horizon=3000", f"train.out={tmp_path / 'run'}",
+        f"model.source={DEFAULT_MODEL}"]).to_dict()
+    assert branch["stage"] == doc["stage"] and branch["stage"]["steps"] == 3000
+    assert branch["stage"]["ratio"] == [2, 1, 2, 5] and branch["data"]["edit_layout"] == "sources_last"
+    for key in ("train", "lora", "flow", "rl", "model"):
+        assert branch[key] == doc[key], key
+    # The data tables differ only where the toml spells out a default (the seed, InstructPix2Pix's drop rates).
+    diff = {k for k in set(branch["data"]) | set(doc["data"]) if branch["data"].get(k) != doc["data"].get(k)}
+    assert diff <= {"seed", "edit_drop_text", "edit_drop_image", "edit_drop_both"}, diff
