@@ -98,4 +98,3 @@ def build_edit(out: str | Path, work: str | Path, source: str | Path, recipe: Ed
     return export_and_evaluate(result, out, None, {"edit_recipe": history},
                                dtype=getattr(torch, base.export_dtype), evaluate_model=evaluate_model,
                                eval_settings=eval_settings, label="edit model", files=files)
-
